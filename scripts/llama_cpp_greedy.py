@@ -1,0 +1,24 @@
+#!/usr/bin/env python3
+"""Greedy continuation by llama.cpp (llama-cpp-python): prints the generated token ids as JSON.
+
+Usage: python3 scripts/llama_cpp_greedy.py MODEL.gguf "prompt" N_TOKENS
+"""
+import json
+import sys
+
+from llama_cpp import Llama
+
+
+def main() -> None:
+    llm = Llama(model_path=sys.argv[1], n_ctx=256, n_threads=2, verbose=False, seed=0)
+    prompt = llm.tokenize(sys.argv[2].encode("utf-8"), add_bos=True, special=True)
+    out = []
+    for tok in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        out.append(int(tok))
+        if len(out) >= int(sys.argv[3]):
+            break
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

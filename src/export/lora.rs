@@ -1,0 +1,204 @@
+//! Merging a PEFT LoRA adapter into base weights: W += scale · B·A with scale = alpha/r, or
+//! alpha/√r with `use_rslora` (peft/tuners/lora/layer.py `LoraLayer.update_layer`,
+//! `get_delta_weight`). Adapter tensors are named
+//! `base_model.model.<base name without .weight>.lora_{A,B}.weight`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::export::{Error, Result};
+use crate::model::hf::{load_safetensors_file, HostTensor};
+
+/// What was read from adapter_config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    pub fan_in_fan_out: bool,
+    /// Per-module overrides (`rank_pattern` / `alpha_pattern`, keys are name suffixes).
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+}
+
+impl LoraConfig {
+    pub fn from_file(path: &Path) -> Result<LoraConfig> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Adapter {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        })?;
+        if let Some(t) = v["peft_type"].as_str().filter(|t| *t != "LORA") {
+            return Err(Error::Adapter {
+                path: path.to_path_buf(),
+                what: format!("peft_type `{t}` is not LORA"),
+            });
+        }
+        let r = v["r"].as_u64().ok_or_else(|| Error::Adapter {
+            path: path.to_path_buf(),
+            what: "missing integer key `r`".into(),
+        })?;
+        let map_num = |key: &str| -> BTreeMap<String, f64> {
+            v[key]
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter_map(|(k, x)| Some((k.clone(), x.as_f64()?)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Ok(LoraConfig {
+            r: r as usize,
+            alpha: v["lora_alpha"].as_f64().unwrap_or(8.0),
+            use_rslora: v["use_rslora"].as_bool().unwrap_or(false),
+            fan_in_fan_out: v["fan_in_fan_out"].as_bool().unwrap_or(false),
+            rank_pattern: map_num("rank_pattern")
+                .into_iter()
+                .map(|(k, x)| (k, x as usize))
+                .collect(),
+            alpha_pattern: map_num("alpha_pattern"),
+        })
+    }
+
+    /// Scale for one module (`module` is the base name without `.weight`).
+    pub fn scale_for(&self, module: &str) -> f64 {
+        let r = self
+            .rank_pattern
+            .iter()
+            .find(|(k, _)| module.ends_with(k.as_str()))
+            .map_or(self.r, |(_, &r)| r);
+        let alpha = self
+            .alpha_pattern
+            .iter()
+            .find(|(k, _)| module.ends_with(k.as_str()))
+            .map_or(self.alpha, |(_, &a)| a);
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
+
+/// Strips PEFT's prefix and adapter-name infix: `base_model.model.X.lora_A.default.weight` → (X, "A").
+fn split_lora_name(name: &str) -> Option<(String, char)> {
+    let stem = name.strip_prefix("base_model.model.").unwrap_or(name);
+    for (tag, which) in [(".lora_A.", 'A'), (".lora_B.", 'B')] {
+        if let Some(pos) = stem.find(tag) {
+            return Some((stem[..pos].to_string(), which));
+        }
+    }
+    None
+}
+
+/// Merges the adapter in `adapter_dir` into `base` (HF names) in place; returns merged module names.
+pub fn merge_lora(
+    base: &mut BTreeMap<String, HostTensor>,
+    adapter_dir: &Path,
+) -> Result<Vec<String>> {
+    let cfg = LoraConfig::from_file(&adapter_dir.join("adapter_config.json"))?;
+    let adapter =
+        load_safetensors_file(&adapter_dir.join("adapter_model.safetensors")).map_err(|e| {
+            Error::Adapter {
+                path: adapter_dir.to_path_buf(),
+                what: e.to_string(),
+            }
+        })?;
+    let mut pairs: BTreeMap<String, (Option<&HostTensor>, Option<&HostTensor>)> = BTreeMap::new();
+    let mut replaced = Vec::new();
+    for (name, t) in &adapter {
+        match split_lora_name(name) {
+            Some((module, 'A')) => pairs.entry(module).or_default().0 = Some(t),
+            Some((module, _)) => pairs.entry(module).or_default().1 = Some(t),
+            None => {
+                // modules_to_save: full replacement weights
+                let stem = name
+                    .strip_prefix("base_model.model.")
+                    .unwrap_or(name)
+                    .replace(".modules_to_save.default", "");
+                if !base.contains_key(&stem) {
+                    return Err(Error::Adapter {
+                        path: adapter_dir.to_path_buf(),
+                        what: format!("tensor `{name}` matches no base weight `{stem}`"),
+                    });
+                }
+                base.insert(stem.clone(), t.clone());
+                replaced.push(stem);
+            }
+        }
+    }
+    let mut merged = Vec::new();
+    for (module, (a, b)) in pairs {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(Error::Adapter {
+                path: adapter_dir.to_path_buf(),
+                what: format!("module `{module}` lacks lora_A or lora_B"),
+            });
+        };
+        let wname = format!("{module}.weight");
+        let w = base.get_mut(&wname).ok_or_else(|| Error::Adapter {
+            path: adapter_dir.to_path_buf(),
+            what: format!("adapter module `{module}` has no base weight `{wname}`"),
+        })?;
+        let (r, n_in) = match a.shape.as_slice() {
+            [r, i] => (*r, *i),
+            s => {
+                return Err(Error::Adapter {
+                    path: adapter_dir.to_path_buf(),
+                    what: format!("`{module}` lora_A shape {s:?} is not 2-D"),
+                })
+            }
+        };
+        let n_out = match b.shape.as_slice() {
+            [o, rb] if *rb == r => *o,
+            s => {
+                return Err(Error::Adapter {
+                    path: adapter_dir.to_path_buf(),
+                    what: format!("`{module}` lora_B shape {s:?} does not match rank {r}"),
+                })
+            }
+        };
+        let expect = if cfg.fan_in_fan_out {
+            vec![n_in, n_out]
+        } else {
+            vec![n_out, n_in]
+        };
+        if w.shape != expect {
+            return Err(Error::Adapter {
+                path: adapter_dir.to_path_buf(),
+                what: format!(
+                    "`{wname}` has shape {:?}, the adapter implies {expect:?}",
+                    w.shape
+                ),
+            });
+        }
+        let scale = cfg.scale_for(&module) as f32;
+        // delta = (B·A)·scale, then W += delta, in PEFT's order of operations
+        let mut delta = vec![0f32; n_in];
+        for o in 0..n_out {
+            delta.iter_mut().for_each(|d| *d = 0.0);
+            for (k, &bk) in b.data[o * r..(o + 1) * r].iter().enumerate() {
+                for (d, &ak) in delta.iter_mut().zip(&a.data[k * n_in..(k + 1) * n_in]) {
+                    *d += bk * ak;
+                }
+            }
+            for (i, d) in delta.iter().enumerate() {
+                let idx = if cfg.fan_in_fan_out {
+                    i * n_out + o
+                } else {
+                    o * n_in + i
+                };
+                w.data[idx] += d * scale;
+            }
+        }
+        merged.push(module);
+    }
+    merged.extend(replaced);
+    Ok(merged)
+}

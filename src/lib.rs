@@ -1,0 +1,20 @@
+//! runner: reproducible LLM fine-tuning pipelines from TOML recipes.
+//!
+//! The crate is organised by concern: [`recipe`] (TOML, includes, overrides), [`pipeline`] (DAG,
+//! fingerprints, store, scheduler, run records), [`stages`] (one file per stage kind), [`data`]
+//! (decoding and tables).
+
+pub mod charts;
+pub mod cluster;
+pub mod data;
+pub mod export;
+pub mod gguf;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod recipe;
+pub mod report;
+pub mod stages;
+pub mod text;
+pub mod train;
+pub mod util;

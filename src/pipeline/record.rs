@@ -1,0 +1,135 @@
+//! Run records: `.runner/runs/<run-id>/run.json`, enough to see and repeat any run.
+
+use super::PipelineError;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StageState {
+    Pending,
+    Run,
+    Cached,
+    Failed,
+    /// Not run because a stage it depends on failed.
+    Skipped,
+    /// Submitted to a cluster; see `job_id`.
+    Submitted,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub kind: String,
+    pub fingerprint: String,
+    pub inputs: Vec<String>,
+    pub state: StageState,
+    /// Why the stage ran (what changed) or null when cached.
+    pub reason: Option<String>,
+    pub duration_s: f64,
+    pub artifact: String,
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub recipe_path: String,
+    /// Relative paths in the resolved recipe are relative to this folder.
+    pub recipe_dir: String,
+    pub recipe_name: String,
+    pub resolved_recipe: serde_json::Value,
+    pub overrides: Vec<String>,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub status: String,
+    pub runner_version: String,
+    pub git_revision: Option<String>,
+    pub host: String,
+    pub device: String,
+    pub store: String,
+    #[serde(default)]
+    pub executor: String,
+    pub stages: Vec<StageRecord>,
+}
+
+pub fn default_runs_dir(store_root: &Path) -> PathBuf {
+    store_root
+        .parent()
+        .map(|p| p.join("runs"))
+        .unwrap_or_else(|| PathBuf::from(".runner/runs"))
+}
+
+pub fn new_run_id() -> String {
+    let now = chrono::Utc::now();
+    let salt = blake3::hash(format!("{}{:?}", std::process::id(), now).as_bytes()).to_hex();
+    format!("{}-{}", now.format("%Y%m%d-%H%M%S"), &salt[..4])
+}
+
+impl RunRecord {
+    pub fn path(runs_dir: &Path, run_id: &str) -> PathBuf {
+        runs_dir.join(run_id).join("run.json")
+    }
+
+    /// Writes atomically (temp file, then rename), so a crash never leaves a torn record.
+    pub fn save(&self, runs_dir: &Path) -> Result<PathBuf, PipelineError> {
+        let dir = runs_dir.join(&self.run_id);
+        std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
+        let path = dir.join("run.json");
+        let temp = dir.join(".run.json.tmp");
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| PipelineError::Store(e.to_string()))?;
+        std::fs::write(&temp, text).map_err(|e| PipelineError::io(&temp, e))?;
+        std::fs::rename(&temp, &path).map_err(|e| PipelineError::io(&path, e))?;
+        Ok(path)
+    }
+
+    pub fn load(runs_dir: &Path, run_id: &str) -> Result<Self, PipelineError> {
+        let path = Self::path(runs_dir, run_id);
+        let text = std::fs::read_to_string(&path).map_err(|e| PipelineError::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| PipelineError::Store(format!("{}: {e}", path.display())))
+    }
+
+    /// All records, oldest first.
+    pub fn list(runs_dir: &Path) -> Vec<Self> {
+        let mut out: Vec<Self> = std::fs::read_dir(runs_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Self::load(runs_dir, &e.file_name().to_string_lossy()).ok())
+            .collect();
+        out.sort_by(|a, b| {
+            a.started_at
+                .cmp(&b.started_at)
+                .then(a.run_id.cmp(&b.run_id))
+        });
+        out
+    }
+}
+
+/// The current git revision of the folder, if it is a repository.
+pub fn git_revision(dir: &Path) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let rev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let dirty = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .is_some_and(|o| !o.stdout.is_empty());
+    Some(if dirty { format!("{rev}-dirty") } else { rev })
+}

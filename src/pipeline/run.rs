@@ -1,0 +1,411 @@
+//! The local scheduler: runs the stages the store lacks, in dependency order, independent stages in
+//! parallel, at most one accelerator-heavy stage at a time. A failed stage stops only its
+//! dependants; everything that finished stays committed.
+
+use super::plan::Plan;
+use super::record::{git_revision, new_run_id, RunRecord, StageRecord, StageState};
+use super::store::{Manifest, Store};
+use super::PipelineError;
+use crate::stages::{StageContext, StageInput};
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Instant;
+
+pub struct RunOptions {
+    pub runs_dir: PathBuf,
+    /// Stages to rebuild even when cached.
+    pub force: Vec<String>,
+    /// Run only these stages (their inputs must be cached); empty means all.
+    pub only: Vec<String>,
+    /// Stages run at once at most.
+    pub jobs: usize,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub device: String,
+    pub run_id: Option<String>,
+}
+
+enum Outcome {
+    Built { seconds: f64 },
+    FoundCached,
+    Failed(String),
+}
+
+/// Why a stage will run: what differs from the last build of a stage with the same name.
+pub fn explain(plan: &Plan, store: &Store, runs_dir: &std::path::Path, index: usize) -> String {
+    let stage = &plan.stages[index];
+    let previous = RunRecord::list(runs_dir)
+        .into_iter()
+        .rev()
+        .filter(|r| r.recipe_name == plan.name)
+        .flat_map(|r| r.stages.into_iter())
+        .find(|s| {
+            s.name == stage.name
+                && s.fingerprint != stage.fingerprint
+                && store.contains(&s.fingerprint)
+        });
+    let Some(previous) = previous.and_then(|p| store.manifest(&p.fingerprint)) else {
+        return "not built before".into();
+    };
+    let mut changes = super::fingerprint::diff(&previous.fingerprint_doc, &stage.fingerprint_doc);
+    for change in &mut changes {
+        if change.starts_with("inputs.") {
+            let slot = change
+                .trim_start_matches("inputs.")
+                .split([':', '.', ' '])
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let upstream: Vec<&str> = stage
+                .inputs
+                .iter()
+                .filter(|i| i.slot == slot)
+                .map(|i| i.stage.as_str())
+                .collect();
+            *change = format!("input `{}` changed", upstream.join(", "));
+        } else if change.starts_with("external") {
+            *change = "input files changed".into();
+        }
+    }
+    changes.dedup();
+    if changes.is_empty() {
+        "not in store".into()
+    } else {
+        changes.join("; ")
+    }
+}
+
+fn say(progress: &indicatif::MultiProgress, line: String) {
+    if progress.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        let _ = progress.println(line);
+    }
+}
+
+pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecord, PipelineError> {
+    let n = plan.stages.len();
+    for name in opts.force.iter().chain(opts.only.iter()) {
+        plan.require_stage(name)?;
+    }
+    let wanted: Vec<bool> = plan
+        .stages
+        .iter()
+        .map(|s| opts.only.is_empty() || opts.only.contains(&s.name))
+        .collect();
+    let mut state: Vec<StageState> = vec![StageState::Pending; n];
+    let mut reason: Vec<Option<String>> = vec![None; n];
+    for (i, s) in plan.stages.iter().enumerate() {
+        if store.contains(&s.fingerprint) && !opts.force.contains(&s.name) {
+            state[i] = StageState::Cached;
+        } else if wanted[i] {
+            reason[i] = Some(if opts.force.contains(&s.name) {
+                "forced with --force".into()
+            } else {
+                explain(plan, store, &opts.runs_dir, i)
+            });
+        }
+    }
+    if !opts.only.is_empty() {
+        for (i, s) in plan.stages.iter().enumerate() {
+            if !wanted[i] {
+                continue;
+            }
+            for &d in &s.deps {
+                if state[d] != StageState::Cached && !wanted[d] {
+                    return Err(PipelineError::Store(format!(
+                        "stage `{}` needs `{}`, which is not built; run it first (or drop --only)",
+                        s.name, plan.stages[d].name
+                    )));
+                }
+            }
+        }
+    }
+
+    let mut record = RunRecord {
+        run_id: opts.run_id.clone().unwrap_or_else(new_run_id),
+        recipe_path: plan.recipe.path.to_string_lossy().to_string(),
+        recipe_dir: plan.recipe.dir.to_string_lossy().to_string(),
+        recipe_name: plan.name.clone(),
+        resolved_recipe: serde_json::to_value(&plan.recipe.table).unwrap_or_default(),
+        overrides: plan.recipe.overrides.clone(),
+        started_at: chrono::Utc::now().to_rfc3339(),
+        finished_at: None,
+        status: "running".into(),
+        runner_version: env!("CARGO_PKG_VERSION").into(),
+        git_revision: git_revision(&plan.recipe.dir),
+        host: crate::util::host_name(),
+        device: opts.device.clone(),
+        store: store
+            .root
+            .canonicalize()
+            .unwrap_or(store.root.clone())
+            .to_string_lossy()
+            .to_string(),
+        executor: "local".into(),
+        stages: plan
+            .stages
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| wanted[*i])
+            .map(|(i, s)| StageRecord {
+                name: s.name.clone(),
+                kind: s.kind.clone(),
+                fingerprint: s.fingerprint.clone(),
+                inputs: s
+                    .inputs
+                    .iter()
+                    .map(|r| match &r.output {
+                        Some(o) => format!("{}.{o}", r.stage),
+                        None => r.stage.clone(),
+                    })
+                    .collect(),
+                state: state[i],
+                reason: reason[i].clone(),
+                duration_s: 0.0,
+                artifact: store.artifact(&s.fingerprint).to_string_lossy().to_string(),
+                error: None,
+                job_id: None,
+                log_path: None,
+            })
+            .collect(),
+    };
+    record.save(&opts.runs_dir)?;
+
+    let progress = indicatif::MultiProgress::new();
+    for (i, s) in plan.stages.iter().enumerate() {
+        if wanted[i] && state[i] == StageState::Cached {
+            say(
+                &progress,
+                format!(
+                    "  cached   {:<12} {:<9} {}",
+                    s.name,
+                    s.kind,
+                    &s.fingerprint[..12]
+                ),
+            );
+        }
+    }
+
+    let mut durations = vec![0.0; n];
+    let mut errors: Vec<Option<String>> = vec![None; n];
+    let mut heavy_running = false;
+    let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
+    std::thread::scope(|scope| {
+        let mut running: HashSet<usize> = HashSet::new();
+        loop {
+            for i in 0..n {
+                if state[i] != StageState::Pending
+                    || !wanted[i]
+                    || running.len() >= opts.jobs.max(1)
+                {
+                    continue;
+                }
+                let ready = plan.stages[i]
+                    .deps
+                    .iter()
+                    .all(|&d| matches!(state[d], StageState::Run | StageState::Cached));
+                let heavy = plan.stages[i].stage.heavy();
+                if !ready || (heavy && heavy_running) {
+                    continue;
+                }
+                heavy_running |= heavy;
+                running.insert(i);
+                state[i] = StageState::Submitted;
+                say(
+                    &progress,
+                    format!(
+                        "  running  {:<12} {:<9} ({})",
+                        plan.stages[i].name,
+                        plan.stages[i].kind,
+                        reason[i].as_deref().unwrap_or("")
+                    ),
+                );
+                let tx = tx.clone();
+                let progress = progress.clone();
+                let force = opts.force.contains(&plan.stages[i].name);
+                let device = opts.device.clone();
+                scope.spawn(move || {
+                    let outcome = build_stage(plan, store, i, force, &device, progress);
+                    let _ = tx.send((i, outcome));
+                });
+            }
+            if running.is_empty() {
+                break;
+            }
+            let Ok((i, outcome)) = rx.recv() else { break };
+            running.remove(&i);
+            if plan.stages[i].stage.heavy() {
+                heavy_running = false;
+            }
+            let s = &plan.stages[i];
+            match outcome {
+                Outcome::Built { seconds } => {
+                    state[i] = StageState::Run;
+                    durations[i] = seconds;
+                    say(
+                        &progress,
+                        format!(
+                            "  done     {:<12} {:<9} {:.2}s  {}",
+                            s.name,
+                            s.kind,
+                            seconds,
+                            &s.fingerprint[..12]
+                        ),
+                    );
+                }
+                Outcome::FoundCached => {
+                    state[i] = StageState::Cached;
+                    say(
+                        &progress,
+                        format!(
+                            "  cached   {:<12} {:<9} (built by another run)",
+                            s.name, s.kind
+                        ),
+                    );
+                }
+                Outcome::Failed(message) => {
+                    state[i] = StageState::Failed;
+                    say(
+                        &progress,
+                        format!("  FAILED   {:<12} {:<9} {message}", s.name, s.kind),
+                    );
+                    errors[i] = Some(message);
+                    for d in plan.dependants(i) {
+                        if state[d] == StageState::Pending {
+                            state[d] = StageState::Skipped;
+                            errors[d] = Some(format!("not run: `{}` failed", s.name));
+                        }
+                    }
+                }
+            }
+            for r in record.stages.iter_mut() {
+                if let Some(j) = plan.index_of(&r.name) {
+                    r.state = state[j];
+                    r.duration_s = durations[j];
+                    r.error = errors[j].clone();
+                }
+            }
+            let _ = record.save(&opts.runs_dir);
+        }
+    });
+
+    for r in record.stages.iter_mut() {
+        if let Some(j) = plan.index_of(&r.name) {
+            r.state = state[j];
+            r.duration_s = durations[j];
+            r.error = errors[j].clone();
+        }
+    }
+    let failed = record
+        .stages
+        .iter()
+        .filter(|s| s.state == StageState::Failed)
+        .count();
+    record.status = if failed > 0 { "failed" } else { "succeeded" }.into();
+    record.finished_at = Some(chrono::Utc::now().to_rfc3339());
+    record.save(&opts.runs_dir)?;
+    Ok(record)
+}
+
+fn build_stage(
+    plan: &Plan,
+    store: &Store,
+    index: usize,
+    force: bool,
+    device: &str,
+    progress: indicatif::MultiProgress,
+) -> Outcome {
+    let stage = &plan.stages[index];
+    let lock = match store.lock(&stage.fingerprint, |owner| {
+        say(
+            &progress,
+            format!(
+                "  waiting  {:<12} another run is building it ({} pid {})",
+                stage.name, owner.host, owner.pid
+            ),
+        )
+    }) {
+        Ok(l) => l,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    if !force && store.contains(&stage.fingerprint) {
+        return Outcome::FoundCached;
+    }
+    let temp = match store.new_temp(&stage.fingerprint) {
+        Ok(t) => t,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let inputs: Vec<StageInput> = stage
+        .inputs
+        .iter()
+        .filter_map(|r| {
+            let upstream = plan.stage(&r.stage)?;
+            Some(StageInput {
+                slot: r.slot.clone(),
+                stage: r.stage.clone(),
+                output: r.output.clone(),
+                kind: upstream.stage.output(),
+                dir: store.artifact(&upstream.fingerprint),
+                fingerprint: upstream.fingerprint.clone(),
+            })
+        })
+        .collect();
+    let ctx = StageContext {
+        stage_name: stage.name.clone(),
+        out_dir: temp.clone(),
+        recipe_dir: plan.recipe.dir.clone(),
+        seed: plan.seed,
+        device: device.to_string(),
+        inputs,
+        progress,
+    };
+    let started = Instant::now();
+    let _span = tracing::info_span!("stage", name = %stage.name, kind = %stage.kind).entered();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stage.stage.run(&stage.params, &ctx)
+    }));
+    let seconds = started.elapsed().as_secs_f64();
+    let failure = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(panic) => Some(format!(
+            "stage panicked: {}",
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        )),
+    };
+    if let Some(message) = failure {
+        let _ = std::fs::remove_dir_all(&temp);
+        drop(lock);
+        return Outcome::Failed(message);
+    }
+    let manifest = Manifest {
+        fingerprint: stage.fingerprint.clone(),
+        stage: stage.name.clone(),
+        kind: stage.kind.clone(),
+        version: stage.stage.version(),
+        params: stage.params.clone(),
+        inputs: stage
+            .inputs
+            .iter()
+            .filter_map(|r| Some((r.stage.clone(), plan.stage(&r.stage)?.fingerprint.clone())))
+            .collect::<BTreeMap<_, _>>(),
+        files: Vec::new(),
+        created_at: chrono::Utc::now().to_rfc3339(),
+        duration_s: seconds,
+        fingerprint_doc: stage.fingerprint_doc.clone(),
+    };
+    let outcome = match store.commit(&temp, manifest) {
+        Ok(_) => Outcome::Built { seconds },
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&temp);
+            Outcome::Failed(e.to_string())
+        }
+    };
+    drop(lock);
+    outcome
+}

@@ -1,0 +1,227 @@
+//! Tests of PEFT adapter reading and writing.
+
+use super::*;
+
+fn dense(shape: [usize; 2], seed: f32) -> DenseTensor {
+    let data = (0..shape[0] * shape[1])
+        .map(|i| ((i as f32 + seed) * 0.37).sin() * 0.01)
+        .collect();
+    DenseTensor {
+        shape: shape.to_vec(),
+        data,
+    }
+}
+
+/// A 2-layer toy decoder: hidden 8, 2 heads of 4, 1 KV head, intermediate 12, rank 2.
+fn toy_pairs(r: usize) -> Vec<LoraPair> {
+    let (hidden, kv, inter) = (8, 4, 12);
+    let mut pairs = Vec::new();
+    for layer in 0..2 {
+        for (k, module) in LoraModule::ALL.into_iter().enumerate() {
+            let (out, inp) = match module {
+                LoraModule::QProj | LoraModule::OProj => (hidden, hidden),
+                LoraModule::KProj | LoraModule::VProj => (kv, hidden),
+                LoraModule::GateProj | LoraModule::UpProj => (inter, hidden),
+                LoraModule::DownProj => (hidden, inter),
+            };
+            let seed = (layer * 7 + k) as f32;
+            pairs.push(LoraPair {
+                layer,
+                module,
+                a: dense([r, inp], seed),
+                b: dense([out, r], -seed),
+            });
+        }
+    }
+    pairs
+}
+
+fn golden_config() -> LoraAdapterConfig {
+    let names = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let mut config = LoraAdapterConfig::new(
+        2,
+        16.0,
+        TargetModules::List(names.map(String::from).to_vec()),
+    );
+    config.lora_dropout = 0.05;
+    config.base_model_name_or_path = Some("toy/llama-2l".into());
+    config
+}
+
+const GOLDEN: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/train/peft_adapter"
+);
+
+#[test]
+fn writes_the_committed_golden_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    write_lora_adapter(dir.path(), &golden_config(), &toy_pairs(2)).unwrap();
+    for file in [CONFIG_FILE, WEIGHTS_FILE] {
+        let got = std::fs::read(dir.path().join(file)).unwrap();
+        if std::env::var_os("RUNNER_BLESS").is_some() {
+            std::fs::create_dir_all(GOLDEN).unwrap();
+            std::fs::write(Path::new(GOLDEN).join(file), &got).unwrap();
+        }
+        let want = std::fs::read(Path::new(GOLDEN).join(file)).unwrap();
+        assert!(
+            got == want,
+            "{file} differs from the golden copy checked by scripts/check_peft_adapter.py"
+        );
+    }
+}
+
+#[test]
+fn config_has_peft_keys() {
+    let json = golden_config().to_json();
+    let keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "peft writes sorted keys");
+    assert_eq!(
+        keys.len(),
+        41,
+        "PeftConfigMixin + PeftConfig + LoraConfig fields less runtime_config"
+    );
+    assert_eq!(json["peft_type"], "LORA");
+    assert_eq!(json["task_type"], "CAUSAL_LM");
+    assert_eq!(json["lora_alpha"], json!(16));
+    assert_eq!(json["inference_mode"], true);
+    assert_eq!(json["rank_pattern"], json!({}));
+    assert_eq!(json["modules_to_save"], Value::Null);
+    assert!(!keys.contains(&"runtime_config"));
+}
+
+#[test]
+fn round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = golden_config();
+    config.use_rslora = true;
+    config.layers_to_transform = Some(vec![0, 1]);
+    config
+        .extra
+        .insert("layers_pattern".into(), json!("layers"));
+    let pairs = toy_pairs(2);
+    write_lora_adapter(dir.path(), &config, &pairs).unwrap();
+    let adapter = read_lora_adapter(dir.path()).unwrap();
+    assert_eq!(adapter.config, config);
+    assert_eq!(adapter.pairs, pairs);
+    assert!((adapter.config.scaling() - 16.0 / 2f64.sqrt()).abs() < 1e-12);
+    config.use_rslora = false;
+    assert_eq!(config.scaling(), 8.0);
+}
+
+#[test]
+fn reads_peft_name_variants_and_regex_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 2,
+        "target_modules": r".*\.layers\.\d+\.self_attn\.(q|v)_proj", "layers_to_transform": 3,
+        "use_rslora": false, "some_future_key": [1, 2]
+    });
+    std::fs::write(dir.path().join(CONFIG_FILE), config.to_string()).unwrap();
+    let halves: Vec<u8> = [0.5f32, -1.0, 2.0]
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let names = [
+        "model.layers.3.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.3.self_attn.q_proj.lora_B.default.weight",
+        "base_model.model.model.layers.3.self_attn.v_proj.lora_A",
+        "layers.3.self_attn.v_proj.lora_B.default",
+    ];
+    let shapes = [vec![1, 3], vec![3, 1], vec![1, 3], vec![3, 1]];
+    let views: Vec<_> = names
+        .iter()
+        .zip(&shapes)
+        .map(|(n, s)| {
+            (
+                n.to_string(),
+                TensorView::new(Dtype::F16, s.clone(), &halves).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join(WEIGHTS_FILE)).unwrap();
+    let adapter = read_lora_adapter(dir.path()).unwrap();
+    assert_eq!(adapter.pairs.len(), 2);
+    assert_eq!(adapter.pairs[0].module, LoraModule::QProj);
+    assert_eq!(adapter.pairs[1].b.data, [0.5, -1.0, 2.0]);
+    assert_eq!(adapter.config.extra["some_future_key"], json!([1, 2]));
+    let c = &adapter.config;
+    assert!(c.targets("model.layers.3.self_attn.q_proj").unwrap());
+    assert!(!c.targets("model.layers.3.self_attn.k_proj").unwrap());
+    assert!(
+        !c.targets("model.layers.2.self_attn.q_proj").unwrap(),
+        "layers_to_transform = 3"
+    );
+    let all = LoraAdapterConfig::new(4, 8.0, TargetModules::Pattern("all-linear".into()));
+    assert!(all.targets("model.layers.0.mlp.down_proj").unwrap());
+    assert!(!all.targets("lm_head").unwrap());
+}
+
+#[test]
+fn parse_tensor_name_rejects_other_tensors() {
+    assert_eq!(
+        parse_tensor_name("model.layers.0.mlp.up_proj.lora_B.weight"),
+        Some((0, LoraModule::UpProj, 'B'))
+    );
+    assert_eq!(
+        parse_tensor_name("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
+        None
+    );
+    assert_eq!(parse_tensor_name("base_model.model.lm_head.weight"), None);
+    assert_eq!(
+        parse_tensor_name("model.layers.x.self_attn.q_proj.lora_A.weight"),
+        None
+    );
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pairs = toy_pairs(2);
+    pairs[0].b.shape = vec![8, 3];
+    let err = write_lora_adapter(dir.path(), &golden_config(), &pairs)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer 0 self_attn.q_proj"), "{err}");
+    let err = write_lora_adapter(dir.path(), &golden_config(), &toy_pairs(3))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rank 3 differs from config r = 2"), "{err}");
+
+    write_lora_adapter(dir.path(), &golden_config(), &toy_pairs(2)[..1]).unwrap();
+    let bytes = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let only_a: Vec<_> = st.iter().filter(|(n, _)| n.contains("lora_A")).collect();
+    safetensors::serialize_to_file(only_a, None, &dir.path().join(WEIGHTS_FILE)).unwrap();
+    let err = read_lora_adapter(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("layers.0.self_attn.q_proj.lora_B.weight") && err.contains("missing"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join(CONFIG_FILE),
+        r#"{"peft_type": "PREFIX_TUNING"}"#,
+    )
+    .unwrap();
+    let err = read_lora_adapter(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("adapter_config.json") && err.contains("peft_type"),
+        "{err}"
+    );
+}
