@@ -17,4 +17,5 @@ pub mod report;
 pub mod stages;
 pub mod text;
 pub mod train;
+pub mod trainer;
 pub mod util;

@@ -46,6 +46,8 @@ enum Command {
     Status(cluster_cmds::StatusArgs),
     /// Cancel a submitted run's unfinished jobs.
     Cancel(cluster_cmds::StatusArgs),
+    /// Generate text with a model (HF folder or GGUF), greedy or sampled, with s1 budget forcing.
+    Generate(runner::model::cli::GenerateArgs),
     /// Score a predictions file: BLEU-4/ROUGE as ChatGLM-6B's script, sacreBLEU, GSM8K, exact match.
     Score(runner::metrics::cli::ScoreArgs),
     /// Export a model (merging a LoRA adapter first) as GGUF, safetensors or a PEFT adapter.
@@ -111,6 +113,7 @@ pub fn main() -> ExitCode {
         Command::Submit(a) => cluster_cmds::submit(a),
         Command::Status(a) => cluster_cmds::status(a),
         Command::Cancel(a) => cluster_cmds::cancel(a),
+        Command::Generate(a) => runner::model::cli::run(&a).map_err(Failure::from),
         Command::Score(a) => runner::metrics::cli::run(&a).map_err(Failure::from),
         Command::Export(a) => runner::export::cli::run(&a).map_err(Failure::from),
         Command::Convert(a) => runner::export::cli::run_convert(&a).map_err(Failure::from),

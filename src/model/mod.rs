@@ -1,2 +1,15 @@
+//! The decoder model: HF config and checkpoint I/O, Qwen2/Llama in burn, LoRA linear,
+//! KV-cached generation with s1 budget forcing, tiny random init and the `generate` CLI.
+
+pub mod cli;
 pub mod config;
+pub mod decoder;
+pub mod device;
+pub mod generate;
 pub mod hf;
+pub mod init;
+pub mod lora;
+pub mod rope;
+
+#[cfg(test)]
+mod tests;

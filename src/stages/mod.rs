@@ -3,8 +3,13 @@
 //! The pipeline only sees [`DynStage`] objects from [`registry`]; it knows no stage by name.
 
 mod context;
+pub mod evaluate;
+mod export;
 mod format;
 mod ingest;
+mod model;
+mod sft;
+pub mod tokenize;
 
 pub use context::{StageContext, StageInput};
 
@@ -211,5 +216,13 @@ fn erase<S: Stage>() -> Box<dyn DynStage> {
 
 /// Every stage kind runner knows.
 pub fn registry() -> Vec<Box<dyn DynStage>> {
-    vec![erase::<ingest::Ingest>(), erase::<format::Format>()]
+    vec![
+        erase::<ingest::Ingest>(),
+        erase::<format::Format>(),
+        erase::<model::Model>(),
+        erase::<tokenize::Tokenize>(),
+        erase::<sft::Sft>(),
+        erase::<evaluate::Evaluate>(),
+        erase::<export::Export>(),
+    ]
 }

@@ -1,0 +1,384 @@
+//! `runner generate`: text generation from an HF model folder (GGUF later) on CPU or CUDA.
+//!
+//! The tokenizer is used through the small [`GenTokenizer`] trait so the `text` module's
+//! tokenizer and chat templates can replace the fallback [`HfTokenizer`] here; model files
+//! are resolved by [`load_model_source`], where the `gguf` loader plugs in.
+//! Sampling defaults follow the folder's generation_config.json as transformers does.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use burn::tensor::backend::Backend;
+use serde_json::{json, Value};
+
+use crate::model::config::ModelConfig;
+use crate::model::decoder::CausalLm;
+use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
+use crate::model::generate::{
+    generate, BudgetForcing, GenerateOptions, Generation, SamplingParams,
+};
+use crate::model::hf::{load_hf_folder_tensors, HostTensor};
+
+/// Arguments of `runner generate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// HF model folder (config.json + safetensors + tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// One prompt.
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// JSON lines: a string, or an object with `prompt` (and optional `system`).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Render prompts with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Argmax decoding (the default unless generation_config.json sets do_sample).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    pub greedy: bool,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop once the output contains this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// s1 budget forcing: most thinking tokens before the answer delimiter is forced.
+    #[arg(long)]
+    pub max_thinking_tokens: Option<usize>,
+    /// s1 budget forcing: times the end-of-thinking delimiter is replaced by --wait.
+    #[arg(long, default_value_t = 0)]
+    pub num_ignore: usize,
+    #[arg(long, default_value = "<|im_start|>")]
+    pub think_end: String,
+    #[arg(long, default_value = "<|im_start|>answer\n")]
+    pub answer_start: String,
+    #[arg(long, default_value = "Wait")]
+    pub wait: String,
+    /// Prompts per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// One JSON object per prompt per line: text, token_ids (generated), prompt_ids.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What generation needs from a tokenizer (the `text` module provides the real one).
+pub trait GenTokenizer {
+    /// Ids of `text`; `add_special_tokens` as in HF (BOS for Llama-style tokenizers).
+    fn encode(&self, text: &str, add_special_tokens: bool) -> anyhow::Result<Vec<u32>>;
+    /// Text of `ids`, special tokens skipped.
+    fn decode(&self, ids: &[u32]) -> anyhow::Result<String>;
+    /// End-of-sequence ids (generation_config.json, else config.json).
+    fn eos_ids(&self) -> Vec<u32>;
+    /// A chat prompt (system, user) ready for generation (assistant turn opened).
+    fn render_chat(&self, system: Option<&str>, user: &str) -> anyhow::Result<String>;
+}
+
+/// Model files resolved from `--model`.
+pub struct ModelSource {
+    pub config: ModelConfig,
+    pub tensors: BTreeMap<String, HostTensor>,
+    /// Folder holding tokenizer.json / tokenizer_config.json / generation_config.json.
+    pub tokenizer_dir: PathBuf,
+}
+
+/// Resolves a model path: an HF folder today; a `.gguf` file is where the gguf loader plugs in.
+pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        bail!(
+            "{}: GGUF models are read by the gguf module, not wired in yet",
+            path.display()
+        );
+    }
+    if !path.is_dir() {
+        bail!(
+            "{}: expected an HF model folder (config.json + model.safetensors)",
+            path.display()
+        );
+    }
+    let config = ModelConfig::from_file(path.join("config.json"))?;
+    let tensors = load_hf_folder_tensors(path)?;
+    Ok(ModelSource {
+        config,
+        tensors,
+        tokenizer_dir: path.to_path_buf(),
+    })
+}
+
+/// Fallback tokenizer: HF `tokenizer.json` through the `tokenizers` crate; chat rendering
+/// only for ChatML templates (Qwen2.5, SmolLM2). Replaced by the `text` module's tokenizer.
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    eos: Vec<u32>,
+    chat_template: Option<String>,
+}
+
+impl HfTokenizer {
+    pub fn from_dir(dir: &Path, config: &ModelConfig) -> anyhow::Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let gen = read_json(&dir.join("generation_config.json"))?;
+        let eos = match gen.as_ref().and_then(|g| g.get("eos_token_id")) {
+            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect(),
+            _ => config.eos_token_ids.clone(),
+        };
+        let chat_template = read_json(&dir.join("tokenizer_config.json"))?.and_then(|t| {
+            t.get("chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
+        Ok(Self {
+            inner,
+            eos,
+            chat_template,
+        })
+    }
+}
+
+impl GenTokenizer for HfTokenizer {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> anyhow::Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("decode: {e}"))
+    }
+
+    fn eos_ids(&self) -> Vec<u32> {
+        self.eos.clone()
+    }
+
+    fn render_chat(&self, system: Option<&str>, user: &str) -> anyhow::Result<String> {
+        let template = self.chat_template.as_deref().unwrap_or("");
+        if !template.contains("<|im_start|>") {
+            bail!("only ChatML chat templates are rendered until the text module's templates are wired in");
+        }
+        // Qwen2.5's template inserts its default system prompt when none is given.
+        let qwen_default = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+        let system = system.or(template.contains(qwen_default).then_some(qwen_default));
+        let mut s = String::new();
+        if let Some(sys) = system {
+            s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+        }
+        s.push_str(&format!(
+            "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        ));
+        Ok(s)
+    }
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+    ))
+}
+
+/// Sampling settings from the flags, falling back to generation_config.json, then to
+/// transformers' defaults (greedy unless do_sample; top_k 50 when sampling).
+pub fn sampling_from_args(args: &GenerateArgs, gen_config: Option<&Value>) -> SamplingParams {
+    let g = |k: &str| gen_config.and_then(|v| v.get(k)).and_then(Value::as_f64);
+    let do_sample = gen_config
+        .and_then(|v| v.get("do_sample"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let asked = args.temperature.is_some() || args.top_p.is_some() || args.top_k.is_some();
+    SamplingParams {
+        greedy: args.greedy || !(asked || do_sample),
+        temperature: args
+            .temperature
+            .unwrap_or(g("temperature").unwrap_or(1.0) as f32),
+        top_p: args.top_p.unwrap_or(g("top_p").unwrap_or(1.0) as f32),
+        top_k: args.top_k.unwrap_or(g("top_k").unwrap_or(50.0) as usize),
+        repetition_penalty: args
+            .repetition_penalty
+            .unwrap_or(g("repetition_penalty").unwrap_or(1.0) as f32),
+        seed: args.seed,
+    }
+}
+
+/// One prompt: user text and optional system message.
+#[derive(Debug, Clone)]
+struct PromptItem {
+    user: String,
+    system: Option<String>,
+}
+
+fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<PromptItem>> {
+    if let Some(p) = &args.prompt {
+        return Ok(vec![PromptItem {
+            user: p.clone(),
+            system: args.system.clone(),
+        }]);
+    }
+    let Some(path) = &args.prompts else {
+        bail!("--prompt or --prompts is required")
+    };
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: invalid JSON", path.display(), n + 1))?;
+        let item = match &v {
+            Value::String(s) => PromptItem {
+                user: s.clone(),
+                system: args.system.clone(),
+            },
+            Value::Object(o) => PromptItem {
+                user: o
+                    .get("prompt")
+                    .and_then(Value::as_str)
+                    .with_context(|| {
+                        format!("{}:{}: missing string `prompt`", path.display(), n + 1)
+                    })?
+                    .to_string(),
+                system: o
+                    .get("system")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .or(args.system.clone()),
+            },
+            _ => bail!(
+                "{}:{}: expected a string or an object with `prompt`",
+                path.display(),
+                n + 1
+            ),
+        };
+        out.push(item);
+    }
+    Ok(out)
+}
+
+struct GenerateTask<'a> {
+    source: ModelSource,
+    prompts: Vec<Vec<u32>>,
+    opts: GenerateOptions,
+    batch_size: usize,
+    decode: &'a dyn Fn(&[u32]) -> String,
+}
+
+impl BackendTask for GenerateTask<'_> {
+    type Output = anyhow::Result<Vec<Generation>>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let model =
+            CausalLm::<B>::from_hf_tensors(&self.source.config, &self.source.tensors, &device)?;
+        drop(self.source);
+        let mut out = Vec::with_capacity(self.prompts.len());
+        for chunk in self.prompts.chunks(self.batch_size.max(1)) {
+            out.extend(generate(&model, chunk, &self.opts, Some(self.decode))?);
+        }
+        Ok(out)
+    }
+}
+
+/// Runs `runner generate`.
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    let source = load_model_source(&args.model)?;
+    let tokenizer = HfTokenizer::from_dir(&source.tokenizer_dir, &source.config)?;
+    run_with_tokenizer(args, source, &tokenizer)
+}
+
+/// `run` with any tokenizer (the integration point for the `text` module's tokenizer).
+pub fn run_with_tokenizer(
+    args: &GenerateArgs,
+    source: ModelSource,
+    tok: &dyn GenTokenizer,
+) -> anyhow::Result<()> {
+    let gen_config = read_json(&source.tokenizer_dir.join("generation_config.json"))?;
+    let items = read_prompts(args)?;
+    let mut prompts = Vec::with_capacity(items.len());
+    for item in &items {
+        let ids = if args.chat {
+            tok.encode(&tok.render_chat(item.system.as_deref(), &item.user)?, false)?
+        } else {
+            tok.encode(&item.user, true)?
+        };
+        prompts.push(ids);
+    }
+    let budget = if args.max_thinking_tokens.is_some() || args.num_ignore > 0 {
+        Some(BudgetForcing {
+            max_thinking_tokens: args.max_thinking_tokens,
+            num_ignore: args.num_ignore,
+            think_end: tok.encode(&args.think_end, false)?,
+            answer_start: tok.encode(&args.answer_start, false)?,
+            wait: tok.encode(&args.wait, false)?,
+        })
+    } else {
+        None
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: sampling_from_args(args, gen_config.as_ref()),
+        stop_token_ids: tok.eos_ids(),
+        stop_strings: args.stop.clone(),
+        budget,
+        pad_token_id: source.config.pad_token_id.unwrap_or(0),
+    };
+    let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
+    let task = GenerateTask {
+        source,
+        prompts: prompts.clone(),
+        opts,
+        batch_size: args.batch_size,
+        decode: &decode,
+    };
+    let results = run_on_device(args.device, task)??;
+    let mut stdout = std::io::stdout().lock();
+    for (prompt_ids, g) in prompts.iter().zip(results) {
+        let text = tok.decode(&g.token_ids)?;
+        if args.json {
+            let line = json!({
+                "text": text,
+                "token_ids": g.token_ids,
+                "prompt_ids": prompt_ids,
+                "finish_reason": format!("{:?}", g.finish),
+            });
+            writeln!(stdout, "{line}")?;
+        } else {
+            writeln!(stdout, "{text}")?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,609 @@
+//! The Qwen2 / Llama decoder-only transformer in burn, generic over `B: Backend`.
+//!
+//! One decoder serves both families: Qwen2 is Llama with q/k/v biases (see
+//! [`ModelConfig::qkv_bias`]). Module fields spell the HF safetensors keys
+//! (`model.layers.N.self_attn.q_proj.weight`), so [`CausalLm::from_hf_tensors`] and
+//! [`CausalLm::to_hf_tensors`] need no renaming. The KV cache is passed explicitly to
+//! `forward(&self, ...)` (as candle's `llama.rs`), so training and sampling share one model.
+//! Reference: transformers `models/llama/modeling_llama.py`, `models/qwen2/modeling_qwen2.py`.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::model::config::ModelConfig;
+use crate::model::hf::HostTensor;
+use crate::model::lora::LoraLinear;
+use crate::model::rope::{apply_rotary, RotaryEmbedding};
+
+/// Errors building a model from named tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("missing tensor `{tensor}`")]
+    MissingTensor { tensor: String },
+    #[error("tensor `{tensor}` has shape {got:?}; expected {expected:?}")]
+    ShapeMismatch {
+        tensor: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+}
+
+/// Score given to masked attention positions: exp() of it underflows to exactly 0 in f32,
+/// bf16 and f16, and fully masked (padding) rows stay finite instead of NaN.
+const MASKED_SCORE: f32 = -1.0e4;
+
+/// Root-mean-square layer norm: `weight * x / sqrt(mean(x^2) + eps)`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let var = x.clone().powi_scalar(2).mean_dim(2);
+        let normed = x.mul(var.add_scalar(self.eps).sqrt().recip());
+        normed.mul(self.weight.val().unsqueeze::<3>())
+    }
+}
+
+/// Token embedding table `[vocab, hidden]`.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    /// # Shapes
+    /// - ids: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.weight.val(), ids)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: LoraLinear<B>,
+    pub up_proj: LoraLinear<B>,
+    pub down_proj: LoraLinear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+    }
+}
+
+/// Per-layer keys and values plus the key padding mask, grown by each forward.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// Per layer: keys and values `[batch, kv_heads, len, head_dim]`.
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// `[batch, len]`, true for real tokens; `None` while nothing was padded.
+    key_mask: Option<Tensor<B, 2, Bool>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            key_mask: None,
+            len: 0,
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Grouped-query self-attention with RoPE.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: LoraLinear<B>,
+    pub k_proj: LoraLinear<B>,
+    pub v_proj: LoraLinear<B>,
+    pub o_proj: LoraLinear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`; cos, sin: `[batch, 1, seq, head_dim]`
+    /// - mask: `[batch | 1, 1, seq, past + seq]`, true = masked
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: Option<&Tensor<B, 4, Bool>>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, h, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, kvh, d])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, kvh, d])
+            .swap_dims(1, 2);
+        let q = apply_rotary(q, cos, sin);
+        let mut k = apply_rotary(k, cos, sin);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let s = k.dims()[2];
+        let rep = h / kvh;
+        let (k, v) = if rep == 1 {
+            (k, v)
+        } else {
+            // Head i reads kv head i / rep, as HF's repeat_kv.
+            let expand = |t: Tensor<B, 4>| {
+                t.unsqueeze_dim::<5>(2)
+                    .expand([b, kvh, rep, s, d])
+                    .reshape([b, h, s, d])
+            };
+            (expand(k), expand(v))
+        };
+        let mut scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt());
+        if let Some(m) = mask {
+            scores = scores.mask_fill(m.clone().expand([b, h, t, s]), MASKED_SCORE);
+        }
+        let out = softmax(scores, 3).matmul(v);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+/// Pre-norm decoder block: attention and MLP, each with a residual.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// The transformer body (HF `model.*`).
+#[derive(Module, Debug)]
+pub struct DecoderModel<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// Decoder with its language-model head (HF `*ForCausalLM`).
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub model: DecoderModel<B>,
+    /// `None` when the embeddings are tied.
+    pub lm_head: Option<LoraLinear<B>>,
+    #[module(skip)]
+    pub config: ModelConfig,
+    #[module(skip)]
+    pub rope: RotaryEmbedding,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Final hidden states after the last norm.
+    ///
+    /// `attention_mask` marks real tokens (true) among this call's `input_ids` (left padding
+    /// for batched prompts); the cache remembers it for later calls. `positions` are absolute
+    /// (see [`positions_from_mask`]).
+    ///
+    /// # Shapes
+    /// - input_ids, positions, attention_mask: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden_states(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Bool>>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let device = input_ids.device();
+        let [b, t] = input_ids.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let s = past + t;
+        // Key padding mask over past + new keys.
+        let key_mask = match (
+            cache.as_ref().and_then(|c| c.key_mask.clone()),
+            attention_mask,
+        ) {
+            (None, None) => None,
+            (Some(old), None) => Some(Tensor::cat(
+                vec![old, Tensor::<B, 2, Bool>::ones([b, t], &device)],
+                1,
+            )),
+            (None, Some(new)) if past > 0 => Some(Tensor::cat(
+                vec![Tensor::<B, 2, Bool>::ones([b, past], &device), new],
+                1,
+            )),
+            (None, Some(new)) => Some(new),
+            (Some(old), Some(new)) => Some(Tensor::cat(vec![old, new], 1)),
+        };
+        // Query i (absolute past + i) sees key j iff j <= past + i.
+        let causal = (t > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([t, s], past as i64, &device));
+        let mask = match (causal, &key_mask) {
+            (None, None) => None,
+            (Some(c), None) => Some(c.reshape([1, 1, t, s])),
+            (c, Some(k)) => {
+                let pad = k
+                    .clone()
+                    .bool_not()
+                    .reshape([b, 1, 1, s])
+                    .expand([b, 1, t, s]);
+                Some(match c {
+                    Some(c) => pad.bool_or(c.reshape([1, 1, t, s]).expand([b, 1, t, s])),
+                    None => pad,
+                })
+            }
+        };
+        let (cos, sin) = self.rope.cos_sin(positions);
+        let mut x = self.model.embed_tokens.forward(input_ids);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                &cos,
+                &sin,
+                mask.as_ref(),
+                slot,
+            );
+            x = x.add(h);
+            let h = layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = x.add(h);
+        }
+        if let Some(c) = cache {
+            c.len = s;
+            c.key_mask = key_mask;
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Projects hidden states to vocabulary logits (tied: through the embedding table).
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
+    pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, h] = hidden.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                hidden
+                    .reshape([b * t, h])
+                    .matmul(w.transpose())
+                    .reshape([b, t, v])
+            }
+        }
+    }
+
+    /// Logits for every position: [`Self::hidden_states`] then [`Self::lm_head`].
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Bool>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.lm_head(self.hidden_states(input_ids, positions, attention_mask, cache))
+    }
+
+    /// Logits of the last position only (what generation needs).
+    ///
+    /// # Shapes
+    /// - output: `[batch, vocab]`
+    pub fn forward_last(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Bool>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 2> {
+        let hidden = self.hidden_states(input_ids, positions, attention_mask, cache);
+        let [b, t, h] = hidden.dims();
+        let last = hidden.slice([0..b, t - 1..t, 0..h]);
+        let logits = self.lm_head(last);
+        let v = logits.dims()[2];
+        logits.reshape([b, v])
+    }
+
+    /// An empty cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.model.layers.len())
+    }
+
+    /// Builds the model from HF-named tensors, checking every expected name and shape.
+    /// Extra tensors (e.g. a redundant `lm_head.weight` when tied) are ignored.
+    pub fn from_hf_tensors(
+        config: &ModelConfig,
+        tensors: &BTreeMap<String, HostTensor>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let c = config;
+        let get = |name: &str, shape: &[usize]| -> Result<TensorData, ModelError> {
+            let t = tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
+                tensor: name.to_string(),
+            })?;
+            if t.shape != shape {
+                return Err(ModelError::ShapeMismatch {
+                    tensor: name.to_string(),
+                    expected: shape.to_vec(),
+                    got: t.shape.clone(),
+                });
+            }
+            Ok(TensorData::new(t.data.clone(), t.shape.clone()))
+        };
+        let t1 = |name: &str, n: usize| -> Result<Tensor<B, 1>, ModelError> {
+            Ok(Tensor::from_data(get(name, &[n])?, device))
+        };
+        let t2 = |name: &str, o: usize, i: usize| -> Result<Tensor<B, 2>, ModelError> {
+            Ok(Tensor::from_data(get(name, &[o, i])?, device))
+        };
+        let linear =
+            |prefix: &str, o: usize, i: usize, bias: bool| -> Result<LoraLinear<B>, ModelError> {
+                let w = t2(&format!("{prefix}.weight"), o, i)?;
+                let b = if bias {
+                    Some(t1(&format!("{prefix}.bias"), o)?)
+                } else {
+                    None
+                };
+                Ok(LoraLinear::new(w, b))
+            };
+        let norm = |name: &str| -> Result<RmsNorm<B>, ModelError> {
+            Ok(RmsNorm {
+                weight: Param::from_tensor(t1(name, c.hidden_size)?),
+                eps: c.rms_norm_eps,
+            })
+        };
+        let (hd, q_out, kv_out) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), q_out, hd, c.qkv_bias())?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_out, hd, c.qkv_bias())?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_out, hd, c.qkv_bias())?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), hd, q_out, c.o_bias())?,
+                    num_heads: c.num_attention_heads,
+                    num_kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        hd,
+                        c.mlp_bias,
+                    )?,
+                    up_proj: linear(
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        hd,
+                        c.mlp_bias,
+                    )?,
+                    down_proj: linear(
+                        &format!("{p}.mlp.down_proj"),
+                        hd,
+                        c.intermediate_size,
+                        c.mlp_bias,
+                    )?,
+                },
+            });
+        }
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(linear("lm_head", c.vocab_size, hd, false)?)
+        };
+        Ok(Self {
+            model: DecoderModel {
+                embed_tokens: Embedding {
+                    weight: Param::from_tensor(t2("model.embed_tokens.weight", c.vocab_size, hd)?),
+                },
+                layers,
+                norm: norm("model.norm.weight")?,
+            },
+            lm_head,
+            config: config.clone(),
+            rope: RotaryEmbedding::new(config),
+        })
+    }
+
+    /// The base weights under their HF names (adapters are not included; merge first to
+    /// export a fine-tuned model).
+    pub fn to_hf_tensors(&self) -> BTreeMap<String, HostTensor> {
+        let mut out = BTreeMap::new();
+        let mut put = |name: String, t: TensorData| {
+            let shape = t.shape.to_vec();
+            let data = t.convert::<f32>().into_vec::<f32>().unwrap_or_default();
+            out.insert(name, HostTensor::new(shape, data));
+        };
+        let linear = |put: &mut dyn FnMut(String, TensorData), p: String, l: &LoraLinear<B>| {
+            put(format!("{p}.weight"), l.weight.val().into_data());
+            if let Some(b) = &l.bias {
+                put(format!("{p}.bias"), b.val().into_data());
+            }
+        };
+        put(
+            "model.embed_tokens.weight".into(),
+            self.model.embed_tokens.weight.val().into_data(),
+        );
+        put(
+            "model.norm.weight".into(),
+            self.model.norm.weight.val().into_data(),
+        );
+        if let Some(h) = &self.lm_head {
+            linear(&mut put, "lm_head".into(), h);
+        }
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            put(
+                format!("{p}.input_layernorm.weight"),
+                l.input_layernorm.weight.val().into_data(),
+            );
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight.val().into_data(),
+            );
+            let a = &l.self_attn;
+            for (n, lin) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                linear(&mut put, format!("{p}.self_attn.{n}"), lin);
+            }
+            let m = &l.mlp;
+            for (n, lin) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
+                linear(&mut put, format!("{p}.mlp.{n}"), lin);
+            }
+        }
+        out
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// The linear layers of the decoder under their HF names (`model.layers.N.self_attn.q_proj`).
+    fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut l.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+
+    /// Freezes every base parameter (burn `no_grad`) and adds fresh LoRA adapters to the
+    /// linears whose last name segment is in `targets` (peft `target_modules`, e.g.
+    /// `["q_proj", "v_proj"]`). Returns the model and how many layers were wrapped.
+    pub fn with_lora(
+        self,
+        targets: &[&str],
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+    ) -> (Self, usize) {
+        let mut model = self.no_grad();
+        let mut wrapped = 0;
+        for (name, lin) in model.linears_mut() {
+            let last = name.rsplit('.').next().unwrap_or("");
+            if targets.contains(&last) {
+                let placeholder = LoraLinear::new(lin.weight.val(), None);
+                let base = std::mem::replace(lin, placeholder);
+                *lin = base.with_lora(rank, alpha, dropout);
+                wrapped += 1;
+            }
+        }
+        (model, wrapped)
+    }
+
+    /// Adapter tensors under peft's names
+    /// (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`).
+    pub fn lora_tensors(&self) -> BTreeMap<String, HostTensor> {
+        let mut out = BTreeMap::new();
+        let host = |t: Tensor<B, 2>| {
+            let d = t.into_data();
+            let shape = d.shape.to_vec();
+            HostTensor::new(
+                shape,
+                d.convert::<f32>().into_vec::<f32>().unwrap_or_default(),
+            )
+        };
+        let mut me = self.clone();
+        for (name, lin) in me.linears_mut() {
+            if let (Some(a), Some(b)) = (&lin.lora_a, &lin.lora_b) {
+                out.insert(
+                    format!("base_model.model.{name}.lora_A.weight"),
+                    host(a.val()),
+                );
+                out.insert(
+                    format!("base_model.model.{name}.lora_B.weight"),
+                    host(b.val()),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// HF generate's position ids for a (left-)padded batch: `cumsum(mask) - 1`, padding set to 1.
+///
+/// # Shapes
+/// - mask: `[batch, seq]` (1 = real token) -> `[batch, seq]`
+pub fn positions_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<i64>> {
+    mask.iter()
+        .map(|row| {
+            let mut seen = 0i64;
+            row.iter()
+                .map(|&m| {
+                    seen += i64::from(m != 0);
+                    if m != 0 {
+                        seen - 1
+                    } else {
+                        1
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}

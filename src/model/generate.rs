@@ -1,0 +1,498 @@
+//! Batched autoregressive generation on token ids with a KV cache.
+//!
+//! Prompts are left-padded; positions follow HF generate (`cumsum(mask) - 1`). Logit
+//! processing follows transformers' order and semantics: repetition penalty (over prompt and
+//! generated ids), then temperature, top-k (ties at the k-th value kept) and top-p (the
+//! smallest top set with mass >= p), then sampling with a per-row seeded ChaCha20 RNG, so a
+//! prompt yields the same tokens alone or in a batch. Greedy decoding takes the argmax on
+//! the device; top-k sampling brings only k values per row to the host.
+//! s1 budget forcing (Muennighoff et al. 2025, "s1: Simple test-time scaling"): cap the
+//! thinking tokens by forcing the answer delimiter, and suppress the end-of-thinking
+//! delimiter `num_ignore` times by appending "Wait".
+//! Reference: transformers `generation/utils.py`, `generation/logits_process.py`.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::model::decoder::{positions_from_mask, CausalLm};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 (or `greedy`) picks the argmax.
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1.0 disables.
+    pub top_p: f32,
+    /// 1.0 disables; HF semantics (divide positive logits, multiply negative ones).
+    pub repetition_penalty: f32,
+    pub seed: u64,
+    pub greedy: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            greedy: true,
+        }
+    }
+}
+
+/// s1 budget forcing. Delimiters are token sequences (tokenize them with the model's
+/// tokenizer). The end of thinking is recognised when the generated ids end with
+/// `think_end`; with a multi-token `think_end` the tokens before its last one are already
+/// emitted when it is suppressed, so prefer a single token (s1 uses `<|im_start|>`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BudgetForcing {
+    /// Force `answer_start` once this many tokens were generated while thinking.
+    pub max_thinking_tokens: Option<usize>,
+    /// Suppress `think_end` this many times, appending `wait` instead.
+    pub num_ignore: usize,
+    pub think_end: Vec<u32>,
+    /// Appended when the thinking budget runs out (e.g. `<|im_start|>answer\n`).
+    pub answer_start: Vec<u32>,
+    /// Appended instead of a suppressed `think_end` (e.g. the tokens of "Wait").
+    pub wait: Vec<u32>,
+}
+
+/// Everything [`generate`] needs besides the model and prompts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends after one of these (it is kept in the output, as HF does).
+    pub stop_token_ids: Vec<u32>,
+    /// Generation ends once the decoded output contains one of these (needs `decode`).
+    pub stop_strings: Vec<String>,
+    pub budget: Option<BudgetForcing>,
+    /// Fed to left-pad prompts and for finished rows (masked, so any valid id works).
+    pub pad_token_id: u32,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            budget: None,
+            pad_token_id: 0,
+        }
+    }
+}
+
+/// Why a row stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    StopToken(u32),
+    StopString(String),
+    Length,
+}
+
+/// One prompt's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated ids only (forced budget-forcing tokens included).
+    pub token_ids: Vec<u32>,
+    pub finish: FinishReason,
+}
+
+/// Errors from [`generate`].
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("prompt {index} is empty")]
+    EmptyPrompt { index: usize },
+    #[error("prompt {index}: token id {id} is outside the vocabulary ({vocab})")]
+    TokenOutOfRange { index: usize, id: u32, vocab: usize },
+    #[error("stop strings need a decode function")]
+    NoDecoder,
+    #[error("invalid sampling parameter `{key}`: {message}")]
+    InvalidParam { key: &'static str, message: String },
+}
+
+#[derive(Debug)]
+struct Row {
+    seen: BTreeSet<u32>,
+    out: Vec<u32>,
+    forced: VecDeque<u32>,
+    thinking: bool,
+    thinking_tokens: usize,
+    ignores_left: usize,
+    finish: Option<FinishReason>,
+    rng: ChaCha20Rng,
+    next_pos: i64,
+}
+
+/// Generates for each prompt (ids) in one batch; `decode` turns ids into text for stop strings.
+pub fn generate<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    decode: Option<&dyn Fn(&[u32]) -> String>,
+) -> Result<Vec<Generation>, GenerateError> {
+    validate(model, prompts, opts)?;
+    if !opts.stop_strings.is_empty() && decode.is_none() {
+        return Err(GenerateError::NoDecoder);
+    }
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let device = model.model.embed_tokens.weight.device();
+    let b = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(b * longest);
+    let mut mask = Vec::with_capacity(b);
+    for p in prompts {
+        let pad = longest - p.len();
+        ids.extend(std::iter::repeat_n(opts.pad_token_id as i64, pad));
+        ids.extend(p.iter().map(|&t| t as i64));
+        mask.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
+    }
+    let padded = prompts.iter().any(|p| p.len() != longest);
+    let positions: Vec<i64> = positions_from_mask(&mask).into_iter().flatten().collect();
+    let mut rows: Vec<Row> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Row {
+            seen: p.iter().copied().collect(),
+            out: Vec::new(),
+            forced: VecDeque::new(),
+            thinking: opts.budget.is_some(),
+            thinking_tokens: 0,
+            ignores_left: opts.budget.as_ref().map_or(0, |bf| bf.num_ignore),
+            finish: None,
+            rng: ChaCha20Rng::seed_from_u64(opts.sampling.seed.wrapping_add(i as u64)),
+            next_pos: p.len() as i64,
+        })
+        .collect();
+
+    let mut cache = model.new_cache();
+    let int2 = |data: Vec<i64>, t: usize| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(data, [b, t]), &device)
+    };
+    let attn = padded.then(|| {
+        let flat: Vec<bool> = mask.iter().flatten().map(|&m| m != 0).collect();
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(flat, [b, longest]), &device)
+    });
+    let mut logits = model.forward_last(
+        int2(ids, longest),
+        int2(positions, longest),
+        attn,
+        Some(&mut cache),
+    );
+
+    for _step in 0..opts.max_new_tokens {
+        let choice = choose(logits, &mut rows, &opts.sampling);
+        let mut next = Vec::with_capacity(b);
+        for (row, sampled) in rows.iter_mut().zip(choice) {
+            if row.finish.is_some() {
+                next.push(opts.pad_token_id);
+                continue;
+            }
+            let token = advance(row, sampled, opts.budget.as_ref());
+            row.out.push(token);
+            row.seen.insert(token);
+            next.push(token);
+            if opts.stop_token_ids.contains(&token) && row.forced.is_empty() {
+                row.finish = Some(FinishReason::StopToken(token));
+            } else if let (Some(dec), false) = (decode, opts.stop_strings.is_empty()) {
+                if let Some(s) = hit_stop_string(&row.out, &opts.stop_strings, dec) {
+                    row.finish = Some(FinishReason::StopString(s));
+                }
+            }
+        }
+        if rows.iter().all(|r| r.finish.is_some()) {
+            break;
+        }
+        let pos: Vec<i64> = rows
+            .iter_mut()
+            .map(|r| {
+                r.next_pos += 1;
+                r.next_pos - 1
+            })
+            .collect();
+        let ids: Vec<i64> = next.iter().map(|&t| t as i64).collect();
+        logits = model.forward_last(int2(ids, 1), int2(pos, 1), None, Some(&mut cache));
+    }
+    Ok(rows
+        .into_iter()
+        .map(|r| Generation {
+            token_ids: r.out,
+            finish: r.finish.unwrap_or(FinishReason::Length),
+        })
+        .collect())
+}
+
+fn validate<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<(), GenerateError> {
+    let vocab = model.config.vocab_size;
+    for (index, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(GenerateError::EmptyPrompt { index });
+        }
+        if let Some(&id) = p.iter().find(|&&t| t as usize >= vocab) {
+            return Err(GenerateError::TokenOutOfRange { index, id, vocab });
+        }
+    }
+    let s = &opts.sampling;
+    let invalid = |key, message: String| Err(GenerateError::InvalidParam { key, message });
+    if !s.greedy && !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+        return invalid("temperature", format!("{} must be >= 0", s.temperature));
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return invalid("top_p", format!("{} must be in (0, 1]", s.top_p));
+    }
+    if !(s.repetition_penalty > 0.0 && s.repetition_penalty.is_finite()) {
+        return invalid(
+            "repetition_penalty",
+            format!("{} must be > 0", s.repetition_penalty),
+        );
+    }
+    Ok(())
+}
+
+/// Applies budget forcing to a sampled token and returns the token to emit.
+fn advance(row: &mut Row, sampled: u32, budget: Option<&BudgetForcing>) -> u32 {
+    if let Some(t) = row.forced.pop_front() {
+        count_thinking(row);
+        return t;
+    }
+    let Some(bf) = budget else { return sampled };
+    if !row.thinking {
+        return sampled;
+    }
+    if let Some(max) = bf.max_thinking_tokens {
+        if row.thinking_tokens >= max {
+            // Budget spent: the answer delimiter replaces the sampled token.
+            row.thinking = false;
+            row.forced.extend(bf.answer_start.iter().copied());
+            return row.forced.pop_front().unwrap_or(sampled);
+        }
+    }
+    let ends_thinking = !bf.think_end.is_empty() && {
+        let n = bf.think_end.len();
+        bf.think_end[n - 1] == sampled && row.out.ends_with(&bf.think_end[..n - 1])
+    };
+    if ends_thinking {
+        if row.ignores_left > 0 && !bf.wait.is_empty() {
+            row.ignores_left -= 1;
+            row.forced.extend(bf.wait.iter().copied());
+            let first = row.forced.pop_front().unwrap_or(sampled);
+            count_thinking(row);
+            return first;
+        }
+        row.thinking = false;
+        return sampled;
+    }
+    count_thinking(row);
+    sampled
+}
+
+fn count_thinking(row: &mut Row) {
+    if row.thinking {
+        row.thinking_tokens += 1;
+    }
+}
+
+fn hit_stop_string(
+    out: &[u32],
+    stops: &[String],
+    decode: &dyn Fn(&[u32]) -> String,
+) -> Option<String> {
+    // A stop string spans at most its byte length in tokens (+ slack for tokens that
+    // decode to nothing), so only the tail needs decoding.
+    let window = stops.iter().map(String::len).max().unwrap_or(0) + 8;
+    let text = decode(&out[out.len().saturating_sub(window)..]);
+    stops.iter().find(|s| text.contains(s.as_str())).cloned()
+}
+
+/// Picks one token per row from last-position logits `[batch, vocab]`.
+fn choose<B: Backend>(logits: Tensor<B, 2>, rows: &mut [Row], s: &SamplingParams) -> Vec<u32> {
+    let [b, vocab] = logits.dims();
+    let device = logits.device();
+    let mut logits = logits;
+    if s.repetition_penalty != 1.0 {
+        logits = penalize(logits, rows, s.repetition_penalty, &device);
+    }
+    if s.greedy || s.temperature == 0.0 {
+        return to_u32(logits.argmax(1).into_data());
+    }
+    let logits = logits.div_scalar(s.temperature);
+    // Candidates per row: (token, logit), best first.
+    let candidates: Vec<Vec<(u32, f32)>> = if s.top_k > 0 && s.top_k < vocab {
+        let (vals, idx) = logits.topk_with_indices(s.top_k, 1);
+        let vals = to_f32(vals.into_data());
+        let idx = to_u32(idx.into_data());
+        (0..b)
+            .map(|r| {
+                let k = s.top_k;
+                idx[r * k..(r + 1) * k]
+                    .iter()
+                    .copied()
+                    .zip(vals[r * k..(r + 1) * k].iter().copied())
+                    .collect()
+            })
+            .collect()
+    } else {
+        let all = to_f32(logits.into_data());
+        (0..b)
+            .map(|r| {
+                let mut c: Vec<(u32, f32)> = all[r * vocab..(r + 1) * vocab]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (i as u32, v))
+                    .collect();
+                c.sort_by(|x, y| y.1.total_cmp(&x.1));
+                c
+            })
+            .collect()
+    };
+    rows.iter_mut()
+        .zip(candidates)
+        .map(|(row, c)| sample_row(c, s.top_p, &mut row.rng))
+        .collect()
+}
+
+/// HF `RepetitionPenaltyLogitsProcessor` on the device: each seen token once per row.
+fn penalize<B: Backend>(
+    logits: Tensor<B, 2>,
+    rows: &[Row],
+    penalty: f32,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let b = rows.len();
+    let width = rows.iter().map(|r| r.seen.len()).max().unwrap_or(0);
+    if width == 0 {
+        return logits;
+    }
+    // Rows with fewer seen tokens repeat their first one; its delta is zeroed below.
+    let mut idx = Vec::with_capacity(b * width);
+    let mut keep = Vec::with_capacity(b * width);
+    for r in rows {
+        let seen: Vec<i64> = r.seen.iter().map(|&t| t as i64).collect();
+        let first = seen.first().copied().unwrap_or(0);
+        for j in 0..width {
+            idx.push(seen.get(j).copied().unwrap_or(first));
+            keep.push(if j < seen.len() { 1.0f32 } else { 0.0 });
+        }
+    }
+    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [b, width]), device);
+    let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [b, width]), device);
+    let old = logits.clone().gather(1, idx.clone());
+    let negative = old.clone().lower_elem(0.0);
+    let new = old
+        .clone()
+        .div_scalar(penalty)
+        .mask_where(negative, old.clone().mul_scalar(penalty));
+    let delta = new.sub(old).mul(keep);
+    logits.scatter(1, idx, delta, burn::tensor::IndexingUpdateOp::Add)
+}
+
+/// Top-p filter (HF: drop tokens whose ascending cumulative probability is <= 1 - p, always
+/// keeping the best) and a draw from the rest. `c` is sorted best first.
+fn sample_row(c: Vec<(u32, f32)>, top_p: f32, rng: &mut ChaCha20Rng) -> u32 {
+    let max = c.first().map_or(0.0, |x| x.1 as f64);
+    let weights: Vec<f64> = c.iter().map(|&(_, v)| ((v as f64) - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut keep = c.len();
+    if top_p < 1.0 {
+        // Ascending cumsum <= 1-p removed  <=>  keep while the mass above stays < p.
+        let mut above = 0.0;
+        for (i, w) in weights.iter().enumerate() {
+            let tail_from_here = 1.0 - above / total;
+            if i > 0 && tail_from_here <= 1.0 - top_p as f64 {
+                keep = i;
+                break;
+            }
+            above += w;
+        }
+    }
+    let kept_total: f64 = weights[..keep].iter().sum();
+    let mut u = rng.random::<f64>() * kept_total;
+    for (i, w) in weights[..keep].iter().enumerate() {
+        if u < *w {
+            return c[i].0;
+        }
+        u -= w;
+    }
+    c[keep - 1].0
+}
+
+fn to_u32(d: TensorData) -> Vec<u32> {
+    d.convert::<i64>()
+        .into_vec::<i64>()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
+}
+
+fn to_f32(d: TensorData) -> Vec<f32> {
+    d.convert::<f32>().into_vec::<f32>().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::device::CpuBackend as TB;
+
+    fn row(seen: &[u32]) -> Row {
+        Row {
+            seen: seen.iter().copied().collect(),
+            out: Vec::new(),
+            forced: VecDeque::new(),
+            thinking: false,
+            thinking_tokens: 0,
+            ignores_left: 0,
+            finish: None,
+            rng: ChaCha20Rng::seed_from_u64(0),
+            next_pos: 0,
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_matches_hf_rule() {
+        let logits = vec![2.0f32, -1.0, 0.5, -3.0, 4.0, 1.0];
+        let t = Tensor::<TB, 2>::from_data(
+            TensorData::new(logits.clone(), [2, 3]),
+            &Default::default(),
+        );
+        // Row 0 saw tokens 0 and 1, row 1 saw token 2 only.
+        let rows = [row(&[0, 1]), row(&[2])];
+        let got = to_f32(penalize(t, &rows, 2.0, &Default::default()).into_data());
+        assert_eq!(got, vec![1.0, -2.0, 0.5, -3.0, 4.0, 0.5]);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // Probabilities 0.5, 0.3, 0.2 (logits are their logs).
+        let c: Vec<(u32, f32)> = [(10u32, 0.5f32), (11, 0.3), (12, 0.2)]
+            .iter()
+            .map(|&(t, p)| (t, p.ln()))
+            .collect();
+        let draw = |top_p: f32| -> BTreeSet<u32> {
+            let mut rng = ChaCha20Rng::seed_from_u64(1);
+            (0..400)
+                .map(|_| sample_row(c.clone(), top_p, &mut rng))
+                .collect()
+        };
+        // HF: ascending cumsum [0.2, 0.5, 1.0]; remove entries <= 1 - p.
+        assert_eq!(draw(0.5), BTreeSet::from([10]));
+        assert_eq!(draw(0.6), BTreeSet::from([10, 11]));
+        assert_eq!(draw(1.0), BTreeSet::from([10, 11, 12]));
+    }
+}

@@ -1,0 +1,311 @@
+//! `evaluate`: generate for a split of prompt records and score the predictions (BLEU-4/ROUGE as
+//! ChatGLM-6B's script, sacreBLEU, GSM8K accuracy, exact match).
+//!
+//! Output: `predictions.jsonl` (prompt, prediction, reference), `metrics.json` and `metrics.md`.
+
+use super::tokenize::read_records;
+use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
+use crate::metrics::{self, PredictionRow};
+use crate::model::config::ModelConfig;
+use crate::model::decoder::CausalLm;
+use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
+use crate::model::generate::{generate, BudgetForcing, GenerateOptions, SamplingParams};
+use crate::model::hf::load_hf_folder_tensors;
+use crate::text::{ChatMessage, TextTokenizer};
+use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub struct Evaluate;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Evaluate at most this many records (the first ones of the split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Greedy unless `temperature` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "one")]
+    pub repetition_penalty: f32,
+    /// Metrics: chatglm, sacrebleu, gsm8k, exact.
+    #[serde(default = "default_metrics")]
+    pub metrics: Vec<String>,
+    /// s1 budget forcing: end thinking after this many tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_thinking_tokens: Option<usize>,
+    /// s1 budget forcing: suppress the end-of-thinking delimiter this many times, appending "Wait".
+    #[serde(default)]
+    pub num_ignore: usize,
+    #[serde(default = "default_think_end")]
+    pub think_end: String,
+    #[serde(default = "default_answer_start")]
+    pub answer_start: String,
+    /// Render prompts with the model's chat template (`auto`: when the records are chat records).
+    #[serde(default = "default_auto")]
+    pub chat: String,
+}
+
+fn default_max_new_tokens() -> usize {
+    64
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn one() -> f32 {
+    1.0
+}
+fn default_metrics() -> Vec<String> {
+    vec!["chatglm".into()]
+}
+fn default_think_end() -> String {
+    "</think>".into()
+}
+fn default_answer_start() -> String {
+    "\nFinal Answer:".into()
+}
+fn default_auto() -> String {
+    "auto".into()
+}
+
+/// The HF folder to generate with: a base model, or what a training stage produced.
+pub fn model_folder(kind: ArtifactKind, dir: &Path) -> Result<PathBuf, StageError> {
+    if kind == ArtifactKind::Model {
+        return Ok(dir.to_path_buf());
+    }
+    for sub in ["merged", "model"] {
+        if dir.join(sub).join("config.json").is_file() {
+            return Ok(dir.join(sub));
+        }
+    }
+    Err(StageError::msg(format!(
+        "{}: the trained artifact has no merged model (prefix-tuning adapters cannot be merged)",
+        dir.display()
+    )))
+}
+
+struct GenerateTask<'a> {
+    config: ModelConfig,
+    model_dir: &'a Path,
+    prompts: &'a [Vec<u32>],
+    opts: GenerateOptions,
+    batch_size: usize,
+    bar: indicatif::ProgressBar,
+}
+
+impl BackendTask for GenerateTask<'_> {
+    type Output = Result<Vec<Vec<u32>>, String>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let tensors = load_hf_folder_tensors(self.model_dir).map_err(|e| e.to_string())?;
+        let model = CausalLm::<B>::from_hf_tensors(&self.config, &tensors, &device)
+            .map_err(|e| e.to_string())?;
+        drop(tensors);
+        let mut out = Vec::with_capacity(self.prompts.len());
+        for chunk in self.prompts.chunks(self.batch_size.max(1)) {
+            let gens = generate(&model, chunk, &self.opts, None).map_err(|e| e.to_string())?;
+            out.extend(gens.into_iter().map(|g| g.token_ids));
+            self.bar.inc(chunk.len() as u64);
+        }
+        Ok(out)
+    }
+}
+
+impl Stage for Evaluate {
+    type Params = Params;
+    const KIND: &'static str = "evaluate";
+    const VERSION: u32 = 1;
+    const OUTPUT: ArtifactKind = ArtifactKind::Evaluation;
+    const SUMMARY: &'static str = "generate on a split and score BLEU-4/ROUGE, GSM8K accuracy";
+
+    fn input_slots() -> &'static [InputSlot] {
+        &[
+            InputSlot {
+                key: "input",
+                accepts: &[ArtifactKind::Prompts],
+                required: true,
+                many: false,
+            },
+            InputSlot {
+                key: "model",
+                accepts: &[ArtifactKind::Model, ArtifactKind::Trained],
+                required: true,
+                many: false,
+            },
+        ]
+    }
+
+    fn validate(params: &Params) -> Result<(), (String, String)> {
+        for m in &params.metrics {
+            if !["chatglm", "sacrebleu", "gsm8k", "exact"].contains(&m.as_str()) {
+                return Err((
+                    "metrics".into(),
+                    format!("unknown metric `{m}` (chatglm, sacrebleu, gsm8k, exact)"),
+                ));
+            }
+        }
+        if !["auto", "true", "false"].contains(&params.chat.as_str()) {
+            return Err(("chat".into(), "one of \"auto\", \"true\", \"false\"".into()));
+        }
+        Ok(())
+    }
+
+    fn heavy() -> bool {
+        true
+    }
+
+    fn run(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
+        let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
+        let input = ctx.input("input")?;
+        let model = ctx.input("model")?;
+        let model_dir = model_folder(model.kind, &model.dir)?;
+        let config = ModelConfig::from_file(model_dir.join("config.json")).map_err(|e| err(&e))?;
+        let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(|e| err(&e))?;
+        let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
+        let split = input.output.clone().unwrap_or_else(|| "test".into());
+        let mut records = read_records(&input.dir, &split)?;
+        if let Some(limit) = params.limit {
+            records.truncate(limit);
+        }
+        let chat = match params.chat.as_str() {
+            "true" => true,
+            "false" => false,
+            _ => manifest["template"].as_str() == Some("chat"),
+        };
+        let template = if chat {
+            Some(tokenizer.chat_template(None).map_err(|e| err(&e))?)
+        } else {
+            None
+        };
+        let mut prompts = Vec::with_capacity(records.len());
+        for r in &records {
+            let ids = match &template {
+                Some(t) => {
+                    let mut messages = Vec::new();
+                    if let Some(s) = &r.system {
+                        messages.push(ChatMessage {
+                            role: "system".into(),
+                            content: s.clone(),
+                        });
+                    }
+                    messages.push(ChatMessage {
+                        role: "user".into(),
+                        content: r.prompt.clone(),
+                    });
+                    let text = t.render(&messages, true).map_err(|e| err(&e))?;
+                    tokenizer.encode_plain(&text).map_err(|e| err(&e))?
+                }
+                None => tokenizer.encode(&r.prompt).map_err(|e| err(&e))?,
+            };
+            prompts.push(ids);
+        }
+        let encode = |s: &str| tokenizer.encode_plain(s).map_err(|e| err(&e));
+        let budget = if params.max_thinking_tokens.is_some() || params.num_ignore > 0 {
+            Some(BudgetForcing {
+                max_thinking_tokens: params.max_thinking_tokens,
+                num_ignore: params.num_ignore,
+                think_end: encode(&params.think_end)?,
+                answer_start: encode(&params.answer_start)?,
+                wait: encode("Wait")?,
+            })
+        } else {
+            None
+        };
+        let opts = GenerateOptions {
+            max_new_tokens: params.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: params.temperature.unwrap_or(1.0),
+                top_k: params.top_k,
+                top_p: params.top_p,
+                repetition_penalty: params.repetition_penalty,
+                seed: ctx.seed,
+                greedy: params.temperature.is_none(),
+            },
+            stop_token_ids: tokenizer.eos_ids(),
+            stop_strings: Vec::new(),
+            budget,
+            pad_token_id: tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0),
+        };
+        let device: DeviceChoice = ctx
+            .device
+            .parse()
+            .map_err(|e: crate::model::device::DeviceError| err(&e))?;
+        let bar = ctx.progress_bar(prompts.len() as u64, "predictions");
+        let task = GenerateTask {
+            config,
+            model_dir: &model_dir,
+            prompts: &prompts,
+            opts,
+            batch_size: params.batch_size,
+            bar: bar.clone(),
+        };
+        let outputs = run_on_device(device, task)
+            .map_err(|e| err(&e))?
+            .map_err(StageError::msg)?;
+        bar.finish_and_clear();
+
+        let mut rows = Vec::with_capacity(records.len());
+        for (r, ids) in records.iter().zip(&outputs) {
+            let text = tokenizer.decode(ids, true).map_err(|e| err(&e))?;
+            rows.push(PredictionRow {
+                prompt: r.prompt.clone(),
+                prediction: text.trim().to_string(),
+                reference: r.response.clone(),
+            });
+        }
+        metrics::write_predictions(&ctx.out("predictions.jsonl"), &rows).map_err(|e| err(&e))?;
+        let predictions: Vec<String> = rows.iter().map(|r| r.prediction.clone()).collect();
+        let references: Vec<String> = rows.iter().map(|r| r.reference.clone()).collect();
+        let mut scores = serde_json::Map::new();
+        for m in &params.metrics {
+            match m.as_str() {
+                "chatglm" => {
+                    let pairs: Vec<(String, String)> = predictions
+                        .iter()
+                        .cloned()
+                        .zip(references.iter().cloned())
+                        .collect();
+                    let s = metrics::chatglm_scores(&pairs).map_err(|e| err(&e))?;
+                    if let serde_json::Value::Object(o) =
+                        serde_json::to_value(s).map_err(|e| err(&e))?
+                    {
+                        scores.extend(o);
+                    }
+                }
+                "sacrebleu" => {
+                    let s =
+                        metrics::sacrebleu(&predictions, &references, metrics::SacreTokenizer::Zh)
+                            .map_err(|e| err(&e))?;
+                    scores.insert("sacrebleu".into(), s.into());
+                }
+                "gsm8k" => {
+                    let s =
+                        metrics::gsm8k_accuracy(&predictions, &references).map_err(|e| err(&e))?;
+                    scores.insert("gsm8k-accuracy".into(), s.into());
+                }
+                "exact" => {
+                    let s = metrics::exact_match(&predictions, &references).map_err(|e| err(&e))?;
+                    scores.insert("exact-match".into(), s.into());
+                }
+                _ => {}
+            }
+        }
+        scores.insert("count".into(), rows.len().into());
+        crate::util::write_json(&ctx.out("metrics.json"), &scores)?;
+        let mut table = String::from("| metric | value |\n| --- | --- |\n");
+        for (k, v) in &scores {
+            table.push_str(&format!("| {k} | {v} |\n"));
+        }
+        std::fs::write(ctx.out("metrics.md"), table)
+            .map_err(|e| StageError::io(&ctx.out("metrics.md"), e))?;
+        Ok(())
+    }
+}

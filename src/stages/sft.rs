@@ -1,0 +1,193 @@
+//! `sft`: supervised fine-tuning (LoRA, QLoRA, full, P-Tuning v2) of a base model on tokenized
+//! data. The training loop lives in [`crate::trainer`]; this stage wires artifacts to it.
+//!
+//! Output: `adapter/` (PEFT format; LoRA, QLoRA, prefix), `merged/` (LoRA) or `model/` (full),
+//! `metrics.jsonl`, loss/learning-rate charts (SVG), `checkpoint-N/` and `sft.json`.
+
+use super::tokenize::read_tokens;
+use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
+use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
+use crate::trainer::sft::{train_sft, BaseModel};
+use crate::trainer::{SftConfig, TokenizedExample};
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use std::path::{Path, PathBuf};
+
+pub struct Sft;
+
+/// Where the stage keeps resumable checkpoints: outside the temp folder, keyed by fingerprint, so
+/// a run killed mid-training resumes from its last checkpoint.
+fn resume_dir(ctx: &StageContext) -> PathBuf {
+    let temp = &ctx.out_dir;
+    let store_tmp = temp.parent().unwrap_or(Path::new("."));
+    let name = temp
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().take(64).collect::<String>())
+        .unwrap_or_default();
+    store_tmp.join(format!("{name}-checkpoints"))
+}
+
+struct TrainTask<'a> {
+    cfg: &'a SftConfig,
+    model_dir: &'a Path,
+    train: &'a [TokenizedExample],
+    eval: &'a [TokenizedExample],
+    out: &'a Path,
+    progress: &'a indicatif::MultiProgress,
+}
+
+impl BackendTask for TrainTask<'_> {
+    type Output = Result<crate::trainer::sft::SftReport, crate::trainer::Error>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let base = BaseModel::Dir(self.model_dir);
+        if self.cfg.gradient_checkpointing {
+            train_sft::<Autodiff<B, BalancedCheckpointing>>(
+                self.cfg,
+                base,
+                self.train,
+                self.eval,
+                self.out,
+                &device,
+                Some(self.progress),
+            )
+        } else {
+            train_sft::<Autodiff<B>>(
+                self.cfg,
+                base,
+                self.train,
+                self.eval,
+                self.out,
+                &device,
+                Some(self.progress),
+            )
+        }
+    }
+}
+
+fn examples(rows: Vec<super::tokenize::TokenRow>) -> Vec<TokenizedExample> {
+    rows.into_iter()
+        .map(|r| TokenizedExample {
+            input_ids: r.input_ids,
+            labels: r.labels,
+        })
+        .collect()
+}
+
+impl Stage for Sft {
+    type Params = SftConfig;
+    const KIND: &'static str = "sft";
+    const VERSION: u32 = 2;
+    const OUTPUT: ArtifactKind = ArtifactKind::Trained;
+    const SUMMARY: &'static str = "supervised fine-tuning: LoRA, QLoRA, full or P-Tuning v2";
+
+    fn input_slots() -> &'static [InputSlot] {
+        &[
+            InputSlot {
+                key: "input",
+                accepts: &[ArtifactKind::Tokens],
+                required: true,
+                many: false,
+            },
+            InputSlot {
+                key: "model",
+                accepts: &[ArtifactKind::Model],
+                required: true,
+                many: false,
+            },
+        ]
+    }
+
+    fn validate(params: &SftConfig) -> Result<(), (String, String)> {
+        params
+            .validate()
+            .map_err(|e| (String::new(), e.to_string()))
+    }
+
+    fn heavy() -> bool {
+        true
+    }
+
+    fn run(params: &SftConfig, ctx: &StageContext) -> Result<(), StageError> {
+        let data = ctx.input("input")?;
+        let model = ctx.input("model")?;
+        let train = examples(read_tokens(
+            &data.dir,
+            data.output.as_deref().unwrap_or("train"),
+        )?);
+        let eval = if data.output.is_none() {
+            examples(read_tokens(&data.dir, "test")?)
+        } else {
+            Vec::new()
+        };
+        if train.is_empty() {
+            return Err(StageError::msg(
+                "the tokenized input has no training examples",
+            ));
+        }
+        let device: DeviceChoice = ctx
+            .device
+            .parse()
+            .map_err(|e: crate::model::device::DeviceError| StageError::msg(e.to_string()))?;
+        let work = resume_dir(ctx);
+        std::fs::create_dir_all(&work).map_err(|e| StageError::io(&work, e))?;
+        let mut cfg = params.clone();
+        // Checkpoints of an interrupted run of this very stage are picked up automatically.
+        cfg.resume = cfg.resume || work.join("metrics.jsonl").exists();
+        let task = TrainTask {
+            cfg: &cfg,
+            model_dir: &model.dir,
+            train: &train,
+            eval: &eval,
+            out: &work,
+            progress: &ctx.progress,
+        };
+        let report = run_on_device(device, task)
+            .map_err(|e| StageError::msg(e.to_string()))?
+            .map_err(|e| StageError::msg(e.to_string()))?;
+        // Move the finished outputs into the artifact; the checkpoint folder goes away with it.
+        for entry in std::fs::read_dir(&work)
+            .map_err(|e| StageError::io(&work, e))?
+            .flatten()
+        {
+            let target = ctx.out_dir.join(entry.file_name());
+            std::fs::rename(entry.path(), &target).map_err(|e| StageError::io(&target, e))?;
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        // The merged or fully trained model must be usable on its own: give it the tokenizer.
+        for sub in ["merged", "model", "adapter"] {
+            let dir = ctx.out(sub);
+            if !dir.is_dir() {
+                continue;
+            }
+            for name in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "generation_config.json",
+            ] {
+                let (from, to) = (model.dir.join(name), dir.join(name));
+                if from.is_file() && !to.exists() {
+                    std::fs::copy(&from, &to).map_err(|e| StageError::io(&from, e))?;
+                }
+            }
+        }
+        if let Err(e) = crate::charts::write_training_charts(&ctx.out_dir) {
+            tracing::warn!("could not draw training charts: {e}");
+        }
+        crate::util::write_json(
+            &ctx.out("sft.json"),
+            &serde_json::json!({
+                "method": cfg.method,
+                "steps": report.steps,
+                "resumed_from": report.resumed_from,
+                "last_loss": report.last_loss,
+                "eval_loss": report.eval_loss,
+                "trainable_params": report.trainable_params,
+                "total_params": report.total_params,
+                "tokens_seen": report.tokens_seen,
+                "device": ctx.device,
+            }),
+        )
+    }
+}

@@ -1,0 +1,236 @@
+//! `tokenize`: prompt/response records to token ids and labels with the model's tokenizer.
+//!
+//! Labels are -100 on prompt tokens (response-only loss) unless `train_on_prompt`; Alpaca-style
+//! records get EOS appended; chat records are rendered with the model's own chat template.
+//! Output: `<split>.jsonl` (one `{"input_ids", "labels"}` per line) and `tokens.json` with counts
+//! and the tokenizer's fingerprint.
+
+use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
+use crate::data::Table;
+use crate::text::format::Record;
+use crate::text::{
+    pack_examples, tokenize_example, ChatMessage, TemplateKind, TextTokenizer, TokenizeOptions,
+};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+
+pub struct Tokenize;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Keep the loss on prompt tokens too.
+    #[serde(default)]
+    pub train_on_prompt: bool,
+    /// Append EOS after each response (Alpaca + EOS).
+    #[serde(default = "yes")]
+    pub add_eos: bool,
+    /// Pack several examples into sequences of `max_seq_len` (first-fit; attention is not masked
+    /// between packed examples).
+    #[serde(default)]
+    pub packing: bool,
+    /// `auto` renders chat records with the chat template and the rest as plain text.
+    #[serde(default = "default_template")]
+    pub template: String,
+}
+
+fn default_max_seq_len() -> usize {
+    1024
+}
+fn yes() -> bool {
+    true
+}
+fn default_template() -> String {
+    "auto".into()
+}
+
+/// One tokenized example as stored in the artifact.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenRow {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+}
+
+/// Reads `<dir>/<split>.jsonl` written by this stage.
+pub fn read_tokens(dir: &Path, split: &str) -> Result<Vec<TokenRow>, StageError> {
+    let path = dir.join(format!("{split}.jsonl"));
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| StageError::io(&path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| StageError::msg(format!("{}:{}: {e}", path.display(), i + 1)))
+        })
+        .collect()
+}
+
+/// Prompt records of one split of a `format` artifact.
+pub fn read_records(dir: &Path, split: &str) -> Result<Vec<Record>, StageError> {
+    let table = Table::read_parquet(&dir.join(format!("{split}.parquet")))
+        .map_err(|e| StageError::msg(e.to_string()))?;
+    table
+        .rows
+        .iter()
+        .map(|row| {
+            let messages = match table.get(row, "messages") {
+                Some(m) => Some(
+                    serde_json::from_str::<Vec<ChatMessage>>(m)
+                        .map_err(|e| StageError::msg(format!("messages column: {e}")))?,
+                ),
+                None => None,
+            };
+            Ok(Record {
+                prompt: table.get(row, "prompt").unwrap_or("").to_string(),
+                response: table.get(row, "response").unwrap_or("").to_string(),
+                system: table.get(row, "system").map(str::to_string),
+                messages,
+            })
+        })
+        .collect()
+}
+
+impl Stage for Tokenize {
+    type Params = Params;
+    const KIND: &'static str = "tokenize";
+    const VERSION: u32 = 1;
+    const OUTPUT: ArtifactKind = ArtifactKind::Tokens;
+    const SUMMARY: &'static str = "tokenize prompt/response records with response-only labels";
+
+    fn input_slots() -> &'static [InputSlot] {
+        &[
+            InputSlot {
+                key: "input",
+                accepts: &[ArtifactKind::Prompts],
+                required: true,
+                many: false,
+            },
+            InputSlot {
+                key: "model",
+                accepts: &[ArtifactKind::Model],
+                required: true,
+                many: false,
+            },
+        ]
+    }
+
+    fn named_outputs(_params: &Params) -> Vec<String> {
+        vec!["train".into(), "test".into()]
+    }
+
+    fn validate(params: &Params) -> Result<(), (String, String)> {
+        if params.max_seq_len < 2 {
+            return Err(("max_seq_len".into(), "must be at least 2".into()));
+        }
+        if !["auto", "plain", "chat"].contains(&params.template.as_str()) {
+            return Err(("template".into(), "one of auto, plain, chat".into()));
+        }
+        Ok(())
+    }
+
+    fn run(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
+        let input = ctx.input("input")?;
+        let model = ctx.input("model")?;
+        let tokenizer =
+            TextTokenizer::from_dir(&model.dir).map_err(|e| StageError::msg(e.to_string()))?;
+        let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
+        let chat = match params.template.as_str() {
+            "chat" => true,
+            "plain" => false,
+            _ => manifest["template"].as_str() == Some("chat"),
+        };
+        let template = if chat {
+            Some(tokenizer.chat_template(None).map_err(|e| {
+                StageError::msg(format!(
+                    "the model's tokenizer has no chat template for a chat dataset: {e}"
+                ))
+            })?)
+        } else {
+            None
+        };
+        let opts = TokenizeOptions {
+            max_seq_len: params.max_seq_len,
+            train_on_prompt: params.train_on_prompt,
+            add_eos: params.add_eos,
+        };
+        let splits: Vec<String> = match &input.output {
+            Some(o) => vec![o.clone()],
+            None => manifest["splits"]
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default(),
+        };
+        let mut summary = serde_json::Map::new();
+        for split in &splits {
+            let records = read_records(&input.dir, split)?;
+            let bar = ctx.progress_bar(records.len() as u64, &format!("{split} examples"));
+            let mut examples = Vec::with_capacity(records.len());
+            for (i, record) in records.iter().enumerate() {
+                let kind = match &template {
+                    Some(t) => TemplateKind::Chat(t),
+                    None => TemplateKind::Plain,
+                };
+                let ex = tokenize_example(&tokenizer, kind, record, &opts)
+                    .map_err(|e| StageError::msg(format!("{split} record {}: {e}", i + 1)))?;
+                examples.push(ex);
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+            let rows: Vec<TokenRow> = if params.packing {
+                pack_examples(&examples, params.max_seq_len)
+                    .into_iter()
+                    .map(|p| TokenRow {
+                        input_ids: p.input_ids,
+                        labels: p.labels,
+                    })
+                    .collect()
+            } else {
+                examples
+                    .into_iter()
+                    .filter(|e| e.labels.iter().any(|&l| l != crate::text::IGNORE_INDEX))
+                    .map(|e| TokenRow {
+                        input_ids: e.input_ids,
+                        labels: e.labels,
+                    })
+                    .collect()
+            };
+            let path = ctx.out(&format!("{split}.jsonl"));
+            let mut file = std::io::BufWriter::new(
+                std::fs::File::create(&path).map_err(|e| StageError::io(&path, e))?,
+            );
+            let mut tokens = 0usize;
+            let mut trained = 0usize;
+            for row in &rows {
+                tokens += row.input_ids.len();
+                trained += row
+                    .labels
+                    .iter()
+                    .filter(|&&l| l != crate::text::IGNORE_INDEX)
+                    .count();
+                let line =
+                    serde_json::to_string(row).map_err(|e| StageError::msg(e.to_string()))?;
+                writeln!(file, "{line}").map_err(|e| StageError::io(&path, e))?;
+            }
+            file.flush().map_err(|e| StageError::io(&path, e))?;
+            summary.insert(
+                split.clone(),
+                serde_json::json!({ "file": format!("{split}.jsonl"), "rows": rows.len(), "tokens": tokens, "label_tokens": trained }),
+            );
+        }
+        crate::util::write_json(
+            &ctx.out("tokens.json"),
+            &serde_json::json!({
+                "splits": summary,
+                "tokenizer_fingerprint": tokenizer.fingerprint(),
+                "max_seq_len": params.max_seq_len,
+                "chat_template": chat,
+            }),
+        )
+    }
+}

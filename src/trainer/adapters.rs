@@ -1,0 +1,129 @@
+//! Preparing the decoder for each method: LoRA adapters placed and initialised as peft does
+//! (`tuners/lora/layer.py` `reset_lora_parameters`: A kaiming-uniform with a = sqrt(5), i.e.
+//! U(-1/sqrt(in), 1/sqrt(in)), B zeros; scaling alpha/r or alpha/sqrt(r) with rsLoRA), the NF4
+//! round trip of QLoRA's frozen base (bitsandbytes `Linear4bit` dequantises the stored weight
+//! for every matmul, so the forward equals one on dequantised weights), and the export of
+//! adapters and merged weights.
+
+use std::collections::BTreeMap;
+
+use burn::module::Module;
+use burn::nn::DropoutConfig;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::model::decoder::CausalLm;
+use crate::model::hf::HostTensor;
+use crate::model::lora::LoraLinear;
+use crate::train::nf4::quantize_nf4;
+use crate::train::peft_io::{DenseTensor, LoraAdapterConfig, LoraModule, LoraPair};
+use crate::trainer::Error;
+
+/// Every decoder projection with its layer and peft module kind.
+pub fn projections_mut<B: Backend>(
+    model: &mut CausalLm<B>,
+) -> Vec<(usize, LoraModule, &mut LoraLinear<B>)> {
+    let mut out = Vec::new();
+    for (i, l) in model.model.layers.iter_mut().enumerate() {
+        let a = &mut l.self_attn;
+        out.push((i, LoraModule::QProj, &mut a.q_proj));
+        out.push((i, LoraModule::KProj, &mut a.k_proj));
+        out.push((i, LoraModule::VProj, &mut a.v_proj));
+        out.push((i, LoraModule::OProj, &mut a.o_proj));
+        let m = &mut l.mlp;
+        out.push((i, LoraModule::GateProj, &mut m.gate_proj));
+        out.push((i, LoraModule::UpProj, &mut m.up_proj));
+        out.push((i, LoraModule::DownProj, &mut m.down_proj));
+    }
+    out
+}
+
+fn take_linear<B: Backend>(slot: &mut LoraLinear<B>) -> LoraLinear<B> {
+    let placeholder = LoraLinear::new(slot.weight.val(), None);
+    std::mem::replace(slot, placeholder)
+}
+
+/// Freezes the whole model and adds adapters to the projections `adapter` targets. A is drawn
+/// from a ChaCha20 stream seeded with `seed` (in layer, module order), so the initial adapter
+/// does not depend on the backend. Returns the model and the number of wrapped projections.
+pub fn add_lora<B: Backend>(
+    model: CausalLm<B>,
+    adapter: &LoraAdapterConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(CausalLm<B>, usize), Error> {
+    let mut model = model.no_grad();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let (r, scaling) = (adapter.r, adapter.scaling());
+    let mut wrapped = 0;
+    for (layer, module, slot) in projections_mut(&mut model) {
+        let path = format!("model.layers.{layer}.{}", module.path());
+        if !adapter.targets(&path)? {
+            continue;
+        }
+        let (out, inp) = (slot.out_features(), slot.in_features());
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a: Vec<f32> = (0..r * inp)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        let a = Tensor::<B, 2>::from_data(TensorData::new(a, [r, inp]), device);
+        let b = Tensor::<B, 2>::zeros([out, r], device);
+        let mut lin = take_linear(slot).with_lora_tensors(a, b, scaling);
+        lin.dropout = DropoutConfig::new(adapter.lora_dropout).init();
+        *slot = lin;
+        wrapped += 1;
+    }
+    Ok((model, wrapped))
+}
+
+/// The adapters of `model` as peft pairs (host copies).
+pub fn lora_pairs<B: Backend>(model: &CausalLm<B>) -> Vec<LoraPair> {
+    let dense = |t: Tensor<B, 2>| {
+        let d = t.into_data();
+        DenseTensor {
+            shape: d.shape.to_vec(),
+            data: d.convert::<f32>().into_vec::<f32>().unwrap_or_default(),
+        }
+    };
+    let mut me = model.clone();
+    let mut pairs = Vec::new();
+    for (layer, module, lin) in projections_mut(&mut me) {
+        if let (Some(a), Some(b)) = (&lin.lora_a, &lin.lora_b) {
+            pairs.push(LoraPair {
+                layer,
+                module,
+                a: dense(a.val()),
+                b: dense(b.val()),
+            });
+        }
+    }
+    pairs
+}
+
+/// The model with every adapter folded into its base weight (`W + scaling B A`).
+pub fn merged<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
+    for (_, _, slot) in projections_mut(&mut model) {
+        *slot = take_linear(slot).merged();
+    }
+    model
+}
+
+/// Replaces every decoder projection weight by its NF4 round trip (what QLoRA computes with).
+/// `lm_head` and embeddings stay in full precision, as bitsandbytes leaves them.
+pub fn nf4_round_trip(
+    tensors: &mut BTreeMap<String, HostTensor>,
+    num_layers: usize,
+) -> Result<(), Error> {
+    for layer in 0..num_layers {
+        for module in LoraModule::ALL {
+            let name = format!("model.layers.{layer}.{}.weight", module.path());
+            if let Some(t) = tensors.get_mut(&name) {
+                let q = quantize_nf4(&t.data, &t.shape)?;
+                t.data = q.dequantize()?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! The `sft` recipe keys ([`SftConfig`]) and their validation.
+//!
+//! Defaults follow transformers' `TrainingArguments` (lr 5e-5, linear schedule, AdamW betas
+//! 0.9/0.999, eps 1e-8, no weight decay, clip 1.0, 3 epochs) and peft's `LoraConfig`
+//! (r 8, alpha 8, dropout 0) unless said otherwise.
+
+use serde::{Deserialize, Serialize};
+
+use crate::train::peft_io::TargetModules;
+use crate::train::schedule::{Schedule, ScheduleConfig};
+use crate::trainer::Error;
+
+/// What is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Low-rank adapters on a frozen base (peft LoRA).
+    #[default]
+    Lora,
+    /// LoRA on a base quantised to NF4 (bitsandbytes) and dequantised for each matmul.
+    Qlora,
+    /// Every parameter.
+    Full,
+    /// P-Tuning v2: trained keys and values prepended in every layer.
+    Prefix,
+}
+
+/// Precision of the trained weights written out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveDtype {
+    #[default]
+    Float32,
+    Bfloat16,
+    Float16,
+}
+
+/// The `sft` stage parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    pub method: Method,
+    pub learning_rate: f64,
+    /// `constant`, `linear` or `cosine`; `scheduler` is accepted as an alias.
+    #[serde(alias = "scheduler")]
+    pub lr_scheduler: Schedule,
+    pub warmup_steps: Option<u64>,
+    pub warmup_ratio: Option<f64>,
+    /// Optimizer steps; overrides `epochs` when set.
+    pub max_steps: Option<u64>,
+    pub epochs: u64,
+    /// Examples per micro-batch (at most).
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// Padded tokens per micro-batch (rows x longest row), at most; a longer single example
+    /// still forms its own micro-batch.
+    pub max_tokens_per_batch: Option<usize>,
+    /// Clip the global gradient norm to this (0 or absent: no clipping).
+    pub max_grad_norm: Option<f64>,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub seed: u64,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+    pub pre_seq_len: usize,
+    pub prefix_projection: bool,
+    /// Hidden size of the prefix projection MLP (ChatGLM's `prefix_hidden_size`).
+    pub prefix_hidden_size: Option<usize>,
+    /// Evaluate every N optimizer steps (0: only at the end when an eval set is given).
+    pub eval_steps: u64,
+    /// Checkpoint every N optimizer steps (0: never).
+    pub save_steps: u64,
+    pub logging_steps: u64,
+    /// Continue from the last `checkpoint-N` in the output folder.
+    pub resume: bool,
+    /// Recompute-in-backward is a backend type in burn (see [`crate::trainer`] docs): the caller
+    /// reads this flag to pick the autodiff backend; `train_sft` itself does not.
+    pub gradient_checkpointing: bool,
+    /// dtype of the saved weights.
+    pub dtype: SaveDtype,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Lora,
+            learning_rate: 5e-5,
+            lr_scheduler: Schedule::Linear,
+            warmup_steps: None,
+            warmup_ratio: None,
+            max_steps: None,
+            epochs: 3,
+            batch_size: 8,
+            gradient_accumulation_steps: 1,
+            max_tokens_per_batch: None,
+            max_grad_norm: Some(1.0),
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            seed: 42,
+            lora_r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: false,
+            pre_seq_len: 16,
+            prefix_projection: false,
+            prefix_hidden_size: None,
+            eval_steps: 0,
+            save_steps: 0,
+            logging_steps: 10,
+            resume: false,
+            gradient_checkpointing: false,
+            dtype: SaveDtype::Float32,
+        }
+    }
+}
+
+impl SftConfig {
+    /// Checks ranges and combinations before any work starts.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |key: &'static str, message: String| Err(Error::Config { key, message });
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return bad(
+                "learning_rate",
+                format!("must be >= 0, got {}", self.learning_rate),
+            );
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be >= 1".into());
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("gradient_accumulation_steps", "must be >= 1".into());
+        }
+        if self.max_steps.is_none() && self.epochs == 0 {
+            return bad("epochs", "must be >= 1 when max_steps is not set".into());
+        }
+        if self.max_steps == Some(0) {
+            return bad("max_steps", "must be >= 1".into());
+        }
+        if self.logging_steps == 0 {
+            return bad("logging_steps", "must be >= 1".into());
+        }
+        for (key, beta) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(key, format!("must be in [0, 1), got {beta}"));
+            }
+        }
+        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
+            return bad(
+                "adam_epsilon",
+                format!("must be > 0, got {}", self.adam_epsilon),
+            );
+        }
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
+            return bad(
+                "weight_decay",
+                format!("must be >= 0, got {}", self.weight_decay),
+            );
+        }
+        if matches!(self.method, Method::Lora | Method::Qlora) {
+            if self.lora_r == 0 {
+                return bad("lora_r", "must be >= 1".into());
+            }
+            if !(0.0..1.0).contains(&self.lora_dropout) {
+                return bad(
+                    "lora_dropout",
+                    format!("must be in [0, 1), got {}", self.lora_dropout),
+                );
+            }
+        }
+        if self.method == Method::Prefix && self.pre_seq_len == 0 {
+            return bad("pre_seq_len", "must be >= 1".into());
+        }
+        self.schedule_config()
+            .warmup_steps_for(1)
+            .map_err(|e| Error::Config {
+                key: "warmup_steps",
+                message: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    /// The schedule keys as `train::schedule` takes them.
+    pub fn schedule_config(&self) -> ScheduleConfig {
+        ScheduleConfig {
+            scheduler: self.lr_scheduler,
+            warmup_steps: self.warmup_steps,
+            warmup_ratio: self.warmup_ratio,
+        }
+    }
+
+    /// peft's factor on `B A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn lora_scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.lora_r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.lora_r as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipe_keys_parse_and_unknown_keys_are_refused() {
+        let cfg: SftConfig = toml::from_str(
+            "method = \"lora\"\nlearning_rate = 2e-4\nscheduler = \"cosine\"\nwarmup_ratio = 0.1\n\
+             lora_r = 4\nlora_alpha = 16\ntarget_modules = \"all-linear\"\nuse_rslora = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.lr_scheduler, Schedule::Cosine);
+        assert_eq!(
+            cfg.target_modules,
+            TargetModules::Pattern("all-linear".into())
+        );
+        assert_eq!(cfg.lora_scaling(), 8.0);
+        cfg.validate().unwrap();
+        let err = toml::from_str::<SftConfig>("learnin_rate = 1.0").unwrap_err();
+        assert!(err.to_string().contains("learnin_rate"), "{err}");
+        let both = SftConfig {
+            warmup_steps: Some(3),
+            warmup_ratio: Some(0.1),
+            ..SftConfig::default()
+        };
+        assert!(both.validate().unwrap_err().to_string().contains("warmup"));
+    }
+}

@@ -1,0 +1,68 @@
+//! Supervised fine-tuning of the decoder: LoRA, QLoRA, full fine-tuning and P-Tuning v2 on a
+//! burn `AutodiffBackend`, with torch-style AdamW, transformers' schedules and loss
+//! normalisation, checkpoints that resume bit-exactly on CPU, metrics.jsonl and peft outputs.
+//!
+//! Gradient checkpointing: burn 0.21 chooses recomputation by backend type
+//! (`burn::backend::Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>`
+//! vs the default `NoCheckpointing`), not per call, so the caller that instantiates
+//! [`train_sft`] picks it from `gradient_checkpointing`. burn recomputes only the cheap
+//! (memory-bound) ops it marks checkpointable, not whole layers as torch's
+//! `checkpoint` does, so the memory saving is smaller than transformers'.
+
+pub mod adapters;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod optim;
+pub mod params;
+pub mod prefix;
+pub mod sft;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+pub use config::{Method, SaveDtype, SftConfig};
+pub use data::TokenizedExample;
+pub use sft::{train_sft, BaseModel, SftReport};
+
+/// Errors of the SFT stage.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("sft: key `{key}`: {message}")]
+    Config { key: &'static str, message: String },
+    #[error("sft: {set} example {index}: {message}")]
+    Example {
+        set: &'static str,
+        index: usize,
+        message: String,
+    },
+    #[error("sft: the training set is empty")]
+    NoExamples,
+    #[error("sft: target_modules matched no projection of the model")]
+    NoTargets,
+    #[error("sft: target_modules: {0}")]
+    TargetRegex(#[from] regex::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error(transparent)]
+    ModelConfig(#[from] crate::model::config::ConfigError),
+    #[error(transparent)]
+    Hf(#[from] crate::model::hf::HfError),
+    #[error(transparent)]
+    Model(#[from] crate::model::decoder::ModelError),
+    #[error(transparent)]
+    Peft(#[from] crate::train::peft_io::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::train::metrics_log::Error),
+    #[error(transparent)]
+    Nf4(#[from] crate::train::nf4::Error),
+    #[error(transparent)]
+    Schedule(#[from] crate::train::schedule::Error),
+}

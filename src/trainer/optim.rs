@@ -1,0 +1,342 @@
+//! AdamW with torch semantics, global-norm gradient clipping, and state keyed by parameter path.
+//!
+//! References: torch `optim/adamw.py` / `adam.py` `_single_tensor_adam` (decoupled decay
+//! `p *= 1 - lr * wd`, then `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`),
+//! `nn/utils/clip_grad.py` `clip_grad_norm_` (`coef = min(1, max_norm / (norm + 1e-6))`), and
+//! transformers `Trainer.get_decay_parameter_names` (no decay on biases and norm weights).
+//! burn-optim's `AdamW` has the same update but one weight decay for every parameter and
+//! per-tensor clipping, and its state is keyed by `ParamId`, which changes between processes.
+
+use std::collections::BTreeMap;
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::model::hf::HostTensor;
+
+/// AdamW hyperparameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// Moments of one parameter, flattened.
+#[derive(Debug, Clone)]
+pub struct Moments<B: Backend> {
+    pub exp_avg: Tensor<B, 1>,
+    pub exp_avg_sq: Tensor<B, 1>,
+    /// Updates applied to this parameter (torch's `state["step"]`).
+    pub step: u64,
+}
+
+/// The optimizer: hyperparameters and per-path moments on the inner (non-autodiff) backend.
+#[derive(Debug, Clone)]
+pub struct AdamW<B: Backend> {
+    pub params: AdamWParams,
+    pub state: BTreeMap<String, Moments<B>>,
+}
+
+/// transformers' rule: biases and norm weights get no weight decay.
+pub fn decays(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    let norm_segment = lower
+        .split('.')
+        .any(|s| s == "norm" || s.ends_with("_norm"));
+    !(lower.contains("bias")
+        || lower.contains("layernorm")
+        || lower.contains("rmsnorm")
+        || norm_segment)
+}
+
+struct PathStack(Vec<String>);
+
+impl PathStack {
+    fn push(&mut self, name: &str) {
+        self.0.push(name.to_string());
+    }
+    fn pop(&mut self) {
+        self.0.pop();
+    }
+    fn path(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+struct SquaredNorm<'a, B: Backend> {
+    grads: &'a GradientsParams,
+    sum: Option<Tensor<B, 1>>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for SquaredNorm<'_, AB::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
+            let s = g.powi_scalar(2).sum();
+            self.sum = Some(match self.sum.take() {
+                Some(acc) => acc.add(s),
+                None => s,
+            });
+        }
+    }
+}
+
+/// The global L2 norm of all gradients of `module`'s parameters, as a `[1]` device tensor
+/// (no host read).
+pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
+    module: &M,
+    grads: &GradientsParams,
+    device: &AB::Device,
+) -> Tensor<AB::InnerBackend, 1> {
+    let mut v = SquaredNorm::<AB::InnerBackend> { grads, sum: None };
+    module.visit(&mut v);
+    v.sum.unwrap_or_else(|| Tensor::zeros([1], device)).sqrt()
+}
+
+struct Update<'a, B: Backend> {
+    opt: &'a mut AdamW<B>,
+    grads: &'a mut GradientsParams,
+    lr: f64,
+    grad_scale: Option<Tensor<B, 1>>,
+    stack: PathStack,
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.stack.push(name);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let path = self.stack.path();
+        let shape = tensor.dims();
+        let n: usize = shape.iter().product();
+        let p = tensor.inner().reshape([n]);
+        let mut g = grad.reshape([n]);
+        if let Some(scale) = &self.grad_scale {
+            g = g.mul(scale.clone());
+        }
+        let hp = self.opt.params;
+        let (m, v, step) = match self.opt.state.remove(&path) {
+            Some(s) => (s.exp_avg, s.exp_avg_sq, s.step),
+            None => (g.zeros_like(), g.zeros_like(), 0),
+        };
+        let step = step + 1;
+        let m = m
+            .mul_scalar(hp.beta1)
+            .add(g.clone().mul_scalar(1.0 - hp.beta1));
+        let v = v
+            .mul_scalar(hp.beta2)
+            .add(g.powi_scalar(2).mul_scalar(1.0 - hp.beta2));
+        let bc1 = 1.0 - hp.beta1.powi(step as i32);
+        let bc2 = 1.0 - hp.beta2.powi(step as i32);
+        let wd = if decays(&path) { hp.weight_decay } else { 0.0 };
+        let p = if wd == 0.0 {
+            p
+        } else {
+            p.mul_scalar(1.0 - self.lr * wd)
+        };
+        let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(hp.eps);
+        let p = p.sub(m.clone().div(denom).mul_scalar(self.lr / bc1));
+        self.opt.state.insert(
+            path,
+            Moments {
+                exp_avg: m,
+                exp_avg_sq: v,
+                step,
+            },
+        );
+        let new = Tensor::<AB, 1>::from_inner(p).reshape(shape).require_grad();
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    pub fn new(params: AdamWParams) -> Self {
+        Self {
+            params,
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// One optimizer step on every parameter of `module` that has a gradient in `grads`
+    /// (consumed). `grad_scale` (`[1]`) multiplies every gradient first (clipping).
+    pub fn step<AB, M>(
+        &mut self,
+        module: M,
+        grads: &mut GradientsParams,
+        lr: f64,
+        grad_scale: Option<Tensor<B, 1>>,
+    ) -> M
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let mut u = Update {
+            opt: self,
+            grads,
+            lr,
+            grad_scale,
+            stack: PathStack(Vec::new()),
+        };
+        module.map(&mut u)
+    }
+
+    /// The state as host tensors (`exp_avg.<path>`, `exp_avg_sq.<path>`) and step counts.
+    pub fn to_host(&self) -> (BTreeMap<String, HostTensor>, BTreeMap<String, u64>) {
+        let mut tensors = BTreeMap::new();
+        let mut steps = BTreeMap::new();
+        let host = |t: &Tensor<B, 1>| {
+            let d = t.clone().into_data();
+            HostTensor::new(
+                d.shape.to_vec(),
+                d.convert::<f32>().into_vec::<f32>().unwrap_or_default(),
+            )
+        };
+        for (path, s) in &self.state {
+            tensors.insert(format!("exp_avg.{path}"), host(&s.exp_avg));
+            tensors.insert(format!("exp_avg_sq.{path}"), host(&s.exp_avg_sq));
+            steps.insert(path.clone(), s.step);
+        }
+        (tensors, steps)
+    }
+
+    /// Rebuilds the state saved by [`Self::to_host`]; the error names the first missing tensor.
+    pub fn load_host(
+        &mut self,
+        tensors: &BTreeMap<String, HostTensor>,
+        steps: &BTreeMap<String, u64>,
+        device: &B::Device,
+    ) -> Result<(), String> {
+        self.state.clear();
+        let dev = |name: &str| -> Result<Tensor<B, 1>, String> {
+            let t = tensors.get(name).ok_or_else(|| name.to_string())?;
+            Ok(Tensor::from_data(
+                TensorData::new(t.data.clone(), [t.data.len()]),
+                device,
+            ))
+        };
+        for (path, &step) in steps {
+            let exp_avg = dev(&format!("exp_avg.{path}"))?;
+            let exp_avg_sq = dev(&format!("exp_avg_sq.{path}"))?;
+            self.state.insert(
+                path.clone(),
+                Moments {
+                    exp_avg,
+                    exp_avg_sq,
+                    step,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// torch's clipping factor `min(1, max_norm / (norm + 1e-6))` as a device tensor.
+pub fn clip_scale<B: Backend>(norm: Tensor<B, 1>, max_norm: f64) -> Tensor<B, 1> {
+    norm.add_scalar(1e-6)
+        .recip()
+        .mul_scalar(max_norm)
+        .clamp_max(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::module::Module;
+
+    type TB = NdArray<f32>;
+    type AD = Autodiff<TB>;
+
+    #[derive(Module, Debug)]
+    struct Toy<B: Backend> {
+        weight: Param<Tensor<B, 2>>,
+        bias: Param<Tensor<B, 1>>,
+    }
+
+    fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+    }
+
+    /// Expected values printed by torch 2.11 (`torch.optim.AdamW` with param groups
+    /// `weight_decay` 0.1 for the weight and 0 for the bias, lr 0.1, betas (0.9, 0.95),
+    /// eps 1e-6, `clip_grad_norm_(.., 1.5)` before each of 3 steps): `scripts/adamw_reference.py`.
+    #[test]
+    fn three_clipped_steps_match_torch_adamw() {
+        let dev = Default::default();
+        let w0: Vec<f32> = (0..6).map(|i| (i as f32).cos()).collect();
+        let b0: Vec<f32> = (0..3).map(|i| (i as f32 + 1.0).cos()).collect();
+        let mut toy = Toy::<AD> {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(w0, [2, 3]), &dev)),
+            bias: Param::from_tensor(Tensor::from_data(TensorData::new(b0, [3]), &dev)),
+        };
+        let mut opt = AdamW::<TB>::new(AdamWParams {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-6,
+            weight_decay: 0.1,
+        });
+        let mut norms = Vec::new();
+        for k in 0..3usize {
+            let gw: Vec<f32> = (0..6)
+                .map(|i| ((i * (k + 1)) as f32).sin() * (k + 1) as f32)
+                .collect();
+            let gb: Vec<f32> = (0..3).map(|i| ((i + k) as f32).sin() * 0.5).collect();
+            let mut grads = GradientsParams::new();
+            grads.register::<TB, 2>(
+                toy.weight.id,
+                Tensor::from_data(TensorData::new(gw, [2, 3]), &dev),
+            );
+            grads.register::<TB, 1>(
+                toy.bias.id,
+                Tensor::from_data(TensorData::new(gb, [3]), &dev),
+            );
+            let norm = global_grad_norm::<AD, Toy<AD>>(&toy, &grads, &dev);
+            norms.push(values(norm.clone())[0]);
+            toy = opt.step::<AD, _>(toy, &mut grads, 0.1, Some(clip_scale(norm, 1.5)));
+        }
+        let close =
+            |got: &[f32], want: &[f32]| got.iter().zip(want).all(|(a, b)| (a - b).abs() < 2e-6);
+        assert!(
+            close(&norms, &[1.852_247_2, 3.376_157, 3.026_946]),
+            "{norms:?}"
+        );
+        let w = values(toy.weight.val());
+        let want_w = [
+            0.970_299_07,
+            0.238_217_38,
+            -0.475_773_66,
+            -1.064_687_6,
+            -0.534_670_53,
+            0.473_685_56,
+        ];
+        assert!(close(&w, &want_w), "{w:?}");
+        let b = values(toy.bias.val());
+        assert!(
+            close(&b, &[0.382_161_92, -0.693_034_6, -1.185_747_4]),
+            "{b:?}"
+        );
+        assert_eq!(opt.state["weight"].step, 3);
+    }
+
+    #[test]
+    fn decay_rule_matches_transformers_names() {
+        assert!(decays("model.layers.0.self_attn.q_proj.lora_a"));
+        assert!(decays("model.embed_tokens.weight"));
+        assert!(decays("model.layers.0.mlp.down_proj.weight"));
+        assert!(!decays("model.layers.0.self_attn.q_proj.bias"));
+        assert!(!decays("model.layers.0.input_layernorm.weight"));
+        assert!(!decays("model.norm.weight"));
+    }
+}

@@ -1,0 +1,476 @@
+//! The SFT loop: plan, micro-batches, gradient accumulation, clipping, AdamW, logging,
+//! evaluation, checkpoints and resume, then the method's outputs.
+//!
+//! Reference: transformers `Trainer._inner_training_loop` / `training_step` (loss scaled by
+//! `num_items_in_batch`, logged loss = mean of step losses since the last log, grad_norm as
+//! `clip_grad_norm_` returns it before clipping). Differences: the logged `lr` is the one used
+//! by the logged step (transformers logs the next step's), and `eval_loss` is the token mean
+//! over the whole eval set (transformers averages per-batch means).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::model::config::ModelConfig;
+use crate::model::decoder::CausalLm;
+use crate::model::hf::{load_hf_folder_tensors, save_hf_folder, DType, HostTensor};
+use crate::train::metrics_log::{MetricsLog, MetricsRow};
+use crate::train::peft_io::{write_lora_adapter, LoraAdapterConfig};
+use crate::trainer::adapters::{add_lora, lora_pairs, merged, nf4_round_trip};
+use crate::trainer::checkpoint::{
+    latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState, FORMAT_VERSION,
+};
+use crate::trainer::config::{Method, SaveDtype, SftConfig};
+use crate::trainer::data::{
+    make_batch, micro_batches, plan_steps, positions, summed_cross_entropy, validate_examples,
+    TokenizedExample,
+};
+use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW, AdamWParams};
+use crate::trainer::params::{assign_values, trainable_params, trainable_values};
+use crate::trainer::prefix::{write_prefix_adapter, PrefixLm};
+use crate::trainer::Error;
+
+/// Where the base model comes from.
+pub enum BaseModel<'a> {
+    /// An HF folder (config.json + safetensors).
+    Dir(&'a Path),
+    /// A config and HF-named tensors already in memory.
+    Loaded {
+        config: &'a ModelConfig,
+        tensors: &'a BTreeMap<String, HostTensor>,
+    },
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftReport {
+    /// Optimizer steps done in total (including those before a resume).
+    pub steps: u64,
+    pub resumed_from: Option<u64>,
+    /// Last logged training loss.
+    pub last_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub tokens_seen: u64,
+    pub metrics_path: PathBuf,
+    /// peft adapter folder (LoRA, QLoRA, prefix).
+    pub adapter_dir: Option<PathBuf>,
+    /// HF model folder: merged (LoRA, QLoRA) or fine-tuned (full).
+    pub model_dir: Option<PathBuf>,
+}
+
+/// A causal LM the loop can train: logits for right-padded token rows.
+pub trait CausalModel<B: Backend> {
+    /// # Shapes
+    /// - input_ids: `[rows, len]` -> `[rows, len, vocab]`
+    fn logits(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3>;
+}
+
+impl<B: Backend> CausalModel<B> for CausalLm<B> {
+    fn logits(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [rows, len] = input_ids.dims();
+        let pos = positions(rows, len, 0, &input_ids.device());
+        self.forward(input_ids, pos, None, None)
+    }
+}
+
+/// Fine-tunes `base` on `train` and writes checkpoints, `metrics.jsonl` and the method's
+/// outputs (`adapter/`, `merged/` or `model/`) under `out_dir`.
+pub fn train_sft<B: AutodiffBackend>(
+    cfg: &SftConfig,
+    base: BaseModel<'_>,
+    train: &[TokenizedExample],
+    eval: &[TokenizedExample],
+    out_dir: &Path,
+    device: &B::Device,
+    progress: Option<&MultiProgress>,
+) -> Result<SftReport, Error> {
+    run_sft::<B>(cfg, base, train, eval, out_dir, device, progress, None)
+}
+
+/// [`train_sft`] that stops after optimizer step `stop_after` (tests: an interrupted run).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_sft<B: AutodiffBackend>(
+    cfg: &SftConfig,
+    base: BaseModel<'_>,
+    train: &[TokenizedExample],
+    eval: &[TokenizedExample],
+    out_dir: &Path,
+    device: &B::Device,
+    progress: Option<&MultiProgress>,
+    stop_after: Option<u64>,
+) -> Result<SftReport, Error> {
+    cfg.validate()?;
+    let (config, mut tensors, base_name) = match base {
+        BaseModel::Dir(dir) => (
+            ModelConfig::from_file(dir.join("config.json"))?,
+            load_hf_folder_tensors(dir)?,
+            Some(dir.display().to_string()),
+        ),
+        BaseModel::Loaded { config, tensors } => (config.clone(), tensors.clone(), None),
+    };
+    if train.is_empty() {
+        return Err(Error::NoExamples);
+    }
+    validate_examples("train", train, config.vocab_size)?;
+    validate_examples("eval", eval, config.vocab_size)?;
+    std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let ctx = LoopCtx {
+        cfg,
+        train,
+        eval,
+        out_dir,
+        pad_id: config.pad_token_id.unwrap_or(0),
+        stop_after,
+        progress,
+    };
+    let dtype = match cfg.dtype {
+        SaveDtype::Float32 => DType::F32,
+        SaveDtype::Bfloat16 => DType::BF16,
+        SaveDtype::Float16 => DType::F16,
+    };
+    match cfg.method {
+        Method::Lora | Method::Qlora => {
+            if cfg.method == Method::Qlora {
+                nf4_round_trip(&mut tensors, config.num_hidden_layers)?;
+            }
+            let mut adapter =
+                LoraAdapterConfig::new(cfg.lora_r, cfg.lora_alpha, cfg.target_modules.clone());
+            adapter.lora_dropout = cfg.lora_dropout;
+            adapter.use_rslora = cfg.use_rslora;
+            adapter.base_model_name_or_path = base_name;
+            let model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
+            drop(tensors);
+            let (model, wrapped) = add_lora(model, &adapter, cfg.seed, device)?;
+            if wrapped == 0 {
+                return Err(Error::NoTargets);
+            }
+            let save_adapter = |m: &CausalLm<B>, dir: &Path| -> Result<(), Error> {
+                Ok(write_lora_adapter(dir, &adapter, &lora_pairs(&m.valid()))?)
+            };
+            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &save_adapter)?;
+            let adapter_dir = out_dir.join("adapter");
+            save_adapter(&model, &adapter_dir)?;
+            let model_dir = out_dir.join("merged");
+            save_hf_folder(
+                &model_dir,
+                &config,
+                &merged(model.valid()).to_hf_tensors(),
+                dtype,
+            )?;
+            report.adapter_dir = Some(adapter_dir);
+            report.model_dir = Some(model_dir);
+            Ok(report)
+        }
+        Method::Full => {
+            let model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
+            drop(tensors);
+            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &|_, _| Ok(()))?;
+            let model_dir = out_dir.join("model");
+            save_hf_folder(&model_dir, &config, &model.valid().to_hf_tensors(), dtype)?;
+            report.model_dir = Some(model_dir);
+            Ok(report)
+        }
+        Method::Prefix => {
+            let base = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
+            drop(tensors);
+            let model = PrefixLm::new(base, cfg, device);
+            let save = |m: &PrefixLm<B>, dir: &Path| {
+                write_prefix_adapter(&m.valid(), cfg, base_name.as_deref(), dir)
+            };
+            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &save)?;
+            let adapter_dir = out_dir.join("adapter");
+            save(&model, &adapter_dir)?;
+            report.adapter_dir = Some(adapter_dir);
+            Ok(report)
+        }
+    }
+}
+
+struct LoopCtx<'a> {
+    cfg: &'a SftConfig,
+    train: &'a [TokenizedExample],
+    eval: &'a [TokenizedExample],
+    out_dir: &'a Path,
+    pad_id: u32,
+    stop_after: Option<u64>,
+    progress: Option<&'a MultiProgress>,
+}
+
+/// Token-mean cross-entropy over `examples` (one host read at the end).
+pub fn evaluate<B: Backend, M: CausalModel<B>>(
+    model: &M,
+    examples: &[TokenizedExample],
+    batch_size: usize,
+    max_tokens: Option<usize>,
+    pad_id: u32,
+    device: &B::Device,
+) -> Option<f64> {
+    let order: Vec<usize> = (0..examples.len()).collect();
+    let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+    let mut sum: Option<Tensor<B, 1>> = None;
+    let mut items = 0usize;
+    for mb in micro_batches(&order, &lengths, batch_size, max_tokens) {
+        let batch = make_batch::<B>(examples, &mb, pad_id, device);
+        items += batch.num_items;
+        let s = summed_cross_entropy(model.logits(batch.input_ids.clone()), &batch);
+        sum = Some(match sum {
+            Some(acc) => acc.add(s),
+            None => s,
+        });
+    }
+    let total: f64 = sum?.into_scalar().elem();
+    (items > 0).then(|| total / items as f64)
+}
+
+fn resident_memory_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+type SaveHook<'a, M> = dyn Fn(&M, &Path) -> Result<(), Error> + 'a;
+
+fn train_loop<B, M>(
+    ctx: &LoopCtx<'_>,
+    mut model: M,
+    device: &B::Device,
+    save_extra: &SaveHook<'_, M>,
+) -> Result<(M, SftReport), Error>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + CausalModel<B>,
+    M::InnerModule: CausalModel<B::InnerBackend>,
+{
+    let cfg = ctx.cfg;
+    let lengths: Vec<usize> = ctx.train.iter().map(|e| e.input_ids.len()).collect();
+    let plan = plan_steps(
+        &lengths,
+        cfg.seed,
+        cfg.batch_size,
+        cfg.max_tokens_per_batch,
+        cfg.gradient_accumulation_steps,
+        cfg.epochs,
+        cfg.max_steps,
+    );
+    let total = plan.len() as u64;
+    let schedule = cfg.schedule_config().build(cfg.learning_rate, total)?;
+    let (trainable, total_params) = trainable_params::<B, M>(&model);
+    let trainable_count: usize = trainable
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
+    let mut opt = AdamW::<B::InnerBackend>::new(AdamWParams {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_epsilon,
+        weight_decay: cfg.weight_decay,
+    });
+    let metrics_path = ctx.out_dir.join("metrics.jsonl");
+    let (mut start, mut pending_sum, mut pending_steps, mut tokens_seen) = (0u64, 0f64, 0u64, 0u64);
+    let mut resumed_from = None;
+    if cfg.resume {
+        if let Some(dir) = latest_checkpoint(ctx.out_dir)? {
+            let ck = load_checkpoint(&dir)?;
+            let bad = |message: String| Error::Checkpoint {
+                path: dir.clone(),
+                message,
+            };
+            if ck.state.method != cfg.method
+                || ck.state.total_steps != total
+                || ck.state.num_train_examples != ctx.train.len()
+            {
+                return Err(bad(format!(
+                    "saved for method {:?}, {} steps, {} examples; this run has {:?}, {total}, {}",
+                    ck.state.method,
+                    ck.state.total_steps,
+                    ck.state.num_train_examples,
+                    cfg.method,
+                    ctx.train.len()
+                )));
+            }
+            let (m, assigned) = assign_values::<B, M>(model, &ck.trainable, device);
+            model = m;
+            if let Some(missing) = trainable.iter().find(|p| !assigned.contains(&p.path)) {
+                return Err(bad(format!(
+                    "no saved tensor for trainable parameter `{}`",
+                    missing.path
+                )));
+            }
+            opt.load_host(&ck.optimizer, &ck.state.adam_steps, device)
+                .map_err(|name| bad(format!("optimizer tensor `{name}` is missing")))?;
+            start = ck.state.step;
+            pending_sum = ck.state.pending_loss_sum;
+            pending_steps = ck.state.pending_steps;
+            tokens_seen = ck.state.tokens_seen;
+            resumed_from = Some(start);
+        }
+    }
+    let mut metrics = if start > 0 {
+        MetricsLog::resume(&metrics_path, start)?
+    } else {
+        MetricsLog::create(&metrics_path)?
+    };
+    let bar = match ctx.progress {
+        Some(mp) => mp.add(ProgressBar::new(total)),
+        None => ProgressBar::hidden(),
+    };
+    if let Ok(style) = ProgressStyle::with_template(
+        "sft {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_position(start);
+
+    let mut loss_acc: Option<Tensor<B::InnerBackend, 1>> = None;
+    let mut last_loss = None;
+    let mut last_eval = None;
+    let mut window_tokens = 0u64;
+    let mut window_start = Instant::now();
+    for index in start..total {
+        let planned = &plan[index as usize];
+        // Dropout masks depend on (seed, step) only, so a resumed run draws the same ones.
+        B::seed(
+            device,
+            cfg.seed
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(index + 1),
+        );
+        let items: usize = planned
+            .micro_batches
+            .iter()
+            .flat_map(|mb| mb.iter().map(|&i| ctx.train[i].num_items()))
+            .sum();
+        let mut accumulator = GradientsAccumulator::<M>::new();
+        let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
+        for mb in &planned.micro_batches {
+            let batch = make_batch::<B>(ctx.train, mb, ctx.pad_id, device);
+            window_tokens += batch.num_tokens as u64;
+            let loss = summed_cross_entropy(model.logits(batch.input_ids.clone()), &batch)
+                .div_scalar(items.max(1) as f64);
+            let detached = loss.clone().inner();
+            step_loss = Some(match step_loss {
+                Some(acc) => acc.add(detached),
+                None => detached,
+            });
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        let mut grads = accumulator.grads();
+        let norm = global_grad_norm::<B, M>(&model, &grads, device);
+        let scale = cfg
+            .max_grad_norm
+            .filter(|&m| m > 0.0)
+            .map(|m| clip_scale(norm.clone(), m));
+        let lr = schedule.lr_at(index);
+        model = opt.step::<B, M>(model, &mut grads, lr, scale);
+        let step = index + 1;
+        if let Some(l) = step_loss {
+            loss_acc = Some(match loss_acc {
+                Some(acc) => acc.add(l),
+                None => l,
+            });
+        }
+        pending_steps += 1;
+        bar.inc(1);
+
+        let mut row = None;
+        if step % cfg.logging_steps == 0 || step == total {
+            let window: f64 = loss_acc.take().map_or(0.0, |t| t.into_scalar().elem());
+            let loss = (pending_sum + window) / pending_steps as f64;
+            let secs = window_start.elapsed().as_secs_f64();
+            let tokens_per_s = (secs > 0.0).then(|| window_tokens as f64 / secs);
+            tokens_seen += window_tokens;
+            let mut r = MetricsRow::new(step).with("epoch", planned.epoch);
+            r.loss = Some(loss);
+            r.lr = Some(lr);
+            r.grad_norm = Some(norm.into_scalar().elem());
+            r.tokens_per_s = tokens_per_s;
+            r.memory_mb = resident_memory_mb();
+            bar.set_message(format!(
+                "loss {loss:.4} {:.0} tok/s",
+                tokens_per_s.unwrap_or(0.0)
+            ));
+            last_loss = Some(loss);
+            (pending_sum, pending_steps, window_tokens) = (0.0, 0, 0);
+            window_start = Instant::now();
+            row = Some(r);
+        }
+        if !ctx.eval.is_empty()
+            && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || step == total)
+        {
+            last_eval = evaluate(
+                &model.valid(),
+                ctx.eval,
+                cfg.batch_size,
+                cfg.max_tokens_per_batch,
+                ctx.pad_id,
+                device,
+            );
+            let r = row.take().unwrap_or_else(|| MetricsRow::new(step));
+            row = Some(MetricsRow {
+                eval_loss: last_eval,
+                ..r
+            });
+        }
+        if let Some(r) = row {
+            metrics.append(&r)?;
+        }
+        if cfg.save_steps > 0 && step % cfg.save_steps == 0 {
+            let window: f64 = loss_acc.take().map_or(0.0, |t| t.into_scalar().elem());
+            pending_sum += window;
+            let (optimizer, adam_steps) = opt.to_host();
+            let state = TrainerState {
+                format_version: FORMAT_VERSION,
+                method: cfg.method,
+                step,
+                epoch: planned.epoch,
+                total_steps: total,
+                seed: cfg.seed,
+                num_train_examples: ctx.train.len(),
+                tokens_seen: tokens_seen + window_tokens,
+                pending_loss_sum: pending_sum,
+                pending_steps,
+                adam_steps,
+            };
+            save_checkpoint(
+                ctx.out_dir,
+                &state,
+                &trainable_values::<B, M>(&model),
+                &optimizer,
+                |dir| save_extra(&model, dir),
+            )?;
+        }
+        if ctx.stop_after == Some(step) {
+            break;
+        }
+    }
+    bar.finish();
+    let done = ctx.stop_after.map_or(total, |s| s.min(total)).max(start);
+    Ok((
+        model,
+        SftReport {
+            steps: done,
+            resumed_from,
+            last_loss,
+            eval_loss: last_eval,
+            trainable_params: trainable_count,
+            total_params,
+            tokens_seen: tokens_seen + window_tokens,
+            metrics_path,
+            adapter_dir: None,
+            model_dir: None,
+        },
+    ))
+}
