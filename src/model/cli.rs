@@ -100,20 +100,30 @@ pub struct ModelSource {
     pub tokenizer_dir: PathBuf,
 }
 
-/// Resolves a model path: an HF folder today; a `.gguf` file is where the gguf loader plugs in.
+/// Resolves a model path: an HF folder, or a `.gguf` file (its tokenizer is rebuilt from the
+/// GGUF metadata into a cache folder).
 pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
     if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        bail!(
-            "{}: GGUF models are read by the gguf module, not wired in yet",
-            path.display()
-        );
+        let (config, tensors, tokenizer) = crate::gguf::model::load_gguf_model(path)?;
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let key = blake3::hash(canonical.to_string_lossy().as_bytes()).to_hex();
+        let dir = std::env::temp_dir().join(format!("runner-gguf-tokenizer-{}", &key[..16]));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        tokenizer.write_hf(&dir, path)?;
+        let gen = serde_json::json!({ "eos_token_id": config.eos_token_ids, "bos_token_id": config.bos_token_id });
+        std::fs::write(dir.join("generation_config.json"), gen.to_string())?;
+        return Ok(ModelSource {
+            config,
+            tensors,
+            tokenizer_dir: dir,
+        });
     }
     if !path.is_dir() {
         bail!(
-            "{}: expected an HF model folder (config.json + model.safetensors)",
+            "{}: expected an HF model folder (config.json + model.safetensors) or a .gguf file",
             path.display()
         );
     }
@@ -126,77 +136,50 @@ pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
     })
 }
 
-/// Fallback tokenizer: HF `tokenizer.json` through the `tokenizers` crate; chat rendering
-/// only for ChatML templates (Qwen2.5, SmolLM2). Replaced by the `text` module's tokenizer.
-pub struct HfTokenizer {
-    inner: tokenizers::Tokenizer,
-    eos: Vec<u32>,
-    chat_template: Option<String>,
+/// The `text` module's tokenizer and chat template behind [`GenTokenizer`].
+pub struct TextGenTokenizer {
+    inner: crate::text::TextTokenizer,
 }
 
-impl HfTokenizer {
-    pub fn from_dir(dir: &Path, config: &ModelConfig) -> anyhow::Result<Self> {
-        let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let gen = read_json(&dir.join("generation_config.json"))?;
-        let eos = match gen.as_ref().and_then(|g| g.get("eos_token_id")) {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as u32)
-                .collect(),
-            _ => config.eos_token_ids.clone(),
-        };
-        let chat_template = read_json(&dir.join("tokenizer_config.json"))?.and_then(|t| {
-            t.get("chat_template")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        });
+impl TextGenTokenizer {
+    pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
-            inner,
-            eos,
-            chat_template,
+            inner: crate::text::TextTokenizer::from_dir(dir)?,
         })
     }
 }
 
-impl GenTokenizer for HfTokenizer {
+impl GenTokenizer for TextGenTokenizer {
     fn encode(&self, text: &str, add_special_tokens: bool) -> anyhow::Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(if add_special_tokens {
+            self.inner.encode(text)?
+        } else {
+            self.inner.encode_plain(text)?
+        })
     }
 
     fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow::anyhow!("decode: {e}"))
+        Ok(self.inner.decode(ids, true)?)
     }
 
     fn eos_ids(&self) -> Vec<u32> {
-        self.eos.clone()
+        self.inner.eos_ids()
     }
 
     fn render_chat(&self, system: Option<&str>, user: &str) -> anyhow::Result<String> {
-        let template = self.chat_template.as_deref().unwrap_or("");
-        if !template.contains("<|im_start|>") {
-            bail!("only ChatML chat templates are rendered until the text module's templates are wired in");
+        let template = self.inner.chat_template(None)?;
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(crate::text::ChatMessage {
+                role: "system".into(),
+                content: s.into(),
+            });
         }
-        // Qwen2.5's template inserts its default system prompt when none is given.
-        let qwen_default = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
-        let system = system.or(template.contains(qwen_default).then_some(qwen_default));
-        let mut s = String::new();
-        if let Some(sys) = system {
-            s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
-        }
-        s.push_str(&format!(
-            "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        ));
-        Ok(s)
+        messages.push(crate::text::ChatMessage {
+            role: "user".into(),
+            content: user.into(),
+        });
+        Ok(template.render(&messages, true)?)
     }
 }
 
@@ -316,7 +299,7 @@ impl BackendTask for GenerateTask<'_> {
 /// Runs `runner generate`.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let source = load_model_source(&args.model)?;
-    let tokenizer = HfTokenizer::from_dir(&source.tokenizer_dir, &source.config)?;
+    let tokenizer = TextGenTokenizer::from_dir(&source.tokenizer_dir)?;
     run_with_tokenizer(args, source, &tokenizer)
 }
 

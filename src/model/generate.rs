@@ -135,11 +135,15 @@ struct Row {
 }
 
 /// Generates for each prompt (ids) in one batch; `decode` turns ids into text for stop strings.
+/// Turns generated ids into text (for stop strings).
+pub type DecodeFn<'a> = &'a dyn Fn(&[u32]) -> String;
+
+/// Generates for each prompt (ids) in one batch.
 pub fn generate<B: Backend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
-    decode: Option<&dyn Fn(&[u32]) -> String>,
+    decode: Option<DecodeFn<'_>>,
 ) -> Result<Vec<Generation>, GenerateError> {
     validate(model, prompts, opts)?;
     if !opts.stop_strings.is_empty() && decode.is_none() {
@@ -250,7 +254,7 @@ fn validate<B: Backend>(
     }
     let s = &opts.sampling;
     let invalid = |key, message: String| Err(GenerateError::InvalidParam { key, message });
-    if !s.greedy && !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+    if !(s.greedy || s.temperature >= 0.0 && s.temperature.is_finite()) {
         return invalid("temperature", format!("{} must be >= 0", s.temperature));
     }
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {

@@ -144,12 +144,12 @@ mod tests {
             &Default::default(),
         );
         let y = lin.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
-        assert_eq!(y, vec![-0.5, -2., -1., 3., 7., 13.]);
+        assert_eq!(y, vec![-0.5, -2., -1., 3.5, 7., 13.]);
         // A = [[1, 1]] (r=1), B = [[1],[0],[2]], scaling 0.5: adds 0.5*(x0+x1)*[1,0,2]
         let lora =
             lin.with_lora_tensors(t2(vec![1., 1.], [1, 2]), t2(vec![1., 0., 2.], [3, 1]), 0.5);
         let y2 = lora.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
-        assert_eq!(y2, vec![-0.5, -2., -1., 4.25, 7., 15.5]);
+        assert_eq!(y2, vec![-0.5, -2., -1., 4.75, 7., 15.5]);
         let merged = lora
             .merged()
             .forward(x)

@@ -97,9 +97,9 @@ fn check_logits(name: &str) {
     let got = to_vec(m.forward(int_tensor(&ids), int_tensor(&positions), Some(mask_t), None));
     let want = floats(&f.expected["logits"]);
     let mut worst = 0.0f32;
-    for r in 0..b {
-        for p in 0..t {
-            if mask[r][p] == 0 {
+    for (r, row_mask) in mask.iter().enumerate().take(b) {
+        for (p, &m) in row_mask.iter().enumerate().take(t) {
+            if m == 0 {
                 continue;
             }
             let o = (r * t + p) * v;
@@ -183,7 +183,7 @@ fn kv_cache_decode_equals_full_recompute() {
         let seq: Vec<i64> = ints(&f.expected["ids"])[0].clone();
         let t = seq.len();
         let full = to_vec(m.forward(
-            int_tensor(&[seq.clone()]),
+            int_tensor(std::slice::from_ref(&seq)),
             int_tensor(&[(0..t as i64).collect()]),
             None,
             None,
@@ -332,7 +332,7 @@ fn budget_forcing_follows_s1() {
         answer_start: answer.clone(),
         wait: wait.clone(),
     });
-    let got = generate(&m, &[prompt.clone()], &opts, None)
+    let got = generate(&m, std::slice::from_ref(prompt), &opts, None)
         .unwrap()
         .remove(0)
         .token_ids;
@@ -349,7 +349,7 @@ fn budget_forcing_follows_s1() {
         answer_start: answer.clone(),
         wait,
     });
-    let got = generate(&m, &[prompt.clone()], &opts, None)
+    let got = generate(&m, std::slice::from_ref(prompt), &opts, None)
         .unwrap()
         .remove(0)
         .token_ids;
