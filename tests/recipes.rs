@@ -1,0 +1,177 @@
+//! The shipped recipes end to end through the binary: recipes/medical.toml on the committed data
+//! and the tiny model it makes itself, and a real model (SmolLM2-135M-Instruct GGUF, fetched by
+//! scripts/fetch-smollm2.sh; skipped with a message when absent).
+
+use assert_cmd::Command;
+use std::path::{Path, PathBuf};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn runner(store: &Path) -> Command {
+    let mut cmd = Command::cargo_bin("runner").unwrap();
+    cmd.current_dir(repo()).env("RUNNER_STORE", store);
+    cmd
+}
+
+fn path_of(store: &Path, stage: &str) -> PathBuf {
+    let out = runner(store)
+        .args(["path", "recipes/medical.toml", stage])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[test]
+fn medical_recipe_trains_evaluates_exports_and_then_is_cached() {
+    // Run records go beside the store, so keep both inside the temp folder.
+    let root = tempfile::tempdir().unwrap();
+    let store = &root.path().join("store");
+    let out = runner(store)
+        .args(["run", "recipes/medical.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("7 ran, 0 cached"), "{err}");
+
+    let sft = path_of(store, "sft");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(sft.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 8);
+    let bytes = std::fs::read(sft.join("adapter/adapter_model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names: Vec<String> = tensors.names().into_iter().map(str::to_string).collect();
+    assert!(
+        names.contains(
+            &"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()
+        ),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"base_model.model.model.layers.1.mlp.down_proj.lora_B.weight".to_string()),
+        "{names:?}"
+    );
+    let losses: Vec<f64> = std::fs::read_to_string(sft.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect();
+    assert!(
+        losses.len() >= 2 && losses.last() < losses.first(),
+        "{losses:?}"
+    );
+    assert!(sft.join("loss.svg").is_file());
+    assert!(sft.join("merged/config.json").is_file());
+
+    let eval = path_of(store, "eval");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["count"], 16);
+    for key in ["bleu-4", "rouge-1", "rouge-2", "rouge-l"] {
+        assert!(metrics[key].is_number(), "{metrics}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(eval.join("predictions.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        16
+    );
+
+    let gguf = path_of(store, "gguf");
+    let file = std::fs::read_dir(&gguf)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .expect("a .gguf file");
+    let reader = runner::gguf::reader::GgufFile::open(&file).unwrap();
+    assert_eq!(
+        reader.get_str("general.architecture").unwrap(),
+        Some("qwen2")
+    );
+
+    // Nothing changed: nothing runs. A changed SFT parameter reruns sft and what depends on it.
+    let out = runner(store)
+        .args(["run", "recipes/medical.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("0 ran, 7 cached"), "{err}");
+    let plan = runner(store)
+        .args([
+            "plan",
+            "recipes/medical.toml",
+            "--set",
+            "stages.sft.learning_rate=1e-3",
+        ])
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    for stage in ["raw", "prompts", "base", "tokens"] {
+        assert!(plan.contains(&format!("cached  {stage} ")), "{plan}");
+    }
+    for stage in ["sft", "eval", "gguf"] {
+        assert!(plan.contains(&format!("run     {stage} ")), "{plan}");
+    }
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var("RUNNER_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "SKIP: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh or set RUNNER_SMOLLM2_GGUF"
+        );
+        None
+    }
+}
+
+#[test]
+fn smollm2_gguf_generates_fluent_english() {
+    let Some(model) = smollm2() else { return };
+    let root = tempfile::tempdir().unwrap();
+    let store = &root.path().join("store");
+    let out = runner(store)
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args([
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "8",
+            "--greedy",
+            "--device",
+            "cpu",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    // llama.cpp's tokenization of the prompt: no BOS (the GGUF says add_bos_token = false).
+    assert_eq!(
+        line["prompt_ids"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+    assert!(line["text"].as_str().unwrap().contains("Paris"), "{line}");
+    assert_eq!(line["token_ids"].as_array().unwrap().len(), 8);
+}
