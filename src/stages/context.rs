@@ -16,6 +16,20 @@ pub struct StageInput {
     pub fingerprint: String,
 }
 
+impl StageInput {
+    /// The splits to read: the named output (`raw.test`), else every split in `dataset.json`.
+    pub fn splits(&self) -> Result<Vec<String>, StageError> {
+        if let Some(o) = &self.output {
+            return Ok(vec![o.clone()]);
+        }
+        let manifest: serde_json::Value = crate::util::read_json(&self.dir.join("dataset.json"))?;
+        Ok(manifest["splits"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+}
+
 pub struct StageContext {
     pub stage_name: String,
     /// Where the stage writes its artifact (a temporary folder, committed after `run`).

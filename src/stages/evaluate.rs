@@ -127,20 +127,11 @@ impl Stage for Evaluate {
     const SUMMARY: &'static str = "generate on a split and score BLEU-4/ROUGE, GSM8K accuracy";
 
     fn input_slots() -> &'static [InputSlot] {
-        &[
-            InputSlot {
-                key: "input",
-                accepts: &[ArtifactKind::Prompts],
-                required: true,
-                many: false,
-            },
-            InputSlot {
-                key: "model",
-                accepts: &[ArtifactKind::Model, ArtifactKind::Trained],
-                required: true,
-                many: false,
-            },
-        ]
+        const SLOTS: &[InputSlot] = &[
+            InputSlot::one("input", &[ArtifactKind::Prompts]),
+            InputSlot::one("model", &[ArtifactKind::Model, ArtifactKind::Trained]),
+        ];
+        SLOTS
     }
 
     fn validate(params: &Params) -> Result<(), (String, String)> {

@@ -45,12 +45,11 @@ impl Stage for Export {
         "export GGUF (with Ollama Modelfile), merged safetensors or a PEFT adapter";
 
     fn input_slots() -> &'static [InputSlot] {
-        &[InputSlot {
-            key: "model",
-            accepts: &[ArtifactKind::Model, ArtifactKind::Trained],
-            required: true,
-            many: false,
-        }]
+        const SLOTS: &[InputSlot] = &[InputSlot::one(
+            "model",
+            &[ArtifactKind::Model, ArtifactKind::Trained],
+        )];
+        SLOTS
     }
 
     fn validate(params: &Params) -> Result<(), (String, String)> {

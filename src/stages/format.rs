@@ -90,12 +90,8 @@ impl Stage for Format {
     const SUMMARY: &'static str = "turn rows into prompt/response records";
 
     fn input_slots() -> &'static [InputSlot] {
-        &[InputSlot {
-            key: "input",
-            accepts: &[ArtifactKind::Dataset],
-            required: true,
-            many: false,
-        }]
+        const SLOTS: &[InputSlot] = &[InputSlot::one("input", &[ArtifactKind::Dataset])];
+        SLOTS
     }
 
     fn named_outputs(_params: &Params) -> Vec<String> {
@@ -112,14 +108,7 @@ impl Stage for Format {
     fn run(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
         let format = params.prompt_format().map_err(StageError::msg)?;
         let input = ctx.input("input")?;
-        let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
-        let splits: Vec<String> = match &input.output {
-            Some(o) => vec![o.clone()],
-            None => manifest["splits"]
-                .as_object()
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default(),
-        };
+        let splits = input.splits()?;
         let mut counts = serde_json::Map::new();
         for split in &splits {
             let table = Table::read_parquet(&input.dir.join(format!("{split}.parquet")))

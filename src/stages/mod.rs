@@ -54,6 +54,28 @@ pub struct InputSlot {
     pub many: bool,
 }
 
+impl InputSlot {
+    /// A slot that must name exactly one stage.
+    pub const fn one(key: &'static str, accepts: &'static [ArtifactKind]) -> Self {
+        Self {
+            key,
+            accepts,
+            required: true,
+            many: false,
+        }
+    }
+
+    /// A slot that may name one stage.
+    pub const fn optional(key: &'static str, accepts: &'static [ArtifactKind]) -> Self {
+        Self {
+            key,
+            accepts,
+            required: false,
+            many: false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error("{path}: {source}")]

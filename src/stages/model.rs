@@ -120,12 +120,11 @@ impl Stage for Model {
     const SUMMARY: &'static str = "a base model as an HF folder (HF folder, GGUF, or init:tiny)";
 
     fn input_slots() -> &'static [InputSlot] {
-        &[InputSlot {
-            key: "input",
-            accepts: &[ArtifactKind::Dataset, ArtifactKind::Prompts],
-            required: false,
-            many: false,
-        }]
+        const SLOTS: &[InputSlot] = &[InputSlot::optional(
+            "input",
+            &[ArtifactKind::Dataset, ArtifactKind::Prompts],
+        )];
+        SLOTS
     }
 
     fn external_files(params: &Params, recipe_dir: &Path) -> Result<Vec<PathBuf>, StageError> {

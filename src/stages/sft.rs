@@ -82,20 +82,11 @@ impl Stage for Sft {
     const SUMMARY: &'static str = "supervised fine-tuning: LoRA, QLoRA, full or P-Tuning v2";
 
     fn input_slots() -> &'static [InputSlot] {
-        &[
-            InputSlot {
-                key: "input",
-                accepts: &[ArtifactKind::Tokens],
-                required: true,
-                many: false,
-            },
-            InputSlot {
-                key: "model",
-                accepts: &[ArtifactKind::Model],
-                required: true,
-                many: false,
-            },
-        ]
+        const SLOTS: &[InputSlot] = &[
+            InputSlot::one("input", &[ArtifactKind::Tokens]),
+            InputSlot::one("model", &[ArtifactKind::Model]),
+        ];
+        SLOTS
     }
 
     fn validate(params: &SftConfig) -> Result<(), (String, String)> {

@@ -104,20 +104,11 @@ impl Stage for Tokenize {
     const SUMMARY: &'static str = "tokenize prompt/response records with response-only labels";
 
     fn input_slots() -> &'static [InputSlot] {
-        &[
-            InputSlot {
-                key: "input",
-                accepts: &[ArtifactKind::Prompts],
-                required: true,
-                many: false,
-            },
-            InputSlot {
-                key: "model",
-                accepts: &[ArtifactKind::Model],
-                required: true,
-                many: false,
-            },
-        ]
+        const SLOTS: &[InputSlot] = &[
+            InputSlot::one("input", &[ArtifactKind::Prompts]),
+            InputSlot::one("model", &[ArtifactKind::Model]),
+        ];
+        SLOTS
     }
 
     fn named_outputs(_params: &Params) -> Vec<String> {
@@ -159,13 +150,7 @@ impl Stage for Tokenize {
             train_on_prompt: params.train_on_prompt,
             add_eos: params.add_eos,
         };
-        let splits: Vec<String> = match &input.output {
-            Some(o) => vec![o.clone()],
-            None => manifest["splits"]
-                .as_object()
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default(),
-        };
+        let splits = input.splits()?;
         let mut summary = serde_json::Map::new();
         for split in &splits {
             let records = read_records(&input.dir, split)?;
