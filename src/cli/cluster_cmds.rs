@@ -350,10 +350,11 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
             text
         );
     }
-    record.status = if failed > 0 {
-        "failed".into()
-    } else if unfinished > 0 {
+    // A run is only failed once Slurm has settled every job (dependants get cancelled after).
+    record.status = if unfinished > 0 {
         "submitted".into()
+    } else if failed > 0 {
+        "failed".into()
     } else {
         "succeeded".into()
     };
