@@ -65,7 +65,7 @@ pub struct RunArgs {
     device: Option<String>,
 }
 
-fn finish(record: &RunRecord, store: &Store, runs_dir: &Path) -> Result<(), Failure> {
+fn finish(record: &RunRecord, runs_dir: &Path) -> Result<(), Failure> {
     let ran = record
         .stages
         .iter()
@@ -82,7 +82,6 @@ fn finish(record: &RunRecord, store: &Store, runs_dir: &Path) -> Result<(), Fail
         .filter(|s| s.state == StageState::Failed)
         .map(|s| s.name.as_str())
         .collect();
-    let _ = store;
     let report = match runner::report::write_report(runs_dir, &record.run_id, None, None) {
         Ok(path) => format!(", report {}", path.display()),
         Err(e) => {
@@ -131,7 +130,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         run_id: None,
     };
     let record = execute(&plan, &store, &opts)?;
-    finish(&record, &store, &runs_dir)
+    finish(&record, &runs_dir)
 }
 
 #[derive(Args)]
@@ -148,7 +147,7 @@ pub struct PlanArgs {
 pub fn plan(args: PlanArgs) -> Result<(), Failure> {
     let plan = args.recipe.plan()?;
     let store = args.store.open()?;
-    let runs_dir = args.store.runs_dir();
+    let records = RunRecord::list(&args.store.runs_dir());
     if args.json {
         for (i, s) in plan.stages.iter().enumerate() {
             let cached = store.contains(&s.fingerprint);
@@ -159,7 +158,7 @@ pub fn plan(args: PlanArgs) -> Result<(), Failure> {
                     "kind": s.kind,
                     "fingerprint": s.fingerprint,
                     "cached": cached,
-                    "reason": if cached { None } else { Some(explain(&plan, &store, &runs_dir, i)) },
+                    "reason": if cached { None } else { Some(explain(&plan, &store, &records, i)) },
                     "artifact": store.artifact(&s.fingerprint),
                     "inputs": s.inputs.iter().map(|r| r.stage.clone()).collect::<Vec<_>>(),
                 })
@@ -193,10 +192,10 @@ pub fn plan(args: PlanArgs) -> Result<(), Failure> {
         } else {
             will_run.insert(i);
             let why = match s.deps.iter().find(|d| will_run.contains(d)) {
-                Some(&d) if explain(&plan, &store, &runs_dir, i) == "not built before" => {
+                Some(&d) if explain(&plan, &store, &records, i) == "not built before" => {
                     format!("input `{}` will be rebuilt", plan.stages[d].name)
                 }
-                _ => explain(&plan, &store, &runs_dir, i),
+                _ => explain(&plan, &store, &records, i),
             };
             println!(
                 "  run     {:<12} {:<9} {}{from}  ({why})",
@@ -473,5 +472,5 @@ pub fn rerun(args: RerunArgs) -> Result<(), Failure> {
         run_id: None,
     };
     let record = execute(&plan, &store, &opts)?;
-    finish(&record, &store, &runs_dir)
+    finish(&record, &runs_dir)
 }

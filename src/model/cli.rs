@@ -1,8 +1,8 @@
-//! `runner generate`: text generation from an HF model folder (GGUF later) on CPU or CUDA.
+//! `runner generate`: text generation from an HF model folder or a GGUF file on CPU or CUDA.
 //!
-//! The tokenizer is used through the small [`GenTokenizer`] trait so the `text` module's
-//! tokenizer and chat templates can replace the fallback [`HfTokenizer`] here; model files
-//! are resolved by [`load_model_source`], where the `gguf` loader plugs in.
+//! The tokenizer is used through the small [`GenTokenizer`] trait, implemented with the `text`
+//! module's tokenizer and chat templates ([`TextGenTokenizer`]); model files are resolved by
+//! [`load_model_source`].
 //! Sampling defaults follow the folder's generation_config.json as transformers does.
 
 use std::collections::BTreeMap;

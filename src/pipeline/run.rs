@@ -32,13 +32,14 @@ enum Outcome {
 }
 
 /// Why a stage will run: what differs from the last build of a stage with the same name.
-pub fn explain(plan: &Plan, store: &Store, runs_dir: &std::path::Path, index: usize) -> String {
+/// `records` are the run records, oldest first ([`RunRecord::list`]), read once by the caller.
+pub fn explain(plan: &Plan, store: &Store, records: &[RunRecord], index: usize) -> String {
     let stage = &plan.stages[index];
-    let previous = RunRecord::list(runs_dir)
-        .into_iter()
+    let previous = records
+        .iter()
         .rev()
         .filter(|r| r.recipe_name == plan.name)
-        .flat_map(|r| r.stages.into_iter())
+        .flat_map(|r| r.stages.iter())
         .find(|s| {
             s.name == stage.name
                 && s.fingerprint != stage.fingerprint
@@ -95,6 +96,7 @@ pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecor
         .collect();
     let mut state: Vec<StageState> = vec![StageState::Pending; n];
     let mut reason: Vec<Option<String>> = vec![None; n];
+    let records = RunRecord::list(&opts.runs_dir);
     for (i, s) in plan.stages.iter().enumerate() {
         if store.contains(&s.fingerprint) && !opts.force.contains(&s.name) {
             state[i] = StageState::Cached;
@@ -102,7 +104,7 @@ pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecor
             reason[i] = Some(if opts.force.contains(&s.name) {
                 "forced with --force".into()
             } else {
-                explain(plan, store, &opts.runs_dir, i)
+                explain(plan, store, &records, i)
             });
         }
     }

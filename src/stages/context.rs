@@ -1,7 +1,7 @@
 //! What a running stage sees: its output folder, its resolved inputs and run-wide settings.
 
 use super::{ArtifactKind, StageError};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// One resolved input artifact.
 #[derive(Debug, Clone)]
@@ -58,16 +58,6 @@ impl StageContext {
 
     pub fn inputs_of(&self, slot: &str) -> Vec<&StageInput> {
         self.inputs.iter().filter(|i| i.slot == slot).collect()
-    }
-
-    /// A path from the recipe, resolved against the recipe's folder.
-    pub fn recipe_path(&self, p: &str) -> PathBuf {
-        let path = Path::new(p);
-        if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            self.recipe_dir.join(path)
-        }
     }
 
     pub fn out(&self, name: &str) -> PathBuf {

@@ -11,7 +11,7 @@ use crate::trainer::sft::{train_sft, BaseModel};
 use crate::trainer::{SftConfig, TokenizedExample};
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use std::path::{Path, PathBuf};
 
 pub struct Sft;
@@ -37,30 +37,32 @@ struct TrainTask<'a> {
     progress: &'a indicatif::MultiProgress,
 }
 
+impl TrainTask<'_> {
+    fn train<AB: AutodiffBackend>(
+        self,
+        device: &AB::Device,
+    ) -> Result<crate::trainer::sft::SftReport, crate::trainer::Error> {
+        let base = BaseModel::Dir(self.model_dir);
+        train_sft::<AB>(
+            self.cfg,
+            base,
+            self.train,
+            self.eval,
+            self.out,
+            device,
+            Some(self.progress),
+        )
+    }
+}
+
 impl BackendTask for TrainTask<'_> {
     type Output = Result<crate::trainer::sft::SftReport, crate::trainer::Error>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let base = BaseModel::Dir(self.model_dir);
+        // burn picks gradient checkpointing by backend type, not per call.
         if self.cfg.gradient_checkpointing {
-            train_sft::<Autodiff<B, BalancedCheckpointing>>(
-                self.cfg,
-                base,
-                self.train,
-                self.eval,
-                self.out,
-                &device,
-                Some(self.progress),
-            )
+            self.train::<Autodiff<B, BalancedCheckpointing>>(&device)
         } else {
-            train_sft::<Autodiff<B>>(
-                self.cfg,
-                base,
-                self.train,
-                self.eval,
-                self.out,
-                &device,
-                Some(self.progress),
-            )
+            self.train::<Autodiff<B>>(&device)
         }
     }
 }
