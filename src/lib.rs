@@ -4,6 +4,7 @@
 //! fingerprints, store, scheduler, run records), [`stages`] (one file per stage kind), [`data`]
 //! (decoding and tables).
 
+pub mod backend;
 pub mod charts;
 pub mod cluster;
 pub mod data;

@@ -58,6 +58,8 @@ enum Command {
     Report(runner::report::cli::ReportArgs),
     /// State of Slurm jobs by submission folder or job id (or cancel them).
     Jobs(runner::cluster::cli::JobsArgs),
+    /// GPU benchmarks (cuBLAS matmul, attention, chunked loss, LoRA SFT, decode) and on-device checks.
+    Bench(runner::backend::cli::BenchArgs),
 }
 
 /// An error with the exit code it should produce.
@@ -119,6 +121,7 @@ pub fn main() -> ExitCode {
         Command::Convert(a) => runner::export::cli::run_convert(&a).map_err(Failure::from),
         Command::Report(a) => runner::report::cli::run(&a).map_err(Failure::from),
         Command::Jobs(a) => runner::cluster::cli::run(&a).map_err(Failure::from),
+        Command::Bench(a) => runner::backend::cli::run(&a).map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -175,16 +175,25 @@ impl<B: Backend> Attention<B> {
             };
             (expand(k), expand(v))
         };
-        let mut scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (d as f64).sqrt());
+        let mut scores = batched_matmul(q, k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
         if let Some(m) = mask {
             scores = scores.mask_fill(m.clone().expand([b, h, t, s]), MASKED_SCORE);
         }
-        let out = softmax(scores, 3).matmul(v);
+        let out = batched_matmul(softmax(scores, 3), v);
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
+}
+
+/// `a [b, h, m, k] @ b [b, h, k, n]` as one batched GEMM (cuBLAS on CUDA for large ones).
+fn batched_matmul<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, heads, m, k] = a.dims();
+    let n = b.dims()[3];
+    let out = crate::backend::matmul(
+        a.reshape([batch * heads, m, k]),
+        b.reshape([batch * heads, k, n]),
+    );
+    out.reshape([batch, heads, m, n])
 }
 
 /// Pre-norm decoder block: attention and MLP, each with a residual.
@@ -306,10 +315,7 @@ impl<B: Backend> CausalLm<B> {
                 let [b, t, h] = hidden.dims();
                 let w = self.model.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                hidden
-                    .reshape([b * t, h])
-                    .matmul(w.transpose())
-                    .reshape([b, t, v])
+                crate::backend::linear(hidden.reshape([b * t, h]), w).reshape([b, t, v])
             }
         }
     }

@@ -100,7 +100,7 @@ impl<B: Backend> LoraLinear<B> {
         let inp = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
         let x2 = x.reshape([rows, inp]);
-        let mut y = x2.clone().matmul(self.weight.val().transpose());
+        let mut y = crate::backend::linear(x2.clone(), self.weight.val());
         if let Some(b) = &self.bias {
             y = y.add(b.val().unsqueeze::<2>());
         }

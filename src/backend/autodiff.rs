@@ -1,0 +1,142 @@
+//! `FastOps` under `Autodiff<B>`: each fast operation is one node of the autodiff graph whose
+//! backward pass calls the inner backend's fast operations (cuBLAS GEMMs on transposed views,
+//! the chunked cross-entropy recompute), so training never falls back to the slow paths.
+//!
+//! Reference: burn `examples/custom-cubecl-kernel/src/backward.rs` (v0.21.0).
+
+use burn::backend::autodiff::{
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{broadcast_shape, Backward, Ops, OpsKind},
+    Autodiff,
+};
+use burn::tensor::{
+    ops::{FloatTensor, IntTensor},
+    Shape, Tensor, TensorMetadata, TensorPrimitive,
+};
+
+use crate::backend::{cross_entropy, FastOps};
+
+fn float<B: FastOps, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl<B: FastOps> Backward<B, 2> for MatmulBackward {
+    /// (lhs when rhs needs a gradient, rhs when lhs does, the two input shapes)
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>, Shape, Shape);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_lhs, node_rhs] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (lhs, rhs, shape_lhs, shape_rhs) = ops.state;
+        if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
+            // dA = dC B^T, with B^T a stride view read by cuBLAS as op = T.
+            let g = B::fast_matmul(grad.clone(), B::float_swap_dims(rhs, 1, 2));
+            grads.register::<B>(node.id, broadcast_shape::<B>(g, &shape_lhs));
+        }
+        if let (Some(node), Some(lhs)) = (node_rhs, lhs) {
+            let g = B::fast_matmul(B::float_swap_dims(lhs, 1, 2), grad);
+            grads.register::<B>(node.id, broadcast_shape::<B>(g, &shape_rhs));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+#[derive(Clone, Debug)]
+struct CrossEntropyState<B: FastOps> {
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    labels: IntTensor<B>,
+    lse: FloatTensor<B>,
+    count: FloatTensor<B>,
+    chunk: usize,
+}
+
+impl<B: FastOps> Backward<B, 2> for CrossEntropyBackward {
+    type State = CrossEntropyState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_hidden, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let (grad_hidden, grad_weight) = cross_entropy::backward::<B>(
+            float(s.hidden),
+            float(s.weight),
+            Tensor::from_primitive(s.labels),
+            float(s.lse),
+            float(s.count),
+            float(grad),
+            s.chunk,
+            node_weight.is_some(),
+        );
+        if let Some(node) = node_hidden {
+            grads.register::<B>(node.id, grad_hidden.into_primitive().tensor());
+        }
+        if let (Some(node), Some(g)) = (node_weight, grad_weight) {
+            grads.register::<B>(node.id, g.into_primitive().tensor());
+        }
+    }
+}
+
+impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
+    fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prepared = MatmulBackward
+            .prepare::<C>([lhs.node.clone(), rhs.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                // Keep each operand only where the other one needs its gradient.
+                let lhs_needed = !rhs.node.requirement.is_none();
+                let rhs_needed = !lhs.node.requirement.is_none();
+                let state = (
+                    lhs_needed.then(|| lhs.primitive.clone()),
+                    rhs_needed.then(|| rhs.primitive.clone()),
+                    lhs.primitive.shape(),
+                    rhs.primitive.shape(),
+                );
+                let out = B::fast_matmul(lhs.primitive, rhs.primitive);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fast_matmul(lhs.primitive, rhs.primitive)),
+        }
+    }
+
+    fn fast_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        let prepared = CrossEntropyBackward
+            .prepare::<C>([hidden.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful();
+        let forward = cross_entropy::forward::<B>(
+            float(hidden.primitive.clone()),
+            float(weight.primitive.clone()),
+            Tensor::from_primitive(labels.clone()),
+            chunk,
+        );
+        let loss = forward.loss.into_primitive().tensor();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let state = CrossEntropyState {
+                    hidden: hidden.primitive,
+                    weight: weight.primitive,
+                    labels,
+                    lse: forward.lse.into_primitive().tensor(),
+                    count: forward.count.into_primitive().tensor(),
+                    chunk,
+                };
+                prep.finish(state, loss)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(loss),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! GPU correctness checks of the fast kernels: the cuBLAS matmul against burn's own matmul on
+//! the same device (f32 within 1e-4, bf16 within 1e-2 relative), and dumps of inputs, outputs and
+//! gradients (matmul, chunked cross-entropy, attention) that `scripts/check_torch.py` recomputes
+//! with PyTorch autograd on the same inputs.
+//!
+//! Reference: PyTorch `F.linear`, `F.cross_entropy(ignore_index=-100)`,
+//! `F.scaled_dot_product_attention(is_causal=True, enable_gqa=True)`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use burn::backend::{Autodiff, Cuda};
+use burn::tensor::{backend::Backend, DType, Distribution, Int, Tensor, TensorData};
+
+use crate::backend::attention::{attention, AttentionOptions};
+use crate::backend::{linear, linear_cross_entropy, matmul, Error};
+
+type B = Cuda;
+type Ad = Autodiff<Cuda>;
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::Cuda {
+        call: "write check dump",
+        detail: format!("{}: {e}", path.display()),
+    }
+}
+
+fn host<BK: Backend, const D: usize>(t: Tensor<BK, D>) -> Vec<f32> {
+    t.cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30) as f64;
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs())) as f64;
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    diff / scale
+}
+
+fn randn<BK: Backend, const D: usize>(shape: [usize; D], dtype: DType) -> Tensor<BK, D> {
+    Tensor::<BK, D>::random(shape, Distribution::Normal(0.0, 1.0), &Default::default()).cast(dtype)
+}
+
+/// Writes `<name>.bin` (f32, little endian) and a manifest line `name dim dim ..`.
+struct Dump<'a> {
+    dir: &'a Path,
+    manifest: String,
+}
+
+impl Dump<'_> {
+    fn put<BK: Backend, const D: usize>(
+        &mut self,
+        name: &str,
+        t: Tensor<BK, D>,
+    ) -> Result<(), Error> {
+        let dims = t.dims();
+        let data = host(t);
+        let path = self.dir.join(format!("{name}.bin"));
+        std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(&data)).map_err(io(&path))?;
+        let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+        let _ = writeln!(self.manifest, "{name} {}", dims.join(" "));
+        Ok(())
+    }
+}
+
+/// Runs the on-device comparisons, writes the dumps into `dir`, returns one line per check and
+/// whether all passed.
+pub fn run_checks(dir: &Path) -> Result<(Vec<String>, bool), Error> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Every product through cuBLAS, however small, so the checks exercise it.
+    crate::backend::cuda::set_min_cublas_macs(0);
+    let mut lines = Vec::new();
+    let mut ok = true;
+
+    // 1. cuBLAS vs burn's matmul: broadcast batch, transposed and sliced operands.
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 1e-2), (DType::F16, 1e-2)] {
+        let a = randn::<B, 3>([3, 257, 129], dtype);
+        let w = randn::<B, 2>([65, 129], dtype);
+        let wide = randn::<B, 3>([3, 257, 200], dtype);
+        let cases: Vec<(&str, Tensor<B, 3>, Tensor<B, 3>)> = vec![
+            ("plain", a.clone(), randn::<B, 3>([3, 129, 65], dtype)),
+            (
+                "weight_t_broadcast",
+                a.clone(),
+                w.clone().transpose().unsqueeze_dim(0),
+            ),
+            (
+                "lhs_t",
+                a.clone().swap_dims(1, 2).swap_dims(1, 2),
+                w.clone().transpose().unsqueeze_dim(0),
+            ),
+            (
+                "lhs_slice",
+                wide.slice([0..3, 0..257, 10..139]),
+                w.transpose().unsqueeze_dim(0),
+            ),
+            (
+                "both_t",
+                randn::<B, 3>([3, 129, 257], dtype).swap_dims(1, 2),
+                randn::<B, 3>([3, 65, 129], dtype).swap_dims(1, 2),
+            ),
+        ];
+        for (name, lhs, rhs) in cases {
+            let want = host(lhs.clone().matmul(rhs.clone()));
+            let got = host(matmul(lhs, rhs));
+            let err = rel_err(&got, &want);
+            let pass = err <= tol;
+            ok &= pass;
+            lines.push(format!(
+                "{} matmul {dtype:?} {name}: rel err {err:.2e} (limit {tol:.0e})",
+                if pass { "PASS" } else { "FAIL" }
+            ));
+        }
+    }
+
+    // 2. Dumps for PyTorch: linear + gradients, chunked CE, attention, in f32 and bf16.
+    let mut dump = Dump {
+        dir,
+        manifest: String::new(),
+    };
+    for (tag, dtype) in [("f32", DType::F32), ("bf16", DType::BF16)] {
+        let x = randn::<Ad, 3>([2, 64, 96], dtype).require_grad();
+        let w = randn::<Ad, 2>([80, 96], dtype).require_grad();
+        let g = randn::<Ad, 3>([2, 64, 80], dtype);
+        let y = linear(x.clone().reshape([128, 96]), w.clone()).reshape([2, 64, 80]);
+        let grads = (y.clone().cast(DType::F32) * g.clone().cast(DType::F32))
+            .sum()
+            .backward();
+        dump.put(&format!("linear_{tag}_x"), x.clone())?;
+        dump.put(&format!("linear_{tag}_w"), w.clone())?;
+        dump.put(&format!("linear_{tag}_g"), g)?;
+        dump.put(&format!("linear_{tag}_y"), y)?;
+        dump.put(
+            &format!("linear_{tag}_dx"),
+            x.grad(&grads).ok_or(missing("dx"))?,
+        )?;
+        dump.put(
+            &format!("linear_{tag}_dw"),
+            w.grad(&grads).ok_or(missing("dw"))?,
+        )?;
+
+        let (n, d, v) = (300, 64, 1000);
+        let h = randn::<Ad, 2>([n, d], dtype).require_grad();
+        let wh = randn::<Ad, 2>([v, d], dtype).require_grad();
+        let labels: Vec<i64> = (0..n as i64)
+            .map(|i| {
+                if i % 7 == 3 {
+                    -100
+                } else {
+                    (i * 37) % v as i64
+                }
+            })
+            .collect();
+        let labels_t = Tensor::<Ad, 1, Int>::from_data(
+            TensorData::new(labels.clone(), [n]),
+            &Default::default(),
+        );
+        let loss = linear_cross_entropy(h.clone(), wh.clone(), labels_t.clone(), 128);
+        let grads = loss.clone().backward();
+        dump.put(&format!("ce_{tag}_h"), h.clone())?;
+        dump.put(&format!("ce_{tag}_w"), wh.clone())?;
+        dump.put(&format!("ce_{tag}_labels"), labels_t.float())?;
+        dump.put(&format!("ce_{tag}_loss"), loss)?;
+        dump.put(
+            &format!("ce_{tag}_dh"),
+            h.grad(&grads).ok_or(missing("dh"))?,
+        )?;
+        dump.put(
+            &format!("ce_{tag}_dw"),
+            wh.grad(&grads).ok_or(missing("dw"))?,
+        )?;
+
+        let q = randn::<Ad, 4>([2, 4, 33, 16], dtype).require_grad();
+        let k = randn::<Ad, 4>([2, 2, 33, 16], dtype).require_grad();
+        let vv = randn::<Ad, 4>([2, 2, 33, 16], dtype).require_grad();
+        let go = randn::<Ad, 4>([2, 4, 33, 16], dtype);
+        let o = attention(
+            q.clone(),
+            k.clone(),
+            vv.clone(),
+            AttentionOptions::default(),
+        )?;
+        let grads = (o.clone().cast(DType::F32) * go.clone().cast(DType::F32))
+            .sum()
+            .backward();
+        dump.put(&format!("attn_{tag}_q"), q.clone())?;
+        dump.put(&format!("attn_{tag}_k"), k.clone())?;
+        dump.put(&format!("attn_{tag}_v"), vv.clone())?;
+        dump.put(&format!("attn_{tag}_go"), go)?;
+        dump.put(&format!("attn_{tag}_o"), o)?;
+        dump.put(
+            &format!("attn_{tag}_dq"),
+            q.grad(&grads).ok_or(missing("dq"))?,
+        )?;
+        dump.put(
+            &format!("attn_{tag}_dk"),
+            k.grad(&grads).ok_or(missing("dk"))?,
+        )?;
+        dump.put(
+            &format!("attn_{tag}_dv"),
+            vv.grad(&grads).ok_or(missing("dv"))?,
+        )?;
+    }
+    let path = dir.join("manifest.txt");
+    std::fs::write(&path, &dump.manifest).map_err(io(&path))?;
+    lines.push(format!(
+        "dumped {} tensors to {}",
+        dump.manifest.lines().count(),
+        dir.display()
+    ));
+    Ok((lines, ok))
+}
+
+fn missing(what: &'static str) -> Error {
+    Error::Shape {
+        op: "check",
+        what: "gradient",
+        expected: format!("a gradient for {what}"),
+        got: "none".into(),
+    }
+}

@@ -1,0 +1,175 @@
+//! `runner bench`: GPU benchmarks of the fast kernels and of whole-model work (LoRA SFT steps,
+//! prefill/decode), as JSON lines that scripts/bench_torch.py and scripts/bench_model_torch.py
+//! join with PyTorch's numbers for the same shapes; `check` (on-device correctness of the
+//! kernels, with dumps for scripts/check_torch.py) and `parity` (a fixture model's logits and
+//! greedy tokens, for scripts/gpu_parity.py).
+
+use std::path::PathBuf;
+
+/// Benchmark or check the GPU paths.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// matmul, attention, ce, all (the three kernels), check, sft, decode or parity.
+    #[arg(value_parser = ["matmul", "attention", "ce", "all", "check", "sft", "decode", "parity"])]
+    pub what: String,
+    /// Also time burn's own matmul on each shape.
+    #[arg(long)]
+    pub with_burn: bool,
+    /// Where `check` writes its tensor dumps.
+    #[arg(long, default_value = "check_dump")]
+    pub dump_dir: PathBuf,
+    /// Model shape for sft/decode: 0.5b, 1.5b or tiny (Qwen2.5, random weights).
+    #[arg(long, default_value = "0.5b")]
+    pub shape: String,
+    /// sft: rows per step; decode: prompts decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// sft: tokens per row; decode: prompt tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub seq: usize,
+    /// sft: timed optimizer steps (after 2 warm-up steps); decode: new tokens.
+    #[arg(long, default_value_t = 8)]
+    pub steps: u64,
+    /// sft: burn's gradient checkpointing (BalancedCheckpointing).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Float type of the whole model: f32 or bf16 (bf16: weights, activations, adapters and
+    /// optimizer state all in bf16; no f32 master copy).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
+    /// parity: the fixture folder (config.json, model.safetensors, expected.json).
+    #[arg(long)]
+    pub fixture: Option<PathBuf>,
+    /// parity: where to write the JSON result.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[cfg(feature = "cuda")]
+mod run_cuda {
+    use super::BenchArgs;
+    use crate::backend::bench_model::{run_decode, run_parity, run_sft, scratch_dir, SftBench};
+    use crate::backend::cuda::device_memory_used;
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::backend::{Autodiff, Cuda};
+    use burn::tensor::backend::Backend;
+    use serde_json::Value;
+
+    fn gib(bytes: usize) -> f64 {
+        bytes as f64 / (1u64 << 30) as f64
+    }
+
+    fn model_task<B: Backend>(args: &BenchArgs) -> anyhow::Result<Value>
+    where
+        B::Device: Default,
+    {
+        let device = B::Device::default();
+        let base = device_memory_used(0)?;
+        let mut out = match args.what.as_str() {
+            "sft" => {
+                let bench = SftBench {
+                    shape: args.shape.clone(),
+                    batch: args.batch,
+                    seq: args.seq,
+                    steps: args.steps,
+                    warmup_steps: 2,
+                    gradient_checkpointing: args.gradient_checkpointing,
+                };
+                let dir = scratch_dir("sft");
+                let v = if args.gradient_checkpointing {
+                    run_sft::<Autodiff<B, BalancedCheckpointing>>(&bench, &device, &dir)
+                } else {
+                    run_sft::<Autodiff<B>>(&bench, &device, &dir)
+                };
+                let _ = std::fs::remove_dir_all(&dir);
+                v?
+            }
+            "decode" => run_decode::<B>(
+                &args.shape,
+                args.batch,
+                args.seq,
+                args.steps as usize,
+                &device,
+            )?,
+            _ => {
+                let dir = args
+                    .fixture
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("`bench parity` needs --fixture DIR"))?;
+                run_parity::<B>(dir, &device)?
+            }
+        };
+        let used = device_memory_used(0)?;
+        if let Value::Object(map) = &mut out {
+            map.insert("what".into(), args.what.clone().into());
+            map.insert("shape".into(), args.shape.clone().into());
+            map.insert("batch".into(), args.batch.into());
+            map.insert("seq".into(), args.seq.into());
+            map.insert("dtype".into(), args.dtype.clone().into());
+            map.insert(
+                "gradient_checkpointing".into(),
+                args.gradient_checkpointing.into(),
+            );
+            // cubecl's pools keep what they reserved, so growth of used memory is the peak
+            // reservation (comparable to torch.cuda.max_memory_reserved).
+            map.insert(
+                "gpu_reserved_gib".into(),
+                gib(used.saturating_sub(base)).into(),
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+        use crate::backend::{bench, check};
+        match args.what.as_str() {
+            "check" => {
+                let (lines, ok) = check::run_checks(&args.dump_dir)?;
+                for line in lines {
+                    println!("{line}");
+                }
+                anyhow::ensure!(ok, "some on-device checks failed");
+            }
+            "sft" | "decode" | "parity" => {
+                let out = if args.dtype == "bf16" {
+                    model_task::<Cuda<half::bf16, i32>>(args)?
+                } else {
+                    model_task::<Cuda<f32, i32>>(args)?
+                };
+                let line = serde_json::to_string(&out)?;
+                match &args.out {
+                    Some(path) => std::fs::write(path, &line)?,
+                    None => println!("{line}"),
+                }
+            }
+            what => {
+                let mut records = Vec::new();
+                if matches!(what, "matmul" | "all") {
+                    records.extend(bench::bench_matmul(args.with_burn)?);
+                }
+                if matches!(what, "ce" | "all") {
+                    records.extend(bench::bench_cross_entropy()?);
+                }
+                if matches!(what, "attention" | "all") {
+                    records.extend(bench::bench_attention()?);
+                }
+                for r in records {
+                    println!("{}", r.json());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the selected benchmark or check on CUDA device 0.
+#[cfg(feature = "cuda")]
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    run_cuda::run(args)
+}
+
+/// Without the `cuda` feature there is nothing to benchmark.
+#[cfg(not(feature = "cuda"))]
+pub fn run(_args: &BenchArgs) -> anyhow::Result<()> {
+    anyhow::bail!("`runner bench` needs a build with the `cuda` feature")
+}

@@ -1,0 +1,210 @@
+//! `FastOps` for burn-cuda's `CubeBackend<CudaRuntime, ..>`: routes batched matmuls to cuBLAS
+//! on the tensors' own device memory, reading transposed and strided views without copies.
+//!
+//! Reference: burn's `examples/custom-cubecl-kernel/src/forward.rs` (v0.21.0) for the
+//! CubeTensor plumbing; `crate::backend::cuda::cublas` for the GEMM itself.
+//! Ordering between cubecl's stream (not exposed by cubecl 0.10) and ours is done with a host
+//! wait on each side: `client.sync()` before the GEMM, a stream synchronize after it.
+
+use burn::tensor::{ops::FloatTensor, DType, Shape};
+use burn_cubecl::{
+    element::BoolElement, kernel::into_contiguous, tensor::CubeTensor, CubeBackend, FloatElement,
+    IntElement,
+};
+use cubecl::cuda::CudaRuntime;
+use cubecl::future::block_on;
+
+use crate::backend::cuda::cublas::{self, Gemm, GemmDtype, Operand};
+use crate::backend::{Error, FastOps};
+
+type Cube<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
+
+fn gemm_dtype(dtype: DType) -> Option<GemmDtype> {
+    match dtype {
+        DType::BF16 => Some(GemmDtype::Bf16),
+        DType::F16 => Some(GemmDtype::F16),
+        DType::F32 => Some(GemmDtype::F32),
+        _ => None,
+    }
+}
+
+/// How a row-major `rows x cols` matrix with strides `(s_row, s_col)` reads in column-major
+/// terms, or `None` where cuBLAS cannot address it (overlapping or doubly strided).
+fn operand_layout(rows: usize, cols: usize, s_row: usize, s_col: usize) -> Option<Operand> {
+    let (r, c) = (rows as u64, cols as u64);
+    if (s_col == 1 || cols == 1) && (rows == 1 || s_row >= cols.max(1)) {
+        // Row-major memory is X^T in column-major: stored cols x rows, read as is.
+        let ld = if rows == 1 { c.max(1) } else { s_row as u64 };
+        return Some(Operand {
+            ptr: 0,
+            rows: c,
+            cols: r,
+            ld: ld as i64,
+            batch_stride: 0,
+            transposed: false,
+        });
+    }
+    if (s_row == 1 || rows == 1) && (cols == 1 || s_col >= rows.max(1)) {
+        // A transposed view: column-major X, read through op = T.
+        let ld = if cols == 1 { r.max(1) } else { s_col as u64 };
+        return Some(Operand {
+            ptr: 0,
+            rows: r,
+            cols: c,
+            ld: ld as i64,
+            batch_stride: 0,
+            transposed: true,
+        });
+    }
+    None
+}
+
+/// The layout of a rank-3 tensor's matrices, copying it to contiguous memory only where its
+/// strides cannot be described to cuBLAS.
+fn prepare(tensor: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, Operand) {
+    let describe = |t: &CubeTensor<CudaRuntime>| {
+        let shape = t.meta.shape();
+        let strides = t.meta.strides();
+        operand_layout(shape[1], shape[2], strides[1], strides[2]).map(|mut op| {
+            op.batch_stride = if shape[0] == 1 { 0 } else { strides[0] as i64 };
+            op
+        })
+    };
+    if let Some(op) = describe(&tensor) {
+        return (tensor, op);
+    }
+    let tensor = into_contiguous(tensor);
+    let op = describe(&tensor).expect("a contiguous rank-3 tensor is always addressable");
+    (tensor, op)
+}
+
+/// `lhs [b|1, m, k] @ rhs [b|1, k, n]` through cuBLAS; `Err` where it does not apply.
+pub fn cublas_matmul(
+    lhs: CubeTensor<CudaRuntime>,
+    rhs: CubeTensor<CudaRuntime>,
+) -> Result<CubeTensor<CudaRuntime>, (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>)> {
+    let lhs_shape = lhs.meta.shape().clone();
+    let rhs_shape = rhs.meta.shape().clone();
+    let dtype = match gemm_dtype(lhs.dtype) {
+        Some(d) if lhs.dtype == rhs.dtype => d,
+        _ => return Err((lhs, rhs)),
+    };
+    if lhs_shape.num_dims() != 3 || rhs_shape.num_dims() != 3 || lhs_shape[2] != rhs_shape[1] {
+        return Err((lhs, rhs));
+    }
+    let (bl, m, k) = (lhs_shape[0], lhs_shape[1], lhs_shape[2]);
+    let (br, n) = (rhs_shape[0], rhs_shape[2]);
+    if bl != br && bl != 1 && br != 1 {
+        return Err((lhs, rhs));
+    }
+    let batch = bl.max(br);
+    if batch == 0
+        || m == 0
+        || n == 0
+        || k == 0
+        || batch > i32::MAX as usize
+        || !super::worth_cublas(batch, m, k, n)
+    {
+        return Err((lhs, rhs));
+    }
+
+    let (lhs, mut a_row) = prepare(lhs);
+    let (rhs, mut b_row) = prepare(rhs);
+    let client = lhs.client.clone();
+    let device = lhs.device.clone();
+    let out_handle = client.empty(batch * m * n * dtype.size());
+    let out = CubeTensor::new_contiguous(
+        client.clone(),
+        device.clone(),
+        Shape::new([batch, m, n]),
+        out_handle,
+        lhs.dtype,
+    );
+
+    let resources = (
+        client.get_resource(lhs.handle.clone()),
+        client.get_resource(rhs.handle.clone()),
+        client.get_resource(out.handle.clone()),
+    );
+    let (ra, rb, rd) = match resources {
+        (Ok(a), Ok(b), Ok(d)) => (a, b, d),
+        _ => return Err((lhs, rhs)),
+    };
+    a_row.ptr = ra.resource().ptr;
+    b_row.ptr = rb.resource().ptr;
+    // Row-major C = A B is column-major C^T = B^T A^T: cuBLAS's A is our rhs, its B our lhs.
+    let gemm = Gemm {
+        dtype,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        batch: batch as i32,
+        a: b_row,
+        b: a_row,
+        d_ptr: rd.resource().ptr,
+        ldd: n as i64,
+        d_batch_stride: (m * n) as i64,
+    };
+    let ran = block_on(client.sync())
+        .map_err(|e| Error::Cuda {
+            call: "cubecl sync",
+            detail: format!("{e:?}"),
+        })
+        .and_then(|()| {
+            cublas::with_state(device.index, |state| {
+                // SAFETY: the three resources are held until after the synchronize below, and
+                // cubecl's queue is drained, so nothing else touches them meanwhile.
+                unsafe { state.enqueue(&gemm)? };
+                state.synchronize()
+            })
+        });
+    drop((ra, rb, rd));
+    match ran {
+        Ok(()) => Ok(out),
+        Err(err) => {
+            // A failed cuBLAS call (library missing, unsupported layout) falls back to burn.
+            log_fallback(&err);
+            Err((lhs, rhs))
+        }
+    }
+}
+
+fn log_fallback(err: &Error) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!("runner backend: cuBLAS unavailable, using burn's matmul ({err})");
+    }
+}
+
+impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT> {
+    fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        match cublas_matmul(lhs, rhs) {
+            Ok(out) => out,
+            Err((lhs, rhs)) => {
+                <Self as burn::tensor::ops::FloatTensorOps<Self>>::float_matmul(lhs, rhs)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operand_layout;
+
+    #[test]
+    fn row_major_and_transposed_views_are_described_without_copies() {
+        // Contiguous 3x4: column-major 4x3, ld 4, no transpose.
+        let op = operand_layout(3, 4, 4, 1).unwrap();
+        assert_eq!((op.rows, op.cols, op.ld, op.transposed), (4, 3, 4, false));
+        // Transpose of a contiguous 4x3 (a 3x4 view with strides (1, 3)).
+        let op = operand_layout(3, 4, 1, 3).unwrap();
+        assert_eq!((op.rows, op.cols, op.ld, op.transposed), (3, 4, 3, true));
+        // A column slice of a wider matrix keeps its parent's leading dimension.
+        let op = operand_layout(3, 4, 10, 1).unwrap();
+        assert_eq!(op.ld, 10);
+        // Doubly strided or overlapping layouts are refused.
+        assert!(operand_layout(3, 4, 8, 2).is_none());
+        assert!(operand_layout(3, 4, 0, 1).is_none());
+    }
+}

@@ -1,0 +1,42 @@
+//! burn-cuda glue for the fast kernels: cuBLAS GEMMs on cubecl tensor memory, for the
+//! plain `CubeBackend<CudaRuntime, ..>` and for its `Fusion` wrapper (burn-cuda's default).
+//!
+//! Reference: `crate::backend` docs; burn `examples/custom-cubecl-kernel`.
+
+mod cube;
+pub mod cublas;
+mod fusion;
+
+pub use cube::cublas_matmul;
+
+/// Products smaller than this many multiply-adds stay on burn's own matmul: each cuBLAS call
+/// waits on the host for cubecl's queue (cubecl 0.10 does not expose its stream), which costs
+/// more than it saves on small GEMMs, and registering it breaks fusion around it.
+pub const DEFAULT_MIN_CUBLAS_MACS: u64 = 1 << 32;
+
+static MIN_CUBLAS_MACS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_MIN_CUBLAS_MACS);
+
+/// Changes the size from which products go to cuBLAS (checks and benchmarks use 0).
+pub fn set_min_cublas_macs(macs: u64) {
+    MIN_CUBLAS_MACS.store(macs, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether a `[batch, m, k] @ [batch, k, n]` product goes to cuBLAS.
+pub fn worth_cublas(batch: usize, m: usize, k: usize, n: usize) -> bool {
+    let macs = (batch as u64) * (m as u64) * (k as u64) * (n as u64);
+    macs >= MIN_CUBLAS_MACS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Bytes of device memory in use on the current context (total - free), as `cuMemGetInfo`
+/// reports it: includes memory cached by cubecl's pools and the cuBLAS workspace.
+pub fn device_memory_used(ordinal: usize) -> Result<usize, crate::backend::Error> {
+    cublas::with_state(ordinal, |_| {
+        let (free, total) =
+            cudarc::driver::result::mem_get_info().map_err(|e| crate::backend::Error::Cuda {
+                call: "cuMemGetInfo",
+                detail: format!("{e:?}"),
+            })?;
+        Ok(total - free)
+    })
+}

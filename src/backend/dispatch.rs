@@ -1,0 +1,110 @@
+//! The generic entry points of the fast kernels. Model code is generic over plain `Backend`;
+//! these functions recognise, by `TypeId`, the concrete backends runner instantiates (ndarray
+//! and burn-cuda in f32 and bf16, each bare and under `Autodiff` with or without checkpointing)
+//! and route them to their [`FastOps`] implementation. Any other backend gets burn's own ops,
+//! with the same results.
+
+use std::any::{Any, TypeId};
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
+
+use crate::backend::{cross_entropy, FastOps};
+
+fn same<A: 'static, B: 'static>() -> bool {
+    TypeId::of::<A>() == TypeId::of::<B>()
+}
+
+/// Moves `x` into type `U`; only called once [`same`] has said the two types are one.
+fn recast<T: 'static, U: 'static>(x: T) -> U {
+    let mut slot = Some(x);
+    (&mut slot as &mut dyn Any)
+        .downcast_mut::<Option<U>>()
+        .and_then(Option::take)
+        .expect("recast between identical types")
+}
+
+/// Returns `$call::<T>(args)` from the enclosing function when `$B` is `T`.
+macro_rules! route_to {
+    ($B:ty, $T:ty, $call:ident, ($($arg:ident),*)) => {
+        if same::<$B, $T>() {
+            return recast($call::<$T>($(recast($arg)),*));
+        }
+    };
+}
+
+/// Routes `$call` to the first backend runner instantiates that `$B` is.
+macro_rules! route {
+    ($B:ty, $call:ident, ($($arg:ident),*)) => {{
+        type Cpu = burn::backend::NdArray<f32>;
+        type Balanced = burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+        route_to!($B, Cpu, $call, ($($arg),*));
+        route_to!($B, burn::backend::Autodiff<Cpu>, $call, ($($arg),*));
+        route_to!($B, burn::backend::Autodiff<Cpu, Balanced>, $call, ($($arg),*));
+        #[cfg(feature = "cuda")]
+        {
+            type Cuda32 = burn::backend::Cuda<f32, i32>;
+            type Cuda16 = burn::backend::Cuda<half::bf16, i32>;
+            route_to!($B, Cuda32, $call, ($($arg),*));
+            route_to!($B, burn::backend::Autodiff<Cuda32>, $call, ($($arg),*));
+            route_to!($B, burn::backend::Autodiff<Cuda32, Balanced>, $call, ($($arg),*));
+            route_to!($B, Cuda16, $call, ($($arg),*));
+            route_to!($B, burn::backend::Autodiff<Cuda16>, $call, ($($arg),*));
+            route_to!($B, burn::backend::Autodiff<Cuda16, Balanced>, $call, ($($arg),*));
+        }
+    }};
+}
+
+fn fast_matmul<F: FastOps>(a: Tensor<F, 3>, b: Tensor<F, 3>) -> Tensor<F, 3> {
+    let out = F::fast_matmul(a.into_primitive().tensor(), b.into_primitive().tensor());
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+fn fast_cross_entropy<F: FastOps>(
+    hidden: Tensor<F, 2>,
+    weight: Tensor<F, 2>,
+    labels: Tensor<F, 1, Int>,
+    chunk: usize,
+) -> Tensor<F, 1> {
+    let out = F::fast_linear_cross_entropy(
+        hidden.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        labels.into_primitive(),
+        chunk,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Batched matrix product `a [b, m, k] @ b [b, k, n] -> [b, m, n]` (a batch of 1 broadcasts).
+/// On burn-cuda large products run on cuBLAS (bf16/f16/f32, f32 accumulation), reading
+/// transposed or sliced views without copying them; elsewhere burn's matmul. Differentiable.
+pub fn matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
+    route!(B, fast_matmul, (a, b));
+    a.matmul(b)
+}
+
+/// `x [m, k] @ w [k, n]` as a single GEMM.
+pub fn matmul_2d<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    matmul(x.unsqueeze_dim::<3>(0), w.unsqueeze_dim::<3>(0)).squeeze_dim::<2>(0)
+}
+
+/// A linear map without bias on `x [rows, in]` with an HF-layout weight `[out, in]`, read through
+/// a transposed view (no copy).
+pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    matmul_2d(x, weight.transpose())
+}
+
+/// Mean cross-entropy of `hidden [n, d] @ weight [v, d]^T` against `labels [n]`, `chunk` tokens
+/// at a time, ignoring labels equal to -100 (a one-element f32 tensor; 0 when every label is
+/// ignored). The `[n, v]` logits are never held at once: under `Autodiff` the backward pass
+/// recomputes them chunk by chunk.
+pub fn linear_cross_entropy<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    chunk: usize,
+) -> Tensor<B, 1> {
+    let chunk = chunk.max(1);
+    route!(B, fast_cross_entropy, (hidden, weight, labels, chunk));
+    // A backend outside the list: the same formulation through burn's autodiff.
+    cross_entropy::reference::<B>(hidden, weight, labels)
+}

@@ -1,0 +1,86 @@
+//! Fast kernels behind one generic API: batched matmul (cuBLAS on burn-cuda, burn's matmul
+//! elsewhere), cross-entropy over a large vocabulary in chunks (the full logits tensor is never
+//! held), and scaled dot-product attention with causal, GQA, padding and KV-cache offsets.
+//!
+//! Each operation is a method of [`FastOps`], implemented for burn-cuda's backends (with and
+//! without `Fusion`), for `NdArray`, and for `Autodiff<B>` with its own backward. Model code stays
+//! generic over plain `Backend`: the functions below look the concrete backend up by `TypeId`
+//! among those runner instantiates (see [`dispatch`]) and fall back to burn's own operations for
+//! any other, so one code path runs on CPU in tests and on CUDA in production.
+//!
+//! References: burn `examples/custom-cubecl-kernel` (custom op + backward, v0.21.0); cuBLAS
+//! (docs.nvidia.com/cuda/cublas); the chunked loss follows Liger-Kernel's
+//! `fused_linear_cross_entropy` (recompute logits per chunk in the backward pass).
+
+pub mod attention;
+mod autodiff;
+#[cfg(feature = "cuda")]
+pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod bench_model;
+#[cfg(feature = "cuda")]
+pub mod check;
+pub mod cli;
+pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+mod dispatch;
+
+use burn::tensor::{
+    backend::Backend,
+    ops::{FloatTensor, IntTensor},
+    Tensor, TensorPrimitive,
+};
+
+/// Errors of the fast-kernel layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A CUDA driver or library call failed.
+    #[error("CUDA call `{call}` failed: {detail}")]
+    Cuda { call: &'static str, detail: String },
+    /// The process-wide cuBLAS state was poisoned by a panic in another thread.
+    #[error("the cuBLAS state lock was poisoned by a panic in another thread")]
+    Poisoned,
+    /// Operand shapes do not fit together.
+    #[error("{op}: {what}: expected {expected}, got {got}")]
+    Shape {
+        op: &'static str,
+        what: &'static str,
+        expected: String,
+        got: String,
+    },
+}
+
+/// Backends with fast paths for the heavy operations of a fine-tuning step. The default bodies
+/// are burn's own operations, so a backend without fast kernels opts in with an empty `impl`.
+pub trait FastOps: Backend {
+    /// `lhs [b, m, k] @ rhs [b, k, n]`; either batch may be 1 and broadcasts.
+    fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+
+    /// Mean token cross-entropy of `hidden [n, d] @ weight[v, d]^T` against `labels [n]`
+    /// (entries equal to [`cross_entropy::IGNORE_INDEX`] are skipped), computed `chunk` rows
+    /// at a time. Returns a one-element f32 tensor.
+    fn fast_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        let out = cross_entropy::forward::<Self>(
+            Tensor::from_primitive(TensorPrimitive::Float(hidden)),
+            Tensor::from_primitive(TensorPrimitive::Float(weight)),
+            Tensor::from_primitive(labels),
+            chunk,
+        );
+        out.loss.into_primitive().tensor()
+    }
+}
+
+impl FastOps for burn::backend::NdArray {}
+
+pub use dispatch::{linear, linear_cross_entropy, matmul, matmul_2d};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,276 @@
+//! CPU tests of the generic paths (NdArray, with and without Autodiff) against naive loops and
+//! against burn's own differentiable ops on the unchunked, unfused formulation.
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{activation, Bool, Distribution, Int, Tensor, TensorData, Tolerance};
+
+use crate::backend::attention::{attention, AttentionOptions};
+use crate::backend::{linear, linear_cross_entropy, matmul};
+
+type Cpu = NdArray;
+type Ad = Autodiff<NdArray>;
+
+fn rand<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<Cpu, D> {
+    <Cpu as burn::tensor::backend::Backend>::seed(&Default::default(), seed);
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+}
+
+fn values<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn assert_close(got: Vec<f32>, want: Vec<f32>, tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: got {g}, want {w}"
+        );
+    }
+}
+
+fn naive_matmul(a: &[f32], b: &[f32], dims: (usize, usize, usize, usize, usize)) -> Vec<f32> {
+    let (ba, bb, m, k, n) = dims;
+    let batch = ba.max(bb);
+    let mut out = vec![0.0; batch * m * n];
+    for bi in 0..batch {
+        let (ao, bo) = ((bi % ba) * m * k, (bi % bb) * k * n);
+        for i in 0..m {
+            for j in 0..n {
+                out[(bi * m + i) * n + j] =
+                    (0..k).map(|p| a[ao + i * k + p] * b[bo + p * n + j]).sum();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn matmul_matches_naive_loops_with_broadcast_and_transposed_views() {
+    let a = rand([3, 5, 7], 1);
+    let b = rand([1, 7, 4], 2);
+    let want = naive_matmul(&values(a.clone()), &values(b.clone()), (3, 1, 5, 7, 4));
+    assert_close(
+        values(matmul(a.clone(), b.clone())),
+        want.clone(),
+        1e-5,
+        "plain",
+    );
+    // The same product through transposed views of transposed copies.
+    let at = a.swap_dims(1, 2).into_data();
+    let bt = b.swap_dims(1, 2).into_data();
+    let a2 = Tensor::<Cpu, 3>::from_data(at, &Default::default()).swap_dims(1, 2);
+    let b2 = Tensor::<Cpu, 3>::from_data(bt, &Default::default()).swap_dims(1, 2);
+    assert_close(values(matmul(a2, b2)), want, 1e-5, "transposed views");
+}
+
+#[test]
+fn matmul_gradients_match_burns_matmul() {
+    let a0 = rand([2, 4, 6], 3);
+    let b0 = rand([1, 6, 3], 4);
+    let w = rand([2, 4, 3], 5);
+    let run = |fast: bool| {
+        let a = Tensor::<Ad, 3>::from_data(a0.to_data(), &Default::default()).require_grad();
+        let b = Tensor::<Ad, 3>::from_data(b0.to_data(), &Default::default()).require_grad();
+        let wd = Tensor::<Ad, 3>::from_data(w.to_data(), &Default::default());
+        let c = if fast {
+            matmul(a.clone(), b.clone())
+        } else {
+            a.clone().matmul(b.clone())
+        };
+        let grads = (c * wd).sum().backward();
+        (
+            a.grad(&grads).unwrap().into_data(),
+            b.grad(&grads).unwrap().into_data(),
+        )
+    };
+    let (ga, gb) = run(true);
+    let (ra, rb) = run(false);
+    ga.assert_approx_eq::<f32>(&ra, Tolerance::absolute(1e-5));
+    gb.assert_approx_eq::<f32>(&rb, Tolerance::absolute(1e-5));
+}
+
+#[test]
+fn linear_reads_hf_weights_as_out_by_in() {
+    let x = rand([2, 3, 4], 6);
+    let w = rand([5, 4], 7);
+    let want = x.clone().matmul(w.clone().transpose().unsqueeze_dim(0));
+    linear(x, w)
+        .into_data()
+        .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-5));
+}
+
+/// Loss by the textbook route: all logits, log-softmax, NLL averaged over non-ignored labels.
+fn naive_loss(hidden: &[f32], weight: &[f32], labels: &[i64], d: usize, v: usize) -> f32 {
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for (t, &label) in labels.iter().enumerate() {
+        if label == -100 {
+            continue;
+        }
+        let logits: Vec<f64> = (0..v)
+            .map(|j| {
+                (0..d)
+                    .map(|p| (hidden[t * d + p] * weight[j * d + p]) as f64)
+                    .sum()
+            })
+            .collect();
+        let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln() + max;
+        total += lse - logits[label as usize];
+        count += 1;
+    }
+    (total / count.max(1) as f64) as f32
+}
+
+#[test]
+fn chunked_cross_entropy_matches_naive_loss_and_full_logits_gradients() {
+    let (n, d, v) = (7, 5, 11);
+    let h0 = rand([n, d], 8);
+    let w0 = rand([v, d], 9);
+    let labels_vec: Vec<i64> = vec![3, -100, 10, 0, 5, -100, 7];
+    let labels = || {
+        Tensor::<Ad, 1, Int>::from_data(
+            TensorData::from(labels_vec.as_slice()),
+            &Default::default(),
+        )
+    };
+    let want = naive_loss(&values(h0.clone()), &values(w0.clone()), &labels_vec, d, v);
+
+    // Reference gradients: burn's autodiff through the full logits.
+    let h = Tensor::<Ad, 2>::from_data(h0.to_data(), &Default::default()).require_grad();
+    let w = Tensor::<Ad, 2>::from_data(w0.to_data(), &Default::default()).require_grad();
+    let logp = activation::log_softmax(h.clone().matmul(w.clone().transpose()), 1);
+    let mask = labels().not_equal_elem(-100);
+    let safe = labels().mask_fill(mask.clone().bool_not(), 0);
+    let picked = logp.gather(1, safe.unsqueeze_dim(1)).squeeze_dim::<1>(1);
+    let reference = -(picked * mask.clone().float()).sum() / mask.float().sum();
+    let grads = reference.backward();
+    let (rh, rw) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap());
+
+    for chunk in [1, 3, 7, 100] {
+        let h = Tensor::<Ad, 2>::from_data(h0.to_data(), &Default::default()).require_grad();
+        let w = Tensor::<Ad, 2>::from_data(w0.to_data(), &Default::default()).require_grad();
+        let loss = linear_cross_entropy(h.clone(), w.clone(), labels(), chunk);
+        let got = loss.clone().into_scalar();
+        assert!(
+            (got - want).abs() < 1e-4,
+            "chunk {chunk}: loss {got} vs {want}"
+        );
+        let grads = loss.backward();
+        h.grad(&grads)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&rh.to_data(), Tolerance::absolute(1e-5));
+        w.grad(&grads)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&rw.to_data(), Tolerance::absolute(1e-5));
+    }
+}
+
+#[test]
+fn cross_entropy_with_every_label_ignored_is_zero_not_nan() {
+    let h = rand([3, 4], 10);
+    let w = rand([6, 4], 11);
+    let labels = Tensor::<Cpu, 1, Int>::from_data(TensorData::from([-100i64; 3]), &h.device());
+    let loss = linear_cross_entropy(h, w, labels, 2).into_scalar();
+    assert_eq!(loss, 0.0);
+}
+
+/// Attention by nested loops, one query head at a time.
+#[allow(clippy::too_many_arguments)]
+fn naive_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (b, hq, hkv, sq, sk, d): (usize, usize, usize, usize, usize, usize),
+    causal: bool,
+    padding: &[bool],
+) -> Vec<f32> {
+    let group = hq / hkv;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0.0; b * hq * sq * d];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / group;
+            for i in 0..sq {
+                let qo = ((bi * hq + h) * sq + i) * d;
+                let allowed = |j: usize| {
+                    !(causal && j > sk - sq + i)
+                        && !padding.get(bi * sk + j).copied().unwrap_or(false)
+                };
+                let scores: Vec<f32> = (0..sk)
+                    .map(|j| {
+                        let ko = ((bi * hkv + kh) * sk + j) * d;
+                        if allowed(j) {
+                            (0..d).map(|p| q[qo + p] * k[ko + p]).sum::<f32>() * scale
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for j in 0..sk {
+                    let vo = ((bi * hkv + kh) * sk + j) * d;
+                    for p in 0..d {
+                        out[qo + p] += e[j] / z * v[vo + p];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_matches_naive_loops_for_causal_gqa_padding_and_decode() {
+    let (b, hq, hkv, d) = (2, 4, 2, 8);
+    for (sq, sk, causal, pad) in [
+        (5, 5, true, false),
+        (5, 5, false, true),
+        (1, 6, true, true),
+        (3, 6, true, false),
+    ] {
+        let q = rand([b, hq, sq, d], 12);
+        let k = rand([b, hkv, sk, d], 13);
+        let v = rand([b, hkv, sk, d], 14);
+        // Pad the last key of the second sequence.
+        let padding: Vec<bool> = (0..b * sk).map(|i| pad && i == b * sk - 1).collect();
+        let want = naive_attention(
+            &values(q.clone()),
+            &values(k.clone()),
+            &values(v.clone()),
+            (b, hq, hkv, sq, sk, d),
+            causal,
+            &padding,
+        );
+        let key_padding = pad.then(|| {
+            Tensor::<Cpu, 2, Bool>::from_data(
+                TensorData::new(padding.clone(), [b, sk]),
+                &Default::default(),
+            )
+        });
+        let options = AttentionOptions {
+            causal,
+            key_padding,
+            scale: None,
+        };
+        let got = attention(q, k, v, options).unwrap();
+        assert_close(
+            values(got),
+            want,
+            1e-4,
+            &format!("sq {sq} sk {sk} causal {causal} pad {pad}"),
+        );
+    }
+}
+
+#[test]
+fn attention_rejects_mismatched_heads_with_a_shape_error() {
+    let q = rand([1, 3, 2, 4], 15);
+    let k = rand([1, 2, 2, 4], 16);
+    let err = attention(q, k.clone(), k, AttentionOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("q_heads 3, kv_heads 2"), "{err}");
+}
