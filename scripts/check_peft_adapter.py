@@ -1,7 +1,8 @@
 """Checks a runner-written LoRA adapter directory against peft's own definitions.
 
-usage: python3 scripts/check_peft_adapter.py DIR --layers 2 --hidden 8 --kv-dim 4 --intermediate 12
+usage: python3 scripts/check_peft_adapter.py DIR [--layers 2 --hidden 8 --kv-dim 4 --intermediate 12]
        [--peft-src PATH]   (folder holding peft/, e.g. an unzipped `pip download --no-deps peft==0.21.2`)
+       [--base HF_DIR --runner-logits FILE [--merged HF_DIR --runner-merged-logits FILE]]
 
 1. adapter_config.json: with peft importable (needs torch), `peft.LoraConfig.from_pretrained(DIR)`
    must load it and `to_dict()` must give the same keys; without torch, the keys and default values are
@@ -10,7 +11,13 @@ usage: python3 scripts/check_peft_adapter.py DIR --layers 2 --hidden 8 --kv-dim 
 2. adapter_model.safetensors (read with safetensors' numpy API): the tensor names must be exactly those
    peft saves for a Llama/Qwen2 model with this config (`base_model.model.` + module path +
    `.lora_A.weight` / `.lora_B.weight`, modules chosen as check_target_module_exists does), with shapes
-   lora_A [r, in_features] and lora_B [out_features, r].
+   lora_A [r, in_features] and lora_B [out_features, r]; with use_dora also `.lora_magnitude_vector` [out].
+3. With --base (torch, transformers and peft needed): loads the adapter with
+   `peft.PeftModel.from_pretrained` onto `transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)`,
+   runs the prompt ids of FILE (written by `runner generate --model HF_DIR --adapter DIR --logits FILE`)
+   and prints the max abs difference from runner's logits; with --merged, the same for runner's merged
+   folder loaded by transformers alone against `runner generate --model MERGED --logits FILE`, and for
+   peft's own merge (`merge_and_unload`) against runner's merged weights.
 """
 
 import argparse
@@ -98,6 +105,8 @@ def check_tensors(path, config, dims):
             if targeted(config, key):
                 want[f"base_model.model.{key}.lora_A.weight"] = (r, dims[in_dim])
                 want[f"base_model.model.{key}.lora_B.weight"] = (dims[out_dim], r)
+                if config.get("use_dora"):
+                    want[f"base_model.model.{key}.lora_magnitude_vector"] = (dims[out_dim],)
     with safe_open(os.path.join(path, "adapter_model.safetensors"), framework="numpy") as f:
         got = {name: tuple(f.get_tensor(name).shape) for name in f.keys()}
         meta = f.metadata()
@@ -106,17 +115,72 @@ def check_tensors(path, config, dims):
     print(f"tensors: {len(got)} names and shapes are the ones peft saves; metadata {meta}")
 
 
+def read_runner_logits(path):
+    import json as _json
+    import numpy as np
+    rows = []
+    for line in open(path):
+        if line.strip():
+            row = _json.loads(line)
+            ids = row["prompt_ids"]
+            rows.append((ids, np.asarray(row["logits"], dtype=np.float32).reshape(len(ids), row["vocab"])))
+    return rows
+
+
+def torch_logits(model, ids):
+    import torch
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+def check_logits(adapter_dir, base_dir, runner_file, merged_dir, runner_merged_file):
+    import numpy as np
+    import peft
+    import torch
+    import transformers
+    torch.set_grad_enabled(False)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    worst = 0.0
+    for ids, runner in read_runner_logits(runner_file):
+        diff = float(np.abs(torch_logits(model, ids) - runner).max())
+        worst = max(worst, diff)
+        print(f"peft(base + adapter) vs runner(base + adapter), {len(ids)} tokens: max |diff| {diff:.3e}")
+    report = {"adapter": worst}
+    if merged_dir:
+        merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, torch_dtype=torch.float32).eval()
+        peft_merged = model.merge_and_unload()
+        sd_peft, sd_runner = peft_merged.state_dict(), merged.state_dict()
+        w_diff = max(float((sd_peft[k] - sd_runner[k]).abs().max()) for k in sd_peft if k in sd_runner)
+        print(f"peft merge_and_unload vs runner merged weights: max |diff| {w_diff:.3e}")
+        m_worst = 0.0
+        for ids, runner in read_runner_logits(runner_merged_file):
+            diff = float(np.abs(torch_logits(merged, ids) - runner).max())
+            peft_diff = float(np.abs(torch_logits(merged, ids) - torch_logits(peft_merged, ids)).max())
+            m_worst = max(m_worst, diff)
+            print(f"transformers(merged) vs runner(merged): max |diff| {diff:.3e}; vs peft-merged {peft_diff:.3e}")
+        report.update(merged=m_worst, merged_weights=w_diff)
+    return report
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("dir")
-    ap.add_argument("--layers", type=int, required=True)
-    ap.add_argument("--hidden", type=int, required=True)
-    ap.add_argument("--kv-dim", type=int, required=True)
-    ap.add_argument("--intermediate", type=int, required=True)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--kv-dim", type=int)
+    ap.add_argument("--intermediate", type=int)
     ap.add_argument("--peft-src", default="/tmp/peft-src")
+    ap.add_argument("--base")
+    ap.add_argument("--runner-logits")
+    ap.add_argument("--merged")
+    ap.add_argument("--runner-merged-logits")
     a = ap.parse_args()
     config = check_config(a.dir, a.peft_src)
-    check_tensors(a.dir, config, {"layers": a.layers, "hidden": a.hidden, "kv": a.kv_dim, "inter": a.intermediate})
+    if a.layers is not None:
+        check_tensors(a.dir, config, {"layers": a.layers, "hidden": a.hidden, "kv": a.kv_dim, "inter": a.intermediate})
+    if a.base:
+        print(check_logits(a.dir, a.base, a.runner_logits, a.merged, a.runner_merged_logits))
     print("OK")
 
 

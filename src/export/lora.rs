@@ -1,7 +1,10 @@
 //! Merging a PEFT LoRA adapter into base weights: W += scale · B·A with scale = alpha/r, or
 //! alpha/√r with `use_rslora` (peft/tuners/lora/layer.py `LoraLayer.update_layer`,
 //! `get_delta_weight`). Adapter tensors are named
-//! `base_model.model.<base name without .weight>.lora_{A,B}.weight`.
+//! `base_model.model.<base name without .weight>.lora_{A,B}.weight`. DoRA adapters also carry
+//! `<module>.lora_magnitude_vector` (`[out]`): the merged weight is
+//! `m / ||W + scale·B·A|| · (W + scale·B·A)`, norms over each output row (peft
+//! `tuners/lora/variants.py` `DoraLinearVariant.merge_safe`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -112,7 +115,14 @@ pub fn merge_lora(
         })?;
     let mut pairs: BTreeMap<String, (Option<&HostTensor>, Option<&HostTensor>)> = BTreeMap::new();
     let mut replaced = Vec::new();
+    let mut magnitudes: BTreeMap<String, &HostTensor> = BTreeMap::new();
     for (name, t) in &adapter {
+        if let Some(pos) = name.find(".lora_magnitude_vector") {
+            let stem = name.strip_prefix("base_model.model.").unwrap_or(name);
+            let module = stem[..pos - (name.len() - stem.len())].to_string();
+            magnitudes.insert(module, t);
+            continue;
+        }
         match split_lora_name(name) {
             Some((module, 'A')) => pairs.entry(module).or_default().0 = Some(t),
             Some((module, _)) => pairs.entry(module).or_default().1 = Some(t),
@@ -197,7 +207,41 @@ pub fn merge_lora(
                 w.data[idx] += d * scale;
             }
         }
+        if let Some(m) = magnitudes.remove(&module) {
+            if m.data.len() != n_out {
+                return Err(Error::Adapter {
+                    path: adapter_dir.to_path_buf(),
+                    what: format!(
+                        "`{module}` lora_magnitude_vector has {} values, expected {n_out}",
+                        m.data.len()
+                    ),
+                });
+            }
+            let idx = |o: usize, i: usize| {
+                if cfg.fan_in_fan_out {
+                    i * n_out + o
+                } else {
+                    o * n_in + i
+                }
+            };
+            for (o, &mag) in m.data.iter().enumerate() {
+                let norm = (0..n_in)
+                    .map(|i| f64::from(w.data[idx(o, i)]).powi(2))
+                    .sum::<f64>()
+                    .sqrt() as f32;
+                let factor = mag / norm;
+                for i in 0..n_in {
+                    w.data[idx(o, i)] *= factor;
+                }
+            }
+        }
         merged.push(module);
+    }
+    if let Some(module) = magnitudes.keys().next() {
+        return Err(Error::Adapter {
+            path: adapter_dir.to_path_buf(),
+            what: format!("`{module}` has a lora_magnitude_vector but no lora_A/lora_B"),
+        });
     }
     merged.extend(replaced);
     Ok(merged)

@@ -78,6 +78,13 @@ pub struct GenerateArgs {
     /// One JSON object per prompt per line: text, token_ids (generated), prompt_ids.
     #[arg(long)]
     pub json: bool,
+    /// A peft LoRA/DoRA adapter folder applied (unmerged) on top of --model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Also write each prompt's logits (one forward over the prompt ids) to this file, one JSON
+    /// object per prompt per line: prompt_ids, vocab, logits (row-major `[len, vocab]`).
+    #[arg(long)]
+    pub logits: Option<PathBuf>,
 }
 
 /// What generation needs from a tokenizer (the `text` module provides the real one).
@@ -275,6 +282,8 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<PromptItem>> {
 
 struct GenerateTask<'a> {
     source: ModelSource,
+    adapter: Option<crate::train::peft_io::LoraAdapter>,
+    want_logits: bool,
     prompts: Vec<Vec<u32>>,
     opts: GenerateOptions,
     batch_size: usize,
@@ -282,17 +291,33 @@ struct GenerateTask<'a> {
 }
 
 impl BackendTask for GenerateTask<'_> {
-    type Output = anyhow::Result<Vec<Generation>>;
+    type Output = anyhow::Result<(Vec<Generation>, Vec<Vec<f32>>)>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let model =
+        use crate::trainer::sft::CausalModel;
+        let mut model =
             CausalLm::<B>::from_hf_tensors(&self.source.config, &self.source.tensors, &device)?;
         drop(self.source);
+        if let Some(adapter) = &self.adapter {
+            model = crate::trainer::adapters::apply_adapter(model, adapter, &device)?;
+        }
+        let mut logits = Vec::new();
+        if self.want_logits {
+            for ids in &self.prompts {
+                let data: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+                let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+                    burn::tensor::TensorData::new(data, [1, ids.len()]),
+                    &device,
+                );
+                let l = model.logits(ids).into_data().convert::<f32>();
+                logits.push(l.into_vec::<f32>().unwrap_or_default());
+            }
+        }
         let mut out = Vec::with_capacity(self.prompts.len());
         for chunk in self.prompts.chunks(self.batch_size.max(1)) {
             out.extend(generate(&model, chunk, &self.opts, Some(self.decode))?);
         }
-        Ok(out)
+        Ok((out, logits))
     }
 }
 
@@ -340,14 +365,29 @@ pub fn run_with_tokenizer(
         pad_token_id: source.config.pad_token_id.unwrap_or(0),
     };
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
+    let adapter = match &args.adapter {
+        Some(dir) => Some(crate::train::peft_io::read_lora_adapter(dir)?),
+        None => None,
+    };
+    let vocab = source.config.vocab_size;
     let task = GenerateTask {
         source,
+        adapter,
+        want_logits: args.logits.is_some(),
         prompts: prompts.clone(),
         opts,
         batch_size: args.batch_size,
         decode: &decode,
     };
-    let results = run_on_device(args.device, task)??;
+    let (results, logits) = run_on_device(args.device, task)??;
+    if let Some(path) = &args.logits {
+        let mut text = String::new();
+        for (ids, l) in prompts.iter().zip(&logits) {
+            let line = json!({ "prompt_ids": ids, "vocab": vocab, "logits": l });
+            text.push_str(&format!("{line}\n"));
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     let mut stdout = std::io::stdout().lock();
     for (prompt_ids, g) in prompts.iter().zip(results) {
         let text = tok.decode(&g.token_ids)?;

@@ -5,17 +5,24 @@
 //! layout. Reference: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models";
 //! peft `tuners/lora/layer.py` (`Linear.forward`, kaiming-uniform A, zero B,
 //! `scaling = alpha / r`).
+//!
+//! The base weight may be held in NF4 (QLoRA, [`crate::model::nf4_linear`]), and the adapter may
+//! carry DoRA's magnitude vector (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation";
+//! peft `tuners/lora/dora.py` `DoraLinearLayer`, `tuners/lora/variants.py` `DoraLinearVariant`).
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
-/// `y = x W^T + b + scaling * dropout(x) A^T B^T`.
+use crate::model::nf4_linear::{BaseWeight, Nf4Weight};
+use crate::train::nf4::Error as Nf4Error;
+
+/// `y = x W^T + b + scaling * dropout(x) A^T B^T`; with DoRA see [`LoraLinear::forward`].
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
-    /// `[out, in]`.
-    pub weight: Param<Tensor<B, 2>>,
+    /// `[out, in]`, dense or NF4.
+    pub weight: BaseWeight<B>,
     /// `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// `[r, in]`.
@@ -25,18 +32,21 @@ pub struct LoraLinear<B: Backend> {
     /// `alpha / r` (0 without an adapter).
     pub scaling: f64,
     pub dropout: Dropout,
+    /// DoRA's `lora_magnitude_vector` `[out]` (None: plain LoRA).
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> LoraLinear<B> {
     /// A plain linear layer from HF-layout tensors (`weight [out, in]`, `bias [out]`).
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
+            weight: BaseWeight::Dense(Param::from_tensor(weight)),
             bias: bias.map(Param::from_tensor),
             lora_a: None,
             lora_b: None,
             scaling: 0.0,
             dropout: DropoutConfig::new(0.0).init(),
+            magnitude: None,
         }
     }
 
@@ -81,12 +91,58 @@ impl<B: Backend> LoraLinear<B> {
         self
     }
 
-    /// Folds the adapter into `weight` (`W + scaling * B A`) and drops it.
+    /// Replaces a dense base weight by its NF4 quantization (QLoRA's frozen base).
+    pub fn quantize_base_nf4(mut self) -> Result<Self, Nf4Error> {
+        if let BaseWeight::Dense(w) = &self.weight {
+            self.weight = BaseWeight::Nf4(Nf4Weight::quantize(w.val())?);
+        }
+        Ok(self)
+    }
+
+    /// Row norms `||W + scaling B A||` over dim 1 (`[out]`), without gradient (DoRA section 4.3,
+    /// peft `DoraLinearLayer.get_weight_norm` on the detached LoRA weight).
+    fn dora_weight_norm(&self, w: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 1> {
+        let lora = b.matmul(a).detach().mul_scalar(self.scaling);
+        let out = self.out_features();
+        w.detach()
+            .add(lora)
+            .powf_scalar(2.0)
+            .sum_dim(1)
+            .sqrt()
+            .reshape([out])
+    }
+
+    /// Adds DoRA's magnitude vector initialised as peft does: `||W + scaling B A||` per output row.
+    /// Needs the adapter factors.
+    pub fn with_dora(mut self) -> Self {
+        if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
+            let norm = self.dora_weight_norm(self.weight.val(), a.val(), b.val());
+            self.magnitude = Some(Param::from_tensor(norm));
+        }
+        self
+    }
+
+    /// Sets a magnitude vector loaded from a checkpoint (`[out]`).
+    pub fn with_magnitude(mut self, magnitude: Tensor<B, 1>) -> Self {
+        self.magnitude = Some(Param::from_tensor(magnitude));
+        self
+    }
+
+    /// Folds the adapter into a dense `weight` and drops it: `W + scaling B A`, with DoRA
+    /// `m / ||W + scaling B A|| * (W + scaling B A)` (peft `DoraLinearVariant.merge_safe`).
+    /// An NF4 base is dequantized.
     pub fn merged(mut self) -> Self {
+        let magnitude = self.magnitude.take();
         if let (Some(a), Some(b)) = (self.lora_a.take(), self.lora_b.take()) {
+            let w = self.weight.val();
             let delta = b.val().matmul(a.val()).mul_scalar(self.scaling);
-            let w = self.weight.val().add(delta);
-            self.weight = Param::from_tensor(w);
+            let mut merged = w.clone().add(delta);
+            if let Some(m) = magnitude {
+                let norm = self.dora_weight_norm(w, a.val(), b.val());
+                let factor = m.val().div(norm).unsqueeze_dim::<2>(1);
+                merged = merged.mul(factor);
+            }
+            self.weight = BaseWeight::Dense(Param::from_tensor(merged));
         }
         self.scaling = 0.0;
         self
@@ -100,7 +156,17 @@ impl<B: Backend> LoraLinear<B> {
         let inp = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
         let x2 = x.reshape([rows, inp]);
-        let mut y = crate::backend::linear(x2.clone(), self.weight.val());
+        let w = self.weight.val();
+        let mut y = crate::backend::linear(x2.clone(), w.clone());
+        if let (Some(m), Some(a), Some(b)) = (&self.magnitude, &self.lora_a, &self.lora_b) {
+            y = self.dora_delta(y, x2, w, m.val(), a.val(), b.val());
+            if let Some(bias) = &self.bias {
+                y = y.add(bias.val().unsqueeze::<2>());
+            }
+            let mut out = dims;
+            out[D - 1] = self.out_features();
+            return y.reshape(out);
+        }
         if let Some(b) = &self.bias {
             y = y.add(b.val().unsqueeze::<2>());
         }
@@ -115,6 +181,36 @@ impl<B: Backend> LoraLinear<B> {
         let mut out = dims;
         out[D - 1] = self.out_features();
         y.reshape(out)
+    }
+
+    /// DoRA on top of the bias-free base output `base = x W^T` (peft `DoraLinearLayer.forward`):
+    /// `base + (m/n - 1) * xd W^T + (m/n) * scaling * xd A^T B^T` with `n = ||W + scaling B A||`
+    /// detached and `xd = dropout(x)`; without dropout `xd W^T` is `base` itself.
+    fn dora_delta(
+        &self,
+        base: Tensor<B, 2>,
+        x: Tensor<B, 2>,
+        w: Tensor<B, 2>,
+        m: Tensor<B, 1>,
+        a: Tensor<B, 2>,
+        b: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        let norm = self.dora_weight_norm(w.clone(), a.clone(), b.clone());
+        let scale = m.div(norm).unsqueeze::<2>();
+        let dropped = self.dropout.prob > 0.0 && B::ad_enabled(&x.device());
+        let xd = if dropped { self.dropout.forward(x) } else { x };
+        let lora = xd
+            .clone()
+            .matmul(a.transpose())
+            .matmul(b.transpose())
+            .mul_scalar(self.scaling);
+        if dropped {
+            let base_d = xd.matmul(w.transpose());
+            base.add(scale.clone().sub_scalar(1.0).mul(base_d))
+                .add(scale.mul(lora))
+        } else {
+            scale.mul(base.add(lora))
+        }
     }
 }
 
@@ -172,5 +268,75 @@ mod tests {
         assert_eq!(adapted.lora_a.as_ref().unwrap().dims(), [2, 3]);
         assert_eq!(adapted.lora_b.as_ref().unwrap().dims(), [4, 2]);
         adapted.forward(x).into_data().assert_eq(&y0, true);
+    }
+
+    #[test]
+    fn nf4_base_forward_equals_dense_dequantized_forward() {
+        let device = Default::default();
+        let w = Tensor::<TB, 2>::random([96, 80], Distribution::Normal(0.0, 0.1), &device);
+        let b = Tensor::<TB, 1>::random([96], Distribution::Normal(0.0, 0.1), &device);
+        let host = w.clone().into_data().to_vec::<f32>().unwrap();
+        let deq = crate::train::nf4::quantize_nf4(&host, &[96, 80])
+            .unwrap()
+            .dequantize()
+            .unwrap();
+        let a = Tensor::<TB, 2>::random([4, 80], Distribution::Normal(0.0, 0.1), &device);
+        let bb = Tensor::<TB, 2>::random([96, 4], Distribution::Normal(0.0, 0.1), &device);
+        let dense = LoraLinear::new(t2(deq, [96, 80]), Some(b.clone())).with_lora_tensors(
+            a.clone(),
+            bb.clone(),
+            2.0,
+        );
+        let nf4 = LoraLinear::new(w, Some(b))
+            .quantize_base_nf4()
+            .unwrap()
+            .with_lora_tensors(a, bb, 2.0);
+        assert!(matches!(nf4.weight, BaseWeight::Nf4(_)));
+        // 96 x 80 = 120 blocks: 960 words of nibbles, 30 of absmax codes, one scale.
+        assert_eq!(nf4.weight.device_bytes(), (960 + 30) * 8 + 4);
+        let x = Tensor::<TB, 3>::random([2, 3, 80], Distribution::Normal(0.0, 1.0), &device);
+        for (d, q) in [
+            (dense.clone(), nf4.clone()),
+            (dense.with_dora(), nf4.with_dora()),
+        ] {
+            let y0 = d.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
+            let y1 = q.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
+            let diff = y0
+                .iter()
+                .zip(&y1)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-6, "NF4 forward differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn dora_forward_and_merge_match_hand_computation() {
+        // W = [[3, 4], [0, 2]], no adapter delta (B = 0): n = [5, 2]; m = [10, 1] scales rows by 2, 0.5.
+        let w = t2(vec![3., 4., 0., 2.], [2, 2]);
+        let lin = LoraLinear::new(w, None)
+            .with_lora_tensors(t2(vec![1., 1.], [1, 2]), t2(vec![0., 0.], [2, 1]), 1.0)
+            .with_dora();
+        let m = lin
+            .magnitude
+            .as_ref()
+            .unwrap()
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(m, vec![5., 2.]);
+        let lin = lin.with_magnitude(Tensor::from_data(
+            TensorData::new(vec![10f32, 1.], [2]),
+            &Default::default(),
+        ));
+        let x = t2(vec![1., 1.], [1, 2]);
+        let y = lin.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(y, vec![14., 1.]);
+        let merged = lin.merged();
+        assert!(merged.magnitude.is_none());
+        assert_eq!(
+            merged.weight.val().into_data().to_vec::<f32>().unwrap(),
+            vec![6., 8., 0., 1.]
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! `LoraConfig`; `save_pretrained` writes `json.dumps(asdict(config), indent=2, sort_keys=True)`
 //! without `runtime_config`), and `adapter_model.safetensors` with peft's saved names
 //! `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight` ([r, in]) and
-//! `lora_B.weight` ([out, r]) (`peft/utils/save_and_load.py` strips the adapter name on save).
+//! `lora_B.weight` ([out, r]) (`peft/utils/save_and_load.py` strips the adapter name on save), and for
+//! DoRA `...{proj}.lora_magnitude_vector` ([out]; peft 0.21 saves it without `.weight`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -349,6 +350,34 @@ pub struct LoraAdapter {
     pub config: LoraAdapterConfig,
     /// Sorted by (layer, module).
     pub pairs: Vec<LoraPair>,
+    /// DoRA magnitude vectors `[out]` by (layer, module); empty without DoRA.
+    pub magnitudes: BTreeMap<(usize, LoraModule), DenseTensor>,
+}
+
+/// peft's saved name of a DoRA magnitude vector: `base_model.model.model.layers.{i}.{path}.lora_magnitude_vector`.
+pub fn magnitude_name(layer: usize, module: LoraModule) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.lora_magnitude_vector",
+        module.path()
+    )
+}
+
+/// (layer, module) of a magnitude vector name, with or without the `base_model.model.` prefix and
+/// with `.weight` or `.<adapter>.weight` after `lora_magnitude_vector` (peft's in-memory names).
+pub fn parse_magnitude_name(name: &str) -> Option<(usize, LoraModule)> {
+    let rest = name.strip_prefix("base_model.model.").unwrap_or(name);
+    let rest = rest.strip_prefix("model.").unwrap_or(rest);
+    let (layer, rest) = rest.strip_prefix("layers.")?.split_once('.')?;
+    let (module_path, suffix) = rest.split_once(".lora_magnitude_vector")?;
+    let suffix_ok = suffix.is_empty()
+        || suffix == ".weight"
+        || suffix
+            .strip_prefix('.')
+            .and_then(|s| s.strip_suffix(".weight"))
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_alphanumeric() || c == '_'));
+    (suffix_ok)
+        .then(|| Some((layer.parse().ok()?, LoraModule::from_path(module_path)?)))
+        .flatten()
 }
 
 /// peft's saved name of a factor: `base_model.model.model.layers.{i}.{path}.lora_{A|B}.weight`.
@@ -389,6 +418,16 @@ pub fn write_lora_adapter(
     config: &LoraAdapterConfig,
     pairs: &[LoraPair],
 ) -> Result<(), Error> {
+    write_adapter_with_magnitudes(dir, config, pairs, &BTreeMap::new())
+}
+
+/// [`write_lora_adapter`] plus DoRA magnitude vectors (`config.use_dora` should be set).
+pub fn write_adapter_with_magnitudes(
+    dir: &Path,
+    config: &LoraAdapterConfig,
+    pairs: &[LoraPair],
+    magnitudes: &BTreeMap<(usize, LoraModule), DenseTensor>,
+) -> Result<(), Error> {
     for pair in pairs {
         check_pair(pair)?;
         if config.rank_pattern.is_empty() && pair.a.shape[0] != config.r {
@@ -424,6 +463,10 @@ pub fn write_lora_adapter(
                 bytes,
             ));
         }
+    }
+    for (&(layer, module), m) in magnitudes {
+        let bytes: Vec<u8> = m.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        buffers.push((magnitude_name(layer, module), m.shape.clone(), bytes));
     }
     let views = buffers
         .iter()
@@ -524,12 +567,30 @@ pub fn read_lora_adapter(dir: &Path) -> Result<LoraAdapter, Error> {
         message: e.to_string(),
     })?;
     let mut factors: BTreeMap<(usize, LoraModule), [Option<DenseTensor>; 2]> = BTreeMap::new();
+    let mut magnitudes = BTreeMap::new();
     for (name, view) in tensors.iter() {
         let tensor_err = |message: String| Error::Tensor {
             path: weights_path.clone(),
             name: name.to_string(),
             message,
         };
+        if let Some(key) = parse_magnitude_name(name) {
+            let data = to_f32(&view, &weights_path, name)?;
+            if view.shape().len() != 1 {
+                return Err(tensor_err(format!(
+                    "a DoRA magnitude vector is 1-D [out], got shape {:?}",
+                    view.shape()
+                )));
+            }
+            let shape = view.shape().to_vec();
+            if magnitudes
+                .insert(key, DenseTensor { shape, data })
+                .is_some()
+            {
+                return Err(tensor_err("duplicate magnitude vector".into()));
+            }
+            continue;
+        }
         let (layer, module, factor) = parse_tensor_name(name).ok_or_else(|| {
             tensor_err("not a LoRA factor of a decoder projection (expected e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)".into())
         })?;
@@ -559,9 +620,35 @@ pub fn read_lora_adapter(dir: &Path) -> Result<LoraAdapter, Error> {
             b: b.ok_or_else(|| missing('B'))?,
         };
         check_pair(&pair)?;
+        if let Some(m) = magnitudes.get(&(layer, module)) {
+            if m.shape[0] != pair.b.shape[0] {
+                return Err(Error::BadPair {
+                    layer,
+                    module: module.path(),
+                    message: format!(
+                        "lora_magnitude_vector has {} entries, lora_B has {} rows",
+                        m.shape[0], pair.b.shape[0]
+                    ),
+                });
+            }
+        }
         pairs.push(pair);
     }
-    Ok(LoraAdapter { config, pairs })
+    if let Some(&(layer, module)) = magnitudes
+        .keys()
+        .find(|k| !pairs.iter().any(|p| (p.layer, p.module) == **k))
+    {
+        return Err(Error::Tensor {
+            path: weights_path.clone(),
+            name: magnitude_name(layer, module),
+            message: "a magnitude vector without lora_A/lora_B".into(),
+        });
+    }
+    Ok(LoraAdapter {
+        config,
+        pairs,
+        magnitudes,
+    })
 }
 
 #[cfg(test)]

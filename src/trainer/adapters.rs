@@ -1,8 +1,9 @@
 //! Preparing the decoder for each method: LoRA adapters placed and initialised as peft does
 //! (`tuners/lora/layer.py` `reset_lora_parameters`: A kaiming-uniform with a = sqrt(5), i.e.
-//! U(-1/sqrt(in), 1/sqrt(in)), B zeros; scaling alpha/r or alpha/sqrt(r) with rsLoRA), the NF4
-//! round trip of QLoRA's frozen base (bitsandbytes `Linear4bit` dequantises the stored weight
-//! for every matmul, so the forward equals one on dequantised weights), and the export of
+//! U(-1/sqrt(in), 1/sqrt(in)), B zeros; scaling alpha/r or alpha/sqrt(r) with rsLoRA; DoRA's
+//! magnitude `||W + scaling B A||` per output row, `tuners/lora/dora.py`), QLoRA's frozen base held
+//! in NF4 on the device (bitsandbytes `Linear4bit` quantizes every linear layer but `lm_head` and
+//! dequantizes for each matmul), loading a peft adapter onto the model, and the export of
 //! adapters and merged weights.
 
 use std::collections::BTreeMap;
@@ -15,10 +16,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::model::decoder::CausalLm;
-use crate::model::hf::HostTensor;
 use crate::model::lora::LoraLinear;
-use crate::train::nf4::quantize_nf4;
-use crate::train::peft_io::{DenseTensor, LoraAdapterConfig, LoraModule, LoraPair};
+use crate::train::peft_io::{DenseTensor, LoraAdapter, LoraAdapterConfig, LoraModule, LoraPair};
 use crate::trainer::Error;
 
 /// Every decoder projection with its layer and peft module kind.
@@ -41,7 +40,8 @@ pub fn projections_mut<B: Backend>(
 }
 
 fn take_linear<B: Backend>(slot: &mut LoraLinear<B>) -> LoraLinear<B> {
-    let placeholder = LoraLinear::new(slot.weight.val(), None);
+    // A 1x1 stand-in: cheaper than copying (or dequantizing) the real weight.
+    let placeholder = LoraLinear::new(Tensor::zeros([1, 1], &slot.weight.device()), None);
     std::mem::replace(slot, placeholder)
 }
 
@@ -72,6 +72,9 @@ pub fn add_lora<B: Backend>(
         let b = Tensor::<B, 2>::zeros([out, r], device);
         let mut lin = take_linear(slot).with_lora_tensors(a, b, scaling);
         lin.dropout = DropoutConfig::new(adapter.lora_dropout).init();
+        if adapter.use_dora {
+            lin = lin.with_dora();
+        }
         *slot = lin;
         wrapped += 1;
     }
@@ -110,20 +113,75 @@ pub fn merged<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
     model
 }
 
-/// Replaces every decoder projection weight by its NF4 round trip (what QLoRA computes with).
-/// `lm_head` and embeddings stay in full precision, as bitsandbytes leaves them.
-pub fn nf4_round_trip(
-    tensors: &mut BTreeMap<String, HostTensor>,
-    num_layers: usize,
-) -> Result<(), Error> {
-    for layer in 0..num_layers {
-        for module in LoraModule::ALL {
-            let name = format!("model.layers.{layer}.{}.weight", module.path());
-            if let Some(t) = tensors.get_mut(&name) {
-                let q = quantize_nf4(&t.data, &t.shape)?;
-                t.data = q.dequantize()?;
-            }
+/// DoRA magnitude vectors of `model` by (layer, module) (host copies); empty without DoRA.
+pub fn lora_magnitudes<B: Backend>(
+    model: &CausalLm<B>,
+) -> BTreeMap<(usize, LoraModule), DenseTensor> {
+    let mut me = model.clone();
+    let mut out = BTreeMap::new();
+    for (layer, module, lin) in projections_mut(&mut me) {
+        if let Some(m) = &lin.magnitude {
+            let d = m.val().into_data();
+            let data = d.convert::<f32>().into_vec::<f32>().unwrap_or_default();
+            out.insert(
+                (layer, module),
+                DenseTensor {
+                    shape: vec![data.len()],
+                    data,
+                },
+            );
         }
     }
-    Ok(())
+    out
+}
+
+/// Holds the base weight of every decoder projection in NF4 on the device (QLoRA). `lm_head` and
+/// embeddings stay in full precision, as bitsandbytes leaves them.
+pub fn quantize_base_nf4<B: Backend>(mut model: CausalLm<B>) -> Result<CausalLm<B>, Error> {
+    for (_, _, slot) in projections_mut(&mut model) {
+        *slot = take_linear(slot).quantize_base_nf4()?;
+    }
+    Ok(model)
+}
+
+/// Puts a peft adapter (LoRA or DoRA) onto the matching projections of a frozen `model`,
+/// unmerged. Errors name the projection whose shapes disagree.
+pub fn apply_adapter<B: Backend>(
+    model: CausalLm<B>,
+    adapter: &LoraAdapter,
+    device: &B::Device,
+) -> Result<CausalLm<B>, Error> {
+    let mut model = model.no_grad();
+    let scaling = adapter.config.scaling();
+    let t2 = |d: &DenseTensor| {
+        Tensor::<B, 2>::from_data(TensorData::new(d.data.clone(), d.shape.clone()), device)
+    };
+    for (layer, module, slot) in projections_mut(&mut model) {
+        let Some(pair) = adapter
+            .pairs
+            .iter()
+            .find(|p| p.layer == layer && p.module == module)
+        else {
+            continue;
+        };
+        let (out, inp) = (slot.out_features(), slot.in_features());
+        if pair.a.shape[1] != inp || pair.b.shape[0] != out {
+            return Err(Error::Config {
+                key: "adapter",
+                message: format!(
+                    "layer {layer} {}: lora_A {:?} / lora_B {:?} do not fit a [{out}, {inp}] weight",
+                    module.path(),
+                    pair.a.shape,
+                    pair.b.shape
+                ),
+            });
+        }
+        let mut lin = take_linear(slot).with_lora_tensors(t2(&pair.a), t2(&pair.b), scaling);
+        if let Some(m) = adapter.magnitudes.get(&(layer, module)) {
+            let m = Tensor::<B, 1>::from_data(TensorData::new(m.data.clone(), [out]), device);
+            lin = lin.with_magnitude(m);
+        }
+        *slot = lin;
+    }
+    Ok(model)
 }

@@ -67,6 +67,8 @@ pub struct SftConfig {
     pub lora_dropout: f64,
     pub target_modules: TargetModules,
     pub use_rslora: bool,
+    /// DoRA (peft `use_dora`): a trained magnitude per output row on top of LoRA.
+    pub use_dora: bool,
     pub pre_seq_len: usize,
     pub prefix_projection: bool,
     /// Hidden size of the prefix projection MLP (ChatGLM's `prefix_hidden_size`).
@@ -109,6 +111,7 @@ impl Default for SftConfig {
             lora_dropout: 0.0,
             target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
+            use_dora: false,
             pre_seq_len: 16,
             prefix_projection: false,
             prefix_hidden_size: None,
@@ -177,6 +180,12 @@ impl SftConfig {
                     format!("must be in [0, 1), got {}", self.lora_dropout),
                 );
             }
+        }
+        if self.use_dora && !matches!(self.method, Method::Lora | Method::Qlora) {
+            return bad(
+                "use_dora",
+                format!("needs method lora or qlora, got {:?}", self.method),
+            );
         }
         if self.method == Method::Prefix && self.pre_seq_len == 0 {
             return bad("pre_seq_len", "must be >= 1".into());

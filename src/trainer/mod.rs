@@ -19,6 +19,8 @@ pub mod prefix;
 pub mod sft;
 
 #[cfg(test)]
+mod dora_tests;
+#[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;

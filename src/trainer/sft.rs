@@ -21,8 +21,8 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
 use crate::model::hf::{load_hf_folder_tensors, save_hf_folder, DType, HostTensor};
 use crate::train::metrics_log::{MetricsLog, MetricsRow};
-use crate::train::peft_io::{write_lora_adapter, LoraAdapterConfig};
-use crate::trainer::adapters::{add_lora, lora_pairs, merged, nf4_round_trip};
+use crate::train::peft_io::{write_adapter_with_magnitudes, LoraAdapterConfig};
+use crate::trainer::adapters::{add_lora, lora_magnitudes, lora_pairs, merged, quantize_base_nf4};
 use crate::trainer::checkpoint::{
     latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState, FORMAT_VERSION,
 };
@@ -152,7 +152,7 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
     stop_after: Option<u64>,
 ) -> Result<SftReport, Error> {
     cfg.validate()?;
-    let (config, mut tensors, base_name) = match base {
+    let (config, tensors, base_name) = match base {
         BaseModel::Dir(dir) => (
             ModelConfig::from_file(dir.join("config.json"))?,
             load_hf_folder_tensors(dir)?,
@@ -185,22 +185,29 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
     };
     match cfg.method {
         Method::Lora | Method::Qlora => {
-            if cfg.method == Method::Qlora {
-                nf4_round_trip(&mut tensors, config.num_hidden_layers)?;
-            }
             let mut adapter =
                 LoraAdapterConfig::new(cfg.lora_r, cfg.lora_alpha, cfg.target_modules.clone());
             adapter.lora_dropout = cfg.lora_dropout;
             adapter.use_rslora = cfg.use_rslora;
+            adapter.use_dora = cfg.use_dora;
             adapter.base_model_name_or_path = base_name;
-            let model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
+            let mut model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
             drop(tensors);
+            if cfg.method == Method::Qlora {
+                model = quantize_base_nf4(model)?;
+            }
             let (model, wrapped) = add_lora(model, &adapter, cfg.seed, device)?;
             if wrapped == 0 {
                 return Err(Error::NoTargets);
             }
             let save_adapter = |m: &CausalLm<B>, dir: &Path| -> Result<(), Error> {
-                Ok(write_lora_adapter(dir, &adapter, &lora_pairs(&m.valid()))?)
+                let m = m.valid();
+                Ok(write_adapter_with_magnitudes(
+                    dir,
+                    &adapter,
+                    &lora_pairs(&m),
+                    &lora_magnitudes(&m),
+                )?)
             };
             let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &save_adapter)?;
             let adapter_dir = out_dir.join("adapter");

@@ -31,7 +31,7 @@ fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 type AD = Autodiff<TB>;
 
-const SHAPE: TinyShape = TinyShape {
+pub(super) const SHAPE: TinyShape = TinyShape {
     hidden: 32,
     layers: 2,
     heads: 4,
@@ -299,7 +299,9 @@ fn full_fine_tuning_and_prefix_tuning_learn() {
     }
 }
 
-fn fixture_tensors(name: &str) -> (BTreeMap<String, HostTensor>, BTreeMap<String, Vec<i64>>) {
+pub(super) fn fixture_tensors(
+    name: &str,
+) -> (BTreeMap<String, HostTensor>, BTreeMap<String, Vec<i64>>) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sft");
     let bytes = std::fs::read(Path::new(dir).join(name)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -404,7 +406,7 @@ fn lora_loss_and_gradients_match_peft() {
 }
 
 /// The fixture batch: row 1 is right-padded after 5 tokens (attention_mask 0, labels -100).
-fn fixture_examples(ints: &BTreeMap<String, Vec<i64>>) -> Vec<TokenizedExample> {
+pub(super) fn fixture_examples(ints: &BTreeMap<String, Vec<i64>>) -> Vec<TokenizedExample> {
     let (ids, labels) = (&ints["input_ids"], &ints["labels"]);
     [(0, 7), (1, 5)]
         .iter()
