@@ -22,6 +22,9 @@ pub struct LoraLinear<B: Backend> {
     pub lora_a: Option<Param<Tensor<B, 2>>>,
     /// `[out, r]`.
     pub lora_b: Option<Param<Tensor<B, 2>>>,
+    /// AdaLoRA's singular values `[r, 1]` (peft `lora_E`): the adapter is `B (A * E)`. `None`
+    /// for plain LoRA. With it, `scaling` is peft's `lora_alpha / (ranknum + 1e-5)`.
+    pub lora_e: Option<Param<Tensor<B, 2>>>,
     /// `alpha / r` (0 without an adapter).
     pub scaling: f64,
     pub dropout: Dropout,
@@ -35,6 +38,7 @@ impl<B: Backend> LoraLinear<B> {
             bias: bias.map(Param::from_tensor),
             lora_a: None,
             lora_b: None,
+            lora_e: None,
             scaling: 0.0,
             dropout: DropoutConfig::new(0.0).init(),
         }
@@ -81,10 +85,21 @@ impl<B: Backend> LoraLinear<B> {
         self
     }
 
-    /// Folds the adapter into `weight` (`W + scaling * B A`) and drops it.
+    /// The adapter's `A`, times `E` row-wise for AdaLoRA (`A * E`, peft `SVDLinear`).
+    fn effective_a(&self) -> Option<Tensor<B, 2>> {
+        let a = self.lora_a.as_ref()?.val();
+        Some(match &self.lora_e {
+            Some(e) => a.mul(e.val()),
+            None => a,
+        })
+    }
+
+    /// Folds the adapter into `weight` (`W + scaling * B A`, or `B (A * E)`) and drops it.
     pub fn merged(mut self) -> Self {
-        if let (Some(a), Some(b)) = (self.lora_a.take(), self.lora_b.take()) {
-            let delta = b.val().matmul(a.val()).mul_scalar(self.scaling);
+        if let (Some(a), Some(b)) = (self.effective_a(), self.lora_b.take()) {
+            self.lora_a = None;
+            self.lora_e = None;
+            let delta = b.val().matmul(a).mul_scalar(self.scaling);
             let w = self.weight.val().add(delta);
             self.weight = Param::from_tensor(w);
         }
@@ -104,11 +119,11 @@ impl<B: Backend> LoraLinear<B> {
         if let Some(b) = &self.bias {
             y = y.add(b.val().unsqueeze::<2>());
         }
-        if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
+        if let (Some(a), Some(b)) = (self.effective_a(), &self.lora_b) {
             let low = self
                 .dropout
                 .forward(x2)
-                .matmul(a.val().transpose())
+                .matmul(a.transpose())
                 .matmul(b.val().transpose());
             y = y.add(low.mul_scalar(self.scaling));
         }
