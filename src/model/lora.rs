@@ -29,6 +29,9 @@ pub struct LoraLinear<B: Backend> {
     pub lora_a: Option<Param<Tensor<B, 2>>>,
     /// `[out, r]`.
     pub lora_b: Option<Param<Tensor<B, 2>>>,
+    /// AdaLoRA's singular values `[r, 1]` (peft `lora_E`): the adapter is `B (A * E)`. `None`
+    /// for plain LoRA. With it, `scaling` is peft's `lora_alpha / (ranknum + 1e-5)`.
+    pub lora_e: Option<Param<Tensor<B, 2>>>,
     /// `alpha / r` (0 without an adapter).
     pub scaling: f64,
     pub dropout: Dropout,
@@ -44,6 +47,7 @@ impl<B: Backend> LoraLinear<B> {
             bias: bias.map(Param::from_tensor),
             lora_a: None,
             lora_b: None,
+            lora_e: None,
             scaling: 0.0,
             dropout: DropoutConfig::new(0.0).init(),
             magnitude: None,
@@ -128,17 +132,29 @@ impl<B: Backend> LoraLinear<B> {
         self
     }
 
-    /// Folds the adapter into a dense `weight` and drops it: `W + scaling B A`, with DoRA
+    /// The adapter's `A`, times `E` row-wise for AdaLoRA (`A * E`, peft `SVDLinear`).
+    fn effective_a(&self) -> Option<Tensor<B, 2>> {
+        let a = self.lora_a.as_ref()?.val();
+        Some(match &self.lora_e {
+            Some(e) => a.mul(e.val()),
+            None => a,
+        })
+    }
+
+    /// Folds the adapter into a dense `weight` and drops it: `W + scaling B A` (AdaLoRA:
+    /// `B (A * E)`), with DoRA
     /// `m / ||W + scaling B A|| * (W + scaling B A)` (peft `DoraLinearVariant.merge_safe`).
     /// An NF4 base is dequantized.
     pub fn merged(mut self) -> Self {
         let magnitude = self.magnitude.take();
-        if let (Some(a), Some(b)) = (self.lora_a.take(), self.lora_b.take()) {
+        if let (Some(a), Some(b)) = (self.effective_a(), self.lora_b.take()) {
+            self.lora_a = None;
+            self.lora_e = None;
             let w = self.weight.val();
-            let delta = b.val().matmul(a.val()).mul_scalar(self.scaling);
+            let delta = b.val().matmul(a.clone()).mul_scalar(self.scaling);
             let mut merged = w.clone().add(delta);
             if let Some(m) = magnitude {
-                let norm = self.dora_weight_norm(w, a.val(), b.val());
+                let norm = self.dora_weight_norm(w, a, b.val());
                 let factor = m.val().div(norm).unsqueeze_dim::<2>(1);
                 merged = merged.mul(factor);
             }
@@ -170,11 +186,11 @@ impl<B: Backend> LoraLinear<B> {
         if let Some(b) = &self.bias {
             y = y.add(b.val().unsqueeze::<2>());
         }
-        if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
+        if let (Some(a), Some(b)) = (self.effective_a(), &self.lora_b) {
             let low = self
                 .dropout
                 .forward(x2)
-                .matmul(a.val().transpose())
+                .matmul(a.transpose())
                 .matmul(b.val().transpose());
             y = y.add(low.mul_scalar(self.scaling));
         }

@@ -519,7 +519,7 @@ pub fn parse_tensor_name(name: &str) -> Option<(usize, LoraModule, char)> {
     adapter_name_ok.then_some((layer, module, factor))
 }
 
-fn to_f32(view: &TensorView, path: &Path, name: &str) -> Result<Vec<f32>, Error> {
+pub(crate) fn to_f32(view: &TensorView, path: &Path, name: &str) -> Result<Vec<f32>, Error> {
     let bytes = view.data();
     Ok(match view.dtype() {
         Dtype::F32 => bytes

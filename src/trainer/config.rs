@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::train::adalora::AdaLoraParams;
 use crate::train::peft_io::TargetModules;
 use crate::train::schedule::{Schedule, ScheduleConfig};
 use crate::trainer::Error;
@@ -23,6 +24,8 @@ pub enum Method {
     Full,
     /// P-Tuning v2: trained keys and values prepended in every layer.
     Prefix,
+    /// AdaLoRA: SVD-form adapters whose ranks are pruned to a budget (peft ADALORA).
+    Adalora,
 }
 
 /// Precision of the trained weights written out.
@@ -85,6 +88,8 @@ pub struct SftConfig {
     pub gradient_checkpointing: bool,
     /// dtype of the saved weights.
     pub dtype: SaveDtype,
+    /// AdaLoRA's keys (`method = "adalora"`): `init_r`, `target_r`, `tinit`, `tfinal`, `deltaT`...
+    pub adalora: AdaLoraParams,
 }
 
 impl Default for SftConfig {
@@ -121,6 +126,7 @@ impl Default for SftConfig {
             resume: false,
             gradient_checkpointing: false,
             dtype: SaveDtype::Float32,
+            adalora: AdaLoraParams::default(),
         }
     }
 }
@@ -170,7 +176,13 @@ impl SftConfig {
                 format!("must be >= 0, got {}", self.weight_decay),
             );
         }
-        if matches!(self.method, Method::Lora | Method::Qlora) {
+        if self.method == Method::Adalora {
+            let planned = self.adalora.total_step.or(self.max_steps);
+            if let Err((key, message)) = self.adalora.check(planned.unwrap_or(u64::MAX)) {
+                return bad(key, message);
+            }
+        }
+        if matches!(self.method, Method::Lora | Method::Qlora | Method::Adalora) {
             if self.lora_r == 0 {
                 return bad("lora_r", "must be >= 1".into());
             }

@@ -9,6 +9,7 @@
 //! (memory-bound) ops it marks checkpointable, not whole layers as torch's
 //! `checkpoint` does, so the memory saving is smaller than transformers'.
 
+pub mod adalora;
 pub mod adapters;
 pub mod checkpoint;
 pub mod config;

@@ -77,7 +77,38 @@ pub trait CausalModel<B: Backend> {
     fn summed_loss(&self, batch: &Batch<B>) -> Tensor<B, 1> {
         summed_cross_entropy(self.logits(batch.input_ids.clone()), batch)
     }
+
+    /// A term added to each optimizer step's loss (AdaLoRA's orthogonality penalty).
+    fn regularizer(&self) -> Option<Tensor<B, 1>> {
+        None
+    }
 }
+
+/// Per-method work around the optimizer step (AdaLoRA's rank allocation); `()` does nothing.
+pub(crate) trait StepHook<B: AutodiffBackend, M> {
+    /// The step's gradients (times `grad_scale` when clipped), before the optimizer takes them.
+    fn before_step(
+        &mut self,
+        _model: &M,
+        _grads: &GradientsParams,
+        _grad_scale: Option<&Tensor<B::InnerBackend, 1>>,
+    ) {
+    }
+    /// After the optimizer step of 0-based `index`.
+    fn after_step(&mut self, model: M, _index: u64) -> M {
+        model
+    }
+    /// Writes the hook's state into a checkpoint folder.
+    fn save(&self, _model: &M, _dir: &Path) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Reads what [`StepHook::save`] wrote.
+    fn load(&mut self, _dir: &Path) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+impl<B: AutodiffBackend, M> StepHook<B, M> for () {}
 
 /// Rows of logits the chunked loss computes at once: about 64 M logits (256 MB in f32).
 const LOSS_CHUNK_LOGITS: usize = 1 << 26;
@@ -209,7 +240,8 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
                     &lora_magnitudes(&m),
                 )?)
             };
-            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &save_adapter)?;
+            let (model, mut report) =
+                train_loop::<B, _>(&ctx, model, device, &save_adapter, &mut ())?;
             let adapter_dir = out_dir.join("adapter");
             save_adapter(&model, &adapter_dir)?;
             let model_dir = out_dir.join("merged");
@@ -226,7 +258,8 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
         Method::Full => {
             let model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
             drop(tensors);
-            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &|_, _| Ok(()))?;
+            let (model, mut report) =
+                train_loop::<B, _>(&ctx, model, device, &|_, _| Ok(()), &mut ())?;
             let model_dir = out_dir.join("model");
             save_hf_folder(&model_dir, &config, &model.valid().to_hf_tensors(), dtype)?;
             report.model_dir = Some(model_dir);
@@ -239,23 +272,26 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
             let save = |m: &PrefixLm<B>, dir: &Path| {
                 write_prefix_adapter(&m.valid(), cfg, base_name.as_deref(), dir)
             };
-            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &save)?;
+            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &save, &mut ())?;
             let adapter_dir = out_dir.join("adapter");
             save(&model, &adapter_dir)?;
             report.adapter_dir = Some(adapter_dir);
             Ok(report)
         }
+        Method::Adalora => {
+            crate::trainer::adalora::run::<B>(&ctx, &config, tensors, base_name, dtype, device)
+        }
     }
 }
 
-struct LoopCtx<'a> {
-    cfg: &'a SftConfig,
-    train: &'a [TokenizedExample],
-    eval: &'a [TokenizedExample],
-    out_dir: &'a Path,
-    pad_id: u32,
-    stop_after: Option<u64>,
-    progress: Option<&'a MultiProgress>,
+pub(crate) struct LoopCtx<'a> {
+    pub cfg: &'a SftConfig,
+    pub train: &'a [TokenizedExample],
+    pub eval: &'a [TokenizedExample],
+    pub out_dir: &'a Path,
+    pub pad_id: u32,
+    pub stop_after: Option<u64>,
+    pub progress: Option<&'a MultiProgress>,
 }
 
 /// Token-mean cross-entropy over `examples` (one host read at the end).
@@ -291,13 +327,14 @@ fn resident_memory_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-type SaveHook<'a, M> = dyn Fn(&M, &Path) -> Result<(), Error> + 'a;
+pub(crate) type SaveHook<'a, M> = dyn Fn(&M, &Path) -> Result<(), Error> + 'a;
 
-fn train_loop<B, M>(
+pub(crate) fn train_loop<B, M>(
     ctx: &LoopCtx<'_>,
     mut model: M,
     device: &B::Device,
     save_extra: &SaveHook<'_, M>,
+    hook: &mut dyn StepHook<B, M>,
 ) -> Result<(M, SftReport), Error>
 where
     B: AutodiffBackend,
@@ -361,6 +398,7 @@ where
             }
             opt.load_host(&ck.optimizer, &ck.state.adam_steps, device)
                 .map_err(|name| bad(format!("optimizer tensor `{name}` is missing")))?;
+            hook.load(&dir)?;
             start = ck.state.step;
             pending_sum = ck.state.pending_loss_sum;
             pending_steps = ck.state.pending_steps;
@@ -408,7 +446,11 @@ where
         for mb in &planned.micro_batches {
             let batch = make_batch::<B>(ctx.train, mb, ctx.pad_id, device);
             window_tokens += batch.num_tokens as u64;
-            let loss = model.summed_loss(&batch).div_scalar(items.max(1) as f64);
+            let mut loss = model.summed_loss(&batch).div_scalar(items.max(1) as f64);
+            if let Some(reg) = model.regularizer() {
+                // Once per optimizer step in total, spread over its micro-batches.
+                loss = loss.add(reg.div_scalar(planned.micro_batches.len() as f64));
+            }
             let detached = loss.clone().inner();
             step_loss = Some(match step_loss {
                 Some(acc) => acc.add(detached),
@@ -424,7 +466,9 @@ where
             .filter(|&m| m > 0.0)
             .map(|m| clip_scale(norm.clone(), m));
         let lr = schedule.lr_at(index);
+        hook.before_step(&model, &grads, scale.as_ref());
         model = opt.step::<B, M>(model, &mut grads, lr, scale);
+        model = hook.after_step(model, index);
         let step = index + 1;
         if let Some(l) = step_loss {
             loss_acc = Some(match loss_acc {
@@ -499,7 +543,10 @@ where
                 &state,
                 &trainable_values::<B, M>(&model),
                 &optimizer,
-                |dir| save_extra(&model, dir),
+                |dir| {
+                    save_extra(&model, dir)?;
+                    hook.save(&model, dir)
+                },
             )?;
         }
         if ctx.stop_after == Some(step) {

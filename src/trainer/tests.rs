@@ -26,7 +26,7 @@ type TB = NdArray<f32>;
 /// lock so parallel tests do not draw from it in between.
 static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 type AD = Autodiff<TB>;
@@ -43,7 +43,7 @@ pub(super) const SHAPE: TinyShape = TinyShape {
 /// The tiny Qwen2 with a larger init than transformers' 0.02: with tied, frozen embeddings of
 /// std 0.02 and hidden 32 the logits cannot move by more than about 0.6, so no adapter could
 /// memorise anything.
-fn tiny() -> (ModelConfig, BTreeMap<String, HostTensor>) {
+pub(super) fn tiny() -> (ModelConfig, BTreeMap<String, HostTensor>) {
     let mut config = tiny_qwen2_config(SHAPE);
     config.initializer_range = 0.3;
     let tensors = init_weights(&config, 3);
@@ -51,7 +51,7 @@ fn tiny() -> (ModelConfig, BTreeMap<String, HostTensor>) {
 }
 
 /// A few fixed sequences; the first two tokens of each are prompt (label -100).
-fn memorization_set() -> Vec<TokenizedExample> {
+pub(super) fn memorization_set() -> Vec<TokenizedExample> {
     (0..4u32)
         .map(|k| {
             let ids: Vec<u32> = (0..8 + k).map(|i| (i * 7 + k * 13 + 1) % 64).collect();
