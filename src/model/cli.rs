@@ -1,4 +1,5 @@
-//! `runner generate`: text generation from an HF model folder or a GGUF file on CPU or CUDA.
+//! `runner generate`: text generation from an HF model folder or a GGUF file on CPU or CUDA,
+//! optionally with a peft adapter (`--adapter`: LoRA merged in, or a prompt-learning adapter).
 //!
 //! The tokenizer is used through the small [`GenTokenizer`] trait, implemented with the `text`
 //! module's tokenizer and chat templates ([`TextGenTokenizer`]); model files are resolved by
@@ -17,9 +18,12 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
 use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
 use crate::model::generate::{
-    generate, BudgetForcing, GenerateOptions, Generation, SamplingParams,
+    generate_prompted, BudgetForcing, GenerateOptions, Generation, SamplingParams,
 };
 use crate::model::hf::{load_hf_folder_tensors, HostTensor};
+use crate::model::prompt::{
+    prompt_adapter_kind, read_prompt_adapter, PromptAdapter, PromptAdapterFile,
+};
 
 /// Arguments of `runner generate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -27,6 +31,10 @@ pub struct GenerateArgs {
     /// HF model folder (config.json + safetensors + tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
+    /// peft adapter folder: LoRA (merged into the model), or prompt tuning, P-Tuning or
+    /// prefix tuning (run beside the frozen model).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// One prompt.
     #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
     pub prompt: Option<String>,
@@ -275,6 +283,7 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<PromptItem>> {
 
 struct GenerateTask<'a> {
     source: ModelSource,
+    adapter: Option<(PathBuf, PromptAdapterFile)>,
     prompts: Vec<Vec<u32>>,
     opts: GenerateOptions,
     batch_size: usize,
@@ -287,10 +296,25 @@ impl BackendTask for GenerateTask<'_> {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let model =
             CausalLm::<B>::from_hf_tensors(&self.source.config, &self.source.tensors, &device)?;
+        let adapter = match &self.adapter {
+            Some((dir, file)) => Some(PromptAdapter::<B>::from_file(
+                file,
+                &self.source.config,
+                dir,
+                &device,
+            )?),
+            None => None,
+        };
         drop(self.source);
         let mut out = Vec::with_capacity(self.prompts.len());
         for chunk in self.prompts.chunks(self.batch_size.max(1)) {
-            out.extend(generate(&model, chunk, &self.opts, Some(self.decode))?);
+            out.extend(generate_prompted(
+                &model,
+                adapter.as_ref(),
+                chunk,
+                &self.opts,
+                Some(self.decode),
+            )?);
         }
         Ok(out)
     }
@@ -298,7 +322,17 @@ impl BackendTask for GenerateTask<'_> {
 
 /// Runs `runner generate`.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    let source = load_model_source(&args.model)?;
+    let mut source = load_model_source(&args.model)?;
+    if let Some(dir) = &args.adapter {
+        if prompt_adapter_kind(dir).is_none() {
+            let merged = crate::export::lora::merge_lora(&mut source.tensors, dir)?;
+            tracing::info!(
+                "merged {} LoRA modules from {}",
+                merged.len(),
+                dir.display()
+            );
+        }
+    }
     let tokenizer = TextGenTokenizer::from_dir(&source.tokenizer_dir)?;
     run_with_tokenizer(args, source, &tokenizer)
 }
@@ -339,9 +373,16 @@ pub fn run_with_tokenizer(
         budget,
         pad_token_id: source.config.pad_token_id.unwrap_or(0),
     };
+    let adapter = match &args.adapter {
+        Some(dir) if prompt_adapter_kind(dir).is_some() => {
+            Some((dir.clone(), read_prompt_adapter(dir)?))
+        }
+        _ => None,
+    };
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let task = GenerateTask {
         source,
+        adapter,
         prompts: prompts.clone(),
         opts,
         batch_size: args.batch_size,

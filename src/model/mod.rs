@@ -9,6 +9,7 @@ pub mod generate;
 pub mod hf;
 pub mod init;
 pub mod lora;
+pub mod prompt;
 pub mod rope;
 
 #[cfg(test)]

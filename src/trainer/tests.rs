@@ -20,18 +20,18 @@ use crate::trainer::data::{make_batch, summed_cross_entropy, TokenizedExample};
 use crate::trainer::prefix::PrefixLm;
 use crate::trainer::sft::{run_sft, train_sft, BaseModel, CausalModel};
 
-type TB = NdArray<f32>;
+pub(super) type TB = NdArray<f32>;
 
 /// burn's backend RNG (dropout, prefix init) is process-global: tests that train hold this
 /// lock so parallel tests do not draw from it in between.
 static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
-type AD = Autodiff<TB>;
+pub(super) type AD = Autodiff<TB>;
 
-const SHAPE: TinyShape = TinyShape {
+pub(super) const SHAPE: TinyShape = TinyShape {
     hidden: 32,
     layers: 2,
     heads: 4,
@@ -43,7 +43,7 @@ const SHAPE: TinyShape = TinyShape {
 /// The tiny Qwen2 with a larger init than transformers' 0.02: with tied, frozen embeddings of
 /// std 0.02 and hidden 32 the logits cannot move by more than about 0.6, so no adapter could
 /// memorise anything.
-fn tiny() -> (ModelConfig, BTreeMap<String, HostTensor>) {
+pub(super) fn tiny() -> (ModelConfig, BTreeMap<String, HostTensor>) {
     let mut config = tiny_qwen2_config(SHAPE);
     config.initializer_range = 0.3;
     let tensors = init_weights(&config, 3);
@@ -51,7 +51,7 @@ fn tiny() -> (ModelConfig, BTreeMap<String, HostTensor>) {
 }
 
 /// A few fixed sequences; the first two tokens of each are prompt (label -100).
-fn memorization_set() -> Vec<TokenizedExample> {
+pub(super) fn memorization_set() -> Vec<TokenizedExample> {
     (0..4u32)
         .map(|k| {
             let ids: Vec<u32> = (0..8 + k).map(|i| (i * 7 + k * 13 + 1) % 64).collect();
@@ -63,7 +63,7 @@ fn memorization_set() -> Vec<TokenizedExample> {
         .collect()
 }
 
-fn lora_cfg(steps: u64) -> SftConfig {
+pub(super) fn lora_cfg(steps: u64) -> SftConfig {
     SftConfig {
         method: Method::Lora,
         learning_rate: 3e-2,
@@ -81,7 +81,7 @@ fn lora_cfg(steps: u64) -> SftConfig {
     }
 }
 
-fn losses(dir: &Path) -> Vec<(u64, f64)> {
+pub(super) fn losses(dir: &Path) -> Vec<(u64, f64)> {
     read_metrics(&dir.join("metrics.jsonl"))
         .unwrap()
         .into_iter()
@@ -89,7 +89,7 @@ fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-fn train(cfg: &SftConfig, dir: &Path) -> crate::trainer::SftReport {
+pub(super) fn train(cfg: &SftConfig, dir: &Path) -> crate::trainer::SftReport {
     train_on::<AD>(cfg, dir)
 }
 
@@ -299,7 +299,9 @@ fn full_fine_tuning_and_prefix_tuning_learn() {
     }
 }
 
-fn fixture_tensors(name: &str) -> (BTreeMap<String, HostTensor>, BTreeMap<String, Vec<i64>>) {
+pub(super) fn fixture_tensors(
+    name: &str,
+) -> (BTreeMap<String, HostTensor>, BTreeMap<String, Vec<i64>>) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sft");
     let bytes = std::fs::read(Path::new(dir).join(name)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -404,7 +406,7 @@ fn lora_loss_and_gradients_match_peft() {
 }
 
 /// The fixture batch: row 1 is right-padded after 5 tokens (attention_mask 0, labels -100).
-fn fixture_examples(ints: &BTreeMap<String, Vec<i64>>) -> Vec<TokenizedExample> {
+pub(super) fn fixture_examples(ints: &BTreeMap<String, Vec<i64>>) -> Vec<TokenizedExample> {
     let (ids, labels) = (&ints["input_ids"], &ints["labels"]);
     [(0, 7), (1, 5)]
         .iter()
