@@ -175,3 +175,48 @@ fn smollm2_gguf_generates_fluent_english() {
     assert!(line["text"].as_str().unwrap().contains("Paris"), "{line}");
     assert_eq!(line["token_ids"].as_array().unwrap().len(), 8);
 }
+
+#[test]
+fn medical_recipe_with_prefix_tuning_evaluates_on_the_base_and_exports_the_adapter() {
+    let root = tempfile::tempdir().unwrap();
+    let store = &root.path().join("store");
+    let sets = [
+        "stages.sft.method=prefix",
+        "stages.sft.pre_seq_len=4",
+        "stages.sft.learning_rate=1e-2",
+        "stages.sft.max_steps=6",
+        "stages.eval.limit=4",
+        "stages.gguf.format=peft",
+    ];
+    let mut cmd = runner(store);
+    cmd.args(["run", "recipes/medical.toml"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = |stage: &str| {
+        let mut path = runner(store);
+        path.args(["path", "recipes/medical.toml", stage]);
+        for s in sets {
+            path.args(["--set", s]);
+        }
+        let out = path.output().unwrap();
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    };
+    // The sft artifact holds only the adapter; evaluate ran it beside the base model.
+    let sft = dir("sft");
+    assert!(!sft.join("merged").exists());
+    let predictions = std::fs::read_to_string(dir("eval").join("predictions.jsonl")).unwrap();
+    assert_eq!(predictions.lines().count(), 4);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir("gguf").join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "PREFIX_TUNING");
+    assert_eq!(config["num_virtual_tokens"], 4);
+}

@@ -219,6 +219,9 @@ pub fn convert_gguf_to_hf(gguf: &Path, out_dir: &Path, dtype: DType) -> Result<(
 /// `runner export --format peft`: copies an adapter folder, normalizing tensor names (no
 /// `.default` adapter-name infix) and adapter_config.json (peft_type, task_type, base model).
 pub fn export_peft(adapter: &Path, base_model: Option<&Path>, out_dir: &Path) -> Result<()> {
+    if crate::model::prompt::prompt_adapter_kind(adapter).is_some() {
+        return export_prompt_adapter(adapter, base_model, out_dir);
+    }
     let cfg_path = adapter.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io {
         path: cfg_path.clone(),
@@ -266,4 +269,30 @@ pub fn export_peft(adapter: &Path, base_model: Option<&Path>, out_dir: &Path) ->
     write_json(&out_dir.join("adapter_config.json"), &cfg)?;
     let st = out_dir.join("adapter_model.safetensors");
     save_safetensors(&st, &normalized, DType::F32).map_err(|e| model_err(&st, e))
+}
+
+/// Prompt tuning, P-Tuning and prefix adapters (one `prompt_embeddings` tensor) are copied after
+/// a check of their config and tensor.
+fn export_prompt_adapter(adapter: &Path, base_model: Option<&Path>, out_dir: &Path) -> Result<()> {
+    let file = crate::model::prompt::read_prompt_adapter(adapter).map_err(|e| Error::Adapter {
+        path: adapter.to_path_buf(),
+        what: e.to_string(),
+    })?;
+    let mut cfg = file.config;
+    if let (Some(b), Some(o)) = (base_model, cfg.as_object_mut()) {
+        o.insert("base_model_name_or_path".into(), json!(b.to_string_lossy()));
+    }
+    std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    write_json(&out_dir.join("adapter_config.json"), &cfg)?;
+    let tensors = [(
+        crate::model::prompt::PROMPT_EMBEDDINGS.to_string(),
+        file.prompt_embeddings,
+    )]
+    .into_iter()
+    .collect();
+    let st = out_dir.join("adapter_model.safetensors");
+    save_safetensors(&st, &tensors, DType::F32).map_err(|e| model_err(&st, e))
 }

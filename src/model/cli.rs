@@ -1,4 +1,5 @@
-//! `runner generate`: text generation from an HF model folder or a GGUF file on CPU or CUDA.
+//! `runner generate`: text generation from an HF model folder or a GGUF file on CPU or CUDA,
+//! optionally with a peft adapter (`--adapter`: LoRA merged in, or a prompt-learning adapter).
 //!
 //! The tokenizer is used through the small [`GenTokenizer`] trait, implemented with the `text`
 //! module's tokenizer and chat templates ([`TextGenTokenizer`]); model files are resolved by
@@ -17,9 +18,12 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
 use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
 use crate::model::generate::{
-    generate, BudgetForcing, GenerateOptions, Generation, SamplingParams,
+    generate_prompted, BudgetForcing, GenerateOptions, Generation, SamplingParams,
 };
 use crate::model::hf::{load_hf_folder_tensors, HostTensor};
+use crate::model::prompt::{
+    prompt_adapter_kind, read_prompt_adapter, PromptAdapter, PromptAdapterFile,
+};
 
 /// Arguments of `runner generate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -27,6 +31,10 @@ pub struct GenerateArgs {
     /// HF model folder (config.json + safetensors + tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
+    /// peft adapter folder: LoRA or DoRA (applied unmerged on top of --model), or prompt
+    /// tuning, P-Tuning or prefix tuning (run beside the frozen model).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// One prompt.
     #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
     pub prompt: Option<String>,
@@ -78,9 +86,6 @@ pub struct GenerateArgs {
     /// One JSON object per prompt per line: text, token_ids (generated), prompt_ids.
     #[arg(long)]
     pub json: bool,
-    /// A peft LoRA/DoRA adapter folder applied (unmerged) on top of --model.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
     /// Also write each prompt's logits (one forward over the prompt ids) to this file, one JSON
     /// object per prompt per line: prompt_ids, vocab, logits (row-major `[len, vocab]`).
     #[arg(long)]
@@ -282,7 +287,8 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<PromptItem>> {
 
 struct GenerateTask<'a> {
     source: ModelSource,
-    adapter: Option<crate::train::peft_io::LoraAdapter>,
+    prompt_adapter: Option<(PathBuf, PromptAdapterFile)>,
+    lora_adapter: Option<crate::train::peft_io::LoraAdapter>,
     want_logits: bool,
     prompts: Vec<Vec<u32>>,
     opts: GenerateOptions,
@@ -297,9 +303,18 @@ impl BackendTask for GenerateTask<'_> {
         use crate::trainer::sft::CausalModel;
         let mut model =
             CausalLm::<B>::from_hf_tensors(&self.source.config, &self.source.tensors, &device)?;
+        let adapter = match &self.prompt_adapter {
+            Some((dir, file)) => Some(PromptAdapter::<B>::from_file(
+                file,
+                &self.source.config,
+                dir,
+                &device,
+            )?),
+            None => None,
+        };
         drop(self.source);
-        if let Some(adapter) = &self.adapter {
-            model = crate::trainer::adapters::apply_adapter(model, adapter, &device)?;
+        if let Some(lora) = &self.lora_adapter {
+            model = crate::trainer::adapters::apply_adapter(model, lora, &device)?;
         }
         let mut logits = Vec::new();
         if self.want_logits {
@@ -315,7 +330,13 @@ impl BackendTask for GenerateTask<'_> {
         }
         let mut out = Vec::with_capacity(self.prompts.len());
         for chunk in self.prompts.chunks(self.batch_size.max(1)) {
-            out.extend(generate(&model, chunk, &self.opts, Some(self.decode))?);
+            out.extend(generate_prompted(
+                &model,
+                adapter.as_ref(),
+                chunk,
+                &self.opts,
+                Some(self.decode),
+            )?);
         }
         Ok((out, logits))
     }
@@ -364,15 +385,19 @@ pub fn run_with_tokenizer(
         budget,
         pad_token_id: source.config.pad_token_id.unwrap_or(0),
     };
-    let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
-    let adapter = match &args.adapter {
-        Some(dir) => Some(crate::train::peft_io::read_lora_adapter(dir)?),
-        None => None,
+    let (prompt_adapter, lora_adapter) = match &args.adapter {
+        Some(dir) if prompt_adapter_kind(dir).is_some() => {
+            (Some((dir.clone(), read_prompt_adapter(dir)?)), None)
+        }
+        Some(dir) => (None, Some(crate::train::peft_io::read_lora_adapter(dir)?)),
+        None => (None, None),
     };
+    let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let vocab = source.config.vocab_size;
     let task = GenerateTask {
         source,
-        adapter,
+        prompt_adapter,
+        lora_adapter,
         want_logits: args.logits.is_some(),
         prompts: prompts.clone(),
         opts,

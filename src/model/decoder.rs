@@ -109,6 +109,20 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// A cache that starts with given keys and values in every layer (P-Tuning v2 / peft
+    /// prefix tuning: the prefix is attended by every query and takes no rotary embedding).
+    ///
+    /// # Shapes
+    /// - layers: per layer `(keys, values)`, each `[batch, kv_heads, prefix_len, head_dim]`
+    pub fn from_prefix(layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>) -> Self {
+        let len = layers.first().map_or(0, |(k, _)| k.dims()[2]);
+        Self {
+            layers: layers.into_iter().map(Some).collect(),
+            key_mask: None,
+            len,
+        }
+    }
 }
 
 /// Grouped-query self-attention with RoPE.
@@ -240,10 +254,26 @@ impl<B: Backend> CausalLm<B> {
         input_ids: Tensor<B, 2, Int>,
         positions: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Bool>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let x = self.model.embed_tokens.forward(input_ids);
+        self.hidden_states_from_embeds(x, positions, attention_mask, cache)
+    }
+
+    /// [`Self::hidden_states`] from input embeddings instead of token ids (transformers'
+    /// `inputs_embeds`: prompt tuning prepends trained virtual-token embeddings).
+    ///
+    /// # Shapes
+    /// - embeds: `[batch, seq, hidden]`; positions, attention_mask: `[batch, seq]`
+    pub fn hidden_states_from_embeds(
+        &self,
+        embeds: Tensor<B, 3>,
+        positions: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Bool>>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let device = input_ids.device();
-        let [b, t] = input_ids.dims();
+        let device = embeds.device();
+        let [b, t, _] = embeds.dims();
         let past = cache.as_ref().map_or(0, |c| c.len);
         let s = past + t;
         // Key padding mask over past + new keys.
@@ -281,7 +311,7 @@ impl<B: Backend> CausalLm<B> {
             }
         };
         let (cos, sin) = self.rope.cos_sin(positions);
-        let mut x = self.model.embed_tokens.forward(input_ids);
+        let mut x = embeds;
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = layer.self_attn.forward(

@@ -9,6 +9,9 @@
 //! s1 budget forcing (Muennighoff et al. 2025, "s1: Simple test-time scaling"): cap the
 //! thinking tokens by forcing the answer delimiter, and suppress the end-of-thinking
 //! delimiter `num_ignore` times by appending "Wait".
+//! With a prompt-learning adapter ([`generate_prompted`]) the prefix keys/values fill the cache
+//! first, or the virtual-token embeddings go before the (left-padded) prompt, as peft's
+//! `prepare_inputs_for_generation`; prompt positions then start after the virtual tokens.
 //! Reference: transformers `generation/utils.py`, `generation/logits_process.py`.
 
 use std::collections::{BTreeSet, VecDeque};
@@ -19,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::model::decoder::{positions_from_mask, CausalLm};
+use crate::model::prompt::{prefix_cache, with_virtual_tokens, PromptAdapter};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,6 +149,21 @@ pub fn generate<B: Backend>(
     opts: &GenerateOptions,
     decode: Option<DecodeFn<'_>>,
 ) -> Result<Vec<Generation>, GenerateError> {
+    generate_prompted(model, None, prompts, opts, decode)
+}
+
+/// [`generate`] with a prompt-learning adapter (prefix tuning, prompt tuning, P-Tuning).
+///
+/// Prompt positions start at the number of virtual tokens in both cases. peft's prompt
+/// tuning numbers a left-padded row's padding too; here padding takes no position, so the
+/// tokens sit where training (right-padded) put them; unpadded rows get peft's positions.
+pub fn generate_prompted<B: Backend>(
+    model: &CausalLm<B>,
+    adapter: Option<&PromptAdapter<B>>,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    decode: Option<DecodeFn<'_>>,
+) -> Result<Vec<Generation>, GenerateError> {
     validate(model, prompts, opts)?;
     if !opts.stop_strings.is_empty() && decode.is_none() {
         return Err(GenerateError::NoDecoder);
@@ -164,7 +183,8 @@ pub fn generate<B: Backend>(
         mask.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
     }
     let padded = prompts.iter().any(|p| p.len() != longest);
-    let positions: Vec<i64> = positions_from_mask(&mask).into_iter().flatten().collect();
+    let virtual_len = adapter.map_or(0, PromptAdapter::len);
+    let offset = virtual_len as i64;
     let mut rows: Vec<Row> = prompts
         .iter()
         .enumerate()
@@ -177,24 +197,59 @@ pub fn generate<B: Backend>(
             ignores_left: opts.budget.as_ref().map_or(0, |bf| bf.num_ignore),
             finish: None,
             rng: ChaCha20Rng::seed_from_u64(opts.sampling.seed.wrapping_add(i as u64)),
-            next_pos: p.len() as i64,
+            next_pos: p.len() as i64 + offset,
         })
         .collect();
 
-    let mut cache = model.new_cache();
     let int2 = |data: Vec<i64>, t: usize| {
         Tensor::<B, 2, Int>::from_data(TensorData::new(data, [b, t]), &device)
     };
-    let attn = padded.then(|| {
+    let bool2 = |mask: &[Vec<u8>], t: usize| {
         let flat: Vec<bool> = mask.iter().flatten().map(|&m| m != 0).collect();
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(flat, [b, longest]), &device)
-    });
-    let mut logits = model.forward_last(
-        int2(ids, longest),
-        int2(positions, longest),
-        attn,
-        Some(&mut cache),
-    );
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(flat, [b, t]), &device)
+    };
+    let (mut cache, hidden) = match adapter {
+        Some(PromptAdapter::Virtual(tokens)) => {
+            // [virtual | padding | prompt]; the virtual tokens are always attended.
+            let mask: Vec<Vec<u8>> = mask
+                .iter()
+                .map(|m| [vec![1u8; virtual_len], m.clone()].concat())
+                .collect();
+            // Padding takes no position: the prompt continues right after the virtual tokens.
+            let positions = positions_from_mask(&mask);
+            let t = virtual_len + longest;
+            let mut cache = model.new_cache();
+            let embeds = with_virtual_tokens(model, tokens.clone(), int2(ids, longest));
+            let h = model.hidden_states_from_embeds(
+                embeds,
+                int2(positions.into_iter().flatten().collect(), t),
+                padded.then(|| bool2(&mask, t)),
+                Some(&mut cache),
+            );
+            (cache, h)
+        }
+        _ => {
+            let mut cache = match adapter {
+                Some(PromptAdapter::Prefix(prefix)) => {
+                    prefix_cache(prefix.clone(), &model.config, b)
+                }
+                _ => model.new_cache(),
+            };
+            let positions: Vec<i64> = positions_from_mask(&mask)
+                .into_iter()
+                .flatten()
+                .map(|p| p + offset)
+                .collect();
+            let h = model.hidden_states(
+                int2(ids, longest),
+                int2(positions, longest),
+                padded.then(|| bool2(&mask, longest)),
+                Some(&mut cache),
+            );
+            (cache, h)
+        }
+    };
+    let mut logits = last_logits(model, hidden);
 
     for _step in 0..opts.max_new_tokens {
         let choice = choose(logits, &mut rows, &opts.sampling);
@@ -236,6 +291,14 @@ pub fn generate<B: Backend>(
             finish: r.finish.unwrap_or(FinishReason::Length),
         })
         .collect())
+}
+
+/// Logits of the last position: `[batch, seq, hidden]` -> `[batch, vocab]`.
+fn last_logits<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [b, t, h] = hidden.dims();
+    let logits = model.lm_head(hidden.slice([0..b, t - 1..t, 0..h]));
+    let v = logits.dims()[2];
+    logits.reshape([b, v])
 }
 
 fn validate<B: Backend>(

@@ -10,6 +10,7 @@ pub mod hf;
 pub mod init;
 pub mod lora;
 pub mod nf4_linear;
+pub mod prompt;
 pub mod rope;
 
 #[cfg(test)]

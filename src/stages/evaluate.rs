@@ -1,6 +1,9 @@
 //! `evaluate`: generate for a split of prompt records and score the predictions (BLEU-4/ROUGE as
 //! ChatGLM-6B's script, sacreBLEU, GSM8K accuracy, exact match).
 //!
+//! A trained artifact with only a prompt-learning `adapter/` (prompt tuning, P-Tuning, prefix)
+//! runs on its base model (the optional `base` input, else the adapter's base folder).
+//!
 //! Output: `predictions.jsonl` (prompt, prediction, reference), `metrics.json` and `metrics.md`.
 
 use super::tokenize::read_records;
@@ -9,8 +12,9 @@ use crate::metrics::{self, PredictionRow};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
 use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
-use crate::model::generate::{generate, BudgetForcing, GenerateOptions, SamplingParams};
+use crate::model::generate::{generate_prompted, BudgetForcing, GenerateOptions, SamplingParams};
 use crate::model::hf::load_hf_folder_tensors;
+use crate::model::prompt::{prompt_adapter_kind, read_prompt_adapter, PromptAdapter};
 use crate::text::{ChatMessage, TextTokenizer};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
@@ -88,14 +92,43 @@ pub fn model_folder(kind: ArtifactKind, dir: &Path) -> Result<PathBuf, StageErro
         }
     }
     Err(StageError::msg(format!(
-        "{}: the trained artifact has no merged model (prefix-tuning adapters cannot be merged)",
+        "{}: the trained artifact has no merged model (prompt-learning adapters cannot be merged; \
+         export them with format = \"peft\")",
         dir.display()
     )))
+}
+
+/// The base model and prompt-learning adapter (prompt tuning, P-Tuning, prefix) of a trained
+/// artifact that holds only `adapter/`: the base is the `base` input, else the adapter's
+/// `base_model_name_or_path` when that is a model folder (the sft stage writes its input's).
+pub fn prompt_adapter_model(
+    dir: &Path,
+    base: Option<&Path>,
+) -> Result<Option<(PathBuf, PathBuf)>, StageError> {
+    let adapter = dir.join("adapter");
+    if prompt_adapter_kind(&adapter).is_none() {
+        return Ok(None);
+    }
+    if let Some(b) = base {
+        return Ok(Some((b.to_path_buf(), adapter)));
+    }
+    let file = read_prompt_adapter(&adapter).map_err(|e| StageError::msg(e.to_string()))?;
+    match file.config["base_model_name_or_path"]
+        .as_str()
+        .map(PathBuf::from)
+    {
+        Some(b) if b.join("config.json").is_file() => Ok(Some((b, adapter))),
+        _ => Err(StageError::msg(format!(
+            "{}: a prompt-learning adapter needs its base model: add `base = \"<model stage>\"`",
+            adapter.display()
+        ))),
+    }
 }
 
 struct GenerateTask<'a> {
     config: ModelConfig,
     model_dir: &'a Path,
+    adapter: Option<&'a Path>,
     prompts: &'a [Vec<u32>],
     opts: GenerateOptions,
     batch_size: usize,
@@ -109,9 +142,20 @@ impl BackendTask for GenerateTask<'_> {
         let model = CausalLm::<B>::from_hf_tensors(&self.config, &tensors, &device)
             .map_err(|e| e.to_string())?;
         drop(tensors);
+        let adapter = match self.adapter {
+            Some(dir) => {
+                let file = read_prompt_adapter(dir).map_err(|e| e.to_string())?;
+                Some(
+                    PromptAdapter::<B>::from_file(&file, &self.config, dir, &device)
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            None => None,
+        };
         let mut out = Vec::with_capacity(self.prompts.len());
         for chunk in self.prompts.chunks(self.batch_size.max(1)) {
-            let gens = generate(&model, chunk, &self.opts, None).map_err(|e| e.to_string())?;
+            let gens = generate_prompted(&model, adapter.as_ref(), chunk, &self.opts, None)
+                .map_err(|e| e.to_string())?;
             out.extend(gens.into_iter().map(|g| g.token_ids));
             self.bar.inc(chunk.len() as u64);
         }
@@ -130,6 +174,7 @@ impl Stage for Evaluate {
         const SLOTS: &[InputSlot] = &[
             InputSlot::one("input", &[ArtifactKind::Prompts]),
             InputSlot::one("model", &[ArtifactKind::Model, ArtifactKind::Trained]),
+            InputSlot::optional("base", &[ArtifactKind::Model]),
         ];
         SLOTS
     }
@@ -157,7 +202,14 @@ impl Stage for Evaluate {
         let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
         let input = ctx.input("input")?;
         let model = ctx.input("model")?;
-        let model_dir = model_folder(model.kind, &model.dir)?;
+        let base = ctx.optional_input("base").map(|b| b.dir.as_path());
+        let (model_dir, adapter) = match model.kind {
+            ArtifactKind::Trained => match prompt_adapter_model(&model.dir, base)? {
+                Some((b, a)) => (b, Some(a)),
+                None => (model_folder(model.kind, &model.dir)?, None),
+            },
+            _ => (model_folder(model.kind, &model.dir)?, None),
+        };
         let config = ModelConfig::from_file(model_dir.join("config.json")).map_err(|e| err(&e))?;
         let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(|e| err(&e))?;
         let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
@@ -233,6 +285,7 @@ impl Stage for Evaluate {
         let task = GenerateTask {
             config,
             model_dir: &model_dir,
+            adapter: adapter.as_deref(),
             prompts: &prompts,
             opts,
             batch_size: params.batch_size,

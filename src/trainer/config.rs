@@ -26,6 +26,36 @@ pub enum Method {
     Prefix,
     /// AdaLoRA: SVD-form adapters whose ranks are pruned to a budget (peft ADALORA).
     Adalora,
+    /// peft PROMPT_TUNING: trained virtual-token embeddings before the input embeddings.
+    #[serde(rename = "prompt_tuning")]
+    PromptTuning,
+    /// peft P_TUNING: virtual tokens produced by an MLP or LSTM prompt encoder.
+    #[serde(rename = "p_tuning")]
+    PTuning,
+}
+
+/// How prompt tuning's virtual tokens start (peft `prompt_tuning_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptInit {
+    /// N(0, 1), as torch's `nn.Embedding`.
+    #[default]
+    #[serde(alias = "RANDOM")]
+    Random,
+    /// The embeddings of `prompt_tuning_init_text`'s tokens, repeated or cut to length.
+    #[serde(alias = "TEXT")]
+    Text,
+}
+
+/// P-Tuning's prompt encoder (peft `encoder_reparameterization_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Reparameterization {
+    #[default]
+    #[serde(alias = "MLP")]
+    Mlp,
+    #[serde(alias = "LSTM")]
+    Lstm,
 }
 
 /// Precision of the trained weights written out.
@@ -76,6 +106,15 @@ pub struct SftConfig {
     pub prefix_projection: bool,
     /// Hidden size of the prefix projection MLP (ChatGLM's `prefix_hidden_size`).
     pub prefix_hidden_size: Option<usize>,
+    /// Virtual tokens of prompt tuning and P-Tuning (the prefix uses `pre_seq_len`).
+    pub num_virtual_tokens: usize,
+    pub prompt_tuning_init: PromptInit,
+    pub prompt_tuning_init_text: Option<String>,
+    pub encoder_reparameterization_type: Reparameterization,
+    /// P-Tuning encoder width (default: the model's hidden size, as peft).
+    pub encoder_hidden_size: Option<usize>,
+    /// P-Tuning LSTM layers (the MLP always has 3 linears, as peft).
+    pub encoder_num_layers: usize,
     /// Evaluate every N optimizer steps (0: only at the end when an eval set is given).
     pub eval_steps: u64,
     /// Checkpoint every N optimizer steps (0: never).
@@ -120,6 +159,12 @@ impl Default for SftConfig {
             pre_seq_len: 16,
             prefix_projection: false,
             prefix_hidden_size: None,
+            num_virtual_tokens: 20,
+            prompt_tuning_init: PromptInit::Random,
+            prompt_tuning_init_text: None,
+            encoder_reparameterization_type: Reparameterization::Mlp,
+            encoder_hidden_size: None,
+            encoder_num_layers: 2,
             eval_steps: 0,
             save_steps: 0,
             logging_steps: 10,
@@ -201,6 +246,30 @@ impl SftConfig {
         }
         if self.method == Method::Prefix && self.pre_seq_len == 0 {
             return bad("pre_seq_len", "must be >= 1".into());
+        }
+        if matches!(self.method, Method::PromptTuning | Method::PTuning) {
+            if self.num_virtual_tokens == 0 {
+                return bad("num_virtual_tokens", "must be >= 1".into());
+            }
+            if self.encoder_hidden_size == Some(0) {
+                return bad("encoder_hidden_size", "must be >= 1".into());
+            }
+            if self.encoder_num_layers == 0 {
+                return bad("encoder_num_layers", "must be >= 1".into());
+            }
+        }
+        if self.method == Method::PromptTuning
+            && self.prompt_tuning_init == PromptInit::Text
+            && self
+                .prompt_tuning_init_text
+                .as_deref()
+                .unwrap_or("")
+                .is_empty()
+        {
+            return bad(
+                "prompt_tuning_init_text",
+                "needed (non-empty) when prompt_tuning_init = \"text\"".into(),
+            );
         }
         self.schedule_config()
             .warmup_steps_for(1)

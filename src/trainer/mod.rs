@@ -17,10 +17,12 @@ pub mod data;
 pub mod optim;
 pub mod params;
 pub mod prefix;
+pub mod prompt;
 pub mod sft;
 
 #[cfg(test)]
 mod dora_tests;
+mod prompt_tests;
 #[cfg(test)]
 mod tests;
 
@@ -62,6 +64,8 @@ pub enum Error {
     Model(#[from] crate::model::decoder::ModelError),
     #[error(transparent)]
     Peft(#[from] crate::train::peft_io::Error),
+    #[error(transparent)]
+    PromptAdapter(#[from] crate::model::prompt::PromptAdapterError),
     #[error(transparent)]
     Metrics(#[from] crate::train::metrics_log::Error),
     #[error(transparent)]

@@ -5,29 +5,23 @@
 //! `[pre_seq_len, num_layers * 2, kv_heads, head_dim]`, layer i's key at 2i and value at 2i+1.
 //! Prefix keys take no rotary embedding; the input tokens sit at positions `pre_seq_len..`,
 //! as transformers computes positions after a cache of that length.
-//!
-//! The decoder's attention takes its past keys only through its private `KvCache`, so the
-//! layer loop is repeated here from `model::decoder` (same ops, same masking value).
+//! The prefix runs through the decoder's own KV cache ([`prefix_cache`]).
 
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{softmax, tanh};
+use burn::tensor::activation::tanh;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Distribution, Int, Tensor};
-use serde_json::json;
+use burn::tensor::{Distribution, Int, Tensor};
 
-use crate::model::decoder::{Attention, CausalLm};
-use crate::model::hf::{save_safetensors, DType, HostTensor};
+use crate::model::decoder::CausalLm;
+use crate::model::hf::HostTensor;
 use crate::model::lora::LoraLinear;
-use crate::model::rope::apply_rotary;
+use crate::model::prompt::{prefix_cache, write_prompt_adapter, PromptAdapterConfig, PromptKind};
 use crate::trainer::config::SftConfig;
 use crate::trainer::data::positions;
 use crate::trainer::sft::CausalModel;
 use crate::trainer::Error;
-
-/// Same as the decoder's masked score.
-const MASKED_SCORE: f32 = -1.0e4;
 
 /// The prefix encoder plus the frozen decoder.
 #[derive(Module, Debug)]
@@ -97,95 +91,13 @@ impl<B: Backend> PrefixLm<B> {
     }
 }
 
-fn attend<B: Backend>(
-    attn: &Attention<B>,
-    x: Tensor<B, 3>,
-    cos: &Tensor<B, 4>,
-    sin: &Tensor<B, 4>,
-    mask: &Tensor<B, 4, Bool>,
-    past: (Tensor<B, 4>, Tensor<B, 4>),
-) -> Tensor<B, 3> {
-    let [b, t, _] = x.dims();
-    let (h, kvh, d) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
-    let q = attn
-        .q_proj
-        .forward(x.clone())
-        .reshape([b, t, h, d])
-        .swap_dims(1, 2);
-    let k = attn
-        .k_proj
-        .forward(x.clone())
-        .reshape([b, t, kvh, d])
-        .swap_dims(1, 2);
-    let v = attn
-        .v_proj
-        .forward(x)
-        .reshape([b, t, kvh, d])
-        .swap_dims(1, 2);
-    let q = apply_rotary(q, cos, sin);
-    let k = Tensor::cat(vec![past.0, apply_rotary(k, cos, sin)], 2);
-    let v = Tensor::cat(vec![past.1, v], 2);
-    let s = k.dims()[2];
-    let rep = h / kvh;
-    let expand = |t: Tensor<B, 4>| {
-        if rep == 1 {
-            t
-        } else {
-            t.unsqueeze_dim::<5>(2)
-                .expand([b, kvh, rep, s, d])
-                .reshape([b, h, s, d])
-        }
-    };
-    let scores = q
-        .matmul(expand(k).swap_dims(2, 3))
-        .mul_scalar(1.0 / (d as f64).sqrt())
-        .mask_fill(mask.clone().expand([b, h, t, s]), MASKED_SCORE);
-    let out = softmax(scores, 3).matmul(expand(v));
-    attn.o_proj
-        .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
-}
-
 impl<B: Backend> CausalModel<B> for PrefixLm<B> {
     fn logits(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let device = input_ids.device();
         let [b, t] = input_ids.dims();
         let p = self.pre_seq_len();
-        let c = &self.base.config;
-        let (layers, kvh, d) = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim);
-        // [p, layers * 2, kvh, d] -> [layers * 2, kvh, p, d]
-        let past = self
-            .prompt_embeddings()
-            .reshape([p, layers * 2, kvh, d])
-            .permute([1, 2, 0, 3]);
-        let (cos, sin) = self.base.rope.cos_sin(positions::<B>(b, t, p, &device));
-        let mask = Tensor::<B, 2, Bool>::tril_mask([t, p + t], p as i64, &device).reshape([
-            1,
-            1,
-            t,
-            p + t,
-        ]);
-        let mut x = self.base.model.embed_tokens.forward(input_ids);
-        for (i, layer) in self.base.model.layers.iter().enumerate() {
-            let pick = |j: usize| {
-                past.clone()
-                    .slice([j..j + 1, 0..kvh, 0..p, 0..d])
-                    .expand([b, kvh, p, d])
-            };
-            let h = attend(
-                &layer.self_attn,
-                layer.input_layernorm.forward(x.clone()),
-                &cos,
-                &sin,
-                &mask,
-                (pick(2 * i), pick(2 * i + 1)),
-            );
-            x = x.add(h);
-            let h = layer
-                .mlp
-                .forward(layer.post_attention_layernorm.forward(x.clone()));
-            x = x.add(h);
-        }
-        self.base.lm_head(self.base.model.norm.forward(x))
+        let mut cache = prefix_cache(self.prompt_embeddings(), &self.base.config, b);
+        let pos = positions::<B>(b, t, p, &input_ids.device());
+        self.base.forward(input_ids, pos, None, Some(&mut cache))
     }
 }
 
@@ -197,39 +109,20 @@ pub fn write_prefix_adapter<B: Backend>(
     base_name: Option<&str>,
     dir: &Path,
 ) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let c = &model.base.config;
-    let kv_dim = c.num_key_value_heads * c.head_dim;
-    let config = json!({
-        "auto_mapping": null,
-        "base_model_name_or_path": base_name,
-        "encoder_hidden_size": cfg.prefix_hidden_size.unwrap_or(c.hidden_size),
-        "inference_mode": true,
-        "num_attention_heads": c.num_key_value_heads,
-        "num_layers": c.num_hidden_layers,
-        "num_transformer_submodules": 1,
-        "num_virtual_tokens": cfg.pre_seq_len,
-        "peft_type": "PREFIX_TUNING",
-        "prefix_projection": false,
-        "revision": null,
-        "task_type": "CAUSAL_LM",
-        "token_dim": kv_dim,
-    });
-    let path = dir.join("adapter_config.json");
-    let text = serde_json::to_string_pretty(&config).expect("JSON values serialize");
-    std::fs::write(&path, text).map_err(|source| Error::Io { path, source })?;
-    let data = model.prompt_embeddings().into_data();
+    let mut config =
+        PromptAdapterConfig::new(PromptKind::Prefix, cfg.pre_seq_len, &model.base.config);
+    config.base_model_name_or_path = base_name.map(str::to_string);
+    if let Some(h) = cfg.prefix_hidden_size.filter(|_| cfg.prefix_projection) {
+        config.encoder_hidden_size = h;
+    }
+    write_prompt_adapter(dir, &config, host_tensor(model.prompt_embeddings()))?;
+    Ok(())
+}
+
+/// A device tensor as an f32 host tensor.
+pub(crate) fn host_tensor<B: Backend>(t: Tensor<B, 2>) -> HostTensor {
+    let data = t.into_data();
     let shape = data.shape.to_vec();
     let values = data.convert::<f32>().into_vec::<f32>().unwrap_or_default();
-    let tensors = [(
-        "prompt_embeddings".to_string(),
-        HostTensor::new(shape, values),
-    )]
-    .into_iter()
-    .collect();
-    save_safetensors(dir.join("adapter_model.safetensors"), &tensors, DType::F32)?;
-    Ok(())
+    HostTensor::new(shape, values)
 }

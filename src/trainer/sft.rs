@@ -34,6 +34,7 @@ use crate::trainer::data::{
 use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW, AdamWParams};
 use crate::trainer::params::{assign_values, trainable_params, trainable_values};
 use crate::trainer::prefix::{write_prefix_adapter, PrefixLm};
+use crate::trainer::prompt::{prompt_init_ids, write_virtual_adapter, PromptLm};
 use crate::trainer::Error;
 
 /// Where the base model comes from.
@@ -183,6 +184,10 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
     stop_after: Option<u64>,
 ) -> Result<SftReport, Error> {
     cfg.validate()?;
+    let base_dir = match base {
+        BaseModel::Dir(dir) => Some(dir.to_path_buf()),
+        BaseModel::Loaded { .. } => None,
+    };
     let (config, tensors, base_name) = match base {
         BaseModel::Dir(dir) => (
             ModelConfig::from_file(dir.join("config.json"))?,
@@ -280,6 +285,20 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
         }
         Method::Adalora => {
             crate::trainer::adalora::run::<B>(&ctx, &config, tensors, base_name, dtype, device)
+        }
+        Method::PromptTuning | Method::PTuning => {
+            let init_ids = prompt_init_ids(cfg, base_dir.as_deref())?;
+            let base = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
+            drop(tensors);
+            let model = PromptLm::new(base, cfg, init_ids.as_deref(), device);
+            let save = |m: &PromptLm<B>, dir: &Path| {
+                write_virtual_adapter(&m.valid(), cfg, base_name.as_deref(), dir)
+            };
+            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &save, &mut ())?;
+            let adapter_dir = out_dir.join("adapter");
+            save(&model, &adapter_dir)?;
+            report.adapter_dir = Some(adapter_dir);
+            Ok(report)
         }
     }
 }

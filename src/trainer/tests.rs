@@ -20,7 +20,7 @@ use crate::trainer::data::{make_batch, summed_cross_entropy, TokenizedExample};
 use crate::trainer::prefix::PrefixLm;
 use crate::trainer::sft::{run_sft, train_sft, BaseModel, CausalModel};
 
-type TB = NdArray<f32>;
+pub(super) type TB = NdArray<f32>;
 
 /// burn's backend RNG (dropout, prefix init) is process-global: tests that train hold this
 /// lock so parallel tests do not draw from it in between.
@@ -29,7 +29,7 @@ static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub(super) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
-type AD = Autodiff<TB>;
+pub(super) type AD = Autodiff<TB>;
 
 pub(super) const SHAPE: TinyShape = TinyShape {
     hidden: 32,
@@ -63,7 +63,7 @@ pub(super) fn memorization_set() -> Vec<TokenizedExample> {
         .collect()
 }
 
-fn lora_cfg(steps: u64) -> SftConfig {
+pub(super) fn lora_cfg(steps: u64) -> SftConfig {
     SftConfig {
         method: Method::Lora,
         learning_rate: 3e-2,
@@ -81,7 +81,7 @@ fn lora_cfg(steps: u64) -> SftConfig {
     }
 }
 
-fn losses(dir: &Path) -> Vec<(u64, f64)> {
+pub(super) fn losses(dir: &Path) -> Vec<(u64, f64)> {
     read_metrics(&dir.join("metrics.jsonl"))
         .unwrap()
         .into_iter()
@@ -89,7 +89,7 @@ fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-fn train(cfg: &SftConfig, dir: &Path) -> crate::trainer::SftReport {
+pub(super) fn train(cfg: &SftConfig, dir: &Path) -> crate::trainer::SftReport {
     train_on::<AD>(cfg, dir)
 }
 
