@@ -13,11 +13,17 @@ pub mod adapters;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod grpo;
+pub mod grpo_config;
+pub mod grpo_loss;
+pub mod grpo_rollout;
 pub mod optim;
 pub mod params;
 pub mod prefix;
 pub mod sft;
 
+#[cfg(test)]
+mod grpo_tests;
 #[cfg(test)]
 mod tests;
 

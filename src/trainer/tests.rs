@@ -26,7 +26,7 @@ type TB = NdArray<f32>;
 /// lock so parallel tests do not draw from it in between.
 static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 type AD = Autodiff<TB>;
