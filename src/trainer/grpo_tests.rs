@@ -427,3 +427,81 @@ fn bad_prompts_and_keys_are_reported() {
     .to_string();
     assert!(err.contains("grpo: key `num_generations`"), "{err}");
 }
+
+/// The shipped recipe's GRPO stage on SmolLM2-135M-Instruct on CPU (the CLI's
+/// `runner run recipes/gsm8k-grpo.toml --set stages.grpo.max_steps=N --only ...`), for measuring:
+/// `GRPO_SMOKE_STEPS` steps (default 30), printing the time and the reward curve. Ignored
+/// (minutes on CPU); skips without models/SmolLM2-135M-Instruct.Q4_1.gguf.
+#[test]
+#[ignore]
+fn smollm2_gsm8k_recipe_smoke() {
+    use crate::pipeline::{execute, Plan, RunOptions, Store};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    if !root
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .is_file()
+    {
+        eprintln!(
+            "skipping: models/SmolLM2-135M-Instruct.Q4_1.gguf is absent (scripts/fetch-smollm2.sh)"
+        );
+        return;
+    }
+    std::env::set_current_dir(root).unwrap();
+    let steps = std::env::var("GRPO_SMOKE_STEPS").unwrap_or_else(|_| "30".into());
+    let mut sets = vec![format!("stages.grpo.max_steps={steps}")];
+    if let Ok(extra) = std::env::var("GRPO_SMOKE_SET") {
+        sets.extend(extra.split(';').map(str::to_string));
+    }
+    let raw = crate::recipe::RawRecipe::load(&root.join("recipes/gsm8k-grpo.toml"), &sets).unwrap();
+    let plan = Plan::build(raw).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let only = ["train_raw", "train_prompts", "base", "grpo"];
+    let opts = RunOptions {
+        runs_dir: dir.path().join("runs"),
+        force: Vec::new(),
+        only: only.iter().map(|s| s.to_string()).collect(),
+        jobs: 1,
+        device: "cpu".into(),
+        run_id: None,
+    };
+    let t0 = std::time::Instant::now();
+    let record = execute(&plan, &store, &opts).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    for s in &record.stages {
+        assert!(s.error.is_none(), "stage {} failed: {:?}", s.name, s.error);
+    }
+    let grpo = store.artifact(&plan.stage("grpo").unwrap().fingerprint);
+    let rows = read_metrics(&grpo.join("metrics.jsonl")).unwrap();
+    eprintln!(
+        "{} steps in {secs:.0} s (whole run incl. GGUF conversion)",
+        rows.len()
+    );
+    for r in &rows {
+        let get = |k: &str| r.extra.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        eprintln!(
+            "step {:>3} reward {:.3} xml {:.3} soft {:.3} strict {:.3} int {:.3} correct {:.3} kl {:.5} len {:.0} loss {:.4}",
+            r.step,
+            get("reward"),
+            get("rewards/xml_count"),
+            get("rewards/soft_format"),
+            get("rewards/strict_format"),
+            get("rewards/int"),
+            get("rewards/correctness"),
+            get("kl"),
+            get("completion_length"),
+            r.loss.unwrap_or(f64::NAN)
+        );
+    }
+    let keep = std::path::Path::new("/tmp/grpo-smoke");
+    let _ = std::fs::remove_dir_all(keep);
+    let _ = std::fs::create_dir_all(keep);
+    for name in [
+        "metrics.jsonl",
+        "completions.jsonl",
+        "rewards.svg",
+        "grpo.json",
+    ] {
+        let _ = std::fs::copy(grpo.join(name), keep.join(name));
+    }
+}
