@@ -6,6 +6,7 @@ mod context;
 pub mod evaluate;
 mod export;
 mod format;
+mod grpo;
 mod ingest;
 mod model;
 mod sft;
@@ -244,6 +245,7 @@ pub fn registry() -> Vec<Box<dyn DynStage>> {
         erase::<model::Model>(),
         erase::<tokenize::Tokenize>(),
         erase::<sft::Sft>(),
+        erase::<grpo::Grpo>(),
         erase::<evaluate::Evaluate>(),
         erase::<export::Export>(),
     ]

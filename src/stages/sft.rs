@@ -18,7 +18,7 @@ pub struct Sft;
 
 /// Where the stage keeps resumable checkpoints: outside the temp folder, keyed by fingerprint, so
 /// a run killed mid-training resumes from its last checkpoint.
-fn resume_dir(ctx: &StageContext) -> PathBuf {
+pub(super) fn resume_dir(ctx: &StageContext) -> PathBuf {
     let temp = &ctx.out_dir;
     let store_tmp = temp.parent().unwrap_or(Path::new("."));
     let name = temp

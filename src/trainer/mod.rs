@@ -14,6 +14,10 @@ pub mod adapters;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod grpo;
+pub mod grpo_config;
+pub mod grpo_loss;
+pub mod grpo_rollout;
 pub mod optim;
 pub mod params;
 pub mod prefix;
@@ -23,6 +27,7 @@ pub mod sft;
 #[cfg(test)]
 mod dora_tests;
 mod prompt_tests;
+mod grpo_tests;
 #[cfg(test)]
 mod tests;
 

@@ -1,0 +1,201 @@
+//! `grpo`: Group Relative Policy Optimization (LoRA, QLoRA or full) of a base model on prompt
+//! records, rewarded by configured reward functions. The loop lives in
+//! [`crate::trainer::grpo`]; this stage turns records into prompts and wires artifacts to it.
+//!
+//! Prompts: each record's system prompt and user text rendered with the model's chat template
+//! (generation prompt added), or the plain text when the tokenizer has no template; the
+//! record's response is the reference the rewards compare with (GSM8K: the `#### n` solution).
+//! Output: `adapter/` (peft) + `merged/` (LoRA, QLoRA) or `model/` (full), as `sft` writes them
+//! (so `evaluate` takes a grpo stage as its model), `metrics.jsonl`, `completions.jsonl`,
+//! charts (rewards.svg, kl.svg, ...), `checkpoint-N/` and `grpo.json`.
+
+use super::sft::resume_dir;
+use super::tokenize::read_records;
+use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
+use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
+use crate::text::{ChatMessage, TextTokenizer};
+use crate::trainer::grpo::{train_grpo, GrpoError, GrpoPrompt, GrpoReport, GrpoTokens};
+use crate::trainer::grpo_config::GrpoConfig;
+use crate::trainer::sft::BaseModel;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use std::path::Path;
+
+pub struct Grpo;
+
+struct TrainTask<'a> {
+    cfg: &'a GrpoConfig,
+    model_dir: &'a Path,
+    prompts: &'a [GrpoPrompt],
+    tokenizer: &'a TextTokenizer,
+    tokens: &'a GrpoTokens,
+    out: &'a Path,
+    progress: &'a indicatif::MultiProgress,
+}
+
+impl BackendTask for TrainTask<'_> {
+    type Output = Result<GrpoReport, GrpoError>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids, true).unwrap_or_default();
+        train_grpo::<Autodiff<B>>(
+            self.cfg,
+            BaseModel::Dir(self.model_dir),
+            self.prompts,
+            &decode,
+            self.tokens,
+            self.out,
+            &device,
+            Some(self.progress),
+        )
+    }
+}
+
+/// Token ids of each record's prompt: chat template with the system prompt when the tokenizer
+/// has one, else the plain prompt text.
+fn encode_prompts(
+    tokenizer: &TextTokenizer,
+    records: &[crate::text::Record],
+) -> Result<Vec<GrpoPrompt>, StageError> {
+    let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
+    let template = tokenizer.chat_template(None).ok();
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        let ids = match &template {
+            Some(t) => {
+                let mut messages = Vec::new();
+                if let Some(s) = &r.system {
+                    messages.push(ChatMessage::new("system", s));
+                }
+                messages.push(ChatMessage::new("user", &r.prompt));
+                let text = t.render(&messages, true).map_err(|e| err(&e))?;
+                tokenizer.encode_plain(&text).map_err(|e| err(&e))?
+            }
+            None => {
+                let text = match &r.system {
+                    Some(s) => format!("{s}\n\n{}", r.prompt),
+                    None => r.prompt.clone(),
+                };
+                tokenizer.encode(&text).map_err(|e| err(&e))?
+            }
+        };
+        out.push(GrpoPrompt {
+            ids,
+            reference: r.response.clone(),
+        });
+    }
+    Ok(out)
+}
+
+impl Stage for Grpo {
+    type Params = GrpoConfig;
+    const KIND: &'static str = "grpo";
+    const VERSION: u32 = 1;
+    const OUTPUT: ArtifactKind = ArtifactKind::Trained;
+    const SUMMARY: &'static str =
+        "GRPO reinforcement learning with reward functions (LoRA or full)";
+
+    fn input_slots() -> &'static [InputSlot] {
+        const SLOTS: &[InputSlot] = &[
+            InputSlot::one("input", &[ArtifactKind::Prompts]),
+            InputSlot::one("model", &[ArtifactKind::Model]),
+        ];
+        SLOTS
+    }
+
+    fn validate(params: &GrpoConfig) -> Result<(), (String, String)> {
+        params.validate().map_err(|(k, m)| (k.to_string(), m))?;
+        crate::train::rewards::RewardSet::new(&params.rewards)
+            .map(|_| ())
+            .map_err(|e| ("rewards".to_string(), e.to_string()))
+    }
+
+    fn heavy() -> bool {
+        true
+    }
+
+    fn run(params: &GrpoConfig, ctx: &StageContext) -> Result<(), StageError> {
+        let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
+        let data = ctx.input("input")?;
+        let model = ctx.input("model")?;
+        let records = read_records(&data.dir, data.output.as_deref().unwrap_or("train"))?;
+        if records.is_empty() {
+            return Err(StageError::msg("the prompt input has no training records"));
+        }
+        let tokenizer = TextTokenizer::from_dir(&model.dir).map_err(|e| err(&e))?;
+        let prompts = encode_prompts(&tokenizer, &records)?;
+        let mut eos_ids = tokenizer.eos_ids();
+        if eos_ids.is_empty() {
+            eos_ids = crate::model::config::ModelConfig::from_file(model.dir.join("config.json"))
+                .map_err(|e| err(&e))?
+                .eos_token_ids;
+        }
+        let tokens = GrpoTokens {
+            pad_id: tokenizer.pad_id().or(eos_ids.first().copied()).unwrap_or(0),
+            eos_ids,
+        };
+        let device: DeviceChoice = ctx
+            .device
+            .parse()
+            .map_err(|e: crate::model::device::DeviceError| err(&e))?;
+        let work = resume_dir(ctx);
+        std::fs::create_dir_all(&work).map_err(|e| StageError::io(&work, e))?;
+        let mut cfg = params.clone();
+        // Checkpoints of an interrupted run of this very stage are picked up automatically.
+        cfg.resume = cfg.resume || work.join("metrics.jsonl").exists();
+        let task = TrainTask {
+            cfg: &cfg,
+            model_dir: &model.dir,
+            prompts: &prompts,
+            tokenizer: &tokenizer,
+            tokens: &tokens,
+            out: &work,
+            progress: &ctx.progress,
+        };
+        let report = run_on_device(device, task)
+            .map_err(|e| err(&e))?
+            .map_err(|e| err(&e))?;
+        for entry in std::fs::read_dir(&work)
+            .map_err(|e| StageError::io(&work, e))?
+            .flatten()
+        {
+            let target = ctx.out_dir.join(entry.file_name());
+            std::fs::rename(entry.path(), &target).map_err(|e| StageError::io(&target, e))?;
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        // The merged or fully trained model must be usable on its own: give it the tokenizer.
+        for sub in ["merged", "model", "adapter"] {
+            let dir = ctx.out(sub);
+            if !dir.is_dir() {
+                continue;
+            }
+            for name in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "generation_config.json",
+            ] {
+                let (from, to) = (model.dir.join(name), dir.join(name));
+                if from.is_file() && !to.exists() {
+                    std::fs::copy(&from, &to).map_err(|e| StageError::io(&from, e))?;
+                }
+            }
+        }
+        if let Err(e) = crate::charts::write_training_charts(&ctx.out_dir) {
+            tracing::warn!("could not draw training charts: {e}");
+        }
+        crate::util::write_json(
+            &ctx.out("grpo.json"),
+            &serde_json::json!({
+                "method": cfg.method,
+                "steps": report.steps,
+                "resumed_from": report.resumed_from,
+                "first_reward": report.first_reward,
+                "last_reward": report.last_reward,
+                "trainable_params": report.trainable_params,
+                "total_params": report.total_params,
+                "prompts": prompts.len(),
+                "device": ctx.device,
+            }),
+        )
+    }
+}
