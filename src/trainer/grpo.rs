@@ -27,7 +27,7 @@ use crate::model::hf::{load_hf_folder_tensors, save_hf_folder, DType};
 use crate::train::metrics_log::{MetricsLog, MetricsRow};
 use crate::train::peft_io::write_lora_adapter;
 use crate::train::rewards::RewardSet;
-use crate::trainer::adapters::{add_lora, lora_pairs, merged, nf4_round_trip};
+use crate::trainer::adapters::{add_lora, lora_pairs, merged, quantize_base_nf4};
 use crate::trainer::checkpoint::{
     latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState, FORMAT_VERSION,
 };
@@ -134,7 +134,7 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
     if prompts.is_empty() {
         return Err(GrpoError::NoPrompts);
     }
-    let (config, mut tensors, base_name) = match base {
+    let (config, tensors, base_name) = match base {
         BaseModel::Dir(dir) => (
             ModelConfig::from_file(dir.join("config.json")).map_err(GrpoError::train)?,
             load_hf_folder_tensors(dir).map_err(GrpoError::train)?,
@@ -189,14 +189,15 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
     };
     match cfg.method {
         Method::Lora | Method::Qlora => {
-            if cfg.method == Method::Qlora {
-                nf4_round_trip(&mut tensors, config.num_hidden_layers).map_err(GrpoError::train)?;
-            }
             let mut adapter = cfg.adapter_config();
             adapter.base_model_name_or_path = base_name;
-            let model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)
+            let mut model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)
                 .map_err(GrpoError::train)?;
             drop(tensors);
+            if cfg.method == Method::Qlora {
+                // The frozen base held in NF4 on the device, as in SFT.
+                model = quantize_base_nf4(model).map_err(GrpoError::train)?;
+            }
             let (model, wrapped) = add_lora(model, &adapter, cfg.seed, device)?;
             if wrapped == 0 {
                 return Err(GrpoError::train(crate::trainer::Error::NoTargets));
@@ -237,10 +238,12 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
             report.model_dir = Some(model_dir);
             Ok(report)
         }
-        Method::Prefix => Err(GrpoError::Config {
-            key: "method",
-            message: "grpo trains `lora`, `qlora` or `full`".into(),
-        }),
+        Method::Prefix | Method::Adalora | Method::PromptTuning | Method::PTuning => {
+            Err(GrpoError::Config {
+                key: "method",
+                message: "grpo trains `lora`, `qlora` or `full`".into(),
+            })
+        }
     }
 }
 

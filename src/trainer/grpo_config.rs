@@ -250,7 +250,7 @@ impl GrpoConfig {
                 }
             }
             Method::Full => {}
-            Method::Prefix => {
+            Method::Prefix | Method::Adalora | Method::PromptTuning | Method::PTuning => {
                 return bad("method", "grpo trains `lora`, `qlora` or `full`".into());
             }
         }

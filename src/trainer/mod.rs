@@ -26,8 +26,10 @@ pub mod sft;
 
 #[cfg(test)]
 mod dora_tests;
-mod prompt_tests;
+#[cfg(test)]
 mod grpo_tests;
+#[cfg(test)]
+mod prompt_tests;
 #[cfg(test)]
 mod tests;
 
