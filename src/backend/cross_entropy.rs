@@ -6,6 +6,9 @@
 //! Reference: Liger-Kernel `fused_linear_cross_entropy` (chunked recompute), PyTorch
 //! `F.cross_entropy(reduction="mean", ignore_index=-100)` for the semantics.
 
+// burn's `slice` takes one range per dimension: a one-element array is a 1-D slice.
+#![allow(clippy::single_range_in_vec_init)]
+
 use burn::tensor::{backend::Backend, DType, FloatDType, IndexingUpdateOp, Int, Tensor};
 
 use crate::backend::matmul_2d;

@@ -196,8 +196,9 @@ fn naive_attention(
             for i in 0..sq {
                 let qo = ((bi * hq + h) * sq + i) * d;
                 let allowed = |j: usize| {
-                    !(causal && j > sk - sq + i)
-                        && !padding.get(bi * sk + j).copied().unwrap_or(false)
+                    let future = causal && j > sk - sq + i;
+                    let padded = padding.get(bi * sk + j).copied().unwrap_or(false);
+                    !future && !padded
                 };
                 let scores: Vec<f32> = (0..sk)
                     .map(|j| {
@@ -212,10 +213,10 @@ fn naive_attention(
                 let max = scores.iter().cloned().fold(f32::MIN, f32::max);
                 let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
                 let z: f32 = e.iter().sum();
-                for j in 0..sk {
+                for (j, ej) in e.iter().enumerate() {
                     let vo = ((bi * hkv + kh) * sk + j) * d;
                     for p in 0..d {
-                        out[qo + p] += e[j] / z * v[vo + p];
+                        out[qo + p] += ej / z * v[vo + p];
                     }
                 }
             }

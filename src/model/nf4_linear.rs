@@ -14,6 +14,9 @@
 //! Dequantization (bitsandbytes `dequantize_4bit`): `code[nibble] * absmax[block]` with
 //! `absmax = dynamic_map[q] * scale[q_block] + offset` (`dequantize_blockwise` + offset).
 
+// burn's `slice` takes one range per dimension: a one-element array is a 1-D slice.
+#![allow(clippy::single_range_in_vec_init)]
+
 use burn::module::{Module, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};

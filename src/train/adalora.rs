@@ -148,7 +148,7 @@ impl BudgetSchedule {
             let mul = 1.0 - (step - self.tinit) as f64 / span;
             let spread = (self.init_bgt - self.target_bgt) as f64;
             let budget = (spread * mul.powi(3) + self.target_bgt as f64) as usize;
-            (budget, step % self.delta_t == 0)
+            (budget, step.is_multiple_of(self.delta_t))
         }
     }
 }

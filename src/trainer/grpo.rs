@@ -226,7 +226,7 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
                 .map_err(GrpoError::train)?;
             drop(tensors);
             let reference = if cfg.beta > 0.0 {
-                Reference::Frozen(model.valid())
+                Reference::Frozen(Box::new(model.valid()))
             } else {
                 Reference::None
             };

@@ -166,7 +166,7 @@ impl GrpoConfig {
             }
         }
         let completions = self.batch_size * self.gradient_accumulation_steps;
-        if completions % self.num_generations != 0 {
+        if !completions.is_multiple_of(self.num_generations) {
             return bad(
                 "num_generations",
                 format!(
@@ -182,7 +182,7 @@ impl GrpoConfig {
         if self.logging_steps == 0 {
             return bad("logging_steps", "must be >= 1".into());
         }
-        if self.save_steps % self.num_iterations as u64 != 0 {
+        if !self.save_steps.is_multiple_of(self.num_iterations as u64) {
             return bad(
                 "save_steps",
                 format!(

@@ -25,7 +25,7 @@ pub(crate) enum Reference<B: Backend> {
     /// The policy with its LoRA adapters switched off.
     AdaptersOff,
     /// The initial weights of a full fine-tune.
-    Frozen(CausalLm<B>),
+    Frozen(Box<CausalLm<B>>),
     None,
 }
 
@@ -135,7 +135,7 @@ pub(crate) fn rollout<B: Backend>(
     let reference_model = match reference {
         _ if cfg.beta == 0.0 => None,
         Reference::AdaptersOff => Some(without_adapters(policy.clone())),
-        Reference::Frozen(m) => Some(m.clone()),
+        Reference::Frozen(m) => Some(m.as_ref().clone()),
         Reference::None => None,
     };
     let device = policy.model.embed_tokens.weight.device();

@@ -101,10 +101,10 @@ pub fn with_state<T>(
 ) -> Result<T, Error> {
     let states = STATES.get_or_init(|| Mutex::new(HashMap::new()));
     let mut guard = states.lock().map_err(|_| Error::Poisoned)?;
-    if !guard.contains_key(&ordinal) {
-        guard.insert(ordinal, BlasState::new(ordinal)?);
-    }
-    let state = guard.get_mut(&ordinal).ok_or(Error::Poisoned)?;
+    let state = match guard.entry(ordinal) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => v.insert(BlasState::new(ordinal)?),
+    };
     state
         .ctx
         .bind_to_thread()
