@@ -154,35 +154,7 @@ impl Stage for Grpo {
         let report = run_on_device(device, task)
             .map_err(|e| err(&e))?
             .map_err(|e| err(&e))?;
-        for entry in std::fs::read_dir(&work)
-            .map_err(|e| StageError::io(&work, e))?
-            .flatten()
-        {
-            let target = ctx.out_dir.join(entry.file_name());
-            std::fs::rename(entry.path(), &target).map_err(|e| StageError::io(&target, e))?;
-        }
-        let _ = std::fs::remove_dir_all(&work);
-        // The merged or fully trained model must be usable on its own: give it the tokenizer.
-        for sub in ["merged", "model", "adapter"] {
-            let dir = ctx.out(sub);
-            if !dir.is_dir() {
-                continue;
-            }
-            for name in [
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-                "generation_config.json",
-            ] {
-                let (from, to) = (model.dir.join(name), dir.join(name));
-                if from.is_file() && !to.exists() {
-                    std::fs::copy(&from, &to).map_err(|e| StageError::io(&from, e))?;
-                }
-            }
-        }
-        if let Err(e) = crate::charts::write_training_charts(&ctx.out_dir) {
-            tracing::warn!("could not draw training charts: {e}");
-        }
+        super::sft::finish_training_artifact(ctx, &work, &model.dir)?;
         crate::util::write_json(
             &ctx.out("grpo.json"),
             &serde_json::json!({

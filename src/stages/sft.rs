@@ -16,6 +16,46 @@ use std::path::{Path, PathBuf};
 
 pub struct Sft;
 
+/// Moves a training run's finished outputs from `work` into the artifact (the checkpoint folder
+/// goes away with `work`), gives every model folder in it (`merged/`, `model/`, `adapter/`) the
+/// base model's tokenizer files so it is usable on its own, and draws the training charts.
+/// Shared by the `sft` and `grpo` stages.
+pub(super) fn finish_training_artifact(
+    ctx: &StageContext,
+    work: &Path,
+    base_dir: &Path,
+) -> Result<(), StageError> {
+    for entry in std::fs::read_dir(work)
+        .map_err(|e| StageError::io(work, e))?
+        .flatten()
+    {
+        let target = ctx.out_dir.join(entry.file_name());
+        std::fs::rename(entry.path(), &target).map_err(|e| StageError::io(&target, e))?;
+    }
+    let _ = std::fs::remove_dir_all(work);
+    for sub in ["merged", "model", "adapter"] {
+        let dir = ctx.out(sub);
+        if !dir.is_dir() {
+            continue;
+        }
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+        ] {
+            let (from, to) = (base_dir.join(name), dir.join(name));
+            if from.is_file() && !to.exists() {
+                std::fs::copy(&from, &to).map_err(|e| StageError::io(&from, e))?;
+            }
+        }
+    }
+    if let Err(e) = crate::charts::write_training_charts(&ctx.out_dir) {
+        tracing::warn!("could not draw training charts: {e}");
+    }
+    Ok(())
+}
+
 /// Where the stage keeps resumable checkpoints: outside the temp folder, keyed by fingerprint, so
 /// a run killed mid-training resumes from its last checkpoint.
 pub(super) fn resume_dir(ctx: &StageContext) -> PathBuf {
@@ -138,36 +178,7 @@ impl Stage for Sft {
         let report = run_on_device(device, task)
             .map_err(|e| StageError::msg(e.to_string()))?
             .map_err(|e| StageError::msg(e.to_string()))?;
-        // Move the finished outputs into the artifact; the checkpoint folder goes away with it.
-        for entry in std::fs::read_dir(&work)
-            .map_err(|e| StageError::io(&work, e))?
-            .flatten()
-        {
-            let target = ctx.out_dir.join(entry.file_name());
-            std::fs::rename(entry.path(), &target).map_err(|e| StageError::io(&target, e))?;
-        }
-        let _ = std::fs::remove_dir_all(&work);
-        // The merged or fully trained model must be usable on its own: give it the tokenizer.
-        for sub in ["merged", "model", "adapter"] {
-            let dir = ctx.out(sub);
-            if !dir.is_dir() {
-                continue;
-            }
-            for name in [
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-                "generation_config.json",
-            ] {
-                let (from, to) = (model.dir.join(name), dir.join(name));
-                if from.is_file() && !to.exists() {
-                    std::fs::copy(&from, &to).map_err(|e| StageError::io(&from, e))?;
-                }
-            }
-        }
-        if let Err(e) = crate::charts::write_training_charts(&ctx.out_dir) {
-            tracing::warn!("could not draw training charts: {e}");
-        }
+        finish_training_artifact(ctx, &work, &model.dir)?;
         crate::util::write_json(
             &ctx.out("sft.json"),
             &serde_json::json!({
