@@ -45,6 +45,38 @@ impl<B: FastOps> Backward<B, 2> for MatmulBackward {
 }
 
 #[derive(Debug)]
+struct GemmBackward;
+
+impl<B: FastOps> Backward<B, 2> for GemmBackward {
+    /// (a when b needs a gradient, b when a does, transpose_a, transpose_b)
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>, bool, bool);
+
+    /// For `C = op(a) op(b)`: `d op(a) = dC op(b)^T`, `d op(b) = op(a)^T dC`, each written as
+    /// one GEMM on the stored operands so no transpose is materialised.
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_a, node_b] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (a, b, ta, tb) = ops.state;
+        if let (Some(node), Some(b)) = (node_a, b) {
+            let g = if ta {
+                B::fast_gemm_2d(b, grad.clone(), tb, true)
+            } else {
+                B::fast_gemm_2d(grad.clone(), b, false, !tb)
+            };
+            grads.register::<B>(node.id, g);
+        }
+        if let (Some(node), Some(a)) = (node_b, a) {
+            let g = if tb {
+                B::fast_gemm_2d(grad, a, true, ta)
+            } else {
+                B::fast_gemm_2d(a, grad, !ta, false)
+            };
+            grads.register::<B>(node.id, g);
+        }
+    }
+}
+
+#[derive(Debug)]
 struct CrossEntropyBackward;
 
 #[derive(Clone, Debug)]
@@ -104,6 +136,38 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::fast_matmul(lhs.primitive, rhs.primitive)),
+        }
+    }
+
+    fn fast_gemm_2d(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> FloatTensor<Self> {
+        let prepared = GemmBackward
+            .prepare::<C>([a.node.clone(), b.node.clone()])
+            .compute_bound()
+            .stateful();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let a_needed = !b.node.requirement.is_none();
+                let b_needed = !a.node.requirement.is_none();
+                let state = (
+                    a_needed.then(|| a.primitive.clone()),
+                    b_needed.then(|| b.primitive.clone()),
+                    transpose_a,
+                    transpose_b,
+                );
+                let out = B::fast_gemm_2d(a.primitive, b.primitive, transpose_a, transpose_b);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fast_gemm_2d(
+                a.primitive,
+                b.primitive,
+                transpose_a,
+                transpose_b,
+            )),
         }
     }
 

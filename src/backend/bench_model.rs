@@ -124,9 +124,41 @@ pub struct SftBench {
     pub steps: u64,
     pub warmup_steps: u64,
     pub gradient_checkpointing: bool,
+    /// lora, dora, qlora, adalora, prompt_tuning, p_tuning, prefix or full.
+    pub method: String,
 }
 
-/// Runs `steps` LoRA SFT steps through the real trainer (r=16, alpha=16, all seven
+/// The trainer settings of one method in the benchmark: LoRA r=16, alpha=16 on the seven
+/// projections (AdaLoRA from rank 16 to 8), 20 virtual tokens for the prompt-learning methods;
+/// scripts/bench_peft_methods.py configures peft the same way.
+fn bench_method(name: &str, cfg: &mut crate::trainer::SftConfig) -> anyhow::Result<()> {
+    use crate::trainer::config::Method;
+    cfg.method = match name {
+        "lora" => Method::Lora,
+        "dora" => {
+            cfg.use_dora = true;
+            Method::Lora
+        }
+        "qlora" => Method::Qlora,
+        "adalora" => {
+            cfg.adalora.init_r = 16;
+            cfg.adalora.target_r = 8;
+            Method::Adalora
+        }
+        "prompt_tuning" => Method::PromptTuning,
+        "p_tuning" => Method::PTuning,
+        "prefix" => Method::Prefix,
+        "full" => Method::Full,
+        other => anyhow::bail!(
+            "unknown method {other:?}; expected lora, dora, qlora, adalora, prompt_tuning, p_tuning, prefix or full"
+        ),
+    };
+    cfg.num_virtual_tokens = 20;
+    cfg.pre_seq_len = 20;
+    Ok(())
+}
+
+/// Runs `steps` SFT steps through the real trainer (r=16, alpha=16, all seven
 /// projections, AdamW) on random weights and tokens; returns tokens/s over the steps after the
 /// warm-up ones, read back from the trainer's own metrics.jsonl.
 pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
@@ -156,7 +188,7 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     .into_iter()
     .map(TokenizedExample::all_tokens)
     .collect();
-    let cfg = SftConfig {
+    let mut cfg = SftConfig {
         learning_rate: 2e-4,
         max_steps: Some(total),
         batch_size: bench.batch,
@@ -180,6 +212,7 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
         dtype: SaveDtype::Bfloat16,
         ..SftConfig::default()
     };
+    bench_method(&bench.method, &mut cfg)?;
     let t1 = Instant::now();
     let report = crate::trainer::train_sft::<AB>(
         &cfg,
@@ -207,6 +240,7 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     let tokens_per_s = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
     let losses: Vec<f64> = rows.iter().filter_map(|r| r["loss"].as_f64()).collect();
     Ok(json!({
+        "method": bench.method,
         "tokens_per_s": tokens_per_s,
         "steps_timed": timed.len(),
         "first_loss": losses.first(),

@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// sft: timed optimizer steps (after 2 warm-up steps); decode: new tokens.
     #[arg(long, default_value_t = 8)]
     pub steps: u64,
+    /// sft: the fine-tuning methods, comma-separated (lora, dora, qlora, adalora, prompt_tuning,
+    /// p_tuning, prefix, full); one JSON line each, memory measured per method.
+    #[arg(long, default_value = "lora")]
+    pub method: String,
     /// sft: burn's gradient checkpointing (BalancedCheckpointing).
     #[arg(long)]
     pub gradient_checkpointing: bool,
@@ -59,11 +63,16 @@ mod run_cuda {
         bytes as f64 / (1u64 << 30) as f64
     }
 
-    fn model_task<B: Backend>(args: &BenchArgs) -> anyhow::Result<Value>
+    /// Runs one model benchmark and adds the settings and the memory it reserved on the GPU.
+    fn model_task<B: Backend>(args: &BenchArgs, method: &str) -> anyhow::Result<Value>
     where
         B::Device: Default,
     {
         let device = B::Device::default();
+        // Give back what an earlier method in this process reserved, so the growth below is
+        // this method's own peak.
+        B::memory_cleanup(&device);
+        let _ = B::sync(&device);
         let base = device_memory_used(0)?;
         let mut out = match args.what.as_str() {
             "sft" => {
@@ -74,6 +83,7 @@ mod run_cuda {
                     steps: args.steps,
                     warmup_steps: 2,
                     gradient_checkpointing: args.gradient_checkpointing,
+                    method: method.to_string(),
                 };
                 let dir = scratch_dir("sft");
                 let v = if args.gradient_checkpointing {
@@ -131,15 +141,30 @@ mod run_cuda {
                 anyhow::ensure!(ok, "some on-device checks failed");
             }
             "sft" | "decode" | "parity" => {
-                let out = if args.dtype == "bf16" {
-                    model_task::<Cuda<half::bf16, i32>>(args)?
+                // Several sft methods share one process, so kernels compiled and tuned for the
+                // first are reused by the next; each line is printed as soon as it is known.
+                let methods: Vec<&str> = if args.what == "sft" {
+                    args.method.split(',').map(str::trim).collect()
                 } else {
-                    model_task::<Cuda<f32, i32>>(args)?
+                    vec![""]
                 };
-                let line = serde_json::to_string(&out)?;
-                match &args.out {
-                    Some(path) => std::fs::write(path, &line)?,
-                    None => println!("{line}"),
+                let mut lines = Vec::new();
+                for method in methods {
+                    let out = if args.dtype == "bf16" {
+                        model_task::<Cuda<half::bf16, i32>>(args, method)
+                    } else {
+                        model_task::<Cuda<f32, i32>>(args, method)
+                    };
+                    let line = match out {
+                        Ok(v) => serde_json::to_string(&v)?,
+                        Err(e) => serde_json::json!({"method": method, "error": format!("{e:#}")})
+                            .to_string(),
+                    };
+                    println!("{line}");
+                    lines.push(line);
+                }
+                if let Some(path) = &args.out {
+                    std::fs::write(path, lines.join("\n") + "\n")?;
                 }
             }
             what => {

@@ -11,7 +11,7 @@
 
 use burn::tensor::{backend::Backend, DType, FloatDType, IndexingUpdateOp, Int, Tensor};
 
-use crate::backend::matmul_2d;
+use crate::backend::{linear, matmul_2d, matmul_tn};
 
 /// Label value skipped by the loss (PyTorch's default `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -40,7 +40,7 @@ fn mask_and_targets<B: Backend>(labels: Tensor<B, 1, Int>) -> (Tensor<B, 1>, Ten
 
 /// f32 logits of one chunk: `h [c, d] @ weight^T` through a transposed view of the weight.
 fn chunk_logits<B: Backend>(h: Tensor<B, 2>, weight: &Tensor<B, 2>) -> Tensor<B, 2> {
-    matmul_2d(h, weight.clone().transpose()).cast(FloatDType::F32)
+    linear(h, weight.clone()).cast(FloatDType::F32)
 }
 
 /// Forward pass on any backend (differentiable by burn's autodiff too, but then the logits of
@@ -110,7 +110,7 @@ pub fn backward<B: Backend>(
         let dlogits = (probs * row_scale).cast(dtype);
         grad_hidden.push(matmul_2d(dlogits.clone(), weight.clone()));
         if want_weight {
-            let part = matmul_2d(dlogits.transpose(), h).cast(FloatDType::F32);
+            let part = matmul_tn(dlogits, h).cast(FloatDType::F32);
             grad_weight = Some(match grad_weight {
                 Some(acc) => acc + part,
                 None => part,

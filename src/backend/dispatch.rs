@@ -82,15 +82,48 @@ pub fn matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
     a.matmul(b)
 }
 
+fn fast_gemm_2d<F: FastOps>(
+    a: Tensor<F, 2>,
+    b: Tensor<F, 2>,
+    transpose_a: bool,
+    transpose_b: bool,
+) -> Tensor<F, 2> {
+    let out = F::fast_gemm_2d(
+        a.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+        transpose_a,
+        transpose_b,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `op(a) @ op(b)` on 2-D tensors; transposed operands are read in place.
+fn gemm_2d<B: Backend>(
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    transpose_a: bool,
+    transpose_b: bool,
+) -> Tensor<B, 2> {
+    route!(B, fast_gemm_2d, (a, b, transpose_a, transpose_b));
+    let a = if transpose_a { a.transpose() } else { a };
+    let b = if transpose_b { b.transpose() } else { b };
+    a.matmul(b)
+}
+
 /// `x [m, k] @ w [k, n]` as a single GEMM.
 pub fn matmul_2d<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
-    matmul(x.unsqueeze_dim::<3>(0), w.unsqueeze_dim::<3>(0)).squeeze_dim::<2>(0)
+    gemm_2d(x, w, false, false)
 }
 
 /// A linear map without bias on `x [rows, in]` with an HF-layout weight `[out, in]`, read through
 /// a transposed view (no copy).
 pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-    matmul_2d(x, weight.transpose())
+    gemm_2d(x, weight, false, true)
+}
+
+/// `a^T @ b` for `a [k, m]`, `b [k, n]` (weight gradients), reading `a` through a transposed view.
+pub fn matmul_tn<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    gemm_2d(a, b, true, false)
 }
 
 /// Mean cross-entropy of `hidden [n, d] @ weight [v, d]^T` against `labels [n]`, `chunk` tokens

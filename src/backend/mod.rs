@@ -21,6 +21,7 @@ pub mod bench_model;
 #[cfg(feature = "cuda")]
 pub mod check;
 pub mod cli;
+mod cpu;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -29,7 +30,7 @@ mod dispatch;
 use burn::tensor::{
     backend::Backend,
     ops::{FloatTensor, IntTensor},
-    Tensor, TensorPrimitive,
+    Tensor, TensorMetadata, TensorPrimitive,
 };
 
 /// Errors of the fast-kernel layer.
@@ -59,6 +60,30 @@ pub trait FastOps: Backend {
         Self::float_matmul(lhs, rhs)
     }
 
+    /// `op(a) @ op(b)` for 2-D operands, `op` transposing where asked (`[m, k] @ [k, n]` after
+    /// the transposes). The default adds a batch axis before transposing (a free reshape of a
+    /// contiguous tensor on GPU backends) and calls [`FastOps::fast_matmul`]; ndarray, whose
+    /// reshape copies, reads the transposed operands as strided views instead.
+    fn fast_gemm_2d(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> FloatTensor<Self> {
+        let batch = |t: FloatTensor<Self>, transpose: bool| {
+            let shape = t.shape();
+            let t = Self::float_reshape(t, burn::tensor::Shape::new([1, shape[0], shape[1]]));
+            if transpose {
+                Self::float_swap_dims(t, 1, 2)
+            } else {
+                t
+            }
+        };
+        let out = Self::fast_matmul(batch(a, transpose_a), batch(b, transpose_b));
+        let shape = out.shape();
+        Self::float_reshape(out, burn::tensor::Shape::new([shape[1], shape[2]]))
+    }
+
     /// Mean token cross-entropy of `hidden [n, d] @ weight[v, d]^T` against `labels [n]`
     /// (entries equal to [`cross_entropy::IGNORE_INDEX`] are skipped), computed `chunk` rows
     /// at a time. Returns a one-element f32 tensor.
@@ -78,9 +103,7 @@ pub trait FastOps: Backend {
     }
 }
 
-impl FastOps for burn::backend::NdArray {}
-
-pub use dispatch::{linear, linear_cross_entropy, matmul, matmul_2d};
+pub use dispatch::{linear, linear_cross_entropy, matmul, matmul_2d, matmul_tn};
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{activation, Bool, Distribution, Int, Tensor, TensorData, Tolerance};
 
 use crate::backend::attention::{attention, AttentionOptions};
-use crate::backend::{linear, linear_cross_entropy, matmul};
+use crate::backend::{linear, linear_cross_entropy, matmul, matmul_2d, matmul_tn};
 
 type Cpu = NdArray;
 type Ad = Autodiff<NdArray>;
@@ -98,6 +98,64 @@ fn linear_reads_hf_weights_as_out_by_in() {
     linear(x, w)
         .into_data()
         .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-5));
+}
+
+#[test]
+fn two_d_products_and_their_gradients_match_burn_for_every_transpose() {
+    // linear: x [4, 6] @ w[5, 6]^T; matmul_tn: a[6, 4]^T @ b[6, 5]; matmul_2d: [4, 6] @ [6, 5].
+    type Op = fn(Tensor<Ad, 2>, Tensor<Ad, 2>) -> Tensor<Ad, 2>;
+    type Case = (&'static str, [usize; 2], [usize; 2], Op, Op);
+    let cases: [Case; 3] = [
+        ("linear", [4, 6], [5, 6], linear, |a, b| {
+            a.matmul(b.transpose())
+        }),
+        ("matmul_tn", [6, 4], [6, 5], matmul_tn, |a, b| {
+            a.transpose().matmul(b)
+        }),
+        ("matmul_2d", [4, 6], [6, 5], matmul_2d, |a, b| a.matmul(b)),
+    ];
+    for (i, (name, sa, sb, fast, reference)) in cases.into_iter().enumerate() {
+        let a0 = rand(sa, 20 + i as u64);
+        let b0 = rand(sb, 30 + i as u64);
+        let w = rand([4, 5], 40 + i as u64);
+        let run = |op: Op| {
+            let a = Tensor::<Ad, 2>::from_data(a0.to_data(), &Default::default()).require_grad();
+            let b = Tensor::<Ad, 2>::from_data(b0.to_data(), &Default::default()).require_grad();
+            let wd = Tensor::<Ad, 2>::from_data(w.to_data(), &Default::default());
+            let c = op(a.clone(), b.clone());
+            let value = c.clone().into_data();
+            let grads = (c * wd).sum().backward();
+            (
+                value,
+                a.grad(&grads).unwrap().into_data(),
+                b.grad(&grads).unwrap().into_data(),
+            )
+        };
+        let (c, ga, gb) = run(fast);
+        let (rc, ra, rb) = run(reference);
+        assert_eq!(c.shape, rc.shape, "{name}: output shape");
+        c.assert_approx_eq::<f32>(&rc, Tolerance::absolute(1e-5));
+        ga.assert_approx_eq::<f32>(&ra, Tolerance::absolute(1e-5));
+        gb.assert_approx_eq::<f32>(&rb, Tolerance::absolute(1e-5));
+    }
+    // Few rows against a large row-major weight: the dot-product path (decoding).
+    for rows in [1, 3, 32, 40] {
+        let x = rand([rows, 37], 60 + rows as u64);
+        let w = rand([200, 37], 61);
+        let want = naive_matmul(
+            &values(x.clone()),
+            &values(w.clone().transpose()),
+            (1, 1, rows, 37, 200),
+        );
+        assert_close(values(linear(x, w)), want, 1e-5, "few-row linear");
+    }
+    // A transposed view as input (the weight of a tied head read as [in, out]).
+    let x = rand([3, 6], 50);
+    let w = rand([6, 5], 51);
+    let wt = Tensor::<Cpu, 2>::from_data(w.clone().transpose().into_data(), &Default::default());
+    matmul_2d(x.clone(), wt.transpose())
+        .into_data()
+        .assert_approx_eq::<f32>(&x.matmul(w).into_data(), Tolerance::absolute(1e-5));
 }
 
 /// Loss by the textbook route: all logits, log-softmax, NLL averaged over non-ignored labels.

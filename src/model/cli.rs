@@ -31,7 +31,7 @@ pub struct GenerateArgs {
     /// HF model folder (config.json + safetensors + tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// peft adapter folder: LoRA or DoRA (applied unmerged on top of --model), or prompt
+    /// peft adapter folder: LoRA, DoRA or AdaLoRA (applied unmerged on top of --model), or prompt
     /// tuning, P-Tuning or prefix tuning (run beside the frozen model).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -285,10 +285,31 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<PromptItem>> {
     Ok(out)
 }
 
+/// An adapter that changes the model's weights: LoRA (with DoRA) or AdaLoRA.
+enum WeightAdapter {
+    Lora(crate::train::peft_io::LoraAdapter),
+    AdaLora(crate::train::adalora::AdaLoraAdapter),
+}
+
+/// Reads a LoRA/DoRA or AdaLoRA adapter folder, by its config's `peft_type`.
+fn read_weight_adapter(dir: &Path) -> anyhow::Result<WeightAdapter> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
+    Ok(match config.get("peft_type").and_then(|v| v.as_str()) {
+        Some("ADALORA") => {
+            WeightAdapter::AdaLora(crate::train::adalora::read_adalora_adapter(dir)?)
+        }
+        _ => WeightAdapter::Lora(crate::train::peft_io::read_lora_adapter(dir)?),
+    })
+}
+
 struct GenerateTask<'a> {
     source: ModelSource,
     prompt_adapter: Option<(PathBuf, PromptAdapterFile)>,
-    lora_adapter: Option<crate::train::peft_io::LoraAdapter>,
+    lora_adapter: Option<WeightAdapter>,
     want_logits: bool,
     prompts: Vec<Vec<u32>>,
     opts: GenerateOptions,
@@ -300,7 +321,6 @@ impl BackendTask for GenerateTask<'_> {
     type Output = anyhow::Result<(Vec<Generation>, Vec<Vec<f32>>)>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        use crate::trainer::sft::CausalModel;
         let mut model =
             CausalLm::<B>::from_hf_tensors(&self.source.config, &self.source.tensors, &device)?;
         let adapter = match &self.prompt_adapter {
@@ -313,8 +333,14 @@ impl BackendTask for GenerateTask<'_> {
             None => None,
         };
         drop(self.source);
-        if let Some(lora) = &self.lora_adapter {
-            model = crate::trainer::adapters::apply_adapter(model, lora, &device)?;
+        match &self.lora_adapter {
+            Some(WeightAdapter::Lora(lora)) => {
+                model = crate::trainer::adapters::apply_adapter(model, lora, &device)?;
+            }
+            Some(WeightAdapter::AdaLora(adalora)) => {
+                model = crate::trainer::adalora::apply_adalora_adapter(model, adalora, &device)?;
+            }
+            None => {}
         }
         let mut logits = Vec::new();
         if self.want_logits {
@@ -324,7 +350,9 @@ impl BackendTask for GenerateTask<'_> {
                     burn::tensor::TensorData::new(data, [1, ids.len()]),
                     &device,
                 );
-                let l = model.logits(ids).into_data().convert::<f32>();
+                let l = crate::model::prompt::prompted_logits(&model, adapter.as_ref(), ids)
+                    .into_data()
+                    .convert::<f32>();
                 logits.push(l.into_vec::<f32>().unwrap_or_default());
             }
         }
@@ -389,7 +417,7 @@ pub fn run_with_tokenizer(
         Some(dir) if prompt_adapter_kind(dir).is_some() => {
             (Some((dir.clone(), read_prompt_adapter(dir)?)), None)
         }
-        Some(dir) => (None, Some(crate::train::peft_io::read_lora_adapter(dir)?)),
+        Some(dir) => (None, Some(read_weight_adapter(dir)?)),
         None => (None, None),
     };
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();

@@ -178,36 +178,39 @@ impl<B: Backend> Attention<B> {
         }
         let s = k.dims()[2];
         let rep = h / kvh;
-        let (k, v) = if rep == 1 {
-            (k, v)
-        } else {
-            // Head i reads kv head i / rep, as HF's repeat_kv.
-            let expand = |t: Tensor<B, 4>| {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([b, kvh, rep, s, d])
-                    .reshape([b, h, s, d])
-            };
-            (expand(k), expand(v))
-        };
-        let mut scores = batched_matmul(q, k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+        // The `rep` query heads that read one KV head (HF's repeat_kv) become extra rows of one
+        // product with that head's keys: `[b, kvh, rep * t, d]`, no copies of K and V.
+        let q = q.reshape([b, kvh, rep * t, d]);
+        let mut scores = grouped_matmul(q, k, true).mul_scalar(1.0 / (d as f64).sqrt());
         if let Some(m) = mask {
-            scores = scores.mask_fill(m.clone().expand([b, h, t, s]), MASKED_SCORE);
+            let mb = m.dims()[0];
+            let m = m
+                .clone()
+                .reshape([mb, 1, 1, t, s])
+                .expand([b, kvh, rep, t, s])
+                .reshape([b, kvh, rep * t, s]);
+            scores = scores.mask_fill(m, MASKED_SCORE);
         }
-        let out = batched_matmul(softmax(scores, 3), v);
+        let out = grouped_matmul(softmax(scores, 3), v, false).reshape([b, h, t, d]);
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
 
-/// `a [b, h, m, k] @ b [b, h, k, n]` as one batched GEMM (cuBLAS on CUDA for large ones).
-fn batched_matmul<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [batch, heads, m, k] = a.dims();
-    let n = b.dims()[3];
-    let out = crate::backend::matmul(
-        a.reshape([batch * heads, m, k]),
-        b.reshape([batch * heads, k, n]),
-    );
-    out.reshape([batch, heads, m, n])
+/// `a [b, g, m, k] @ op(c)` per `(b, g)`, with `c [b, g, k, n]`, or `[b, g, n, k]` read
+/// transposed when `transpose_c` (the keys): one batched GEMM (cuBLAS on CUDA for large ones).
+fn grouped_matmul<B: Backend>(a: Tensor<B, 4>, c: Tensor<B, 4>, transpose_c: bool) -> Tensor<B, 4> {
+    let [batch, groups, m, k] = a.dims();
+    let [_, _, c1, c2] = c.dims();
+    // The batch axes are merged before the transpose: reshaping a transposed view would copy it.
+    let c = c.reshape([batch * groups, c1, c2]);
+    let (c, n) = if transpose_c {
+        (c.swap_dims(1, 2), c1)
+    } else {
+        (c, c2)
+    };
+    let out = crate::backend::matmul(a.reshape([batch * groups, m, k]), c);
+    out.reshape([batch, groups, m, n])
 }
 
 /// Pre-norm decoder block: attention and MLP, each with a residual.

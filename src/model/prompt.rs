@@ -364,3 +364,42 @@ pub fn with_virtual_tokens<B: Backend>(
         1,
     )
 }
+
+/// The logits of one prompt's own tokens with the adapter in effect, as peft's
+/// `PeftModelForCausalLM.forward` computes them (virtual tokens before the prompt, or the prefix
+/// in the KV cache); the virtual positions' logits are dropped.
+///
+/// # Shapes
+/// - input_ids: `[1, len]` -> `[len, vocab]`
+pub fn prompted_logits<B: Backend>(
+    model: &CausalLm<B>,
+    adapter: Option<&PromptAdapter<B>>,
+    input_ids: Tensor<B, 2, Int>,
+) -> Tensor<B, 2> {
+    let device = input_ids.device();
+    let [b, len] = input_ids.dims();
+    let positions = |from: usize, count: usize| {
+        let data: Vec<i64> = (0..b)
+            .flat_map(|_| (from..from + count).map(|p| p as i64))
+            .collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(data, [b, count]), &device)
+    };
+    let hidden = match adapter {
+        Some(PromptAdapter::Virtual(tokens)) => {
+            let n = tokens.dims()[0];
+            let embeds = with_virtual_tokens(model, tokens.clone(), input_ids);
+            let h = model.hidden_states_from_embeds(embeds, positions(0, n + len), None, None);
+            let width = h.dims()[2];
+            h.slice([0..b, n..n + len, 0..width])
+        }
+        Some(PromptAdapter::Prefix(prefix)) => {
+            let n = prefix.dims()[0];
+            let mut cache = prefix_cache(prefix.clone(), &model.config, b);
+            model.hidden_states(input_ids, positions(n, len), None, Some(&mut cache))
+        }
+        None => model.hidden_states(input_ids, positions(0, len), None, None),
+    };
+    let logits = model.lm_head(hidden);
+    let vocab = logits.dims()[2];
+    logits.reshape([b * len, vocab])
+}
