@@ -3,8 +3,10 @@
 //!
 //! Reference: burn's `examples/custom-cubecl-kernel/src/forward.rs` (v0.21.0) for the
 //! CubeTensor plumbing; `crate::backend::cuda::cublas` for the GEMM itself.
-//! Ordering between cubecl's stream (not exposed by cubecl 0.10) and ours is done with a host
-//! wait on each side: `client.sync()` before the GEMM, a stream synchronize after it.
+//! The GEMM is queued on the CUDA stream that owns the output's memory (cubecl's stream for
+//! this thread; `GpuResource::stream` comes from runner's patch of cubecl-cuda, see
+//! vendor/cubecl-cuda/RUNNER_PATCH.md), so it runs in order with cubecl's kernels and the host
+//! never waits.
 
 use burn::tensor::{ops::FloatTensor, DType, Shape};
 use burn_cubecl::{
@@ -12,7 +14,6 @@ use burn_cubecl::{
     IntElement,
 };
 use cubecl::cuda::CudaRuntime;
-use cubecl::future::block_on;
 
 use crate::backend::cuda::cublas::{self, Gemm, GemmDtype, Operand};
 use crate::backend::{Error, FastOps};
@@ -147,19 +148,15 @@ pub fn cublas_matmul(
         ldd: n as i64,
         d_batch_stride: (m * n) as i64,
     };
-    let ran = block_on(client.sync())
-        .map_err(|e| Error::Cuda {
-            call: "cubecl sync",
-            detail: format!("{e:?}"),
-        })
-        .and_then(|()| {
-            cublas::with_state(device.index, |state| {
-                // SAFETY: the three resources are held until after the synchronize below, and
-                // cubecl's queue is drained, so nothing else touches them meanwhile.
-                unsafe { state.enqueue(&gemm)? };
-                state.synchronize()
-            })
-        });
+    // `get_resource` made the output's stream wait for whatever stream wrote the operands, so
+    // queuing there orders the GEMM after its inputs and before every later kernel that reads
+    // its output or reuses the operands' memory.
+    let stream = rd.resource().stream;
+    let ran = cublas::with_state(device.index, |state| {
+        // SAFETY: the pointers are live cubecl allocations of the described sizes; see above
+        // for the ordering.
+        unsafe { state.enqueue(stream, &gemm) }
+    });
     drop((ra, rb, rd));
     match ran {
         Ok(()) => Ok(out),

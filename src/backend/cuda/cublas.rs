@@ -66,11 +66,14 @@ pub struct Gemm {
     pub d_batch_stride: i64,
 }
 
-/// Process-wide cuBLAS state for one device: handle, private stream and workspace.
+/// Process-wide cuBLAS state for one device: handle, a private stream (for callers that bring
+/// none) and one workspace per stream the GEMMs are queued on (GEMMs on two streams may overlap,
+/// so they must not share scratch memory).
 pub struct BlasState {
     ctx: Arc<CudaContext>,
     handle: sys::cublasHandle_t,
     stream: drv_sys::CUstream,
+    workspaces: HashMap<usize, u64>,
 }
 
 // SAFETY: the raw handles are only used under the global mutex below.
@@ -137,36 +140,58 @@ impl BlasState {
         let handle = blas::create_handle().map_err(blas_err("cublasCreate"))?;
         let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
             .map_err(drv_err("cuStreamCreate"))?;
-        // SAFETY: plain allocation on the bound context, kept for the life of the process.
-        let workspace =
-            unsafe { drv::malloc_sync(WORKSPACE_BYTES) }.map_err(drv_err("cuMemAlloc"))?;
-        // SAFETY: handle, stream and workspace are alive and belong to this context.
-        unsafe {
-            blas::set_stream(handle, stream as sys::cudaStream_t)
-                .map_err(blas_err("cublasSetStream"))?;
-            sys::cublasSetWorkspace_v2(handle, workspace as *mut c_void, WORKSPACE_BYTES)
-                .result()
-                .map_err(blas_err("cublasSetWorkspace"))?;
-        }
         Ok(Self {
             ctx,
             handle,
             stream,
+            workspaces: HashMap::new(),
         })
     }
 
-    /// Blocks until the work queued on this state's stream has finished.
+    /// This state's own stream, for callers that do not share a stream with the producer of
+    /// their operands (they [`BlasState::synchronize`] it themselves).
+    pub fn own_stream(&self) -> drv_sys::CUstream {
+        self.stream
+    }
+
+    /// Blocks until the work queued on this state's own stream has finished.
     pub fn synchronize(&self) -> Result<(), Error> {
         // SAFETY: the stream was created by this state and is alive.
         unsafe { drv::stream::synchronize(self.stream) }.map_err(drv_err("cuStreamSynchronize"))
     }
 
-    /// Queues the GEMM on this state's stream (does not wait for it).
+    /// Points the handle at `stream` and at that stream's workspace, allocated on first use.
+    fn bind_stream(&mut self, stream: drv_sys::CUstream) -> Result<(), Error> {
+        let workspace = match self.workspaces.get(&(stream as usize)) {
+            Some(&w) => w,
+            None => {
+                // SAFETY: plain allocation on the bound context, kept for the life of the
+                // process (a stream's workspace may be read by GEMMs still in its queue).
+                let w =
+                    unsafe { drv::malloc_sync(WORKSPACE_BYTES) }.map_err(drv_err("cuMemAlloc"))?;
+                self.workspaces.insert(stream as usize, w);
+                w
+            }
+        };
+        // SAFETY: handle, stream and workspace are alive and belong to this context.
+        unsafe {
+            blas::set_stream(self.handle, stream as sys::cudaStream_t)
+                .map_err(blas_err("cublasSetStream"))?;
+            sys::cublasSetWorkspace_v2(self.handle, workspace as *mut c_void, WORKSPACE_BYTES)
+                .result()
+                .map_err(blas_err("cublasSetWorkspace"))?;
+        }
+        Ok(())
+    }
+
+    /// Queues the GEMM on `stream` (does not wait for it).
     ///
     /// # Safety
-    /// The pointers must address live device memory of the sizes the operands describe, and no
-    /// other stream may write them until [`BlasState::synchronize`] returns.
-    pub unsafe fn enqueue(&mut self, g: &Gemm) -> Result<(), Error> {
+    /// The pointers must address live device memory of the sizes the operands describe, written
+    /// by work queued earlier on `stream` (or finished), and not reused until this GEMM has run:
+    /// later work on the same stream is ordered after it; other streams must wait for it.
+    pub unsafe fn enqueue(&mut self, stream: drv_sys::CUstream, g: &Gemm) -> Result<(), Error> {
+        self.bind_stream(stream)?;
         let alpha = 1.0f32;
         let beta = 0.0f32;
         let ty = g.dtype.cuda();

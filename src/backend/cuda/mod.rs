@@ -9,9 +9,9 @@ mod fusion;
 
 pub use cube::cublas_matmul;
 
-/// Products smaller than this many multiply-adds stay on burn's own matmul: each cuBLAS call
-/// waits on the host for cubecl's queue (cubecl 0.10 does not expose its stream), which costs
-/// more than it saves on small GEMMs, and registering it breaks fusion around it.
+/// Products smaller than this many multiply-adds stay on burn's own matmul, whose fusion can
+/// fold elementwise work into them (a cuBLAS call is a boundary of burn's fusion).
+/// `RUNNER_MIN_CUBLAS_MACS` in the environment overrides it (for measuring).
 pub const DEFAULT_MIN_CUBLAS_MACS: u64 = 1 << 32;
 
 static MIN_CUBLAS_MACS: std::sync::atomic::AtomicU64 =
@@ -24,6 +24,15 @@ pub fn set_min_cublas_macs(macs: u64) {
 
 /// Whether a `[batch, m, k] @ [batch, k, n]` product goes to cuBLAS.
 pub fn worth_cublas(batch: usize, m: usize, k: usize, n: usize) -> bool {
+    static FROM_ENV: std::sync::Once = std::sync::Once::new();
+    FROM_ENV.call_once(|| {
+        if let Some(macs) = std::env::var("RUNNER_MIN_CUBLAS_MACS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            set_min_cublas_macs(macs);
+        }
+    });
     let macs = (batch as u64) * (m as u64) * (k as u64) * (n as u64);
     macs >= MIN_CUBLAS_MACS.load(std::sync::atomic::Ordering::Relaxed)
 }
