@@ -103,7 +103,9 @@ pub trait FastOps: Backend {
     }
 }
 
-pub use dispatch::{linear, linear_cross_entropy, matmul, matmul_2d, matmul_tn};
+pub use dispatch::{
+    accelerator_memory_mb, linear, linear_cross_entropy, matmul, matmul_2d, matmul_tn,
+};
 
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -356,9 +357,12 @@ fn train_loop<B: AutodiffBackend>(
     let mut window: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     let (mut first_reward, mut last_reward) = (None, None);
     for index in start..total {
+        let step_start = Instant::now();
+        let mut rollout_s = 0.0;
         let generation = index / mu;
         if current.as_ref().map(|r| r.generation) != Some(generation) {
             current = Some(rollout(ctx, &model.valid(), &reference, generation)?);
+            rollout_s = step_start.elapsed().as_secs_f64();
         }
         let Some(r) = current.as_ref() else { continue };
         // Dropout masks depend on (seed, step) only, so a resumed run draws the same ones.
@@ -427,6 +431,9 @@ fn train_loop<B: AutodiffBackend>(
         };
         add("loss", loss_sum);
         add("grad_norm", grad_norm);
+        // Wall time of the step and of its sampling (the host waits for the loss each step).
+        add("step_s", step_start.elapsed().as_secs_f64());
+        add("rollout_s", rollout_s);
         add("clip_ratio", clipped / step_tokens.max(1) as f64);
         if cfg.beta > 0.0 {
             add("kl", kl_sum / step_tokens.max(1) as f64);
@@ -440,6 +447,10 @@ fn train_loop<B: AutodiffBackend>(
             row.loss = mean("loss");
             row.lr = Some(lr);
             row.grad_norm = mean("grad_norm");
+            row.memory_mb = crate::trainer::sft::resident_memory_mb();
+            if let Some(gpu) = crate::backend::accelerator_memory_mb::<B>() {
+                row = row.with("gpu_memory_mb", gpu);
+            }
             for (k, (s, n)) in &window {
                 if !["loss", "grad_norm"].contains(&k.as_str()) {
                     row = row.with(k, s / *n as f64);

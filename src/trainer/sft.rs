@@ -339,7 +339,7 @@ pub fn evaluate<B: Backend, M: CausalModel<B>>(
     (items > 0).then(|| total / items as f64)
 }
 
-fn resident_memory_mb() -> Option<f64> {
+pub(crate) fn resident_memory_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -511,6 +511,9 @@ where
             r.grad_norm = Some(norm.into_scalar().elem());
             r.tokens_per_s = tokens_per_s;
             r.memory_mb = resident_memory_mb();
+            if let Some(gpu) = crate::backend::accelerator_memory_mb::<B>() {
+                r = r.with("gpu_memory_mb", gpu);
+            }
             bar.set_message(format!(
                 "loss {loss:.4} {:.0} tok/s",
                 tokens_per_s.unwrap_or(0.0)
