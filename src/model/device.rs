@@ -25,6 +25,10 @@ pub enum DeviceError {
     Parse { value: String },
     #[error("device {value} needs a build with the `cuda` feature")]
     CudaNotBuilt { value: String },
+    #[error(
+        "bf16 training needs a CUDA device; device {value} runs on the CPU (ndarray has no bf16)"
+    )]
+    Bf16NeedsCuda { value: String },
 }
 
 impl FromStr for DeviceChoice {
@@ -95,6 +99,38 @@ pub fn run_on_device<T: BackendTask>(
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Auto => Ok(task.run::<CpuBackend>(Default::default())),
     }
+}
+
+/// Whether `choice` resolves to the CPU (ndarray).
+pub fn resolves_to_cpu(choice: DeviceChoice) -> bool {
+    match choice {
+        DeviceChoice::Cpu => true,
+        DeviceChoice::Cuda(_) => false,
+        DeviceChoice::Auto => !cfg!(feature = "cuda") || !cuda_driver_present(),
+    }
+}
+
+/// Runs `task` with bf16 as the backend's float type (mixed-precision training: weights and
+/// activations in bf16, the optimizer's f32 masters in [`crate::trainer::optim::AdamW`]).
+/// Only CUDA has it; the caller checks [`resolves_to_cpu`] first.
+pub fn run_on_device_bf16<T: BackendTask>(
+    choice: DeviceChoice,
+    task: T,
+) -> Result<T::Output, DeviceError> {
+    #[cfg(feature = "cuda")]
+    if !resolves_to_cpu(choice) {
+        let index = match choice {
+            DeviceChoice::Cuda(i) => i,
+            _ => 0,
+        };
+        return Ok(task.run::<burn::backend::Cuda<half::bf16, i32>>(
+            burn::backend::cuda::CudaDevice::new(index),
+        ));
+    }
+    let _ = task;
+    Err(DeviceError::Bf16NeedsCuda {
+        value: choice.to_string(),
+    })
 }
 
 #[cfg(test)]

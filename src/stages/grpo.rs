@@ -12,7 +12,7 @@
 use super::sft::resume_dir;
 use super::tokenize::read_records;
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
-use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
+use crate::model::device::{BackendTask, DeviceChoice};
 use crate::text::{ChatMessage, TextTokenizer};
 use crate::trainer::grpo::{train_grpo, GrpoError, GrpoPrompt, GrpoReport, GrpoTokens};
 use crate::trainer::grpo_config::GrpoConfig;
@@ -151,9 +151,9 @@ impl Stage for Grpo {
             out: &work,
             progress: &ctx.progress,
         };
-        let report = run_on_device(device, task)
-            .map_err(|e| err(&e))?
+        let (report, bf16) = super::sft::run_with_precision(device, cfg.precision, "grpo", task)
             .map_err(|e| err(&e))?;
+        let report = report.map_err(|e| err(&e))?;
         super::sft::finish_training_artifact(ctx, &work, &model.dir)?;
         crate::util::write_json(
             &ctx.out("grpo.json"),
@@ -167,6 +167,7 @@ impl Stage for Grpo {
                 "total_params": report.total_params,
                 "prompts": prompts.len(),
                 "device": ctx.device,
+                "precision": if bf16 { "bf16 (f32 masters)" } else { "f32" },
             }),
         )
     }

@@ -6,9 +6,11 @@
 
 use super::tokenize::read_tokens;
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
-use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
+use crate::model::device::{
+    resolves_to_cpu, run_on_device, run_on_device_bf16, BackendTask, DeviceChoice,
+};
 use crate::trainer::sft::{train_sft, BaseModel};
-use crate::trainer::{SftConfig, TokenizedExample};
+use crate::trainer::{Precision, SftConfig, TokenizedExample};
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -107,6 +109,28 @@ impl BackendTask for TrainTask<'_> {
     }
 }
 
+/// Runs a training task in `precision`: bf16 (with f32 masters) on CUDA; on the CPU, which
+/// has no bf16, in f32 with a warning. Also says whether bf16 was used.
+pub(super) fn run_with_precision<T: BackendTask>(
+    device: DeviceChoice,
+    precision: Precision,
+    stage: &str,
+    task: T,
+) -> Result<(T::Output, bool), crate::model::device::DeviceError> {
+    let bf16 = precision == Precision::Bf16 && !resolves_to_cpu(device);
+    if precision == Precision::Bf16 && !bf16 {
+        tracing::warn!(
+            "{stage}: precision = \"bf16\" needs CUDA; device {device} runs on the CPU, training in f32"
+        );
+    }
+    let output = if bf16 {
+        run_on_device_bf16(device, task)?
+    } else {
+        run_on_device(device, task)?
+    };
+    Ok((output, bf16))
+}
+
 fn examples(rows: Vec<super::tokenize::TokenRow>) -> Vec<TokenizedExample> {
     rows.into_iter()
         .map(|r| TokenizedExample {
@@ -175,9 +199,9 @@ impl Stage for Sft {
             out: &work,
             progress: &ctx.progress,
         };
-        let report = run_on_device(device, task)
-            .map_err(|e| StageError::msg(e.to_string()))?
+        let (report, bf16) = run_with_precision(device, cfg.precision, "sft", task)
             .map_err(|e| StageError::msg(e.to_string()))?;
+        let report = report.map_err(|e| StageError::msg(e.to_string()))?;
         finish_training_artifact(ctx, &work, &model.dir)?;
         crate::util::write_json(
             &ctx.out("sft.json"),
@@ -191,6 +215,7 @@ impl Stage for Sft {
                 "total_params": report.total_params,
                 "tokens_seen": report.tokens_seen,
                 "device": ctx.device,
+                "precision": if bf16 { "bf16 (f32 masters)" } else { "f32" },
             }),
         )
     }

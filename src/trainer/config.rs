@@ -68,6 +68,24 @@ pub enum SaveDtype {
     Float16,
 }
 
+/// Float type of the training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Weights and activations in bf16, the optimizer's moments and master copies of the trained
+    /// weights in f32 (CUDA only; on the CPU the stage trains in f32 and says so).
+    Bf16,
+}
+
+impl Precision {
+    fn is_f32(&self) -> bool {
+        *self == Self::F32
+    }
+}
+
 /// The `sft` stage parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -127,6 +145,10 @@ pub struct SftConfig {
     pub gradient_checkpointing: bool,
     /// dtype of the saved weights.
     pub dtype: SaveDtype,
+    /// `f32` or `bf16` (mixed precision with f32 masters). Left out of the fingerprint when f32,
+    /// so stages cached before the key existed stay cached.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// AdaLoRA's keys (`method = "adalora"`): `init_r`, `target_r`, `tinit`, `tfinal`, `deltaT`...
     pub adalora: AdaLoraParams,
 }
@@ -171,6 +193,7 @@ impl Default for SftConfig {
             resume: false,
             gradient_checkpointing: false,
             dtype: SaveDtype::Float32,
+            precision: Precision::F32,
             adalora: AdaLoraParams::default(),
         }
     }
@@ -325,5 +348,16 @@ mod tests {
             ..SftConfig::default()
         };
         assert!(both.validate().unwrap_err().to_string().contains("warmup"));
+    }
+
+    #[test]
+    fn precision_parses_and_f32_stays_out_of_the_fingerprint() {
+        let cfg: SftConfig = toml::from_str("precision = \"bf16\"").unwrap();
+        assert_eq!(cfg.precision, Precision::Bf16);
+        assert!(toml::to_string(&cfg).unwrap().contains("precision"));
+        let default = toml::to_string(&SftConfig::default()).unwrap();
+        assert!(!default.contains("precision"), "{default}");
+        let err = toml::from_str::<SftConfig>("precision = \"fp8\"").unwrap_err();
+        assert!(err.to_string().contains("fp8"), "{err}");
     }
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::train::peft_io::{LoraAdapterConfig, TargetModules};
 use crate::train::rewards::{RewardKind, RewardSpec};
 use crate::train::schedule::{Schedule, ScheduleConfig};
-use crate::trainer::config::{Method, SaveDtype};
+use crate::trainer::config::{Method, Precision, SaveDtype};
 
 /// How per-token losses become the step's loss (TRL `loss_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -81,6 +81,14 @@ pub struct GrpoConfig {
     pub save_steps: u64,
     pub resume: bool,
     pub dtype: SaveDtype,
+    /// `f32`, or `bf16` with f32 optimizer masters (CUDA), as the `sft` key. Left out of the
+    /// fingerprint when f32.
+    #[serde(skip_serializing_if = "is_f32")]
+    pub precision: Precision,
+}
+
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 impl Default for GrpoConfig {
@@ -133,6 +141,7 @@ impl Default for GrpoConfig {
             save_steps: 0,
             resume: false,
             dtype: SaveDtype::Float32,
+            precision: Precision::F32,
         }
     }
 }

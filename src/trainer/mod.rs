@@ -35,7 +35,7 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use config::{Method, SaveDtype, SftConfig};
+pub use config::{Method, Precision, SaveDtype, SftConfig};
 pub use data::TokenizedExample;
 pub use sft::{train_sft, BaseModel, SftReport};
 

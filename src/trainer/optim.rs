@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 use crate::model::hf::HostTensor;
 
@@ -32,6 +32,9 @@ pub struct Moments<B: Backend> {
     pub exp_avg_sq: Tensor<B, 1>,
     /// Updates applied to this parameter (torch's `state["step"]`).
     pub step: u64,
+    /// The master copy of a parameter held in a lower precision than [`AdamW::master_dtype`]
+    /// (bf16 training): updates accumulate here, the parameter is its rounding.
+    pub master: Option<Tensor<B, 1>>,
 }
 
 /// The optimizer: hyperparameters and per-path moments on the inner (non-autodiff) backend.
@@ -39,6 +42,10 @@ pub struct Moments<B: Backend> {
 pub struct AdamW<B: Backend> {
     pub params: AdamWParams,
     pub state: BTreeMap<String, Moments<B>>,
+    /// Precision of the update: a parameter held in another float type (bf16 weights under an
+    /// f32 optimizer) gets a master copy, moments and update in this type, so steps smaller
+    /// than its own rounding are not lost. Default f32.
+    pub master_dtype: FloatDType,
 }
 
 /// transformers' rule: biases and norm weights get no weight decay.
@@ -122,15 +129,29 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
         let shape = tensor.dims();
         let n: usize = shape.iter().product();
         let p = tensor.inner().reshape([n]);
-        let mut g = grad.reshape([n]);
-        if let Some(scale) = &self.grad_scale {
-            g = g.mul(scale.clone());
-        }
+        let param_dtype = p.dtype();
         let hp = self.opt.params;
-        let (m, v, step) = match self.opt.state.remove(&path) {
-            Some(s) => (s.exp_avg, s.exp_avg_sq, s.step),
-            None => (g.zeros_like(), g.zeros_like(), 0),
+        let master_dtype = self.opt.master_dtype;
+        let mixed = param_dtype != DType::from(master_dtype);
+        let (m, v, step, master) = match self.opt.state.remove(&path) {
+            Some(s) => (Some(s.exp_avg), Some(s.exp_avg_sq), s.step, s.master),
+            None => (None, None, 0, None),
         };
+        // Under mixed precision everything below runs in the master type.
+        let p = match master {
+            Some(master) if mixed => master,
+            _ if mixed => p.cast(master_dtype),
+            _ => p,
+        };
+        let mut g = grad.reshape([n]);
+        if mixed {
+            g = g.cast(master_dtype);
+        }
+        if let Some(scale) = &self.grad_scale {
+            g = g.mul(scale.clone().cast(master_dtype));
+        }
+        let m = m.unwrap_or_else(|| g.zeros_like());
+        let v = v.unwrap_or_else(|| g.zeros_like());
         let step = step + 1;
         let m = m
             .mul_scalar(hp.beta1)
@@ -148,12 +169,18 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
         };
         let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(hp.eps);
         let p = p.sub(m.clone().div(denom).mul_scalar(self.lr / bc1));
+        let (p, master) = if mixed {
+            (p.clone().cast(FloatDType::from(param_dtype)), Some(p))
+        } else {
+            (p, None)
+        };
         self.opt.state.insert(
             path,
             Moments {
                 exp_avg: m,
                 exp_avg_sq: v,
                 step,
+                master,
             },
         );
         let new = Tensor::<AB, 1>::from_inner(p).reshape(shape).require_grad();
@@ -166,7 +193,14 @@ impl<B: Backend> AdamW<B> {
         Self {
             params,
             state: BTreeMap::new(),
+            master_dtype: FloatDType::F32,
         }
+    }
+
+    /// Sets the precision of the update (see [`AdamW::master_dtype`]).
+    pub fn with_master_dtype(mut self, dtype: FloatDType) -> Self {
+        self.master_dtype = dtype;
+        self
     }
 
     /// One optimizer step on every parameter of `module` that has a gradient in `grads`
@@ -192,7 +226,8 @@ impl<B: Backend> AdamW<B> {
         module.map(&mut u)
     }
 
-    /// The state as host tensors (`exp_avg.<path>`, `exp_avg_sq.<path>`) and step counts.
+    /// The state as host tensors (`exp_avg.<path>`, `exp_avg_sq.<path>`, and `master.<path>`
+    /// for parameters held in lower precision) and step counts.
     pub fn to_host(&self) -> (BTreeMap<String, HostTensor>, BTreeMap<String, u64>) {
         let mut tensors = BTreeMap::new();
         let mut steps = BTreeMap::new();
@@ -206,6 +241,9 @@ impl<B: Backend> AdamW<B> {
         for (path, s) in &self.state {
             tensors.insert(format!("exp_avg.{path}"), host(&s.exp_avg));
             tensors.insert(format!("exp_avg_sq.{path}"), host(&s.exp_avg_sq));
+            if let Some(master) = &s.master {
+                tensors.insert(format!("master.{path}"), host(master));
+            }
             steps.insert(path.clone(), s.step);
         }
         (tensors, steps)
@@ -219,22 +257,31 @@ impl<B: Backend> AdamW<B> {
         device: &B::Device,
     ) -> Result<(), String> {
         self.state.clear();
+        // Moments and masters live in the master type, whatever the backend's default.
+        let dtype = DType::from(self.master_dtype);
         let dev = |name: &str| -> Result<Tensor<B, 1>, String> {
             let t = tensors.get(name).ok_or_else(|| name.to_string())?;
             Ok(Tensor::from_data(
                 TensorData::new(t.data.clone(), [t.data.len()]),
-                device,
+                (device, dtype),
             ))
         };
         for (path, &step) in steps {
             let exp_avg = dev(&format!("exp_avg.{path}"))?;
             let exp_avg_sq = dev(&format!("exp_avg_sq.{path}"))?;
+            let master_name = format!("master.{path}");
+            let master = if tensors.contains_key(&master_name) {
+                Some(dev(&master_name)?)
+            } else {
+                None
+            };
             self.state.insert(
                 path.clone(),
                 Moments {
                     exp_avg,
                     exp_avg_sq,
                     step,
+                    master,
                 },
             );
         }
@@ -328,6 +375,65 @@ mod tests {
             "{b:?}"
         );
         assert_eq!(opt.state["weight"].step, 3);
+    }
+
+    /// `steps` steps with a constant gradient on a toy weight; its values after each step.
+    fn constant_gradient_steps(opt: &mut AdamW<TB>, lr: f64, steps: usize) -> Vec<Vec<f32>> {
+        let dev = Default::default();
+        let mut toy = Toy::<AD> {
+            weight: Param::from_tensor(Tensor::ones([1, 2], &dev)),
+            bias: Param::from_tensor(Tensor::zeros([1], &dev)),
+        };
+        let mut seen = Vec::new();
+        for _ in 0..steps {
+            let mut grads = GradientsParams::new();
+            grads.register::<TB, 2>(toy.weight.id, Tensor::ones([1, 2], &dev));
+            toy = opt.step::<AD, _>(toy, &mut grads, lr, None);
+            seen.push(values(toy.weight.val()));
+        }
+        seen
+    }
+
+    /// bf16 training's f32 masters, at one precision up: an f32 weight at 1.0 under an f64
+    /// optimizer. Each Adam step moves it by lr (2e-8), under half of f32's spacing below 1.0
+    /// (6e-8), so plain f32 never moves while the master copy accumulates the
+    /// steps and the weight follows its rounding.
+    #[test]
+    fn master_copies_keep_steps_smaller_than_the_weights_rounding() {
+        let params = AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-12,
+            weight_decay: 0.0,
+        };
+        let plain = constant_gradient_steps(&mut AdamW::<TB>::new(params), 2e-8, 10);
+        assert!(plain.iter().all(|w| w == &[1.0, 1.0]), "{plain:?}");
+
+        let mut opt = AdamW::<TB>::new(params).with_master_dtype(FloatDType::F64);
+        let mixed = constant_gradient_steps(&mut opt, 2e-8, 10);
+        let master = opt.state["weight"].master.clone().expect("a master copy");
+        assert_eq!(master.dtype(), DType::F64);
+        let m = master
+            .into_data()
+            .convert::<f64>()
+            .into_vec::<f64>()
+            .unwrap();
+        // Adam's first steps with a constant gradient are exactly lr each.
+        assert!((m[0] - (1.0 - 10.0 * 2e-8)).abs() < 1e-12, "{m:?}");
+        assert_eq!(mixed.last().unwrap()[0], (1.0 - 10.0 * 2e-8) as f32);
+        assert!(mixed.last().unwrap()[0] < 1.0);
+        // The weight is always the master's rounding, and stays f32.
+        assert!(opt.state["weight"].exp_avg.dtype() == DType::F64);
+
+        // The master survives a checkpoint round trip (saved as f32, reloaded as the master type).
+        let (tensors, steps) = opt.to_host();
+        assert!(tensors.contains_key("master.weight"));
+        let mut reloaded = AdamW::<TB>::new(params).with_master_dtype(FloatDType::F64);
+        reloaded
+            .load_host(&tensors, &steps, &Default::default())
+            .unwrap();
+        let again = reloaded.state["weight"].master.clone().unwrap();
+        assert_eq!(again.dtype(), DType::F64);
     }
 
     #[test]
