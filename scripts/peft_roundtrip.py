@@ -2,7 +2,9 @@
 
 usage:
   # runner -> peft: peft loads runner's adapter and must give runner's logits
-  python3 scripts/peft_roundtrip.py load --base HF_DIR --adapter DIR --logits RUNNER.jsonl [--tol 1e-3]
+  python3 scripts/peft_roundtrip.py load --base HF_DIR --adapter DIR --logits RUNNER.jsonl [--tol 1e-3] [--exact]
+  (--exact: also run peft in float64 throughout, HF's float32 casts in RMSNorm and rotary
+  embeddings patched out, and report how far runner's and peft's float32 logits are from it)
 
   # peft -> runner: peft writes an adapter (non-trivial weights) and its logits for some prompts
   python3 scripts/peft_roundtrip.py make --base HF_DIR --method METHOD --out DIR --ids-from RUNNER.jsonl
@@ -54,11 +56,36 @@ def prompt_logits(model, ids):
     return out[-len(ids):].float()
 
 
-def report(name, diffs, tol):
+def report(name, diffs, tol, note=""):
     worst = max(diffs)
     status = "ok" if worst <= tol else "FAIL"
-    print(f"{name}: max|logit diff| {worst:.3e} over {len(diffs)} prompt(s) (tol {tol:g}) {status}")
+    print(f"{name}: max|logit diff| {worst:.3e} over {len(diffs)} prompt(s) (tol {tol:g}) {status}{note}")
     return worst <= tol
+
+
+def float64_throughout():
+    """Patches HF's Llama/Qwen2 RMSNorm and default rotary embedding, which compute in float32
+    whatever the model's dtype, to keep float64: the exact reference `load --exact` uses."""
+    import importlib
+
+    def rms_forward(self, x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+    def rotary_forward(self, x, position_ids):
+        cfg = self.config
+        theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        freqs = position_ids.double()[..., None] * inv[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = getattr(self, "attention_scaling", 1.0)
+        return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
+    for name, prefix in [("llama", "Llama"), ("qwen2", "Qwen2")]:
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        getattr(module, f"{prefix}RMSNorm").forward = rms_forward
+        getattr(module, f"{prefix}RotaryEmbedding").forward = rotary_forward
 
 
 def cmd_load(args):
@@ -67,12 +94,31 @@ def cmd_load(args):
     model = peft.PeftModel.from_pretrained(load_base(args.base), args.adapter).eval()
     config = model.peft_config["default"]
     print(f"peft {peft.__version__} loaded {args.adapter}: {config.peft_type.value}")
-    diffs = []
-    for row in read_logits(args.logits):
+    rows = read_logits(args.logits)
+    diffs, peft32 = [], []
+    for row in rows:
         want = torch.tensor(row["logits"]).reshape(len(row["prompt_ids"]), row["vocab"])
         got = prompt_logits(model, row["prompt_ids"])
+        peft32.append(got)
         diffs.append((got - want).abs().max().item())
-    return report(f"peft({args.adapter}) vs runner", diffs, args.tol)
+    note = ""
+    if args.exact:
+        import transformers as tf
+
+        float64_throughout()
+        base = tf.AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float64)
+        exact = peft.PeftModel.from_pretrained(base, args.adapter).eval().to(torch.float64)
+        runner_err, peft_err = [], []
+        for row, p32 in zip(rows, peft32):
+            ids = row["prompt_ids"]
+            with torch.no_grad():
+                ref = exact(input_ids=torch.tensor([ids])).logits[0][-len(ids):]
+            runner = torch.tensor(row["logits"], dtype=torch.float64).reshape(len(ids), row["vocab"])
+            runner_err.append((runner - ref).abs().max().item())
+            peft_err.append((p32.double() - ref).abs().max().item())
+        note = (f" (float64 reference: runner off by {max(runner_err):.1e}, "
+                f"peft float32 off by {max(peft_err):.1e})")
+    return report(f"peft({args.adapter}) vs runner", diffs, args.tol, note)
 
 
 def peft_config(method, model_config):
@@ -164,6 +210,7 @@ def main():
     load.add_argument("--adapter", required=True)
     load.add_argument("--logits", required=True)
     load.add_argument("--tol", type=float, default=1e-3)
+    load.add_argument("--exact", action="store_true")
     make = sub.add_parser("make")
     make.add_argument("--base", required=True)
     make.add_argument("--method", required=True)

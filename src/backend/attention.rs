@@ -68,7 +68,12 @@ pub fn attention<B: Backend>(
     let q = q.reshape([batch * kv_heads, rows, head_dim]);
     let k = k.reshape([batch * kv_heads, k_len, head_dim]);
     let v = v.reshape([batch * kv_heads, k_len, head_dim]);
-    let scores = matmul(q, k.swap_dims(1, 2)).cast(FloatDType::F32) * scale;
+    let scores = matmul(q, k.swap_dims(1, 2));
+    // Half-precision scores are widened for the softmax; f32 and f64 stay as they are.
+    let scores = match dtype {
+        DType::BF16 | DType::F16 => scores.cast(FloatDType::F32),
+        _ => scores,
+    } * scale;
 
     let mut mask: Option<Tensor<B, 3, Bool>> = None;
     if options.causal {

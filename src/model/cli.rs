@@ -87,7 +87,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub json: bool,
     /// Also write each prompt's logits (one forward over the prompt ids) to this file, one JSON
-    /// object per prompt per line: prompt_ids, vocab, logits (row-major `[len, vocab]`).
+    /// object per prompt per line: prompt_ids, vocab, logits (row-major `[len, vocab]`). On the
+    /// CPU they are computed in float64 (written as f32), free of float32 rounding.
     #[arg(long)]
     pub logits: Option<PathBuf>,
 }
@@ -306,11 +307,69 @@ fn read_weight_adapter(dir: &Path) -> anyhow::Result<WeightAdapter> {
     })
 }
 
+/// The model with its adapters applied, and the prompt-learning adapter if there is one.
+fn build_model<B: Backend>(
+    source: &ModelSource,
+    prompt_adapter: Option<&(PathBuf, PromptAdapterFile)>,
+    lora_adapter: Option<&WeightAdapter>,
+    device: &B::Device,
+) -> anyhow::Result<(CausalLm<B>, Option<PromptAdapter<B>>)> {
+    let mut model = CausalLm::<B>::from_hf_tensors(&source.config, &source.tensors, device)?;
+    let adapter = match prompt_adapter {
+        Some((dir, file)) => Some(PromptAdapter::<B>::from_file(
+            file,
+            &source.config,
+            dir,
+            device,
+        )?),
+        None => None,
+    };
+    match lora_adapter {
+        Some(WeightAdapter::Lora(lora)) => {
+            model = crate::trainer::adapters::apply_adapter(model, lora, device)?;
+        }
+        Some(WeightAdapter::AdaLora(adalora)) => {
+            model = crate::trainer::adalora::apply_adalora_adapter(model, adalora, device)?;
+        }
+        None => {}
+    }
+    Ok((model, adapter))
+}
+
+/// One forward over each prompt, with the adapters in effect: `[len, vocab]` rows per prompt.
+struct LogitsTask<'a> {
+    source: &'a ModelSource,
+    prompt_adapter: Option<&'a (PathBuf, PromptAdapterFile)>,
+    lora_adapter: Option<&'a WeightAdapter>,
+    prompts: &'a [Vec<u32>],
+}
+
+impl BackendTask for LogitsTask<'_> {
+    type Output = anyhow::Result<Vec<Vec<f32>>>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let (model, adapter) =
+            build_model::<B>(self.source, self.prompt_adapter, self.lora_adapter, &device)?;
+        let mut logits = Vec::with_capacity(self.prompts.len());
+        for ids in self.prompts {
+            let data: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+            let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(data, [1, ids.len()]),
+                &device,
+            );
+            let l = crate::model::prompt::prompted_logits(&model, adapter.as_ref(), ids)
+                .into_data()
+                .convert::<f32>();
+            logits.push(l.into_vec::<f32>().unwrap_or_default());
+        }
+        Ok(logits)
+    }
+}
+
 struct GenerateTask<'a> {
     source: ModelSource,
     prompt_adapter: Option<(PathBuf, PromptAdapterFile)>,
     lora_adapter: Option<WeightAdapter>,
-    want_logits: bool,
     prompts: Vec<Vec<u32>>,
     opts: GenerateOptions,
     batch_size: usize,
@@ -318,44 +377,16 @@ struct GenerateTask<'a> {
 }
 
 impl BackendTask for GenerateTask<'_> {
-    type Output = anyhow::Result<(Vec<Generation>, Vec<Vec<f32>>)>;
+    type Output = anyhow::Result<Vec<Generation>>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let mut model =
-            CausalLm::<B>::from_hf_tensors(&self.source.config, &self.source.tensors, &device)?;
-        let adapter = match &self.prompt_adapter {
-            Some((dir, file)) => Some(PromptAdapter::<B>::from_file(
-                file,
-                &self.source.config,
-                dir,
-                &device,
-            )?),
-            None => None,
-        };
+        let (model, adapter) = build_model::<B>(
+            &self.source,
+            self.prompt_adapter.as_ref(),
+            self.lora_adapter.as_ref(),
+            &device,
+        )?;
         drop(self.source);
-        match &self.lora_adapter {
-            Some(WeightAdapter::Lora(lora)) => {
-                model = crate::trainer::adapters::apply_adapter(model, lora, &device)?;
-            }
-            Some(WeightAdapter::AdaLora(adalora)) => {
-                model = crate::trainer::adalora::apply_adalora_adapter(model, adalora, &device)?;
-            }
-            None => {}
-        }
-        let mut logits = Vec::new();
-        if self.want_logits {
-            for ids in &self.prompts {
-                let data: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
-                let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
-                    burn::tensor::TensorData::new(data, [1, ids.len()]),
-                    &device,
-                );
-                let l = crate::model::prompt::prompted_logits(&model, adapter.as_ref(), ids)
-                    .into_data()
-                    .convert::<f32>();
-                logits.push(l.into_vec::<f32>().unwrap_or_default());
-            }
-        }
         let mut out = Vec::with_capacity(self.prompts.len());
         for chunk in self.prompts.chunks(self.batch_size.max(1)) {
             out.extend(generate_prompted(
@@ -366,7 +397,7 @@ impl BackendTask for GenerateTask<'_> {
                 Some(self.decode),
             )?);
         }
-        Ok((out, logits))
+        Ok(out)
     }
 }
 
@@ -422,17 +453,34 @@ pub fn run_with_tokenizer(
     };
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let vocab = source.config.vocab_size;
+    let logits = match &args.logits {
+        None => Vec::new(),
+        Some(_) => {
+            let task = LogitsTask {
+                source: &source,
+                prompt_adapter: prompt_adapter.as_ref(),
+                lora_adapter: lora_adapter.as_ref(),
+                prompts: &prompts,
+            };
+            // On the CPU the logits are computed in float64, so they hold no float32 rounding
+            // of runner's own: any float32 implementation can be compared against them.
+            if crate::model::device::resolves_to_cpu(args.device) {
+                task.run::<burn::backend::NdArray<f64>>(Default::default())?
+            } else {
+                run_on_device(args.device, task)??
+            }
+        }
+    };
     let task = GenerateTask {
         source,
         prompt_adapter,
         lora_adapter,
-        want_logits: args.logits.is_some(),
         prompts: prompts.clone(),
         opts,
         batch_size: args.batch_size,
         decode: &decode,
     };
-    let (results, logits) = run_on_device(args.device, task)??;
+    let results = run_on_device(args.device, task)??;
     if let Some(path) = &args.logits {
         let mut text = String::new();
         for (ids, l) in prompts.iter().zip(&logits) {
