@@ -11,7 +11,8 @@
 #    says how far runner's and peft's float32 logits are from a float64 peft run, which tells
 #    an implementation difference from float32 rounding.
 # 2. peft -> runner: peft writes an adapter of each method (non-zero weights), runner loads it with
-#    `runner generate --adapter` and must give peft's logits within 1e-3.
+#    `runner generate --adapter` and must give peft's logits within 1e-3 (each line again with
+#    both sides' distance from float64 peft).
 # Exit status 1 if any comparison fails.
 set -u
 RUNNER=${1:-target/release/runner}
@@ -51,11 +52,11 @@ echo -n "base model: "
 check python3 scripts/peft_roundtrip.py base --base "$base" --logits "$OUT/base.jsonl"
 for method in lora dora adalora prompt_tuning p_tuning p_tuning_lstm prefix; do
   dir="$OUT/peft_$method"
-  python3 scripts/peft_roundtrip.py make --base "$base" --method "$method" --out "$dir" --ids-from "$OUT/base.jsonl" > /dev/null 2>&1 \
+  python3 scripts/peft_roundtrip.py make --base "$base" --method "$method" --out "$dir" --ids-from "$OUT/base.jsonl" --exact > /dev/null 2>&1 \
     || { echo "peft -> runner, $method: peft could not write the adapter"; failed=1; continue; }
   "$RUNNER" generate --model "$base" --adapter "$dir" --prompts "$PROMPTS" --max-new-tokens 1 --logits "$dir/runner_logits.jsonl" > /dev/null 2>"$dir/gen.err" \
     || { echo "peft -> runner, $method: runner could not load it: $(tail -2 "$dir/gen.err")"; failed=1; continue; }
   echo -n "peft -> runner, $method: "
-  check python3 scripts/peft_roundtrip.py compare "$dir/peft_logits.jsonl" "$dir/runner_logits.jsonl"
+  check python3 scripts/peft_roundtrip.py compare "$dir/peft_logits.jsonl" "$dir/runner_logits.jsonl" --exact "$dir/peft_logits_f64.jsonl"
 done
 exit $failed

@@ -7,7 +7,7 @@ usage:
   embeddings patched out, and report how far runner's and peft's float32 logits are from it)
 
   # peft -> runner: peft writes an adapter (non-trivial weights) and its logits for some prompts
-  python3 scripts/peft_roundtrip.py make --base HF_DIR --method METHOD --out DIR --ids-from RUNNER.jsonl
+  python3 scripts/peft_roundtrip.py make --base HF_DIR --method METHOD --out DIR --ids-from RUNNER.jsonl [--exact]
   (the prompt ids of a `runner generate --logits` file; peft's logits go to DIR/peft_logits.jsonl)
 
   # the base alone: transformers must give the logits runner wrote without an adapter
@@ -15,7 +15,7 @@ usage:
 
   # compares two logits files (e.g. peft's from `make` and runner's from
   # `runner generate --model HF_DIR --adapter DIR --logits FILE` on the same prompts)
-  python3 scripts/peft_roundtrip.py compare WANT.jsonl GOT.jsonl [--tol 1e-3]
+  python3 scripts/peft_roundtrip.py compare WANT.jsonl GOT.jsonl [--tol 1e-3] [--exact REF.jsonl]
 
 METHOD: lora, dora, adalora, prompt_tuning, p_tuning (MLP), p_tuning_lstm, prefix.
 Logits files hold one JSON object per prompt: prompt_ids, vocab, logits (row-major [len, vocab], the
@@ -88,6 +88,34 @@ def float64_throughout():
         getattr(module, f"{prefix}RotaryEmbedding").forward = rotary_forward
 
 
+def exact_logits(base_dir, adapter_dir, id_lists):
+    """peft in float64 throughout (see float64_throughout): the reference logits per prompt."""
+    import peft
+    import transformers as tf
+
+    float64_throughout()
+    base = tf.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir).eval().to(torch.float64)
+    out = []
+    with torch.no_grad():
+        for ids in id_lists:
+            out.append(model(input_ids=torch.tensor([ids])).logits[0][-len(ids):])
+    return out
+
+
+def exact_note(refs, sides):
+    """`(float64 reference: NAME off by X, ...)` for `{name: logits tensors per prompt}`."""
+    parts = []
+    for name, tensors in sides.items():
+        worst = max((t.double() - r).abs().max().item() for t, r in zip(tensors, refs))
+        parts.append(f"{name} off by {worst:.1e}")
+    return " (float64 reference: " + ", ".join(parts) + ")"
+
+
+def as_tensor(row):
+    return torch.tensor(row["logits"], dtype=torch.float64).reshape(len(row["prompt_ids"]), row["vocab"])
+
+
 def cmd_load(args):
     import peft
 
@@ -103,21 +131,8 @@ def cmd_load(args):
         diffs.append((got - want).abs().max().item())
     note = ""
     if args.exact:
-        import transformers as tf
-
-        float64_throughout()
-        base = tf.AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float64)
-        exact = peft.PeftModel.from_pretrained(base, args.adapter).eval().to(torch.float64)
-        runner_err, peft_err = [], []
-        for row, p32 in zip(rows, peft32):
-            ids = row["prompt_ids"]
-            with torch.no_grad():
-                ref = exact(input_ids=torch.tensor([ids])).logits[0][-len(ids):]
-            runner = torch.tensor(row["logits"], dtype=torch.float64).reshape(len(ids), row["vocab"])
-            runner_err.append((runner - ref).abs().max().item())
-            peft_err.append((p32.double() - ref).abs().max().item())
-        note = (f" (float64 reference: runner off by {max(runner_err):.1e}, "
-                f"peft float32 off by {max(peft_err):.1e})")
+        refs = exact_logits(args.base, args.adapter, [r["prompt_ids"] for r in rows])
+        note = exact_note(refs, {"runner": [as_tensor(r) for r in rows], "peft float32": peft32})
     return report(f"peft({args.adapter}) vs runner", diffs, args.tol, note)
 
 
@@ -177,6 +192,11 @@ def cmd_make(args):
     with open(f"{args.out}/peft_logits.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    if args.exact:
+        refs = exact_logits(args.base, args.out, [row["prompt_ids"] for row in rows])
+        with open(f"{args.out}/peft_logits_f64.jsonl", "w") as f:
+            for row, ref in zip(rows, refs):
+                f.write(json.dumps({**row, "logits": ref.flatten().tolist()}) + "\n")
     print(f"peft {peft.__version__}: wrote {args.method} adapter and logits of {len(rows)} prompt(s) to {args.out}")
     return True
 
@@ -199,7 +219,16 @@ def cmd_compare(args):
         if w["prompt_ids"] != g["prompt_ids"]:
             raise SystemExit(f"prompt ids differ: {w['prompt_ids']} vs {g['prompt_ids']}")
         diffs.append((torch.tensor(w["logits"]) - torch.tensor(g["logits"])).abs().max().item())
-    return report(f"{args.got} vs {args.want}", diffs, args.tol)
+    note = ""
+    if args.exact:
+        refs = [as_tensor(r) for r in read_logits(args.exact)]
+        import os
+
+        note = exact_note(refs, {
+            os.path.basename(args.want): [as_tensor(r) for r in want],
+            os.path.basename(args.got): [as_tensor(r) for r in got],
+        })
+    return report(f"{args.got} vs {args.want}", diffs, args.tol, note)
 
 
 def main():
@@ -217,6 +246,7 @@ def main():
     make.add_argument("--out", required=True)
     make.add_argument("--ids-from", required=True)
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--exact", action="store_true", help="also write DIR/peft_logits_f64.jsonl (float64 peft)")
     base = sub.add_parser("base")
     base.add_argument("--base", required=True)
     base.add_argument("--logits", required=True)
@@ -225,6 +255,7 @@ def main():
     compare.add_argument("want")
     compare.add_argument("got")
     compare.add_argument("--tol", type=float, default=1e-3)
+    compare.add_argument("--exact", help="float64 reference logits (from make --exact) to measure both files against")
     args = parser.parse_args()
     ok = {"load": cmd_load, "make": cmd_make, "base": cmd_base, "compare": cmd_compare}[args.cmd](args)
     sys.exit(0 if ok else 1)
