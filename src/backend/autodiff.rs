@@ -116,6 +116,10 @@ impl<B: FastOps> Backward<B, 2> for CrossEntropyBackward {
 }
 
 impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
+    fn accelerator_memory_used() -> Option<usize> {
+        B::accelerator_memory_used()
+    }
+
     fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let prepared = MatmulBackward
             .prepare::<C>([lhs.node.clone(), rhs.node.clone()])

@@ -142,29 +142,18 @@ pub fn linear_cross_entropy<B: Backend>(
     cross_entropy::reference::<B>(hidden, weight, labels)
 }
 
+fn memory_used<F: FastOps>() -> Option<usize> {
+    F::accelerator_memory_used()
+}
+
+fn accelerator_memory_bytes<B: Backend>() -> Option<usize> {
+    route!(B, memory_used, ());
+    None
+}
+
 /// Device memory in use (MiB, as `cuMemGetInfo` counts it: cubecl's pools and cuBLAS's
 /// workspaces included, so it tracks the high-water mark) when `B` is one of runner's CUDA
 /// backends; `None` on the CPU.
 pub fn accelerator_memory_mb<B: Backend>() -> Option<f64> {
-    #[cfg(feature = "cuda")]
-    {
-        use burn::backend::Autodiff;
-        type Balanced = burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-        type Cuda32 = burn::backend::Cuda<f32, i32>;
-        type Cuda16 = burn::backend::Cuda<half::bf16, i32>;
-        let cuda = [
-            TypeId::of::<Cuda32>(),
-            TypeId::of::<Autodiff<Cuda32>>(),
-            TypeId::of::<Autodiff<Cuda32, Balanced>>(),
-            TypeId::of::<Cuda16>(),
-            TypeId::of::<Autodiff<Cuda16>>(),
-            TypeId::of::<Autodiff<Cuda16, Balanced>>(),
-        ];
-        if cuda.contains(&TypeId::of::<B>()) {
-            return crate::backend::cuda::device_memory_used(0)
-                .ok()
-                .map(|bytes| bytes as f64 / f64::from(1u32 << 20));
-        }
-    }
-    None
+    accelerator_memory_bytes::<B>().map(|bytes| bytes as f64 / f64::from(1u32 << 20))
 }

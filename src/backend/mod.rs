@@ -84,6 +84,11 @@ pub trait FastOps: Backend {
         Self::float_reshape(out, burn::tensor::Shape::new([shape[1], shape[2]]))
     }
 
+    /// Bytes of accelerator memory in use (`None` on the CPU): reported in training metrics.
+    fn accelerator_memory_used() -> Option<usize> {
+        None
+    }
+
     /// Mean token cross-entropy of `hidden [n, d] @ weight[v, d]^T` against `labels [n]`
     /// (entries equal to [`cross_entropy::IGNORE_INDEX`] are skipped), computed `chunk` rows
     /// at a time. Returns a one-element f32 tensor.

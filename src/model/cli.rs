@@ -352,12 +352,7 @@ impl BackendTask for LogitsTask<'_> {
             build_model::<B>(self.source, self.prompt_adapter, self.lora_adapter, &device)?;
         let mut logits = Vec::with_capacity(self.prompts.len());
         for ids in self.prompts {
-            let data: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
-            let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
-                burn::tensor::TensorData::new(data, [1, ids.len()]),
-                &device,
-            );
-            let l = crate::model::prompt::prompted_logits(&model, adapter.as_ref(), ids)
+            let l = crate::model::generate::prompted_logits(&model, adapter.as_ref(), ids)
                 .into_data()
                 .convert::<f32>();
             logits.push(l.into_vec::<f32>().unwrap_or_default());

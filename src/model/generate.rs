@@ -21,7 +21,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use crate::model::decoder::{positions_from_mask, CausalLm};
+use crate::model::decoder::{positions_from_mask, CausalLm, KvCache};
 use crate::model::prompt::{prefix_cache, with_virtual_tokens, PromptAdapter};
 
 /// How the next token is chosen.
@@ -182,7 +182,6 @@ pub fn generate_prompted<B: Backend>(
         ids.extend(p.iter().map(|&t| t as i64));
         mask.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
     }
-    let padded = prompts.iter().any(|p| p.len() != longest);
     let virtual_len = adapter.map_or(0, PromptAdapter::len);
     let offset = virtual_len as i64;
     let mut rows: Vec<Row> = prompts
@@ -204,51 +203,7 @@ pub fn generate_prompted<B: Backend>(
     let int2 = |data: Vec<i64>, t: usize| {
         Tensor::<B, 2, Int>::from_data(TensorData::new(data, [b, t]), &device)
     };
-    let bool2 = |mask: &[Vec<u8>], t: usize| {
-        let flat: Vec<bool> = mask.iter().flatten().map(|&m| m != 0).collect();
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(flat, [b, t]), &device)
-    };
-    let (mut cache, hidden) = match adapter {
-        Some(PromptAdapter::Virtual(tokens)) => {
-            // [virtual | padding | prompt]; the virtual tokens are always attended.
-            let mask: Vec<Vec<u8>> = mask
-                .iter()
-                .map(|m| [vec![1u8; virtual_len], m.clone()].concat())
-                .collect();
-            // Padding takes no position: the prompt continues right after the virtual tokens.
-            let positions = positions_from_mask(&mask);
-            let t = virtual_len + longest;
-            let mut cache = model.new_cache();
-            let embeds = with_virtual_tokens(model, tokens.clone(), int2(ids, longest));
-            let h = model.hidden_states_from_embeds(
-                embeds,
-                int2(positions.into_iter().flatten().collect(), t),
-                padded.then(|| bool2(&mask, t)),
-                Some(&mut cache),
-            );
-            (cache, h)
-        }
-        _ => {
-            let mut cache = match adapter {
-                Some(PromptAdapter::Prefix(prefix)) => {
-                    prefix_cache(prefix.clone(), &model.config, b)
-                }
-                _ => model.new_cache(),
-            };
-            let positions: Vec<i64> = positions_from_mask(&mask)
-                .into_iter()
-                .flatten()
-                .map(|p| p + offset)
-                .collect();
-            let h = model.hidden_states(
-                int2(ids, longest),
-                int2(positions, longest),
-                padded.then(|| bool2(&mask, longest)),
-                Some(&mut cache),
-            );
-            (cache, h)
-        }
-    };
+    let (mut cache, hidden) = prefill(model, adapter, ids, &mask);
     let mut logits = last_logits(model, hidden);
 
     for _step in 0..opts.max_new_tokens {
@@ -291,6 +246,88 @@ pub fn generate_prompted<B: Backend>(
             finish: r.finish.unwrap_or(FinishReason::Length),
         })
         .collect())
+}
+
+/// Runs the prompts through the model with a prompt-learning adapter in effect, as peft does:
+/// the virtual-token embeddings go before the (left-padded) input and are always attended, the
+/// prompt's positions continuing after them; a prefix fills the cache first. `ids` is
+/// `[b, longest]` row-major, `mask` one row per prompt, 0 on left padding. Returns the cache
+/// and the hidden states of the `longest` input positions (virtual positions dropped).
+pub(crate) fn prefill<B: Backend>(
+    model: &CausalLm<B>,
+    adapter: Option<&PromptAdapter<B>>,
+    ids: Vec<i64>,
+    mask: &[Vec<u8>],
+) -> (KvCache<B>, Tensor<B, 3>) {
+    let device = model.model.embed_tokens.weight.device();
+    let b = mask.len();
+    let longest = mask.first().map_or(0, Vec::len);
+    let padded = mask.iter().flatten().any(|&m| m == 0);
+    let virtual_len = adapter.map_or(0, PromptAdapter::len);
+    let int2 = |data: Vec<i64>, t: usize| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(data, [b, t]), &device)
+    };
+    let bool2 = |mask: &[Vec<u8>], t: usize| {
+        let flat: Vec<bool> = mask.iter().flatten().map(|&m| m != 0).collect();
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(flat, [b, t]), &device)
+    };
+    match adapter {
+        Some(PromptAdapter::Virtual(tokens)) => {
+            // [virtual | padding | prompt]; the virtual tokens are always attended.
+            let mask: Vec<Vec<u8>> = mask
+                .iter()
+                .map(|m| [vec![1u8; virtual_len], m.clone()].concat())
+                .collect();
+            // Padding takes no position: the prompt continues right after the virtual tokens.
+            let positions = positions_from_mask(&mask);
+            let t = virtual_len + longest;
+            let mut cache = model.new_cache();
+            let embeds = with_virtual_tokens(model, tokens.clone(), int2(ids, longest));
+            let h = model.hidden_states_from_embeds(
+                embeds,
+                int2(positions.into_iter().flatten().collect(), t),
+                padded.then(|| bool2(&mask, t)),
+                Some(&mut cache),
+            );
+            let width = h.dims()[2];
+            (cache, h.slice([0..b, virtual_len..t, 0..width]))
+        }
+        _ => {
+            let mut cache = match adapter {
+                Some(PromptAdapter::Prefix(prefix)) => {
+                    prefix_cache(prefix.clone(), &model.config, b)
+                }
+                _ => model.new_cache(),
+            };
+            let positions: Vec<i64> = positions_from_mask(mask)
+                .into_iter()
+                .flatten()
+                .map(|p| p + virtual_len as i64)
+                .collect();
+            let h = model.hidden_states(
+                int2(ids, longest),
+                int2(positions, longest),
+                padded.then(|| bool2(mask, longest)),
+                Some(&mut cache),
+            );
+            (cache, h)
+        }
+    }
+}
+
+/// The logits of one prompt's own tokens with the adapter in effect, as peft's
+/// `PeftModelForCausalLM.forward` computes them: `[len, vocab]`.
+pub fn prompted_logits<B: Backend>(
+    model: &CausalLm<B>,
+    adapter: Option<&PromptAdapter<B>>,
+    ids: &[u32],
+) -> Tensor<B, 2> {
+    let ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+    let len = ids.len();
+    let (_, hidden) = prefill(model, adapter, ids, &[vec![1u8; len]]);
+    let logits = model.lm_head(hidden);
+    let vocab = logits.dims()[2];
+    logits.reshape([len, vocab])
 }
 
 /// Logits of the last position: `[batch, seq, hidden]` -> `[batch, vocab]`.

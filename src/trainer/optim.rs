@@ -148,7 +148,7 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
             g = g.cast(master_dtype);
         }
         if let Some(scale) = &self.grad_scale {
-            g = g.mul(scale.clone().cast(master_dtype));
+            g = g.mul(scale.clone());
         }
         let m = m.unwrap_or_else(|| g.zeros_like());
         let v = v.unwrap_or_else(|| g.zeros_like());
@@ -216,11 +216,13 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
+        // Gradients are scaled after their cast to the master type: cast the scale once here.
+        let master_dtype = self.master_dtype;
         let mut u = Update {
             opt: self,
             grads,
             lr,
-            grad_scale,
+            grad_scale: grad_scale.map(|s| s.cast(master_dtype)),
             stack: PathStack(Vec::new()),
         };
         module.map(&mut u)

@@ -177,6 +177,10 @@ fn log_fallback(err: &Error) {
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT> {
+    fn accelerator_memory_used() -> Option<usize> {
+        super::device_memory_used(0).ok()
+    }
+
     fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         match cublas_matmul(lhs, rhs) {
             Ok(out) => out,

@@ -66,13 +66,11 @@ pub struct Gemm {
     pub d_batch_stride: i64,
 }
 
-/// Process-wide cuBLAS state for one device: handle, a private stream (for callers that bring
-/// none) and one workspace per stream the GEMMs are queued on (GEMMs on two streams may overlap,
-/// so they must not share scratch memory).
+/// Process-wide cuBLAS state for one device: the handle and one workspace per stream the GEMMs
+/// are queued on (GEMMs on two streams may overlap, so they must not share scratch memory).
 pub struct BlasState {
     ctx: Arc<CudaContext>,
     handle: sys::cublasHandle_t,
-    stream: drv_sys::CUstream,
     workspaces: HashMap<usize, u64>,
 }
 
@@ -138,26 +136,11 @@ impl BlasState {
         let ctx = CudaContext::new(ordinal).map_err(drv_err("cuDevicePrimaryCtxRetain"))?;
         ctx.bind_to_thread().map_err(drv_err("cuCtxSetCurrent"))?;
         let handle = blas::create_handle().map_err(blas_err("cublasCreate"))?;
-        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
-            .map_err(drv_err("cuStreamCreate"))?;
         Ok(Self {
             ctx,
             handle,
-            stream,
             workspaces: HashMap::new(),
         })
-    }
-
-    /// This state's own stream, for callers that do not share a stream with the producer of
-    /// their operands (they [`BlasState::synchronize`] it themselves).
-    pub fn own_stream(&self) -> drv_sys::CUstream {
-        self.stream
-    }
-
-    /// Blocks until the work queued on this state's own stream has finished.
-    pub fn synchronize(&self) -> Result<(), Error> {
-        // SAFETY: the stream was created by this state and is alive.
-        unsafe { drv::stream::synchronize(self.stream) }.map_err(drv_err("cuStreamSynchronize"))
     }
 
     /// Points the handle at `stream` and at that stream's workspace, allocated on first use.

@@ -39,6 +39,10 @@ impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for MatmulOp<B> {
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Fusion<Cube<F, I, BT>> {
+    fn accelerator_memory_used() -> Option<usize> {
+        super::device_memory_used(0).ok()
+    }
+
     fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let (ls, rs) = (lhs.shape.clone(), rhs.shape.clone());
         let applies = ls.num_dims() == 3
