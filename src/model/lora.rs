@@ -187,11 +187,11 @@ impl<B: Backend> LoraLinear<B> {
             y = y.add(b.val().unsqueeze::<2>());
         }
         if let (Some(a), Some(b)) = (self.effective_a(), &self.lora_b) {
-            let low = self
-                .dropout
-                .forward(x2)
-                .matmul(a.transpose())
-                .matmul(b.val().transpose());
+            // Through the backend's products so they reach cuBLAS on CUDA like the base weight's.
+            let low = crate::backend::linear(
+                crate::backend::linear(self.dropout.forward(x2), a),
+                b.val(),
+            );
             y = y.add(low.mul_scalar(self.scaling));
         }
         let mut out = dims;
@@ -215,13 +215,10 @@ impl<B: Backend> LoraLinear<B> {
         let scale = m.div(norm).unsqueeze::<2>();
         let dropped = self.dropout.prob > 0.0 && B::ad_enabled(&x.device());
         let xd = if dropped { self.dropout.forward(x) } else { x };
-        let lora = xd
-            .clone()
-            .matmul(a.transpose())
-            .matmul(b.transpose())
+        let lora = crate::backend::linear(crate::backend::linear(xd.clone(), a), b)
             .mul_scalar(self.scaling);
         if dropped {
-            let base_d = xd.matmul(w.transpose());
+            let base_d = crate::backend::linear(xd, w);
             base.add(scale.clone().sub_scalar(1.0).mul(base_d))
                 .add(scale.mul(lora))
         } else {

@@ -9,10 +9,12 @@ mod fusion;
 
 pub use cube::cublas_matmul;
 
-/// Products smaller than this many multiply-adds stay on burn's own matmul, whose fusion can
-/// fold elementwise work into them (a cuBLAS call is a boundary of burn's fusion).
+/// Products smaller than this many multiply-adds stay on burn's own matmul. Every product goes to
+/// cuBLAS by default: burn's matmul compiles and autotunes kernels for each new shape (a second
+/// or more each), which stalled sampling, where the KV cache changes the attention shapes at
+/// every token, for minutes; and it was no faster on the small products of a LoRA step.
 /// `RUNNER_MIN_CUBLAS_MACS` in the environment overrides it (for measuring).
-pub const DEFAULT_MIN_CUBLAS_MACS: u64 = 1 << 32;
+pub const DEFAULT_MIN_CUBLAS_MACS: u64 = 1;
 
 static MIN_CUBLAS_MACS: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(DEFAULT_MIN_CUBLAS_MACS);
