@@ -6,7 +6,7 @@
 //!
 //! Output: `predictions.jsonl` (prompt, prediction, reference), `metrics.json` and `metrics.md`.
 
-use super::tokenize::read_records;
+use super::tokenize::{encode_generation_prompt, read_records};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::metrics::{self, PredictionRow};
 use crate::model::config::ModelConfig;
@@ -15,7 +15,7 @@ use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
 use crate::model::generate::{generate_prompted, BudgetForcing, GenerateOptions, SamplingParams};
 use crate::model::hf::load_hf_folder_tensors;
 use crate::model::prompt::{prompt_adapter_kind, read_prompt_adapter, PromptAdapter};
-use crate::text::{ChatMessage, TextTokenizer};
+use crate::text::TextTokenizer;
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -57,6 +57,10 @@ pub struct Params {
     /// Render prompts with the model's chat template (`auto`: when the records are chat records).
     #[serde(default = "default_auto")]
     pub chat: String,
+    /// Text every answer starts with: appended to the prompt and put before each prediction (as
+    /// the `grpo` key, so a model trained with it is evaluated the same way).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub response_prefix: String,
 }
 
 fn default_max_new_tokens() -> usize {
@@ -166,7 +170,8 @@ impl BackendTask for GenerateTask<'_> {
 impl Stage for Evaluate {
     type Params = Params;
     const KIND: &'static str = "evaluate";
-    const VERSION: u32 = 1;
+    // 2: chat records without a chat template keep their system message; `response_prefix`.
+    const VERSION: u32 = 2;
     const OUTPUT: ArtifactKind = ArtifactKind::Evaluation;
     const SUMMARY: &'static str = "generate on a split and score BLEU-4/ROUGE, GSM8K accuracy";
 
@@ -228,28 +233,12 @@ impl Stage for Evaluate {
         } else {
             None
         };
-        let mut prompts = Vec::with_capacity(records.len());
-        for r in &records {
-            let ids = match &template {
-                Some(t) => {
-                    let mut messages = Vec::new();
-                    if let Some(s) = &r.system {
-                        messages.push(ChatMessage {
-                            role: "system".into(),
-                            content: s.clone(),
-                        });
-                    }
-                    messages.push(ChatMessage {
-                        role: "user".into(),
-                        content: r.prompt.clone(),
-                    });
-                    let text = t.render(&messages, true).map_err(|e| err(&e))?;
-                    tokenizer.encode_plain(&text).map_err(|e| err(&e))?
-                }
-                None => tokenizer.encode(&r.prompt).map_err(|e| err(&e))?,
-            };
-            prompts.push(ids);
-        }
+        let prompts = records
+            .iter()
+            .map(|r| {
+                encode_generation_prompt(&tokenizer, template.as_ref(), r, &params.response_prefix)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let encode = |s: &str| tokenizer.encode_plain(s).map_err(|e| err(&e));
         let budget = if params.max_thinking_tokens.is_some() || params.num_ignore > 0 {
             Some(BudgetForcing {
@@ -301,7 +290,9 @@ impl Stage for Evaluate {
             let text = tokenizer.decode(ids, true).map_err(|e| err(&e))?;
             rows.push(PredictionRow {
                 prompt: r.prompt.clone(),
-                prediction: text.trim().to_string(),
+                prediction: format!("{}{text}", params.response_prefix)
+                    .trim()
+                    .to_string(),
                 reference: r.response.clone(),
             });
         }

@@ -3,17 +3,18 @@
 //! [`crate::trainer::grpo`]; this stage turns records into prompts and wires artifacts to it.
 //!
 //! Prompts: each record's system prompt and user text rendered with the model's chat template
-//! (generation prompt added), or the plain text when the tokenizer has no template; the
+//! (generation prompt added), or the plain text when the tokenizer has no template, then
+//! `response_prefix` (text every completion starts with, scored as part of it); the
 //! record's response is the reference the rewards compare with (GSM8K: the `#### n` solution).
 //! Output: `adapter/` (peft) + `merged/` (LoRA, QLoRA) or `model/` (full), as `sft` writes them
 //! (so `evaluate` takes a grpo stage as its model), `metrics.jsonl`, `completions.jsonl`,
 //! charts (rewards.svg, kl.svg, ...), `checkpoint-N/` and `grpo.json`.
 
 use super::sft::resume_dir;
-use super::tokenize::read_records;
+use super::tokenize::{encode_generation_prompt, read_records};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::model::device::{BackendTask, DeviceChoice};
-use crate::text::{ChatMessage, TextTokenizer};
+use crate::text::TextTokenizer;
 use crate::trainer::grpo::{train_grpo, GrpoError, GrpoPrompt, GrpoReport, GrpoTokens};
 use crate::trainer::grpo_config::GrpoConfig;
 use crate::trainer::sft::BaseModel;
@@ -50,40 +51,22 @@ impl BackendTask for TrainTask<'_> {
     }
 }
 
-/// Token ids of each record's prompt: chat template with the system prompt when the tokenizer
-/// has one, else the plain prompt text.
+/// Token ids of each record's prompt (see [`encode_generation_prompt`]) and its reference.
 fn encode_prompts(
     tokenizer: &TextTokenizer,
     records: &[crate::text::Record],
+    response_prefix: &str,
 ) -> Result<Vec<GrpoPrompt>, StageError> {
-    let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
     let template = tokenizer.chat_template(None).ok();
-    let mut out = Vec::with_capacity(records.len());
-    for r in records {
-        let ids = match &template {
-            Some(t) => {
-                let mut messages = Vec::new();
-                if let Some(s) = &r.system {
-                    messages.push(ChatMessage::new("system", s));
-                }
-                messages.push(ChatMessage::new("user", &r.prompt));
-                let text = t.render(&messages, true).map_err(|e| err(&e))?;
-                tokenizer.encode_plain(&text).map_err(|e| err(&e))?
-            }
-            None => {
-                let text = match &r.system {
-                    Some(s) => format!("{s}\n\n{}", r.prompt),
-                    None => r.prompt.clone(),
-                };
-                tokenizer.encode(&text).map_err(|e| err(&e))?
-            }
-        };
-        out.push(GrpoPrompt {
-            ids,
-            reference: r.response.clone(),
-        });
-    }
-    Ok(out)
+    records
+        .iter()
+        .map(|r| {
+            Ok(GrpoPrompt {
+                ids: encode_generation_prompt(tokenizer, template.as_ref(), r, response_prefix)?,
+                reference: r.response.clone(),
+            })
+        })
+        .collect()
 }
 
 impl Stage for Grpo {
@@ -122,7 +105,7 @@ impl Stage for Grpo {
             return Err(StageError::msg("the prompt input has no training records"));
         }
         let tokenizer = TextTokenizer::from_dir(&model.dir).map_err(|e| err(&e))?;
-        let prompts = encode_prompts(&tokenizer, &records)?;
+        let prompts = encode_prompts(&tokenizer, &records, &params.response_prefix)?;
         let mut eos_ids = tokenizer.eos_ids();
         if eos_ids.is_empty() {
             eos_ids = crate::model::config::ModelConfig::from_file(model.dir.join("config.json"))

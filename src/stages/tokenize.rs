@@ -9,7 +9,8 @@ use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::data::Table;
 use crate::text::format::Record;
 use crate::text::{
-    pack_examples, tokenize_example, ChatMessage, TemplateKind, TextTokenizer, TokenizeOptions,
+    pack_examples, tokenize_example, ChatMessage, ChatTemplate, TemplateKind, TextTokenizer,
+    TokenizeOptions,
 };
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -94,6 +95,42 @@ pub fn read_records(dir: &Path, split: &str) -> Result<Vec<Record>, StageError> 
             })
         })
         .collect()
+}
+
+/// Token ids of the prompt a model generates from for `record`: with a chat template, the
+/// record's system message and user turn followed by the generation prompt; without one, the
+/// prompt text (chat records: system message, blank line, prompt; Alpaca records already hold
+/// their system text). `response_prefix` is appended: text the answer is made to start with
+/// (e.g. "<reasoning>\n"), which callers count as the first part of the completion.
+pub fn encode_generation_prompt(
+    tokenizer: &TextTokenizer,
+    template: Option<&ChatTemplate>,
+    record: &Record,
+    response_prefix: &str,
+) -> Result<Vec<u32>, StageError> {
+    let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
+    match template {
+        Some(t) => {
+            let mut messages = Vec::new();
+            if let Some(s) = &record.system {
+                messages.push(ChatMessage::new("system", s));
+            }
+            messages.push(ChatMessage::new("user", &record.prompt));
+            let text = t.render(&messages, true).map_err(|e| err(&e))?;
+            tokenizer
+                .encode_plain(&format!("{text}{response_prefix}"))
+                .map_err(|e| err(&e))
+        }
+        None => {
+            let text = match (&record.system, &record.messages) {
+                (Some(s), Some(_)) => format!("{s}\n\n{}", record.prompt),
+                _ => record.prompt.clone(),
+            };
+            tokenizer
+                .encode(&format!("{text}{response_prefix}"))
+                .map_err(|e| err(&e))
+        }
+    }
 }
 
 impl Stage for Tokenize {
@@ -217,5 +254,57 @@ impl Stage for Tokenize {
                 "chat_template": chat,
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_tokenizer() -> TextTokenizer {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/text/tiny_tokenizer"
+        );
+        TextTokenizer::from_dir(Path::new(dir)).unwrap()
+    }
+
+    fn chat_record() -> Record {
+        Record {
+            prompt: "2+2?".into(),
+            response: "#### 4".into(),
+            system: Some("Answer in tags.".into()),
+            messages: Some(vec![]),
+        }
+    }
+
+    #[test]
+    fn generation_prompt_ends_with_the_response_prefix() {
+        let tok = tiny_tokenizer();
+        let template = tok.chat_template(None).unwrap();
+        let ids = encode_generation_prompt(&tok, Some(&template), &chat_record(), "<reasoning>\n")
+            .unwrap();
+        let want = "<|im_start|>system\nAnswer in tags.<|im_end|>\n<|im_start|>user\n2+2?\
+                    <|im_end|>\n<|im_start|>assistant\n<reasoning>\n";
+        assert_eq!(tok.decode(&ids, false).unwrap(), want);
+        let plain = encode_generation_prompt(&tok, Some(&template), &chat_record(), "").unwrap();
+        assert_eq!(
+            tok.decode(&plain, false).unwrap(),
+            want.trim_end_matches("<reasoning>\n")
+        );
+    }
+
+    #[test]
+    fn without_a_template_chat_records_keep_their_system_text() {
+        let tok = tiny_tokenizer();
+        let ids = encode_generation_prompt(&tok, None, &chat_record(), "A:").unwrap();
+        assert_eq!(tok.decode(&ids, true).unwrap(), "Answer in tags.\n\n2+2?A:");
+        // Alpaca records carry the system text inside the prompt already.
+        let alpaca = Record {
+            messages: None,
+            ..chat_record()
+        };
+        let ids = encode_generation_prompt(&tok, None, &alpaca, "").unwrap();
+        assert_eq!(tok.decode(&ids, true).unwrap(), "2+2?");
     }
 }

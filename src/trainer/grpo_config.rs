@@ -49,6 +49,10 @@ pub struct GrpoConfig {
     /// Prompt tokens kept (the last ones: left truncation).
     pub max_prompt_length: usize,
     pub max_completion_length: usize,
+    /// Text every completion starts with (e.g. "<reasoning>\n"): put after the generation
+    /// prompt, and scored by the rewards as the start of each completion (not trained on).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub response_prefix: String,
     pub temperature: f32,
     pub top_p: f32,
     /// 0 disables.
@@ -116,6 +120,7 @@ impl Default for GrpoConfig {
             num_generations: 8,
             max_prompt_length: 512,
             max_completion_length: 256,
+            response_prefix: String::new(),
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,

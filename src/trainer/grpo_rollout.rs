@@ -124,7 +124,7 @@ pub(crate) fn rollout<B: Backend>(
     let mut scores = Vec::with_capacity(rows.len());
     let mut totals = Vec::with_capacity(rows.len());
     for (c, &i) in completions.iter().zip(&prompt_index) {
-        let text = (ctx.decode)(c);
+        let text = format!("{}{}", cfg.response_prefix, (ctx.decode)(c));
         let (s, total) = ctx.rewards.score_total(&text, &ctx.prompts[i].reference);
         texts.push(text);
         scores.push(s);

@@ -327,6 +327,56 @@ fn toy_pattern_reward_rises_over_50_steps() {
 }
 
 #[test]
+fn response_prefix_starts_every_scored_completion() {
+    let _guard = rng_lock();
+    let (config, tensors) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = GrpoTokens {
+        eos_ids: vec![EOS],
+        pad_id: 0,
+    };
+    // Token ids decode to letters only, so the pattern matches only through the prefix.
+    let cfg = GrpoConfig {
+        response_prefix: "<r>\n".into(),
+        rewards: vec![RewardSpec {
+            kind: RewardKind::Regex {
+                pattern: "^<r>\n[a-z]*$".into(),
+            },
+            weight: 0.5,
+        }],
+        log_completions_steps: 1,
+        ..toy_config(1)
+    };
+    let report = train_grpo::<AD>(
+        &cfg,
+        BaseModel::Loaded {
+            config: &config,
+            tensors: &tensors,
+        },
+        &toy_prompts(),
+        &decode,
+        &tokens,
+        dir.path(),
+        &Default::default(),
+        None,
+    )
+    .unwrap();
+    let rows = read_metrics(&report.metrics_path).unwrap();
+    // Each reward's mean is unweighted (as TRL logs it); the total is weighted.
+    assert_eq!(rows[0].extra["rewards/regex"].as_f64(), Some(1.0));
+    assert_eq!(rows[0].extra["reward"].as_f64(), Some(0.5));
+    let samples = std::fs::read_to_string(dir.path().join("completions.jsonl")).unwrap();
+    for line in samples.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let completion = row["completion"].as_str().unwrap();
+        assert!(completion.starts_with("<r>\n"), "{completion:?}");
+    }
+    // An empty prefix stays out of the stage's fingerprint.
+    let params = serde_json::to_value(GrpoConfig::default()).unwrap();
+    assert!(params.get("response_prefix").is_none());
+}
+
+#[test]
 fn resumed_run_matches_uninterrupted_run() {
     let _guard = rng_lock();
     let (config, tensors) = tiny();
