@@ -9,7 +9,7 @@
 
 use burn::tensor::{backend::Backend, Bool, DType, FloatDType, Int, Tensor};
 
-use crate::backend::{matmul, Error};
+use crate::backend::{masked_softmax, matmul, Error};
 
 /// Options of [`attention`].
 #[derive(Clone, Debug)]
@@ -73,7 +73,7 @@ pub fn attention<B: Backend>(
     let scores = match dtype {
         DType::BF16 | DType::F16 => scores.cast(FloatDType::F32),
         _ => scores,
-    } * scale;
+    };
 
     let mut mask: Option<Tensor<B, 3, Bool>> = None;
     if options.causal {
@@ -101,12 +101,16 @@ pub fn attention<B: Backend>(
             None => padding,
         });
     }
-    let scores = match mask {
-        // A finite fill keeps fully masked (padding) rows at a uniform softmax instead of NaN.
-        Some(m) => scores.mask_fill(m, -1.0e30),
-        None => scores,
-    };
-    let probs = burn::tensor::activation::softmax(scores, 2).cast(dtype);
+    let lead = batch * kv_heads;
+    // A finite fill keeps fully masked (padding) rows at a uniform softmax instead of NaN.
+    let probs = masked_softmax(
+        scores.reshape([1, lead, rows, k_len]),
+        mask.map(|m| m.reshape([1, lead, rows, k_len])),
+        scale,
+        -1.0e30,
+    )
+    .reshape([lead, rows, k_len])
+    .cast(dtype);
     let out = matmul(probs, v);
     Ok(out.reshape([batch, q_heads, q_len, head_dim]))
 }

@@ -11,8 +11,8 @@ use burn::backend::autodiff::{
     Autodiff,
 };
 use burn::tensor::{
-    ops::{FloatTensor, IntTensor},
-    Shape, Tensor, TensorMetadata, TensorPrimitive,
+    ops::{BoolTensor, FloatTensor, IntTensor},
+    Bool, Shape, Tensor, TensorMetadata, TensorPrimitive,
 };
 
 use crate::backend::{cross_entropy, FastOps};
@@ -115,6 +115,32 @@ impl<B: FastOps> Backward<B, 2> for CrossEntropyBackward {
     }
 }
 
+#[derive(Debug)]
+struct MaskedSoftmaxBackward;
+
+impl<B: FastOps> Backward<B, 1> for MaskedSoftmaxBackward {
+    /// (the softmax output, the mask, the scale)
+    type State = (FloatTensor<B>, Option<BoolTensor<B>>, f64);
+
+    /// `d scores = scale * p * (g - sum_j g_j p_j)`, zero where masked (as through
+    /// `mask_fill`: a fully masked row is uniform, yet does not depend on its scores).
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (probs, mask, scale) = ops.state;
+        if let Some(node) = node {
+            let p: Tensor<B, 4> = float(probs);
+            let g: Tensor<B, 4> = float(grad);
+            let dot = g.clone().mul(p.clone()).sum_dim(3);
+            let mut ds = p.mul(g.sub(dot)).mul_scalar(scale);
+            if let Some(m) = mask {
+                ds = ds.mask_fill(Tensor::<B, 4, Bool>::from_primitive(m), 0.0);
+            }
+            grads.register::<B>(node.id, ds.into_primitive().tensor());
+        }
+    }
+}
+
 impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
     fn accelerator_memory_used() -> Option<usize> {
         B::accelerator_memory_used()
@@ -172,6 +198,23 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
                 transpose_a,
                 transpose_b,
             )),
+        }
+    }
+
+    fn fast_masked_softmax(
+        scores: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        scale: f64,
+        masked_value: f64,
+    ) -> FloatTensor<Self> {
+        let prepared = MaskedSoftmaxBackward
+            .prepare::<C>([scores.node.clone()])
+            .compute_bound()
+            .stateful();
+        let out = B::fast_masked_softmax(scores.primitive, mask.clone(), scale, masked_value);
+        match prepared {
+            OpsKind::Tracked(prep) => prep.finish((out.clone(), mask, scale), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 

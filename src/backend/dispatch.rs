@@ -6,7 +6,7 @@
 
 use std::any::{Any, TypeId};
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorPrimitive};
 
 use crate::backend::{cross_entropy, FastOps};
 
@@ -80,6 +80,39 @@ fn fast_cross_entropy<F: FastOps>(
 pub fn matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
     route!(B, fast_matmul, (a, b));
     a.matmul(b)
+}
+
+fn fast_masked_softmax<F: FastOps>(
+    scores: Tensor<F, 4>,
+    mask: Option<Tensor<F, 4, Bool>>,
+    scale: f64,
+    masked_value: f64,
+) -> Tensor<F, 4> {
+    let out = F::fast_masked_softmax(
+        scores.into_primitive().tensor(),
+        mask.map(Tensor::into_primitive),
+        scale,
+        masked_value,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Attention probabilities: `softmax(scores * scale)` over the last axis, `masked_value` taking
+/// the place of the scaled score where `mask` (the shape of `scores`) is true. Under `Autodiff`
+/// one node that keeps only its output (see [`FastOps::fast_masked_softmax`]).
+pub fn masked_softmax<B: Backend>(
+    scores: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    scale: f64,
+    masked_value: f64,
+) -> Tensor<B, 4> {
+    route!(B, fast_masked_softmax, (scores, mask, scale, masked_value));
+    let scaled = scores.mul_scalar(scale);
+    let masked = match mask {
+        Some(m) => scaled.mask_fill(m, masked_value),
+        None => scaled,
+    };
+    burn::tensor::activation::softmax(masked, 3)
 }
 
 fn fast_gemm_2d<F: FastOps>(

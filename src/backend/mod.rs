@@ -29,8 +29,8 @@ mod dispatch;
 
 use burn::tensor::{
     backend::Backend,
-    ops::{FloatTensor, IntTensor},
-    Tensor, TensorMetadata, TensorPrimitive,
+    ops::{BoolTensor, FloatTensor, IntTensor},
+    Bool, Tensor, TensorMetadata, TensorPrimitive,
 };
 
 /// Errors of the fast-kernel layer.
@@ -84,6 +84,27 @@ pub trait FastOps: Backend {
         Self::float_reshape(out, burn::tensor::Shape::new([shape[1], shape[2]]))
     }
 
+    /// `softmax(scores * scale)` over the last axis, with `masked_value` in place of the scaled
+    /// score wherever `mask` is true (`mask` has the shape of `scores`). Under `Autodiff` it is
+    /// one node that keeps only its output: the backward pass is `scale * p * (g - sum(g * p))`,
+    /// where the composed ops kept the exponentials as well and took about ten passes.
+    fn fast_masked_softmax(
+        scores: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        scale: f64,
+        masked_value: f64,
+    ) -> FloatTensor<Self> {
+        let scaled =
+            Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(scores)).mul_scalar(scale);
+        let masked = match mask {
+            Some(m) => scaled.mask_fill(Tensor::<Self, 4, Bool>::from_primitive(m), masked_value),
+            None => scaled,
+        };
+        burn::tensor::activation::softmax(masked, 3)
+            .into_primitive()
+            .tensor()
+    }
+
     /// Bytes of accelerator memory in use (`None` on the CPU): reported in training metrics.
     fn accelerator_memory_used() -> Option<usize> {
         None
@@ -109,7 +130,8 @@ pub trait FastOps: Backend {
 }
 
 pub use dispatch::{
-    accelerator_memory_mb, linear, linear_cross_entropy, matmul, matmul_2d, matmul_tn,
+    accelerator_memory_mb, linear, linear_cross_entropy, masked_softmax, matmul, matmul_2d,
+    matmul_tn,
 };
 
 #[cfg(test)]

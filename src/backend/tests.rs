@@ -5,7 +5,7 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{activation, Bool, Distribution, Int, Tensor, TensorData, Tolerance};
 
 use crate::backend::attention::{attention, AttentionOptions};
-use crate::backend::{linear, linear_cross_entropy, matmul, matmul_2d, matmul_tn};
+use crate::backend::{linear, linear_cross_entropy, masked_softmax, matmul, matmul_2d, matmul_tn};
 
 type Cpu = NdArray;
 type Ad = Autodiff<NdArray>;
@@ -62,6 +62,45 @@ fn matmul_matches_naive_loops_with_broadcast_and_transposed_views() {
     let a2 = Tensor::<Cpu, 3>::from_data(at, &Default::default()).swap_dims(1, 2);
     let b2 = Tensor::<Cpu, 3>::from_data(bt, &Default::default()).swap_dims(1, 2);
     assert_close(values(matmul(a2, b2)), want, 1e-5, "transposed views");
+}
+
+#[test]
+fn masked_softmax_and_its_gradient_match_the_composed_ops() {
+    let s0 = rand([2, 3, 4, 5], 11);
+    let w = rand([2, 3, 4, 5], 12);
+    // Causal-style mask with a fully masked row, which must come out uniform, not NaN.
+    let mut bits = vec![false; 2 * 3 * 4 * 5];
+    for (i, bit) in bits.iter_mut().enumerate() {
+        let (row, col) = ((i / 5) % 4, i % 5);
+        *bit = col > row + 1 || (i / 20 == 4 && row == 2);
+    }
+    let dev = Default::default();
+    for masked in [false, true] {
+        let run = |fast: bool| {
+            let s = Tensor::<Ad, 4>::from_data(s0.to_data(), &dev).require_grad();
+            let mask = masked.then(|| {
+                Tensor::<Ad, 4, Bool>::from_data(TensorData::new(bits.clone(), [2, 3, 4, 5]), &dev)
+            });
+            let p = if fast {
+                masked_softmax(s.clone(), mask, 0.37, -1.0e4)
+            } else {
+                let x = s.clone().mul_scalar(0.37);
+                let x = match mask {
+                    Some(m) => x.mask_fill(m, -1.0e4),
+                    None => x,
+                };
+                activation::softmax(x, 3)
+            };
+            let wd = Tensor::<Ad, 4>::from_data(w.to_data(), &dev);
+            let grads = (p.clone() * wd).sum().backward();
+            (p.into_data(), s.grad(&grads).unwrap().into_data())
+        };
+        let (p, g) = run(true);
+        let (rp, rg) = run(false);
+        p.assert_approx_eq::<f32>(&rp, Tolerance::absolute(1e-6));
+        g.assert_approx_eq::<f32>(&rg, Tolerance::absolute(1e-6));
+        assert!(p.to_vec::<f32>().unwrap().iter().all(|v| v.is_finite()));
+    }
 }
 
 #[test]

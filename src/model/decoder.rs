@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
@@ -138,9 +138,20 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// A `[batch | 1, 1, seq, keys]` mask in the layout of the scores, `[batch, kv_heads,
+    /// rep * seq, keys]`, where the `rep` query heads of a KV head are extra rows.
+    fn score_mask(&self, mask: Tensor<B, 4, Bool>, batch: usize) -> Tensor<B, 4, Bool> {
+        let [mb, _, t, s] = mask.dims();
+        let (kvh, rep) = (self.num_kv_heads, self.num_heads / self.num_kv_heads);
+        mask.reshape([mb, 1, 1, t, s])
+            .expand([batch, kvh, rep, t, s])
+            .reshape([batch, kvh, rep * t, s])
+    }
+
     /// # Shapes
     /// - x: `[batch, seq, hidden]`; cos, sin: `[batch, 1, seq, head_dim]`
-    /// - mask: `[batch | 1, 1, seq, past + seq]`, true = masked
+    /// - mask: `[batch, kv_heads, rep * seq, past + seq]` (see [`Attention::score_mask`]),
+    ///   true = masked
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -176,22 +187,15 @@ impl<B: Backend> Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let s = k.dims()[2];
         let rep = h / kvh;
         // The `rep` query heads that read one KV head (HF's repeat_kv) become extra rows of one
         // product with that head's keys: `[b, kvh, rep * t, d]`, no copies of K and V.
         let q = q.reshape([b, kvh, rep * t, d]);
-        let mut scores = grouped_matmul(q, k, true).mul_scalar(1.0 / (d as f64).sqrt());
-        if let Some(m) = mask {
-            let mb = m.dims()[0];
-            let m = m
-                .clone()
-                .reshape([mb, 1, 1, t, s])
-                .expand([b, kvh, rep, t, s])
-                .reshape([b, kvh, rep * t, s]);
-            scores = scores.mask_fill(m, MASKED_SCORE);
-        }
-        let out = grouped_matmul(softmax(scores, 3), v, false).reshape([b, h, t, d]);
+        let scores = grouped_matmul(q, k, true);
+        let scale = 1.0 / (d as f64).sqrt();
+        let probs =
+            crate::backend::masked_softmax(scores, mask.cloned(), scale, MASKED_SCORE as f64);
+        let out = grouped_matmul(probs, v, false).reshape([b, h, t, d]);
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
@@ -312,6 +316,11 @@ impl<B: Backend> CausalLm<B> {
                     None => pad,
                 })
             }
+        };
+        // Built once for all layers: each layer's softmax keeps it for its backward pass.
+        let mask = match (mask, self.model.layers.first()) {
+            (Some(m), Some(layer)) => Some(layer.self_attn.score_mask(m, b)),
+            _ => None,
         };
         let (cos, sin) = self.rope.cos_sin(positions);
         let mut x = embeds;
