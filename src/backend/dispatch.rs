@@ -107,6 +107,16 @@ pub fn masked_softmax<B: Backend>(
     masked_value: f64,
 ) -> Tensor<B, 4> {
     route!(B, fast_masked_softmax, (scores, mask, scale, masked_value));
+    composed_masked_softmax(scores, mask, scale, masked_value)
+}
+
+/// [`masked_softmax`] from burn's ops (what backends without their own version run).
+pub(crate) fn composed_masked_softmax<B: Backend>(
+    scores: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    scale: f64,
+    masked_value: f64,
+) -> Tensor<B, 4> {
     let scaled = scores.mul_scalar(scale);
     let masked = match mask {
         Some(m) => scaled.mask_fill(m, masked_value),

@@ -94,15 +94,14 @@ pub trait FastOps: Backend {
         scale: f64,
         masked_value: f64,
     ) -> FloatTensor<Self> {
-        let scaled =
-            Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(scores)).mul_scalar(scale);
-        let masked = match mask {
-            Some(m) => scaled.mask_fill(Tensor::<Self, 4, Bool>::from_primitive(m), masked_value),
-            None => scaled,
-        };
-        burn::tensor::activation::softmax(masked, 3)
-            .into_primitive()
-            .tensor()
+        dispatch::composed_masked_softmax(
+            Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(scores)),
+            mask.map(Tensor::<Self, 4, Bool>::from_primitive),
+            scale,
+            masked_value,
+        )
+        .into_primitive()
+        .tensor()
     }
 
     /// Bytes of accelerator memory in use (`None` on the CPU): reported in training metrics.

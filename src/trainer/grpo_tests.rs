@@ -262,17 +262,15 @@ fn toy_prompts() -> Vec<GrpoPrompt> {
         .collect()
 }
 
-#[test]
-fn toy_pattern_reward_rises_over_50_steps() {
-    let _guard = rng_lock();
+/// GRPO of the tiny model on the toy prompts with `cfg`, written into `out`.
+fn train_toy(cfg: &GrpoConfig, out: &std::path::Path) -> crate::trainer::grpo::GrpoReport {
     let (config, tensors) = tiny();
-    let dir = tempfile::tempdir().unwrap();
     let tokens = GrpoTokens {
         eos_ids: vec![EOS],
         pad_id: 0,
     };
-    let report = train_grpo::<AD>(
-        &toy_config(50),
+    train_grpo::<AD>(
+        cfg,
         BaseModel::Loaded {
             config: &config,
             tensors: &tensors,
@@ -280,11 +278,18 @@ fn toy_pattern_reward_rises_over_50_steps() {
         &toy_prompts(),
         &decode,
         &tokens,
-        dir.path(),
+        out,
         &Default::default(),
         None,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn toy_pattern_reward_rises_over_50_steps() {
+    let _guard = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let report = train_toy(&toy_config(50), dir.path());
     assert_eq!(report.steps, 50);
     let rows = read_metrics(&report.metrics_path).unwrap();
     assert_eq!(rows.len(), 50);
@@ -329,12 +334,7 @@ fn toy_pattern_reward_rises_over_50_steps() {
 #[test]
 fn response_prefix_starts_every_scored_completion() {
     let _guard = rng_lock();
-    let (config, tensors) = tiny();
     let dir = tempfile::tempdir().unwrap();
-    let tokens = GrpoTokens {
-        eos_ids: vec![EOS],
-        pad_id: 0,
-    };
     // Token ids decode to letters only, so the pattern matches only through the prefix.
     let cfg = GrpoConfig {
         response_prefix: "<r>\n".into(),
@@ -347,20 +347,7 @@ fn response_prefix_starts_every_scored_completion() {
         log_completions_steps: 1,
         ..toy_config(1)
     };
-    let report = train_grpo::<AD>(
-        &cfg,
-        BaseModel::Loaded {
-            config: &config,
-            tensors: &tensors,
-        },
-        &toy_prompts(),
-        &decode,
-        &tokens,
-        dir.path(),
-        &Default::default(),
-        None,
-    )
-    .unwrap();
+    let report = train_toy(&cfg, dir.path());
     let rows = read_metrics(&report.metrics_path).unwrap();
     // Each reward's mean is unweighted (as TRL logs it); the total is weighted.
     assert_eq!(rows[0].extra["rewards/regex"].as_f64(), Some(1.0));
