@@ -106,7 +106,10 @@ impl<B: Backend> LoraLinear<B> {
     /// Row norms `||W + scaling B A||` over dim 1 (`[out]`), without gradient (DoRA section 4.3,
     /// peft `DoraLinearLayer.get_weight_norm` on the detached LoRA weight).
     fn dora_weight_norm(&self, w: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 1> {
-        let lora = b.matmul(a).detach().mul_scalar(self.scaling);
+        // Every step of DoRA runs this product: through the backend's GEMM (cuBLAS on CUDA).
+        let lora = crate::backend::matmul_2d(b, a)
+            .detach()
+            .mul_scalar(self.scaling);
         let out = self.out_features();
         w.detach()
             .add(lora)

@@ -9,8 +9,8 @@ mod fusion;
 
 pub use cube::cublas_matmul;
 
-/// Products smaller than this many multiply-adds stay on burn's own matmul. Every product goes to
-/// cuBLAS by default: burn's matmul compiles and autotunes kernels for each new shape (a second
+/// Products of [`crate::backend::matmul`] / `linear` / `matmul_2d` smaller than this many
+/// multiply-adds stay on burn's own matmul. By default every one goes to cuBLAS: burn's matmul compiles and autotunes kernels for each new shape (a second
 /// or more each), which stalled sampling, where the KV cache changes the attention shapes at
 /// every token, for minutes; and it was no faster on the small products of a LoRA step.
 /// `RUNNER_MIN_CUBLAS_MACS` in the environment overrides it (for measuring).
