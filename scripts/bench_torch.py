@@ -80,6 +80,10 @@ def bench_attention():
 
         fwd = 4.0 * batch * hq * seq * seq * d / 2.0
         out.append(record(f"attn_fwd_bwd_b{batch}_s{seq}", timed(step, 2, 10), 3.5 * fwd, base))
+        with torch.no_grad():
+            def forward():
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum()
+            out.append(record(f"attn_fwd_b{batch}_s{seq}", timed(forward, 2, 10), fwd, base))
         del q, k, v
     return out
 

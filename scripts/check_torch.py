@@ -1,6 +1,7 @@
 """Recomputes with PyTorch autograd the tensors that `bench check` dumped (src/backend/check.rs)
 and compares: linear (cuBLASLt matmul) outputs and gradients, chunked cross-entropy loss and
-gradients, causal GQA attention outputs and gradients, in f32 and bf16.
+gradients, causal GQA attention outputs and gradients, in f32 and bf16; the fused (flash)
+attention kernels in bf16 against f32 eager attention with padding and key offsets.
 
 Usage on the GPU machine: BIN check --dump-dir D && python3 scripts/check_torch.py D
 Error metric: max |burn - torch| / max |torch|. Limits: f32 1e-4 (attention 2e-4, softmax in
@@ -71,6 +72,28 @@ def main():
         report(f"attn {tag} dq", t[f"attn_{tag}_dq"], q.grad, alim)
         report(f"attn {tag} dk", t[f"attn_{tag}_dk"], k.grad, alim)
         report(f"attn {tag} dv", t[f"attn_{tag}_dv"], v.grad, alim)
+    # Fused attention (bf16 flash kernels): [b, t, h, d] outputs; causal with the queries at the
+    # end of the keys; `valid` [b, s] masks padding keys. Rows that see no key must be 0.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for case in sorted({n[len("flash_"):-len("_q")] for n in t if n.startswith("flash_") and n.endswith("_q")}):
+        g = lambda n: t[f"flash_{case}_{n}"]
+        q, k, v = (g(n).to(torch.bfloat16).float().detach().requires_grad_(True) for n in "qkv")
+        b, h, tq, d = q.shape
+        kvh, s = k.shape[1], k.shape[2]
+        rep = h // kvh
+        kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        scores = q @ kk.transpose(-1, -2) / d ** 0.5
+        pos = torch.arange(tq, device=q.device)[:, None] + (s - tq)
+        hidden = torch.arange(s, device=q.device)[None, :] > pos
+        hidden = hidden[None, None] | (g("valid") == 0)[:, None, None, :]
+        probs = torch.softmax(scores.masked_fill(hidden, -1e30), -1)
+        probs = probs.masked_fill(hidden.all(-1, keepdim=True), 0.0)
+        o = (probs @ vv).transpose(1, 2)
+        (o * g("go").to(torch.bfloat16).float()).sum().backward()
+        report(f"flash {case} o", g("o"), o, 2e-2)
+        report(f"flash {case} dq", g("dq"), q.grad, 2e-2)
+        report(f"flash {case} dk", g("dk"), k.grad, 2e-2)
+        report(f"flash {case} dv", g("dv"), v.grad, 2e-2)
     print("ALL PASS" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 

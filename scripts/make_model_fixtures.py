@@ -16,6 +16,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 OUT = os.environ.get("OUT", "tests/fixtures/model")
+# ONLY=name builds one model (qwen2_d64, head dim 64, is for the GPU's fused attention: too large
+# to commit, scripts/gpu_parity.py builds it on the device).
+ONLY = os.environ.get("ONLY")
 torch.set_grad_enabled(False)
 
 
@@ -36,6 +39,8 @@ def logits(m, ids, mask=None, pos=None):
 
 
 def build(name, cls, cfg, ours):
+    if ONLY and name != ONLY or not ONLY and name == "qwen2_d64":
+        return
     torch.manual_seed(1234)
     m = cls(cfg).float().eval()
     perturb(m)
@@ -106,3 +111,8 @@ l = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden
                 rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                 rope_parameters=rope)
 build("llama", LlamaForCausalLM, l, common + ["head_dim", "attention_bias", "mlp_bias"])
+q64 = Qwen2Config(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+build("qwen2_d64", Qwen2ForCausalLM, q64, common)

@@ -12,10 +12,10 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::{
     ops::{BoolTensor, FloatTensor, IntTensor},
-    Bool, Shape, Tensor, TensorMetadata, TensorPrimitive,
+    Bool, DType, Shape, Tensor, TensorMetadata, TensorPrimitive,
 };
 
-use crate::backend::{cross_entropy, FastOps};
+use crate::backend::{cross_entropy, FastOps, FusedAttentionSpec};
 
 fn float<B: FastOps, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -141,7 +141,77 @@ impl<B: FastOps> Backward<B, 1> for MaskedSoftmaxBackward {
     }
 }
 
+#[derive(Debug)]
+struct FusedAttentionBackward;
+
+#[derive(Clone, Debug)]
+struct FusedAttentionState<B: FastOps> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    o: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    key_valid: Option<IntTensor<B>>,
+    spec: FusedAttentionSpec,
+}
+
+impl<B: FastOps> Backward<B, 3> for FusedAttentionBackward {
+    type State = FusedAttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let (dq, dk, dv) =
+            B::fast_attention_backward(s.q, s.k, s.v, s.o, s.lse, grad, s.key_valid, s.spec);
+        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
+    fn fused_attention_supported(dtype: DType, head_dim: usize) -> bool {
+        B::fused_attention_supported(dtype, head_dim)
+    }
+
+    fn fast_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_valid: Option<IntTensor<Self>>,
+        spec: FusedAttentionSpec,
+    ) -> FloatTensor<Self> {
+        let prepared = FusedAttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (o, lse) = B::fast_attention_with_lse(
+            q.primitive.clone(),
+            k.primitive.clone(),
+            v.primitive.clone(),
+            key_valid.clone(),
+            spec,
+        );
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let state = FusedAttentionState {
+                    q: q.primitive,
+                    k: k.primitive,
+                    v: v.primitive,
+                    o: o.clone(),
+                    lse,
+                    key_valid,
+                    spec,
+                };
+                prep.finish(state, o)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(o),
+        }
+    }
+
     fn accelerator_memory_used() -> Option<usize> {
         B::accelerator_memory_used()
     }

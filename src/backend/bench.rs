@@ -133,36 +133,76 @@ pub fn bench_matmul(with_burn: bool) -> Result<Vec<Record>, Error> {
     Ok(out)
 }
 
-/// Causal GQA attention forward + backward in bf16 (14 query heads, 2 KV heads, head dim 64).
+/// Causal GQA attention forward + backward in bf16 (14 query heads, 2 KV heads, head dim 64):
+/// the fused kernels the decoder uses (`attn_fwd_bwd_*`) and the composed attention with its
+/// score matrix (`attn_composed_fwd_bwd_*`).
 pub fn bench_attention() -> Result<Vec<Record>, Error> {
     let dev = device();
     let mut out = Vec::new();
     for (batch, seq) in [(8usize, 1024usize), (2, 4096)] {
         let (hq, hkv, d) = (14, 2, 64);
-        sync()?;
-        let base = device_memory_used(0)?;
-        let q = randn::<Ad, 4>([batch, hq, seq, d], DType::BF16, &dev).require_grad();
-        let k = randn::<Ad, 4>([batch, hkv, seq, d], DType::BF16, &dev).require_grad();
-        let v = randn::<Ad, 4>([batch, hkv, seq, d], DType::BF16, &dev).require_grad();
-        let mut failure = None;
-        let ms = time(2, 10, || {
-            match attention(q.clone(), k.clone(), v.clone(), AttentionOptions::default()) {
-                Ok(o) => {
-                    let _ = o.cast(DType::F32).sum().backward();
-                }
-                Err(e) => failure = Some(e),
-            }
-        })?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
         let fwd = 4.0 * (batch * hq * seq * seq * d) as f64 / 2.0;
-        out.push(Record {
-            name: format!("attn_fwd_bwd_b{batch}_s{seq}"),
-            ms,
-            tflops: 3.5 * fwd / ms / 1e9,
-            mem_gib: mem_gib(base)?,
-        });
+        for fused in [true, false] {
+            sync()?;
+            let base = device_memory_used(0)?;
+            let q = randn::<Ad, 4>([batch, hq, seq, d], DType::BF16, &dev).require_grad();
+            let k = randn::<Ad, 4>([batch, hkv, seq, d], DType::BF16, &dev).require_grad();
+            let v = randn::<Ad, 4>([batch, hkv, seq, d], DType::BF16, &dev).require_grad();
+            let mut failure = None;
+            let spec = crate::backend::FusedAttentionSpec {
+                scale: 1.0 / (d as f64).sqrt(),
+                causal: true,
+            };
+            let ms = time(2, 10, || {
+                let o = if fused {
+                    Ok(crate::backend::fused_attention(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        None,
+                        spec,
+                    ))
+                } else {
+                    attention(q.clone(), k.clone(), v.clone(), AttentionOptions::default())
+                };
+                match o {
+                    Ok(o) => {
+                        let _ = o.cast(DType::F32).sum().backward();
+                    }
+                    Err(e) => failure = Some(e),
+                }
+            })?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            let kind = if fused { "attn" } else { "attn_composed" };
+            if fused {
+                // The forward pass alone, without autodiff (what prefill and decoding run).
+                let (qi, ki, vi) = (q.clone().inner(), k.clone().inner(), v.clone().inner());
+                let fwd_ms = time(2, 10, || {
+                    let o = crate::backend::fused_attention(
+                        qi.clone(),
+                        ki.clone(),
+                        vi.clone(),
+                        None,
+                        spec,
+                    );
+                    let _ = o.sum();
+                })?;
+                out.push(Record {
+                    name: format!("attn_fwd_b{batch}_s{seq}"),
+                    ms: fwd_ms,
+                    tflops: fwd / fwd_ms / 1e9,
+                    mem_gib: mem_gib(base)?,
+                });
+            }
+            out.push(Record {
+                name: format!("{kind}_fwd_bwd_b{batch}_s{seq}"),
+                ms,
+                tflops: 3.5 * fwd / ms / 1e9,
+                mem_gib: mem_gib(base)?,
+            });
+        }
     }
     Ok(out)
 }

@@ -229,6 +229,66 @@ pub fn run_checks(dir: &Path) -> Result<(Vec<String>, bool), Error> {
             vv.grad(&grads).ok_or(missing("dv"))?,
         )?;
     }
+    // 3. Fused attention (the flash kernels in bf16): GQA, lengths off the 64-row tiles, left
+    //    padding, queries at the end of a longer key range (prefill after a cache, decoding).
+    let fused = crate::backend::fused_attention_supported::<Ad>(DType::BF16, 64)
+        && crate::backend::fused_attention_supported::<Ad>(DType::BF16, 128);
+    lines.push(format!(
+        "{} fused attention kernels in use for bf16 head dims 64 and 128",
+        if fused { "PASS" } else { "FAIL" }
+    ));
+    ok &= fused;
+    // (name, batch, heads, kv heads, q_len, k_len, head dim, left padding of batch row 1)
+    let cases = [
+        ("gqa_t100", 2, 4, 2, 100, 100, 64, 0),
+        ("pad_offset_d128", 2, 6, 2, 37, 150, 128, 20),
+        ("decode_pad", 3, 4, 4, 1, 77, 64, 9),
+        ("long_d64", 1, 14, 2, 300, 300, 64, 0),
+    ];
+    for (name, b, h, kvh, t, s, d, pad) in cases {
+        let q = randn::<Ad, 4>([b, h, t, d], DType::BF16).require_grad();
+        let k = randn::<Ad, 4>([b, kvh, s, d], DType::BF16).require_grad();
+        let vv = randn::<Ad, 4>([b, kvh, s, d], DType::BF16).require_grad();
+        let go = randn::<Ad, 4>([b, t, h, d], DType::BF16);
+        let valid: Vec<i64> = (0..b * s)
+            .map(|i| i64::from(!(i / s == 1 && i % s < pad)))
+            .collect();
+        let valid = (pad > 0).then(|| {
+            Tensor::<Ad, 2, Int>::from_data(TensorData::new(valid, [b, s]), &Default::default())
+        });
+        let spec = crate::backend::FusedAttentionSpec {
+            scale: 1.0 / (d as f64).sqrt(),
+            causal: true,
+        };
+        let o =
+            crate::backend::fused_attention(q.clone(), k.clone(), vv.clone(), valid.clone(), spec);
+        let grads = (o.clone().cast(DType::F32) * go.clone().cast(DType::F32))
+            .sum()
+            .backward();
+        let key_valid = match valid {
+            Some(m) => m.float(),
+            None => Tensor::<Ad, 2>::ones([b, s], &Default::default()),
+        };
+        dump.put(&format!("flash_{name}_q"), q.clone())?;
+        dump.put(&format!("flash_{name}_k"), k.clone())?;
+        dump.put(&format!("flash_{name}_v"), vv.clone())?;
+        dump.put(&format!("flash_{name}_valid"), key_valid)?;
+        dump.put(&format!("flash_{name}_go"), go)?;
+        dump.put(&format!("flash_{name}_o"), o)?;
+        dump.put(
+            &format!("flash_{name}_dq"),
+            q.grad(&grads).ok_or(missing("dq"))?,
+        )?;
+        dump.put(
+            &format!("flash_{name}_dk"),
+            k.grad(&grads).ok_or(missing("dk"))?,
+        )?;
+        dump.put(
+            &format!("flash_{name}_dv"),
+            vv.grad(&grads).ok_or(missing("dv"))?,
+        )?;
+    }
+
     let path = dir.join("manifest.txt");
     std::fs::write(&path, &dump.manifest).map_err(io(&path))?;
     lines.push(format!(

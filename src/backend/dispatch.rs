@@ -6,9 +6,9 @@
 
 use std::any::{Any, TypeId};
 
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorPrimitive};
 
-use crate::backend::{cross_entropy, FastOps};
+use crate::backend::{attention, cross_entropy, FastOps, FusedAttentionSpec};
 
 fn same<A: 'static, B: 'static>() -> bool {
     TypeId::of::<A>() == TypeId::of::<B>()
@@ -123,6 +123,47 @@ pub(crate) fn composed_masked_softmax<B: Backend>(
         None => scaled,
     };
     burn::tensor::activation::softmax(masked, 3)
+}
+
+fn fast_fused_attention<F: FastOps>(
+    q: Tensor<F, 4>,
+    k: Tensor<F, 4>,
+    v: Tensor<F, 4>,
+    key_valid: Option<Tensor<F, 2, Int>>,
+    spec: FusedAttentionSpec,
+) -> Tensor<F, 4> {
+    let out = F::fast_attention(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        key_valid.map(Tensor::into_primitive),
+        spec,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Attention without the score matrix (see [`FastOps::fast_attention`]): `q [b, h, t, d]`,
+/// `k`, `v [b, kvh, s, d]`, `key_valid [b, s]` (0 = padding) -> `[b, t, h, d]`. On burn-cuda
+/// in bf16 the FlashAttention-2 kernels; elsewhere the same math from burn ops.
+pub fn fused_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    key_valid: Option<Tensor<B, 2, Int>>,
+    spec: FusedAttentionSpec,
+) -> Tensor<B, 4> {
+    route!(B, fast_fused_attention, (q, k, v, key_valid, spec));
+    attention::reference_forward(q, k, v, key_valid, spec).0
+}
+
+fn fused_supported<F: FastOps>(dtype: DType, head_dim: usize) -> bool {
+    F::fused_attention_supported(dtype, head_dim)
+}
+
+/// Whether [`fused_attention`] runs a fused kernel on `B` for this element type and head size.
+pub fn fused_attention_supported<B: Backend>(dtype: DType, head_dim: usize) -> bool {
+    route!(B, fused_supported, (dtype, head_dim));
+    false
 }
 
 fn fast_gemm_2d<F: FastOps>(

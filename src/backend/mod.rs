@@ -30,7 +30,7 @@ mod dispatch;
 use burn::tensor::{
     backend::Backend,
     ops::{BoolTensor, FloatTensor, IntTensor},
-    Bool, Tensor, TensorMetadata, TensorPrimitive,
+    Bool, DType, Tensor, TensorMetadata, TensorPrimitive,
 };
 
 /// Errors of the fast-kernel layer.
@@ -50,6 +50,14 @@ pub enum Error {
         expected: String,
         got: String,
     },
+}
+
+/// The options of a fused attention call: softmax scale and causal masking, where the `t`
+/// queries are the last `t` of the `s` key positions (query `i` sees keys `0..=s - t + i`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FusedAttentionSpec {
+    pub scale: f64,
+    pub causal: bool,
 }
 
 /// Backends with fast paths for the heavy operations of a fine-tuning step. The default bodies
@@ -104,6 +112,56 @@ pub trait FastOps: Backend {
         .tensor()
     }
 
+    /// Whether [`FastOps::fast_attention`] runs a fused kernel for this element type and head
+    /// size. Where it does not, model code uses the composed attention (score matrix and
+    /// [`FastOps::fast_masked_softmax`]), which is faster on the CPU.
+    fn fused_attention_supported(_dtype: DType, _head_dim: usize) -> bool {
+        false
+    }
+
+    /// Attention that never holds the score matrix: `q [b, h, t, d]`, `k`, `v [b, kvh, s, d]`
+    /// (query head `i` reads KV head `i / (h / kvh)`), `key_valid [b, s]` (0 = padding, never
+    /// attended) -> `[b, t, h, d]`. A query that sees no key gets 0. Under `Autodiff` it is one
+    /// node that keeps q, k, v, the output and one log-sum-exp per query row.
+    fn fast_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_valid: Option<IntTensor<Self>>,
+        spec: FusedAttentionSpec,
+    ) -> FloatTensor<Self> {
+        Self::fast_attention_with_lse(q, k, v, key_valid, spec).0
+    }
+
+    /// [`FastOps::fast_attention`] and the natural-log log-sum-exp of each query row's scaled
+    /// scores, `[b, h, t]` f32 (+inf where the row sees no key). The default composes burn ops
+    /// (the reference the kernels are checked against).
+    fn fast_attention_with_lse(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_valid: Option<IntTensor<Self>>,
+        spec: FusedAttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        attention::reference_forward_primitive::<Self>(q, k, v, key_valid, spec)
+    }
+
+    /// Gradients of q, k and v from the forward's output and log-sum-exp and the output's
+    /// gradient `dout [b, t, h, d]` (probabilities recomputed, as FlashAttention-2's backward).
+    #[allow(clippy::too_many_arguments)]
+    fn fast_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        key_valid: Option<IntTensor<Self>>,
+        spec: FusedAttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        attention::reference_backward_primitive::<Self>(q, k, v, o, lse, dout, key_valid, spec)
+    }
+
     /// Bytes of accelerator memory in use (`None` on the CPU): reported in training metrics.
     fn accelerator_memory_used() -> Option<usize> {
         None
@@ -129,8 +187,8 @@ pub trait FastOps: Backend {
 }
 
 pub use dispatch::{
-    accelerator_memory_mb, linear, linear_cross_entropy, masked_softmax, matmul, matmul_2d,
-    matmul_tn,
+    accelerator_memory_mb, fused_attention, fused_attention_supported, linear,
+    linear_cross_entropy, masked_softmax, matmul, matmul_2d, matmul_tn,
 };
 
 #[cfg(test)]

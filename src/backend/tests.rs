@@ -372,3 +372,80 @@ fn attention_rejects_mismatched_heads_with_a_shape_error() {
     let err = attention(q, k.clone(), k, AttentionOptions::default()).unwrap_err();
     assert!(err.to_string().contains("q_heads 3, kv_heads 2"), "{err}");
 }
+
+#[test]
+fn fused_attention_and_its_autodiff_node_match_composed_attention_and_burns_gradients() {
+    // 5 queries at the end of 9 keys (a prefill after a cache), GQA 4/2, batch row 1 left-padded.
+    let (b, h, kvh, t, s, d) = (2, 4, 2, 5, 9, 8);
+    let dev = Default::default();
+    let q0 = rand([b, h, t, d], 11);
+    let k0 = rand([b, kvh, s, d], 12);
+    let v0 = rand([b, kvh, s, d], 13);
+    let go = rand([b, h, t, d], 14);
+    let valid: Vec<i64> = (0..b * s)
+        .map(|i| i64::from(i / s == 0 || i % s >= 2))
+        .collect();
+    let valid = Tensor::<Ad, 2, Int>::from_data(TensorData::new(valid, [b, s]), &dev);
+    let leaf = |x: &Tensor<Cpu, 4>| Tensor::<Ad, 4>::from_inner(x.clone()).require_grad();
+    let run = |fused: bool| {
+        let (q, k, v) = (leaf(&q0), leaf(&k0), leaf(&v0));
+        let out = if fused {
+            let spec = crate::backend::FusedAttentionSpec {
+                scale: 1.0 / (d as f64).sqrt(),
+                causal: true,
+            };
+            crate::backend::fused_attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(valid.clone()),
+                spec,
+            )
+            .swap_dims(1, 2)
+        } else {
+            let options = AttentionOptions {
+                causal: true,
+                key_padding: Some(valid.clone().equal_elem(0)),
+                scale: None,
+            };
+            attention(q.clone(), k.clone(), v.clone(), options).unwrap()
+        };
+        let grads = out
+            .clone()
+            .mul(Tensor::from_inner(go.clone()))
+            .sum()
+            .backward();
+        let grad = |x: &Tensor<Ad, 4>| values(x.grad(&grads).unwrap());
+        (values(out.inner()), grad(&q), grad(&k), grad(&v))
+    };
+    let (want, fused) = (run(false), run(true));
+    assert_close(fused.0, want.0, 1e-5, "output");
+    assert_close(fused.1, want.1, 1e-4, "dq");
+    assert_close(fused.2, want.2, 1e-4, "dk");
+    assert_close(fused.3, want.3, 1e-4, "dv");
+}
+
+#[test]
+fn fused_attention_gives_zero_to_a_query_that_sees_no_key() {
+    // Batch row 0 is all padding: every query there sees nothing, output and gradients are 0.
+    let (b, h, t, d) = (2, 2, 3, 4);
+    let dev = Default::default();
+    let valid =
+        Tensor::<Ad, 2, Int>::from_data(TensorData::new(vec![0i64, 0, 0, 1, 1, 1], [b, t]), &dev);
+    let q = Tensor::<Ad, 4>::from_inner(rand([b, h, t, d], 21)).require_grad();
+    let k = Tensor::<Ad, 4>::from_inner(rand([b, h, t, d], 22)).require_grad();
+    let v = Tensor::<Ad, 4>::from_inner(rand([b, h, t, d], 23)).require_grad();
+    let spec = crate::backend::FusedAttentionSpec {
+        scale: 0.5,
+        causal: true,
+    };
+    let out = crate::backend::fused_attention(q.clone(), k.clone(), v, Some(valid), spec);
+    let grads = out.clone().sum().backward();
+    let out = values(out.inner());
+    assert!(out.iter().all(|x| x.is_finite()));
+    assert!(out[..h * t * d].iter().all(|&x| x == 0.0), "{out:?}");
+    assert!(out[h * t * d..].iter().any(|&x| x != 0.0));
+    let dq = values(q.grad(&grads).unwrap());
+    assert!(dq.iter().all(|x| x.is_finite()));
+    assert!(dq[..h * t * d].iter().all(|&x| x == 0.0));
+}

@@ -125,6 +125,16 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// How the layers of one forward pass mask attention.
+enum LayerMask<B: Backend> {
+    /// The composed attention: a mask in the layout of the scores (see
+    /// [`Attention::score_mask`]), true = masked; `None` when nothing is masked.
+    Scores(Option<Tensor<B, 4, Bool>>),
+    /// The fused kernel: causal by position, plus the key padding mask `[batch, past + seq]`
+    /// (1 = real token) when there is padding.
+    Fused(Option<Tensor<B, 2, Int>>),
+}
+
 /// Grouped-query self-attention with RoPE.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -150,14 +160,12 @@ impl<B: Backend> Attention<B> {
 
     /// # Shapes
     /// - x: `[batch, seq, hidden]`; cos, sin: `[batch, 1, seq, head_dim]`
-    /// - mask: `[batch, kv_heads, rep * seq, past + seq]` (see [`Attention::score_mask`]),
-    ///   true = masked
     fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
-        mask: Option<&Tensor<B, 4, Bool>>,
+        mask: &LayerMask<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
@@ -187,14 +195,25 @@ impl<B: Backend> Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
+        let scale = 1.0 / (d as f64).sqrt();
+        let mask = match mask {
+            LayerMask::Fused(key_valid) => {
+                let spec = crate::backend::FusedAttentionSpec {
+                    scale,
+                    causal: true,
+                };
+                let out = crate::backend::fused_attention(q, k, v, key_valid.clone(), spec);
+                return self.o_proj.forward(out.reshape([b, t, h * d]));
+            }
+            LayerMask::Scores(mask) => mask,
+        };
         let rep = h / kvh;
         // The `rep` query heads that read one KV head (HF's repeat_kv) become extra rows of one
         // product with that head's keys: `[b, kvh, rep * t, d]`, no copies of K and V.
         let q = q.reshape([b, kvh, rep * t, d]);
         let scores = grouped_matmul(q, k, true);
-        let scale = 1.0 / (d as f64).sqrt();
         let probs =
-            crate::backend::masked_softmax(scores, mask.cloned(), scale, MASKED_SCORE as f64);
+            crate::backend::masked_softmax(scores, mask.clone(), scale, MASKED_SCORE as f64);
         let out = grouped_matmul(probs, v, false).reshape([b, h, t, d]);
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
@@ -300,27 +319,34 @@ impl<B: Backend> CausalLm<B> {
             (None, Some(new)) => Some(new),
             (Some(old), Some(new)) => Some(Tensor::cat(vec![old, new], 1)),
         };
-        // Query i (absolute past + i) sees key j iff j <= past + i.
-        let causal = (t > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([t, s], past as i64, &device));
-        let mask = match (causal, &key_mask) {
-            (None, None) => None,
-            (Some(c), None) => Some(c.reshape([1, 1, t, s])),
-            (c, Some(k)) => {
-                let pad = k
-                    .clone()
-                    .bool_not()
-                    .reshape([b, 1, 1, s])
-                    .expand([b, 1, t, s]);
-                Some(match c {
-                    Some(c) => pad.bool_or(c.reshape([1, 1, t, s]).expand([b, 1, t, s])),
-                    None => pad,
-                })
-            }
-        };
-        // Built once for all layers: each layer's softmax keeps it for its backward pass.
-        let mask = match (mask, self.model.layers.first()) {
-            (Some(m), Some(layer)) => Some(layer.self_attn.score_mask(m, b)),
-            _ => None,
+        let fused =
+            crate::backend::fused_attention_supported::<B>(embeds.dtype(), self.config.head_dim);
+        let mask = if fused {
+            LayerMask::Fused(key_mask.clone().map(|m| m.int()))
+        } else {
+            // Query i (absolute past + i) sees key j iff j <= past + i.
+            let causal =
+                (t > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([t, s], past as i64, &device));
+            let mask = match (causal, &key_mask) {
+                (None, None) => None,
+                (Some(c), None) => Some(c.reshape([1, 1, t, s])),
+                (c, Some(k)) => {
+                    let pad = k
+                        .clone()
+                        .bool_not()
+                        .reshape([b, 1, 1, s])
+                        .expand([b, 1, t, s]);
+                    Some(match c {
+                        Some(c) => pad.bool_or(c.reshape([1, 1, t, s]).expand([b, 1, t, s])),
+                        None => pad,
+                    })
+                }
+            };
+            // Built once for all layers: each layer's softmax keeps it for its backward pass.
+            LayerMask::Scores(match (mask, self.model.layers.first()) {
+                (Some(m), Some(layer)) => Some(layer.self_attn.score_mask(m, b)),
+                _ => None,
+            })
         };
         let (cos, sin) = self.rope.cos_sin(positions);
         let mut x = embeds;
@@ -330,7 +356,7 @@ impl<B: Backend> CausalLm<B> {
                 layer.input_layernorm.forward(x.clone()),
                 &cos,
                 &sin,
-                mask.as_ref(),
+                &mask,
                 slot,
             );
             x = x.add(h);

@@ -8,15 +8,20 @@
 //! vendor/cubecl-cuda/RUNNER_PATCH.md), so it runs in order with cubecl's kernels and the host
 //! never waits.
 
-use burn::tensor::{ops::FloatTensor, DType, Shape};
+use burn::tensor::{
+    ops::{FloatTensor, IntTensor},
+    DType, Shape, TensorMetadata,
+};
 use burn_cubecl::{
     element::BoolElement, kernel::into_contiguous, tensor::CubeTensor, CubeBackend, FloatElement,
     IntElement,
 };
 use cubecl::cuda::CudaRuntime;
 
+use crate::backend::attention::{reference_backward_primitive, reference_forward_primitive};
 use crate::backend::cuda::cublas::{self, Gemm, GemmDtype, Operand};
-use crate::backend::{Error, FastOps};
+use crate::backend::cuda::flash;
+use crate::backend::{Error, FastOps, FusedAttentionSpec};
 
 type Cube<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
 
@@ -176,9 +181,66 @@ fn log_fallback(err: &Error) {
     }
 }
 
+fn log_attention_fallback(err: &Error) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!("runner backend: fused attention kernel failed, using composed ops ({err})");
+    }
+}
+
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT> {
     fn accelerator_memory_used() -> Option<usize> {
         super::device_memory_used(0).ok()
+    }
+
+    fn fused_attention_supported(dtype: DType, head_dim: usize) -> bool {
+        flash::available(dtype, head_dim)
+    }
+
+    fn fast_attention_with_lse(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_valid: Option<IntTensor<Self>>,
+        spec: FusedAttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if flash::available(q.dtype, q.shape()[3]) {
+            match flash::forward(q.clone(), k.clone(), v.clone(), key_valid.clone(), spec) {
+                Ok(out) => return out,
+                Err(e) => log_attention_fallback(&e),
+            }
+        }
+        reference_forward_primitive::<Self>(q, k, v, key_valid, spec)
+    }
+
+    fn fast_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        key_valid: Option<IntTensor<Self>>,
+        spec: FusedAttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if flash::available(q.dtype, q.shape()[3]) && dout.dtype == DType::BF16 {
+            let run = flash::backward::<F, I, BT>(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                o.clone(),
+                lse.clone(),
+                dout.clone(),
+                key_valid.clone(),
+                spec,
+            );
+            match run {
+                Ok(grads) => return grads,
+                Err(e) => log_attention_fallback(&e),
+            }
+        }
+        reference_backward_primitive::<Self>(q, k, v, o, lse, dout, key_valid, spec)
     }
 
     fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -1,10 +1,12 @@
-//! burn-cuda glue for the fast kernels: cuBLAS GEMMs on cubecl tensor memory, for the
+//! burn-cuda glue for the fast kernels: cuBLAS GEMMs and the flash-attention kernels
+//! (`flash_attention.cu`, compiled by NVRTC) on cubecl tensor memory, for the
 //! plain `CubeBackend<CudaRuntime, ..>` and for its `Fusion` wrapper (burn-cuda's default).
 //!
 //! Reference: `crate::backend` docs; burn `examples/custom-cubecl-kernel`.
 
 mod cube;
 pub mod cublas;
+pub mod flash;
 mod fusion;
 
 pub use cube::cublas_matmul;

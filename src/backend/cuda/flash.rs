@@ -1,0 +1,517 @@
+//! Fused attention on burn-cuda tensors: the FlashAttention-2 kernels of `flash_attention.cu`,
+//! compiled once per process by NVRTC for the device's architecture and queued on cubecl's
+//! stream like the cuBLAS GEMMs (see `cube.rs`). bf16 operands, head dim 64 or 128, sm_80+.
+//!
+//! The forward pass keeps the log-sum-exp of every query row (f32) instead of the score matrix;
+//! the backward pass recomputes the probabilities tile by tile from it.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Mutex, OnceLock};
+
+use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::{
+    element::BoolElement, kernel::into_contiguous, tensor::CubeTensor, CubeBackend, FloatElement,
+    IntElement,
+};
+use cubecl::cuda::CudaRuntime;
+use cudarc::driver::{result as drv, sys as drv_sys};
+
+use crate::backend::{Error, FusedAttentionSpec};
+
+const SOURCE: &str = include_str!("flash_attention.cu");
+const THREADS: u32 = 128;
+const TILE: usize = 64;
+
+/// Head sizes the kernels are instantiated for.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+struct Kernels {
+    fwd: [drv_sys::CUfunction; 2],
+    bwd: [drv_sys::CUfunction; 2],
+}
+
+// SAFETY: CUfunction handles are plain driver handles, valid in every thread of the process.
+unsafe impl Send for Kernels {}
+
+fn fwd_smem(d: usize) -> usize {
+    3 * TILE * (d + 8) * 2 + TILE * 4
+}
+
+fn bwd_smem(d: usize) -> usize {
+    4 * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 3 * TILE * 4
+}
+
+fn drv_err(call: &'static str) -> impl Fn(drv::DriverError) -> Error {
+    move |e| Error::Cuda {
+        call,
+        detail: format!("{e:?}"),
+    }
+}
+
+fn load(ordinal: usize) -> Result<Kernels, Error> {
+    crate::backend::cuda::cublas::with_state(ordinal, |_| {
+        // SAFETY: plain attribute queries on a valid device ordinal.
+        let (major, minor) = unsafe {
+            let dev = drv::device::get(ordinal as i32).map_err(drv_err("cuDeviceGet"))?;
+            (
+                drv::device::get_attribute(
+                    dev,
+                    drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                )
+                .map_err(drv_err("cuDeviceGetAttribute"))?,
+                drv::device::get_attribute(
+                    dev,
+                    drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                )
+                .map_err(drv_err("cuDeviceGetAttribute"))?,
+            )
+        };
+        if major < 8 {
+            return Err(Error::Cuda {
+                call: "flash attention",
+                detail: format!(
+                    "needs compute capability 8.0 or newer, the device has {major}.{minor}"
+                ),
+            });
+        }
+        let mut flags = vec![
+            format!("--gpu-architecture=compute_{major}{minor}"),
+            "-std=c++17".into(),
+        ];
+        // Extra NVRTC flags, for measuring (e.g. `--use_fast_math`).
+        if let Ok(extra) = std::env::var("RUNNER_FLASH_NVRTC_FLAGS") {
+            flags.extend(extra.split_whitespace().map(String::from));
+        }
+        let options = cudarc::nvrtc::CompileOptions {
+            options: flags,
+            name: Some("flash_attention.cu".into()),
+            ..Default::default()
+        };
+        let ptx =
+            cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options).map_err(|e| Error::Cuda {
+                call: "nvrtcCompileProgram (flash_attention.cu)",
+                detail: format!("{e:?}"),
+            })?;
+        let image = CString::new(ptx.to_src()).map_err(|_| Error::Cuda {
+            call: "nvrtcGetPTX",
+            detail: "PTX with an interior NUL".into(),
+        })?;
+        // SAFETY: `image` is a NUL-terminated PTX module for the bound context's device.
+        let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }
+            .map_err(drv_err("cuModuleLoadData"))?;
+        let function = |name: String, smem: usize| -> Result<drv_sys::CUfunction, Error> {
+            let cname = CString::new(name).expect("kernel names have no NUL");
+            // SAFETY: the module stays loaded for the life of the process.
+            let f = unsafe { drv::module::get_function(module, cname) }
+                .map_err(drv_err("cuModuleGetFunction"))?;
+            // SAFETY: raising the dynamic shared memory limit of a valid function.
+            unsafe {
+                drv::function::set_function_attribute(
+                    f,
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+            }
+            .map_err(drv_err("cuFuncSetAttribute"))?;
+            Ok(f)
+        };
+        Ok(Kernels {
+            fwd: [
+                function("runner_flash_fwd_d64".into(), fwd_smem(64))?,
+                function("runner_flash_fwd_d128".into(), fwd_smem(128))?,
+            ],
+            bwd: [
+                function("runner_flash_bwd_d64".into(), bwd_smem(64))?,
+                function("runner_flash_bwd_d128".into(), bwd_smem(128))?,
+            ],
+        })
+    })
+}
+
+type Loaded = Result<Kernels, String>;
+
+static KERNELS: OnceLock<Mutex<HashMap<usize, Loaded>>> = OnceLock::new();
+
+/// Runs `f` with the kernels of device `ordinal`, compiling them on first use.
+fn with_kernels<T>(
+    ordinal: usize,
+    f: impl FnOnce(&Kernels) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let all = KERNELS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut guard = all.lock().map_err(|_| Error::Poisoned)?;
+    let entry = guard
+        .entry(ordinal)
+        .or_insert_with(|| load(ordinal).map_err(|e| e.to_string()));
+    match entry {
+        Ok(k) => f(k),
+        Err(e) => Err(Error::Cuda {
+            call: "flash attention kernels",
+            detail: e.clone(),
+        }),
+    }
+}
+
+/// Whether the fused kernels run here for `dtype` and `head_dim` (compiles them on first ask;
+/// a failure is reported once and the caller uses the composed attention).
+pub fn available(dtype: DType, head_dim: usize) -> bool {
+    if dtype != DType::BF16 || !HEAD_DIMS.contains(&head_dim) {
+        return false;
+    }
+    if std::env::var("RUNNER_FUSED_ATTENTION").is_ok_and(|v| v.trim() == "0") {
+        return false;
+    }
+    match with_kernels(0, |_| Ok(())) {
+        Ok(()) => true,
+        Err(e) => {
+            warn_once(&e);
+            false
+        }
+    }
+}
+
+fn warn_once(err: &Error) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!("runner backend: fused attention unavailable, using composed attention ({err})");
+    }
+}
+
+type Cube<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
+type CT = CubeTensor<CudaRuntime>;
+
+/// A rank-4 bf16 tensor the kernels can address: last axis contiguous, rows 16-byte aligned.
+fn addressable(t: CT) -> CT {
+    let ok = {
+        let strides = t.meta.strides();
+        strides[3] == 1 && strides[..3].iter().all(|s| s % 8 == 0)
+    };
+    if ok {
+        t
+    } else {
+        // A fresh contiguous copy (`into_contiguous` returns contiguous tensors untouched).
+        into_contiguous(t)
+    }
+}
+
+fn strides3(t: &CT) -> [i64; 3] {
+    let s = t.meta.strides();
+    [s[0] as i64, s[1] as i64, s[2] as i64]
+}
+
+fn shape_err(what: &'static str, expected: String, got: String) -> Error {
+    Error::Shape {
+        op: "fused attention",
+        what,
+        expected,
+        got,
+    }
+}
+
+struct Dims {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    k_len: usize,
+    head_dim: usize,
+}
+
+fn dims(q: &CT, k: &CT, v: &CT) -> Result<Dims, Error> {
+    let (qs, ks, vs) = (q.meta.shape(), k.meta.shape(), v.meta.shape());
+    let d = Dims {
+        batch: qs[0],
+        heads: qs[1],
+        kv_heads: ks[1],
+        q_len: qs[2],
+        k_len: ks[2],
+        head_dim: qs[3],
+    };
+    if ks[0] != d.batch || ks[3] != d.head_dim || ks != vs {
+        return Err(shape_err(
+            "k/v shape",
+            format!("[{}, kv_heads, k_len, {}] for both", d.batch, d.head_dim),
+            format!("k {:?}, v {:?}", ks, vs),
+        ));
+    }
+    if d.kv_heads == 0 || !d.heads.is_multiple_of(d.kv_heads) || d.k_len < d.q_len || d.q_len == 0 {
+        return Err(shape_err(
+            "heads / lengths",
+            "q_heads a multiple of kv_heads, 0 < q_len <= k_len".into(),
+            format!("q {:?}, k {:?}", qs, ks),
+        ));
+    }
+    Ok(d)
+}
+
+fn empty(like: &CT, shape: Vec<usize>, dtype: DType) -> CT {
+    let bytes = shape.iter().product::<usize>() * dtype.size();
+    let handle = like.client.empty(bytes);
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape),
+        handle,
+        dtype,
+    )
+}
+
+/// Launch arguments, 8 bytes each; `pointers` is taken once all are pushed (no reallocation
+/// after it), and the driver reads each parameter's own size from its slot.
+#[derive(Default)]
+struct Args(Vec<[u8; 8]>);
+
+impl Args {
+    fn ptr(&mut self, p: u64) -> &mut Self {
+        self.0.push(p.to_le_bytes());
+        self
+    }
+    fn i64(&mut self, v: i64) -> &mut Self {
+        self.0.push(v.to_le_bytes());
+        self
+    }
+    fn i32(&mut self, v: i32) -> &mut Self {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&v.to_le_bytes());
+        self.0.push(b);
+        self
+    }
+    fn f32(&mut self, v: f32) -> &mut Self {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&v.to_le_bytes());
+        self.0.push(b);
+        self
+    }
+    fn pointers(&mut self) -> Vec<*mut c_void> {
+        self.0
+            .iter_mut()
+            .map(|b| b.as_mut_ptr() as *mut c_void)
+            .collect()
+    }
+}
+
+fn int(v: usize, what: &'static str) -> Result<i32, Error> {
+    i32::try_from(v).map_err(|_| shape_err(what, "at most i32::MAX".into(), v.to_string()))
+}
+
+/// Queues `kernel` on the stream of the last tensor (an output, whose stream `get_resource` made
+/// wait for the writers of the others), with arguments built from the tensors' device pointers.
+fn launch(
+    ordinal: usize,
+    tensors: &[&CT],
+    kernel: impl FnOnce(&Kernels) -> drv_sys::CUfunction,
+    grid: (u32, u32, u32),
+    smem: usize,
+    args: impl FnOnce(&[u64]) -> Args,
+) -> Result<(), Error> {
+    let mut resources = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        resources.push(
+            t.client
+                .get_resource(t.handle.clone())
+                .map_err(|e| Error::Cuda {
+                    call: "cubecl get_resource",
+                    detail: format!("{e:?}"),
+                })?,
+        );
+    }
+    let ptrs: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
+    let stream = resources
+        .last()
+        .map(|r| r.resource().stream)
+        .expect("at least one tensor");
+    let mut args = args(&ptrs);
+    let mut params = args.pointers();
+    let result = with_kernels(ordinal, |k| {
+        let f = kernel(k);
+        // SAFETY: the argument list matches the kernel's signature (see flash_attention.cu);
+        // the pointers are live cubecl allocations, ordered on `stream` as in `cube.rs`.
+        unsafe { drv::launch_kernel(f, grid, (THREADS, 1, 1), smem as u32, stream, &mut params) }
+            .map_err(drv_err("cuLaunchKernel (flash attention)"))
+    });
+    drop(resources);
+    result
+}
+
+fn kernel_index(head_dim: usize) -> usize {
+    usize::from(head_dim == 128)
+}
+
+fn check_mask(mask: Option<CT>, d: &Dims) -> Result<Option<CT>, Error> {
+    let mask = mask.map(into_contiguous);
+    if let Some(m) = &mask {
+        if m.dtype != DType::I32 || m.meta.shape().to_vec() != vec![d.batch, d.k_len] {
+            return Err(shape_err(
+                "key mask",
+                format!("i32 [{}, {}]", d.batch, d.k_len),
+                format!("{:?} {:?}", m.dtype, m.meta.shape()),
+            ));
+        }
+    }
+    Ok(mask)
+}
+
+/// `(o [b, t, h, d], lse [b, h, t] f32)` for bf16 `q [b, h, t, d]`, `k`, `v [b, kvh, s, d]`;
+/// `key_valid [b, s]` i32 (0 = never attend).
+pub fn forward(
+    q: CT,
+    k: CT,
+    v: CT,
+    key_valid: Option<CT>,
+    spec: FusedAttentionSpec,
+) -> Result<(CT, CT), Error> {
+    let d = dims(&q, &k, &v)?;
+    let (q, k, v) = (addressable(q), addressable(k), addressable(v));
+    let key_valid = check_mask(key_valid, &d)?;
+    let o = empty(&q, vec![d.batch, d.q_len, d.heads, d.head_dim], DType::BF16);
+    let lse = empty(&q, vec![d.batch, d.heads, d.q_len], DType::F32);
+    let rows = d.heads / d.kv_heads * d.q_len;
+    let grid = (
+        int(rows.div_ceil(TILE), "query tiles")? as u32,
+        d.kv_heads as u32,
+        d.batch as u32,
+    );
+    let (qs, ks, vs) = (strides3(&q), strides3(&k), strides3(&v));
+    // o is [b, t, h, d]: its batch, head and position strides.
+    let os = [
+        (d.q_len * d.heads * d.head_dim) as i64,
+        d.head_dim as i64,
+        (d.heads * d.head_dim) as i64,
+    ];
+    let sizes = [
+        int(d.heads, "heads")?,
+        int(d.kv_heads, "kv heads")?,
+        int(d.q_len, "q_len")?,
+        int(d.k_len, "k_len")?,
+    ];
+    let mut tensors: Vec<&CT> = vec![&q, &k, &v, &lse];
+    if let Some(m) = &key_valid {
+        tensors.push(m);
+    }
+    tensors.push(&o);
+    let has_mask = key_valid.is_some();
+    let idx = kernel_index(d.head_dim);
+    launch(
+        q.device.index,
+        &tensors,
+        |kern| kern.fwd[idx],
+        grid,
+        fwd_smem(d.head_dim),
+        |p| {
+            let mask = if has_mask { p[4] } else { 0 };
+            let mut a = Args::default();
+            a.ptr(p[0])
+                .ptr(p[1])
+                .ptr(p[2])
+                .ptr(*p.last().unwrap())
+                .ptr(p[3])
+                .ptr(mask);
+            for v in sizes {
+                a.i32(v);
+            }
+            for v in qs.into_iter().chain(ks).chain(vs).chain(os) {
+                a.i64(v);
+            }
+            a.f32(spec.scale as f32).i32(i32::from(spec.causal));
+            a
+        },
+    )?;
+    Ok((o, lse))
+}
+
+/// Gradients `(dq, dk, dv)`, shaped and typed as `q`, `k`, `v`, from the forward's `o` and `lse`
+/// and the output gradient `dout [b, t, h, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
+    q: CT,
+    k: CT,
+    v: CT,
+    o: CT,
+    lse: CT,
+    dout: CT,
+    key_valid: Option<CT>,
+    spec: FusedAttentionSpec,
+) -> Result<(CT, CT, CT), Error> {
+    let d = dims(&q, &k, &v)?;
+    let (q, k, v) = (addressable(q), addressable(k), addressable(v));
+    let key_valid = check_mask(key_valid, &d)?;
+    let dout = addressable(dout);
+    let lse = into_contiguous(lse);
+    // delta = rowsum(dO * O) per query row, [b, h, t] f32 (burn's fused kernels).
+    let float4 = |t: CT| Tensor::<Cube<F, I, BT>, 4>::from_primitive(TensorPrimitive::Float(t));
+    let delta = (float4(dout.clone()).cast(FloatDType::F32) * float4(o).cast(FloatDType::F32))
+        .sum_dim(3)
+        .reshape([d.batch, d.q_len, d.heads])
+        .swap_dims(1, 2)
+        .into_primitive()
+        .tensor();
+    let delta = into_contiguous(delta);
+    let dq_acc =
+        Tensor::<Cube<F, I, BT>, 4>::zeros([d.batch, d.heads, d.q_len, d.head_dim], &q.device)
+            .cast(FloatDType::F32)
+            .into_primitive()
+            .tensor();
+    let dk = empty(
+        &q,
+        vec![d.batch, d.kv_heads, d.k_len, d.head_dim],
+        DType::BF16,
+    );
+    let dv = empty(
+        &q,
+        vec![d.batch, d.kv_heads, d.k_len, d.head_dim],
+        DType::BF16,
+    );
+    let grid = (
+        int(d.k_len.div_ceil(TILE), "key tiles")? as u32,
+        d.kv_heads as u32,
+        d.batch as u32,
+    );
+    let (qs, ks, vs) = (strides3(&q), strides3(&k), strides3(&v));
+    // dout is [b, t, h, d] (possibly strided): batch, head and position strides.
+    let ds = {
+        let s = dout.meta.strides();
+        [s[0] as i64, s[2] as i64, s[1] as i64]
+    };
+    let sizes = [
+        int(d.heads, "heads")?,
+        int(d.kv_heads, "kv heads")?,
+        int(d.q_len, "q_len")?,
+        int(d.k_len, "k_len")?,
+    ];
+    let mut tensors: Vec<&CT> = vec![&q, &k, &v, &dout, &lse, &delta, &dq_acc, &dk];
+    if let Some(m) = &key_valid {
+        tensors.push(m);
+    }
+    tensors.push(&dv);
+    let has_mask = key_valid.is_some();
+    let idx = kernel_index(d.head_dim);
+    launch(
+        q.device.index,
+        &tensors,
+        |kern| kern.bwd[idx],
+        grid,
+        bwd_smem(d.head_dim),
+        |p| {
+            let mask = if has_mask { p[8] } else { 0 };
+            let mut a = Args::default();
+            for &ptr in &p[..6] {
+                a.ptr(ptr);
+            }
+            a.ptr(mask).ptr(p[6]).ptr(p[7]).ptr(*p.last().unwrap());
+            for v in sizes {
+                a.i32(v);
+            }
+            for v in qs.into_iter().chain(ks).chain(vs).chain(ds) {
+                a.i64(v);
+            }
+            a.f32(spec.scale as f32).i32(i32::from(spec.causal));
+            a
+        },
+    )?;
+    let dq = Tensor::<Cube<F, I, BT>, 4>::from_primitive(TensorPrimitive::Float(dq_acc))
+        .cast(FloatDType::BF16)
+        .into_primitive()
+        .tensor();
+    Ok((dq, dk, dv))
+}
