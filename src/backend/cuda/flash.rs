@@ -35,7 +35,7 @@ struct Kernels {
 unsafe impl Send for Kernels {}
 
 fn fwd_smem(d: usize) -> usize {
-    3 * TILE * (d + 8) * 2 + TILE * 4
+    5 * TILE * (d + 8) * 2 + 2 * TILE * 4
 }
 
 fn bwd_smem(d: usize) -> usize {
@@ -447,24 +447,19 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         .into_primitive()
         .tensor();
     let delta = into_contiguous(delta);
-    let dq_acc =
-        Tensor::<Cube<F, I, BT>, 4>::zeros([d.batch, d.heads, d.q_len, d.head_dim], &q.device)
+    let zeros = |shape: [usize; 4]| {
+        Tensor::<Cube<F, I, BT>, 4>::zeros(shape, &q.device)
             .cast(FloatDType::F32)
             .into_primitive()
-            .tensor();
-    let dk = empty(
-        &q,
-        vec![d.batch, d.kv_heads, d.k_len, d.head_dim],
-        DType::BF16,
-    );
-    let dv = empty(
-        &q,
-        vec![d.batch, d.kv_heads, d.k_len, d.head_dim],
-        DType::BF16,
-    );
+            .tensor()
+    };
+    // f32 accumulators: dQ over key tiles, dK and dV over the query heads of a KV head.
+    let dq_acc = zeros([d.batch, d.heads, d.q_len, d.head_dim]);
+    let dk_acc = zeros([d.batch, d.kv_heads, d.k_len, d.head_dim]);
+    let dv_acc = zeros([d.batch, d.kv_heads, d.k_len, d.head_dim]);
     let grid = (
         int(d.k_len.div_ceil(TILE), "key tiles")? as u32,
-        d.kv_heads as u32,
+        d.heads as u32,
         d.batch as u32,
     );
     let (qs, ks, vs) = (strides3(&q), strides3(&k), strides3(&v));
@@ -479,11 +474,11 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         int(d.q_len, "q_len")?,
         int(d.k_len, "k_len")?,
     ];
-    let mut tensors: Vec<&CT> = vec![&q, &k, &v, &dout, &lse, &delta, &dq_acc, &dk];
+    let mut tensors: Vec<&CT> = vec![&q, &k, &v, &dout, &lse, &delta, &dq_acc, &dk_acc];
     if let Some(m) = &key_valid {
         tensors.push(m);
     }
-    tensors.push(&dv);
+    tensors.push(&dv_acc);
     let has_mask = key_valid.is_some();
     let idx = kernel_index(d.head_dim);
     launch(
@@ -509,9 +504,11 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
             a
         },
     )?;
-    let dq = Tensor::<Cube<F, I, BT>, 4>::from_primitive(TensorPrimitive::Float(dq_acc))
-        .cast(FloatDType::BF16)
-        .into_primitive()
-        .tensor();
-    Ok((dq, dk, dv))
+    let to_bf16 = |t: CT| {
+        Tensor::<Cube<F, I, BT>, 4>::from_primitive(TensorPrimitive::Float(t))
+            .cast(FloatDType::BF16)
+            .into_primitive()
+            .tensor()
+    };
+    Ok((to_bf16(dq_acc), to_bf16(dk_acc), to_bf16(dv_acc)))
 }

@@ -82,6 +82,27 @@ __device__ __forceinline__ void load_b_kn(u32* b, const bf16_t* tile, int ld, in
     ldsm_x4_t(b, tile + (k0 + (m & 1) * 8 + i) * ld + n0 + (m >> 1) * 8);
 }
 
+// 16 bytes global -> shared without passing through registers; zeros when !valid.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// Queues the copy of a 64 x D tile (rows past `rows_here` zero) with cp.async.
+template <int D, typename RowPtr>
+__device__ __forceinline__ void load_tile_async(bf16_t* tile, int rows_here, RowPtr row_ptr) {
+    const int LD = D + 8;
+    const int vecs = D / 8;
+    for (int idx = threadIdx.x; idx < BLOCK_ROWS * vecs; idx += THREADS) {
+        int r = idx / vecs, c = (idx % vecs) * 8;
+        bool valid = r < rows_here;
+        cp_async16(tile + r * LD + c, valid ? row_ptr(r) + c : row_ptr(0), valid);
+    }
+}
+
 // Copies rows [row0, row0 + 64) x D of a strided bf16 tensor into shared memory (zeros past
 // `rows`); `row_ptr(r)` gives the global address of row r.
 template <int D, typename RowPtr>
@@ -106,10 +127,10 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                     i64 osb, i64 osh, i64 ost, float scale, int causal) {
     const int LD = D + 8;
     extern __shared__ uint4 smem_raw[];
+    // Q, then two buffers of (K, V): the next tile streams in while this one is used.
     bf16_t* sQ = reinterpret_cast<bf16_t*>(smem_raw);
-    bf16_t* sK = sQ + BLOCK_ROWS * LD;
-    bf16_t* sV = sK + BLOCK_KEYS * LD;
-    int* sValid = reinterpret_cast<int*>(sV + BLOCK_KEYS * LD);
+    bf16_t* sKV = sQ + BLOCK_ROWS * LD;
+    int* sValid = reinterpret_cast<int*>(sKV + 4 * BLOCK_KEYS * LD);
 
     const int b = blockIdx.z, kvh = blockIdx.y;
     const int rep = H / KVH;
@@ -148,16 +169,31 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
 
     const bf16_t* kb = k + b * ksb + kvh * ksh;
     const bf16_t* vb = v + b * vsb + kvh * vsh;
-    for (int key0 = 0; key0 < kv_end; key0 += BLOCK_KEYS) {
-        __syncthreads();
+    auto issue = [&](int key0, int buf) {
         const int keys_here = min(BLOCK_KEYS, S - key0);
-        load_tile<D>(sK, keys_here, [&](int r) { return kb + (i64)(key0 + r) * kss; });
-        load_tile<D>(sV, keys_here, [&](int r) { return vb + (i64)(key0 + r) * vss; });
+        bf16_t* dK = sKV + buf * 2 * BLOCK_KEYS * LD;
+        load_tile_async<D>(dK, keys_here, [&](int r) { return kb + (i64)(key0 + r) * kss; });
+        load_tile_async<D>(dK + BLOCK_KEYS * LD, keys_here,
+                           [&](int r) { return vb + (i64)(key0 + r) * vss; });
+        cp_async_commit();
         if (threadIdx.x < BLOCK_KEYS) {
             int key = key0 + threadIdx.x;
-            sValid[threadIdx.x] = key < S && (key_valid == 0 || key_valid[(i64)b * S + key] != 0);
+            sValid[buf * BLOCK_KEYS + threadIdx.x] =
+                key < S && (key_valid == 0 || key_valid[(i64)b * S + key] != 0);
+        }
+    };
+    if (kv_end > 0) issue(0, 0);
+    for (int key0 = 0, buf = 0; key0 < kv_end; key0 += BLOCK_KEYS, buf ^= 1) {
+        if (key0 + BLOCK_KEYS < kv_end) {
+            issue(key0 + BLOCK_KEYS, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const bf16_t* sK = sKV + buf * 2 * BLOCK_KEYS * LD;
+        const bf16_t* sV = sK + BLOCK_KEYS * LD;
+        const int* tValid = sValid + buf * BLOCK_KEYS;
 
         float s[8][4];
 #pragma unroll
@@ -182,7 +218,7 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                 for (int e = 0; e < 4; e++) {
                     int c = nt * 8 + 2 * t4 + (e & 1);
                     int pos = e < 2 ? posA : posB;
-                    bool visible = sValid[c] && (!causal || key0 + c <= pos + offset);
+                    bool visible = tValid[c] && (!causal || key0 + c <= pos + offset);
                     if (!visible) s[nt][e] = -INF;
                 }
             }
@@ -240,6 +276,7 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                 mma(acc[dt + 1], pa, bf[2], bf[3]);
             }
         }
+        __syncthreads();  // this buffer is refilled by the next iteration's prefetch
     }
 
 #pragma unroll
@@ -268,16 +305,17 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
     }
 }
 
-// Backward. Grid: (ceil(S / 64), KVH, B); each block owns 64 keys of one KV head, sweeps the
-// query tiles of the rep query heads that read it, keeps dK and dV in registers and adds dQ
-// (scaled) into the f32 buffer dq_acc [B, H, T, D] with atomics.
-// delta [B, H, T] = rowsum(dO * O); dk, dv are contiguous [B, KVH, S, D].
+// Backward. Grid: (ceil(S / 64), H, B); each block owns 64 keys of the KV head that query head
+// blockIdx.y reads, sweeps that query head's tiles, keeps its share of dK and dV in registers
+// and adds it to the f32 buffers dk_acc, dv_acc [B, KVH, S, D] (the rep query heads of a KV
+// head meet there), and adds dQ (scaled) into dq_acc [B, H, T, D]; all with atomics.
+// delta [B, H, T] = rowsum(dO * O).
 template <int D>
 __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                     const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
                     const float* __restrict__ lse, const float* __restrict__ delta,
                     const int* __restrict__ key_valid, float* __restrict__ dq_acc,
-                    bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, int H, int KVH, int T, int S,
+                    float* __restrict__ dk_acc, float* __restrict__ dv_acc, int H, int KVH, int T, int S,
                     i64 qsb, i64 qsh, i64 qst, i64 ksb, i64 ksh, i64 kss, i64 vsb, i64 vsh, i64 vss,
                     i64 dsb, i64 dsh, i64 dst, float scale, int causal) {
     const int LD = D + 8;
@@ -292,8 +330,9 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
     float* sDelta = sLse + BLOCK_ROWS;
     int* sValid = reinterpret_cast<int*>(sDelta + BLOCK_ROWS);
 
-    const int b = blockIdx.z, kvh = blockIdx.y;
+    const int b = blockIdx.z, h = blockIdx.y;
     const int rep = H / KVH;
+    const int kvh = h / rep;
     const int key0 = blockIdx.x * BLOCK_KEYS;
     const int offset = S - T;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -320,8 +359,7 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
     // The first query position that sees any key of this block.
     const int q_start = causal ? max(0, key0 - offset) : 0;
 
-    for (int hh = 0; hh < rep; hh++) {
-        const int h = kvh * rep + hh;
+    {
         const bf16_t* qh = q + b * qsb + (i64)h * qsh;
         const bf16_t* dh = dout + b * dsb + (i64)h * dsh;
         const i64 stat0 = ((i64)b * H + h) * T;
@@ -438,12 +476,14 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
     for (int half = 0; half < 2; half++) {
         int key = key0 + kA + half * 8;
         if (key >= S) continue;
+        float* dk_row = dk_acc + (kv0 + key) * D;
+        float* dv_row = dv_acc + (kv0 + key) * D;
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++) {
-            *reinterpret_cast<u32*>(dk + (kv0 + key) * D + dt * 8 + 2 * t4) =
-                pack_bf16(dK[dt][2 * half] * scale, dK[dt][2 * half + 1] * scale);
-            *reinterpret_cast<u32*>(dv + (kv0 + key) * D + dt * 8 + 2 * t4) =
-                pack_bf16(dV[dt][2 * half], dV[dt][2 * half + 1]);
+            atomicAdd(dk_row + dt * 8 + 2 * t4, dK[dt][2 * half] * scale);
+            atomicAdd(dk_row + dt * 8 + 2 * t4 + 1, dK[dt][2 * half + 1] * scale);
+            atomicAdd(dv_row + dt * 8 + 2 * t4, dV[dt][2 * half]);
+            atomicAdd(dv_row + dt * 8 + 2 * t4 + 1, dV[dt][2 * half + 1]);
         }
     }
 }
@@ -461,7 +501,7 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
 #define BWD_ENTRY(DIM)                                                                          \
     extern "C" __global__ void __launch_bounds__(THREADS) runner_flash_bwd_d##DIM(              \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse, \
-        const float* delta, const int* key_valid, float* dq_acc, bf16_t* dk, bf16_t* dv, int H, \
+        const float* delta, const int* key_valid, float* dq_acc, float* dk, float* dv, int H,   \
         int KVH, int T, int S, i64 qsb, i64 qsh, i64 qst, i64 ksb, i64 ksh, i64 kss, i64 vsb,    \
         i64 vsh, i64 vss, i64 dsb, i64 dsh, i64 dst, float scale, int causal) {                 \
         bwd<DIM>(q, k, v, dout, lse, delta, key_valid, dq_acc, dk, dv, H, KVH, T, S, qsb, qsh,  \
