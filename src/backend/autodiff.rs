@@ -142,6 +142,63 @@ impl<B: FastOps> Backward<B, 1> for MaskedSoftmaxBackward {
 }
 
 #[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: FastOps> Backward<B, 2> for SwigluBackward {
+    /// (gate, up)
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    /// For `h = silu(g) u` with `s = sigmoid(g)`: `du = dh silu(g)`,
+    /// `dg = dh u s (1 + g (1 - s))`.
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_gate, node_up] = ops.parents;
+        let dh: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
+        let (g, u): (Tensor<B, 2>, Tensor<B, 2>) = (float(ops.state.0), float(ops.state.1));
+        let s = burn::tensor::activation::sigmoid(g.clone());
+        if let Some(node) = node_up {
+            let du = dh.clone().mul(g.clone().mul(s.clone()));
+            grads.register::<B>(node.id, du.into_primitive().tensor());
+        }
+        if let Some(node) = node_gate {
+            let dsilu = s
+                .clone()
+                .mul(g.mul(s.neg().add_scalar(1.0)).add_scalar(1.0));
+            let dg = dh.mul(u).mul(dsilu);
+            grads.register::<B>(node.id, dg.into_primitive().tensor());
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: FastOps> Backward<B, 2> for RmsNormBackward {
+    /// (x, weight, inverse RMS per row `[rows, 1]`)
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    /// With `xh = x r` (`r` the inverse RMS) and `y = xh w`: `dw = sum_rows(dy xh)`,
+    /// `dx = r (dy w - xh mean(dy w xh))`.
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
+        let (x, w, r): (Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 2>) =
+            (float(ops.state.0), float(ops.state.1), float(ops.state.2));
+        let xh = x.mul(r.clone());
+        if let Some(node) = node_w {
+            let dw = dy.clone().mul(xh.clone()).sum_dim(0);
+            let hidden = dw.dims()[1];
+            grads.register::<B>(node.id, dw.reshape([hidden]).into_primitive().tensor());
+        }
+        if let Some(node) = node_x {
+            let gw = dy.mul(w.unsqueeze::<2>());
+            let mean = gw.clone().mul(xh.clone()).mean_dim(1);
+            let dx = r.mul(gw.sub(xh.mul(mean)));
+            grads.register::<B>(node.id, dx.into_primitive().tensor());
+        }
+    }
+}
+
+#[derive(Debug)]
 struct FusedAttentionBackward;
 
 #[derive(Clone, Debug)]
@@ -173,6 +230,46 @@ impl<B: FastOps> Backward<B, 3> for FusedAttentionBackward {
 }
 
 impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
+    fn fast_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prepared = SwigluBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful();
+        let out = B::fast_swiglu(gate.primitive.clone(), up.primitive.clone());
+        match prepared {
+            OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn fast_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        let prepared = RmsNormBackward
+            .prepare::<C>([x.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (y, inv_rms) = crate::backend::dispatch::composed_rms_norm(
+            float::<B, 2>(x.primitive.clone()),
+            float::<B, 1>(weight.primitive.clone()),
+            eps,
+        );
+        let y = y.into_primitive().tensor();
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    x.primitive,
+                    weight.primitive,
+                    inv_rms.into_primitive().tensor(),
+                );
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn fused_attention_supported(dtype: DType, head_dim: usize) -> bool {
         B::fused_attention_supported(dtype, head_dim)
     }

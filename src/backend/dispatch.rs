@@ -125,6 +125,51 @@ pub(crate) fn composed_masked_softmax<B: Backend>(
     burn::tensor::activation::softmax(masked, 3)
 }
 
+fn fast_swiglu<F: FastOps>(gate: Tensor<F, 2>, up: Tensor<F, 2>) -> Tensor<F, 2> {
+    let out = F::fast_swiglu(gate.into_primitive().tensor(), up.into_primitive().tensor());
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `silu(gate) * up` on `[rows, intermediate]`; under `Autodiff` one node that keeps only its
+/// two inputs (see [`FastOps::fast_swiglu`]).
+pub fn swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    route!(B, fast_swiglu, (gate, up));
+    burn::tensor::activation::silu(gate).mul(up)
+}
+
+fn fast_rms_norm<F: FastOps>(x: Tensor<F, 2>, weight: Tensor<F, 1>, eps: f64) -> Tensor<F, 2> {
+    let out = F::fast_rms_norm(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        eps,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// RMSNorm over the last axis of `x [rows, hidden]` with `weight [hidden]`; under `Autodiff`
+/// one node that keeps `x` and the inverse RMS of each row (see [`FastOps::fast_rms_norm`]).
+pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    route!(B, fast_rms_norm, (x, weight, eps));
+    composed_rms_norm(x, weight, eps).0
+}
+
+/// RMSNorm from burn's ops: the output and the inverse RMS `[rows, 1]`.
+pub(crate) fn composed_rms_norm<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let inv_rms = x
+        .clone()
+        .powi_scalar(2)
+        .mean_dim(1)
+        .add_scalar(eps)
+        .sqrt()
+        .recip();
+    let y = x.mul(inv_rms.clone()).mul(weight.unsqueeze::<2>());
+    (y, inv_rms)
+}
+
 fn fast_fused_attention<F: FastOps>(
     q: Tensor<F, 4>,
     k: Tensor<F, 4>,

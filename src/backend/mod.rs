@@ -112,6 +112,31 @@ pub trait FastOps: Backend {
         .tensor()
     }
 
+    /// `silu(gate) * up` (the SwiGLU of Llama/Qwen2 MLPs). Under `Autodiff` one node that keeps
+    /// only `gate` and `up`; the composed ops kept `silu(gate)` and the sigmoid as well, each as
+    /// large as the MLP's intermediate activations.
+    fn fast_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let gate = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(gate));
+        let up = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(up));
+        burn::tensor::activation::silu(gate)
+            .mul(up)
+            .into_primitive()
+            .tensor()
+    }
+
+    /// RMSNorm `x / sqrt(mean(x^2) + eps) * weight` over the last axis of `x [rows, hidden]`.
+    /// Under `Autodiff` one node that keeps `x` and one inverse RMS per row.
+    fn fast_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let weight = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(weight));
+        let (y, _) = dispatch::composed_rms_norm(x, weight, eps);
+        y.into_primitive().tensor()
+    }
+
     /// Whether [`FastOps::fast_attention`] runs a fused kernel for this element type and head
     /// size. Where it does not, model code uses the composed attention (score matrix and
     /// [`FastOps::fast_masked_softmax`]), which is faster on the CPU.
@@ -188,7 +213,7 @@ pub trait FastOps: Backend {
 
 pub use dispatch::{
     accelerator_memory_mb, fused_attention, fused_attention_supported, linear,
-    linear_cross_entropy, masked_softmax, matmul, matmul_2d, matmul_tn,
+    linear_cross_entropy, masked_softmax, matmul, matmul_2d, matmul_tn, rms_norm, swiglu,
 };
 
 #[cfg(test)]

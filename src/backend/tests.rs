@@ -449,3 +449,47 @@ fn fused_attention_gives_zero_to_a_query_that_sees_no_key() {
     assert!(dq.iter().all(|x| x.is_finite()));
     assert!(dq[..h * t * d].iter().all(|&x| x == 0.0));
 }
+
+#[test]
+fn swiglu_and_rms_norm_nodes_match_burns_gradients_of_the_composed_ops() {
+    let g0 = rand([6, 10], 31);
+    let u0 = rand([6, 10], 32);
+    let w0 = rand([10], 33);
+    let dy = rand([6, 10], 34);
+    let leaf2 = |x: &Tensor<Cpu, 2>| Tensor::<Ad, 2>::from_inner(x.clone()).require_grad();
+    let leaf1 = |x: &Tensor<Cpu, 1>| Tensor::<Ad, 1>::from_inner(x.clone()).require_grad();
+    let loss = |y: Tensor<Ad, 2>| y.mul(Tensor::from_inner(dy.clone())).sum();
+
+    let (g, u) = (leaf2(&g0), leaf2(&u0));
+    let grads = loss(crate::backend::swiglu(g.clone(), u.clone())).backward();
+    let (gw, uw) = (leaf2(&g0), leaf2(&u0));
+    let want = loss(activation::silu(gw.clone()).mul(uw.clone())).backward();
+    let grad = |x: &Tensor<Ad, 2>, gr| values(x.grad(gr).unwrap());
+    assert_close(grad(&g, &grads), grad(&gw, &want), 1e-5, "swiglu dgate");
+    assert_close(grad(&u, &grads), grad(&uw, &want), 1e-5, "swiglu dup");
+
+    let eps = 1e-6;
+    let (x, w) = (leaf2(&g0), leaf1(&w0));
+    let y = crate::backend::rms_norm(x.clone(), w.clone(), eps);
+    let grads = loss(y.clone()).backward();
+    let (xw, ww) = (leaf2(&g0), leaf1(&w0));
+    let var = xw.clone().powi_scalar(2).mean_dim(1);
+    let y_want = xw
+        .clone()
+        .mul(var.add_scalar(eps).sqrt().recip())
+        .mul(ww.clone().unsqueeze::<2>());
+    assert_close(
+        values(y.inner()),
+        values(y_want.clone().inner()),
+        1e-6,
+        "rms_norm y",
+    );
+    let want = loss(y_want).backward();
+    assert_close(grad(&x, &grads), grad(&xw, &want), 1e-5, "rms_norm dx");
+    assert_close(
+        values(w.grad(&grads).unwrap().reshape([1, 10])),
+        values(ww.grad(&want).unwrap().reshape([1, 10])),
+        1e-5,
+        "rms_norm dweight",
+    );
+}

@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
@@ -47,9 +46,9 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let var = x.clone().powi_scalar(2).mean_dim(2);
-        let normed = x.mul(var.add_scalar(self.eps).sqrt().recip());
-        normed.mul(self.weight.val().unsqueeze::<3>())
+        let [b, t, h] = x.dims();
+        crate::backend::rms_norm(x.reshape([b * t, h]), self.weight.val(), self.eps)
+            .reshape([b, t, h])
     }
 }
 
@@ -77,8 +76,13 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+        let [b, t, _] = x.dims();
+        let gate = self.gate_proj.forward(x.clone());
+        let up = self.up_proj.forward(x);
+        let inter = gate.dims()[2];
+        let hidden =
+            crate::backend::swiglu(gate.reshape([b * t, inter]), up.reshape([b * t, inter]));
+        self.down_proj.forward(hidden.reshape([b, t, inter]))
     }
 }
 

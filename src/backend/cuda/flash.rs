@@ -218,6 +218,18 @@ struct Dims {
     head_dim: usize,
 }
 
+impl Dims {
+    /// The kernels' `H, KVH, T, S` arguments.
+    fn kernel_sizes(&self) -> Result<[i32; 4], Error> {
+        Ok([
+            int(self.heads, "heads")?,
+            int(self.kv_heads, "kv heads")?,
+            int(self.q_len, "q_len")?,
+            int(self.k_len, "k_len")?,
+        ])
+    }
+}
+
 fn dims(q: &CT, k: &CT, v: &CT) -> Result<Dims, Error> {
     let (qs, ks, vs) = (q.meta.shape(), k.meta.shape(), v.meta.shape());
     let d = Dims {
@@ -379,12 +391,7 @@ pub fn forward(
         d.head_dim as i64,
         (d.heads * d.head_dim) as i64,
     ];
-    let sizes = [
-        int(d.heads, "heads")?,
-        int(d.kv_heads, "kv heads")?,
-        int(d.q_len, "q_len")?,
-        int(d.k_len, "k_len")?,
-    ];
+    let sizes = d.kernel_sizes()?;
     let mut tensors: Vec<&CT> = vec![&q, &k, &v, &lse];
     if let Some(m) = &key_valid {
         tensors.push(m);
@@ -468,12 +475,7 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         let s = dout.meta.strides();
         [s[0] as i64, s[2] as i64, s[1] as i64]
     };
-    let sizes = [
-        int(d.heads, "heads")?,
-        int(d.kv_heads, "kv heads")?,
-        int(d.q_len, "q_len")?,
-        int(d.k_len, "k_len")?,
-    ];
+    let sizes = d.kernel_sizes()?;
     let mut tensors: Vec<&CT> = vec![&q, &k, &v, &dout, &lse, &delta, &dq_acc, &dk_acc];
     if let Some(m) = &key_valid {
         tensors.push(m);
