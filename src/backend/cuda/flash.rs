@@ -335,12 +335,19 @@ fn launch(
         .expect("at least one tensor");
     let mut args = args(&ptrs);
     let mut params = args.pointers();
+    // Locks in the order `load` takes them (kernels, then the device state that makes the
+    // primary context current on this thread, as the launch needs).
     let result = with_kernels(ordinal, |k| {
         let f = kernel(k);
-        // SAFETY: the argument list matches the kernel's signature (see flash_attention.cu);
-        // the pointers are live cubecl allocations, ordered on `stream` as in `cube.rs`.
-        unsafe { drv::launch_kernel(f, grid, (THREADS, 1, 1), smem as u32, stream, &mut params) }
+        crate::backend::cuda::cublas::with_state(ordinal, |_| {
+            // SAFETY: the argument list matches the kernel's signature (see
+            // flash_attention.cu); the pointers are live cubecl allocations, ordered on `stream`
+            // as in `cube.rs`.
+            unsafe {
+                drv::launch_kernel(f, grid, (THREADS, 1, 1), smem as u32, stream, &mut params)
+            }
             .map_err(drv_err("cuLaunchKernel (flash attention)"))
+        })
     });
     drop(resources);
     result
