@@ -158,7 +158,11 @@ pub fn available(dtype: DType, head_dim: usize) -> bool {
     if dtype != DType::BF16 || !HEAD_DIMS.contains(&head_dim) {
         return false;
     }
-    if std::env::var("RUNNER_FUSED_ATTENTION").is_ok_and(|v| v.trim() == "0") {
+    // Read once: this is asked on every forward pass and every attention call.
+    static TURNED_OFF: OnceLock<bool> = OnceLock::new();
+    if *TURNED_OFF
+        .get_or_init(|| std::env::var("RUNNER_FUSED_ATTENTION").is_ok_and(|v| v.trim() == "0"))
+    {
         return false;
     }
     match with_kernels(0, |_| Ok(())) {
@@ -462,8 +466,7 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         .tensor();
     let delta = into_contiguous(delta);
     let zeros = |shape: [usize; 4]| {
-        Tensor::<Cube<F, I, BT>, 4>::zeros(shape, &q.device)
-            .cast(FloatDType::F32)
+        Tensor::<Cube<F, I, BT>, 4>::zeros(shape, (&q.device, DType::F32))
             .into_primitive()
             .tensor()
     };
