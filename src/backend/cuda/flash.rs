@@ -20,8 +20,34 @@ use cudarc::driver::{result as drv, sys as drv_sys};
 use crate::backend::{Error, FusedAttentionSpec};
 
 const SOURCE: &str = include_str!("flash_attention.cu");
-const THREADS: u32 = 128;
+/// Threads of a forward block (four warps).
+const FWD_THREADS: u32 = 128;
+/// Query rows of a backward tile.
 const TILE: usize = 64;
+
+// Tile shapes, as `FwdShape` / `BwdShape` in flash_attention.cu set them per head size.
+
+/// Query rows of a forward block: each warp takes two row tiles at head dim 64, one at 128.
+fn fwd_rows(d: usize) -> usize {
+    if d == 64 {
+        2 * TILE
+    } else {
+        TILE
+    }
+}
+
+/// Keys of a backward block, 16 per warp.
+fn bwd_keys(d: usize) -> usize {
+    if d == 64 {
+        2 * TILE
+    } else {
+        TILE
+    }
+}
+
+fn bwd_threads(d: usize) -> u32 {
+    (bwd_keys(d) / 16 * 32) as u32
+}
 
 /// Head sizes the kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
@@ -34,12 +60,15 @@ struct Kernels {
 // SAFETY: CUfunction handles are plain driver handles, valid in every thread of the process.
 unsafe impl Send for Kernels {}
 
+/// Q, two K/V buffers and two key-validity rows.
 fn fwd_smem(d: usize) -> usize {
-    5 * TILE * (d + 8) * 2 + 2 * TILE * 4
+    (fwd_rows(d) + 4 * TILE) * (d + 8) * 2 + 2 * TILE * 4
 }
 
+/// K, V, two Q/dO buffers, dS^T, two lse/delta buffers and key validity.
 fn bwd_smem(d: usize) -> usize {
-    4 * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 3 * TILE * 4
+    let keys = bwd_keys(d);
+    (2 * keys + 4 * TILE) * (d + 8) * 2 + keys * (TILE + 8) * 2 + (4 * TILE + keys) * 4
 }
 
 fn drv_err(call: &'static str) -> impl Fn(drv::DriverError) -> Error {
@@ -318,6 +347,7 @@ fn launch(
     tensors: &[&CT],
     kernel: impl FnOnce(&Kernels) -> drv_sys::CUfunction,
     grid: (u32, u32, u32),
+    threads: u32,
     smem: usize,
     args: impl FnOnce(&[u64]) -> Args,
 ) -> Result<(), Error> {
@@ -348,7 +378,7 @@ fn launch(
             // flash_attention.cu); the pointers are live cubecl allocations, ordered on `stream`
             // as in `cube.rs`.
             unsafe {
-                drv::launch_kernel(f, grid, (THREADS, 1, 1), smem as u32, stream, &mut params)
+                drv::launch_kernel(f, grid, (threads, 1, 1), smem as u32, stream, &mut params)
             }
             .map_err(drv_err("cuLaunchKernel (flash attention)"))
         })
@@ -391,7 +421,7 @@ pub fn forward(
     let lse = empty(&q, vec![d.batch, d.heads, d.q_len], DType::F32);
     let rows = d.heads / d.kv_heads * d.q_len;
     let grid = (
-        int(rows.div_ceil(TILE), "query tiles")? as u32,
+        int(rows.div_ceil(fwd_rows(d.head_dim)), "query tiles")? as u32,
         d.kv_heads as u32,
         d.batch as u32,
     );
@@ -415,6 +445,7 @@ pub fn forward(
         &tensors,
         |kern| kern.fwd[idx],
         grid,
+        FWD_THREADS,
         fwd_smem(d.head_dim),
         |p| {
             let mask = if has_mask { p[4] } else { 0 };
@@ -475,7 +506,7 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
     let dk_acc = zeros([d.batch, d.kv_heads, d.k_len, d.head_dim]);
     let dv_acc = zeros([d.batch, d.kv_heads, d.k_len, d.head_dim]);
     let grid = (
-        int(d.k_len.div_ceil(TILE), "key tiles")? as u32,
+        int(d.k_len.div_ceil(bwd_keys(d.head_dim)), "key tiles")? as u32,
         d.heads as u32,
         d.batch as u32,
     );
@@ -498,6 +529,7 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         &tensors,
         |kern| kern.bwd[idx],
         grid,
+        bwd_threads(d.head_dim),
         bwd_smem(d.head_dim),
         |p| {
             let mask = if has_mask { p[8] } else { 0 };

@@ -37,16 +37,35 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 }
 
 // Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
-__device__ __forceinline__ void ldsm_x4(u32* r, const bf16_t* p) {
+// Addresses are 32-bit shared-window byte addresses: per-lane parts fold into one register and
+// tile offsets into the instruction's immediate, keeping the integer pipe free.
+__device__ __forceinline__ void ldsm_x4(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
 }
 
-__device__ __forceinline__ void ldsm_x4_t(u32* r, const bf16_t* p) {
+__device__ __forceinline__ void ldsm_x4_t(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
+}
+
+// p[0] += a, p[1] += b (8-byte aligned): one vector reduction on sm_90, two before it.
+__device__ __forceinline__ void red_add2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.v2.f32.add [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+// 2^x in one MUFU instruction (denormals flush to zero; 2^-inf = 0).
+__device__ __forceinline__ float exp2_fast(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 // c[16x8] += a[16x16] b[16x8]
@@ -59,27 +78,27 @@ __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
 }
 
 // A fragment (16x16, row-major source) at rows r0.., cols c0.. of a tile with leading dim ld.
-__device__ __forceinline__ void load_a(u32* a, const bf16_t* tile, int ld, int r0, int c0, int lane) {
+__device__ __forceinline__ void load_a(u32* a, u32 tile, int ld, int r0, int c0, int lane) {
     int m = lane >> 3, i = lane & 7;
-    ldsm_x4(a, tile + (r0 + (m & 1) * 8 + i) * ld + c0 + (m >> 1) * 8);
+    ldsm_x4(a, tile + 2 * ((r0 + (m & 1) * 8 + i) * ld + c0 + (m >> 1) * 8));
 }
 
 // A fragment of the transpose of a stored tile: A[r][c] = tile[c0 + c][r0 + r].
-__device__ __forceinline__ void load_a_t(u32* a, const bf16_t* tile, int ld, int r0, int c0, int lane) {
+__device__ __forceinline__ void load_a_t(u32* a, u32 tile, int ld, int r0, int c0, int lane) {
     int m = lane >> 3, i = lane & 7;
-    ldsm_x4_t(a, tile + (c0 + (m >> 1) * 8 + i) * ld + r0 + (m & 1) * 8);
+    ldsm_x4_t(a, tile + 2 * ((c0 + (m >> 1) * 8 + i) * ld + r0 + (m & 1) * 8));
 }
 
 // B fragments of two adjacent n-tiles where B[k][n] = tile[n0 + n][k0 + k] (keys as rows).
-__device__ __forceinline__ void load_b_nk(u32* b, const bf16_t* tile, int ld, int n0, int k0, int lane) {
+__device__ __forceinline__ void load_b_nk(u32* b, u32 tile, int ld, int n0, int k0, int lane) {
     int m = lane >> 3, i = lane & 7;
-    ldsm_x4(b, tile + (n0 + (m >> 1) * 8 + i) * ld + k0 + (m & 1) * 8);
+    ldsm_x4(b, tile + 2 * ((n0 + (m >> 1) * 8 + i) * ld + k0 + (m & 1) * 8));
 }
 
 // B fragments of two adjacent n-tiles where B[k][n] = tile[k0 + k][n0 + n] (row-major k x n).
-__device__ __forceinline__ void load_b_kn(u32* b, const bf16_t* tile, int ld, int k0, int n0, int lane) {
+__device__ __forceinline__ void load_b_kn(u32* b, u32 tile, int ld, int k0, int n0, int lane) {
     int m = lane >> 3, i = lane & 7;
-    ldsm_x4_t(b, tile + (k0 + (m & 1) * 8 + i) * ld + n0 + (m >> 1) * 8);
+    ldsm_x4_t(b, tile + 2 * ((k0 + (m & 1) * 8 + i) * ld + n0 + (m >> 1) * 8));
 }
 
 // 16 bytes global -> shared without passing through registers; zeros when !valid.
@@ -91,90 +110,81 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-// Queues the copy of a 64 x D tile (rows past `rows_here` zero) with cp.async.
-template <int D, typename RowPtr>
+// Queues the copy of a ROWS x D tile (rows past `rows_here` zero) with cp.async, NT threads.
+template <int D, int ROWS, int NT = THREADS, typename RowPtr>
 __device__ __forceinline__ void load_tile_async(bf16_t* tile, int rows_here, RowPtr row_ptr) {
     const int LD = D + 8;
     const int vecs = D / 8;
-    for (int idx = threadIdx.x; idx < BLOCK_ROWS * vecs; idx += THREADS) {
+#pragma unroll
+    for (int idx = threadIdx.x; idx < ROWS * vecs; idx += NT) {
         int r = idx / vecs, c = (idx % vecs) * 8;
         bool valid = r < rows_here;
         cp_async16(tile + r * LD + c, valid ? row_ptr(r) + c : row_ptr(0), valid);
     }
 }
 
-// Copies rows [row0, row0 + 64) x D of a strided bf16 tensor into shared memory (zeros past
-// `rows`); `row_ptr(r)` gives the global address of row r.
-template <int D, typename RowPtr>
-__device__ __forceinline__ void load_tile(bf16_t* tile, int rows_here, RowPtr row_ptr) {
-    const int LD = D + 8;
-    const int vecs = D / 8;
-    for (int idx = threadIdx.x; idx < BLOCK_ROWS * vecs; idx += THREADS) {
-        int r = idx / vecs, c = (idx % vecs) * 8;
-        uint4 val = {0u, 0u, 0u, 0u};
-        if (r < rows_here) val = *reinterpret_cast<const uint4*>(row_ptr(r) + c);
-        *reinterpret_cast<uint4*>(tile + r * LD + c) = val;
-    }
-}
+// Forward. Grid: (ceil(rep * T / (64 * MT)), KVH, B). The rep query heads of one KV head are
+// stacked as rows (row = head_in_group * T + position), so decoding (T = 1) still fills the tile.
+// Each warp owns MT row tiles of 16: one K or V fragment read from shared memory feeds MT mma.
+template <int D>
+struct FwdShape {
+    static constexpr int MT = D == 64 ? 2 : 1;  // at D = 128 two tiles would spill registers
+    static constexpr int ROWS = BLOCK_ROWS * MT;
+};
 
-// Forward. Grid: (ceil(rep * T / 64), KVH, B). The rep query heads of one KV head are stacked
-// as rows (row = head_in_group * T + position), so decoding (T = 1) still fills the tile.
 template <int D>
 __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                     const bf16_t* __restrict__ v, bf16_t* __restrict__ o, float* __restrict__ lse,
                     const int* __restrict__ key_valid, int H, int KVH, int T, int S,
                     i64 qsb, i64 qsh, i64 qst, i64 ksb, i64 ksh, i64 kss, i64 vsb, i64 vsh, i64 vss,
                     i64 osb, i64 osh, i64 ost, float scale, int causal) {
+    constexpr int MT = FwdShape<D>::MT;
+    constexpr int ROWS = FwdShape<D>::ROWS;
     const int LD = D + 8;
     extern __shared__ uint4 smem_raw[];
     // Q, then two buffers of (K, V): the next tile streams in while this one is used.
     bf16_t* sQ = reinterpret_cast<bf16_t*>(smem_raw);
-    bf16_t* sKV = sQ + BLOCK_ROWS * LD;
+    bf16_t* sKV = sQ + ROWS * LD;
     int* sValid = reinterpret_cast<int*>(sKV + 4 * BLOCK_KEYS * LD);
 
     const int b = blockIdx.z, kvh = blockIdx.y;
     const int rep = H / KVH;
     const int rows_total = rep * T;
-    const int row0 = blockIdx.x * BLOCK_ROWS;
+    const int row0 = blockIdx.x * ROWS;
     const int offset = S - T;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t4 = lane & 3;
     const float scale_log2 = scale * 1.4426950408889634f;
 
     const bf16_t* qb = q + b * qsb;
-    load_tile<D>(sQ, min(BLOCK_ROWS, rows_total - row0), [&](int r) {
+    load_tile_async<D, ROWS>(sQ, min(ROWS, rows_total - row0), [&](int r) {
         int row = row0 + r;
         return qb + (i64)(kvh * rep + row / T) * qsh + (i64)(row % T) * qst;
     });
+    cp_async_commit();
 
     // Positions of this block's rows: the causal key range and where masking is needed.
-    const int last_row = min(row0 + BLOCK_ROWS, rows_total) - 1;
+    const int last_row = min(row0 + ROWS, rows_total) - 1;
     const bool spans = row0 / T != last_row / T;
     const int min_pos = spans ? 0 : row0 % T;
     const int max_pos = spans ? T - 1 : last_row % T;
     const int kv_end = causal ? min(S, max_pos + offset + 1) : S;
 
-    const int rA = row0 + warp * 16 + g, rB = rA + 8;
-    const int posA = rA % T, posB = rB % T;
-
-    __syncthreads();
-    u32 qa[D / 16][4];
+    // This thread's rows: tile mt, half hf (g or g + 8).
+    int pos[MT][2];
 #pragma unroll
-    for (int kc = 0; kc < D / 16; kc++) load_a(qa[kc], sQ, LD, warp * 16, kc * 16, lane);
-
-    float acc[D / 8][4];
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    float mA = -INF, mB = -INF, lA = 0.f, lB = 0.f;
+        for (int hf = 0; hf < 2; hf++) pos[mt][hf] = (row0 + (warp * MT + mt) * 16 + g + 8 * hf) % T;
 
     const bf16_t* kb = k + b * ksb + kvh * ksh;
     const bf16_t* vb = v + b * vsb + kvh * vsh;
     auto issue = [&](int key0, int buf) {
         const int keys_here = min(BLOCK_KEYS, S - key0);
         bf16_t* dK = sKV + buf * 2 * BLOCK_KEYS * LD;
-        load_tile_async<D>(dK, keys_here, [&](int r) { return kb + (i64)(key0 + r) * kss; });
-        load_tile_async<D>(dK + BLOCK_KEYS * LD, keys_here,
-                           [&](int r) { return vb + (i64)(key0 + r) * vss; });
+        load_tile_async<D, BLOCK_KEYS>(dK, keys_here, [&](int r) { return kb + (i64)(key0 + r) * kss; });
+        load_tile_async<D, BLOCK_KEYS>(dK + BLOCK_KEYS * LD, keys_here,
+                                       [&](int r) { return vb + (i64)(key0 + r) * vss; });
         cp_async_commit();
         if (threadIdx.x < BLOCK_KEYS) {
             int key = key0 + threadIdx.x;
@@ -182,7 +192,30 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                 key < S && (key_valid == 0 || key_valid[(i64)b * S + key] != 0);
         }
     };
-    if (kv_end > 0) issue(0, 0);
+    if (kv_end > 0) {
+        issue(0, 0);
+        cp_async_wait<1>();  // Q has landed; the first K/V tile may still be in flight
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+    u32 qa[MT][D / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++)
+            load_a(qa[mt][kc], smem_addr(sQ), LD, (warp * MT + mt) * 16, kc * 16, lane);
+
+    float acc[MT][D / 8][4];
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+        m[mt][0] = m[mt][1] = -INF;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
+
     for (int key0 = 0, buf = 0; key0 < kv_end; key0 += BLOCK_KEYS, buf ^= 1) {
         if (key0 + BLOCK_KEYS < kv_end) {
             issue(key0 + BLOCK_KEYS, buf ^ 1);
@@ -191,21 +224,26 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
             cp_async_wait<0>();
         }
         __syncthreads();
-        const bf16_t* sK = sKV + buf * 2 * BLOCK_KEYS * LD;
-        const bf16_t* sV = sK + BLOCK_KEYS * LD;
+        const u32 sK = smem_addr(sKV) + buf * (2 * BLOCK_KEYS * LD * 2);
+        const u32 sV = sK + BLOCK_KEYS * LD * 2;
         const int* tValid = sValid + buf * BLOCK_KEYS;
 
-        float s[8][4];
+        float s[MT][8][4];
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
 #pragma unroll
         for (int kc = 0; kc < D / 16; kc++) {
 #pragma unroll
             for (int nt = 0; nt < 8; nt += 2) {
                 u32 bf[4];
                 load_b_nk(bf, sK, LD, nt * 8, kc * 16, lane);
-                mma(s[nt], qa[kc], bf[0], bf[1]);
-                mma(s[nt + 1], qa[kc], bf[2], bf[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma(s[mt][nt], qa[mt][kc], bf[0], bf[1]);
+                    mma(s[mt][nt + 1], qa[mt][kc], bf[2], bf[3]);
+                }
             }
         }
 
@@ -213,103 +251,131 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                (causal && key0 + BLOCK_KEYS - 1 > min_pos + offset);
         if (need_mask) {
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int c = nt * 8 + 2 * t4 + (e & 1);
-                    int pos = e < 2 ? posA : posB;
-                    bool visible = tValid[c] && (!causal || key0 + c <= pos + offset);
-                    if (!visible) s[nt][e] = -INF;
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int c = nt * 8 + 2 * t4 + (e & 1);
+                        bool visible = tValid[c] && (!causal || key0 + c <= pos[mt][e >> 1] + offset);
+                        if (!visible) s[mt][nt][e] = -INF;
+                    }
+        }
+
+        // Online softmax. The rows' reductions are trees and run side by side (then one round
+        // of shuffles for all rows), so their latencies overlap instead of adding up.
+        float mx[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                float t[8];
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++) t[nt] = fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]);
+#pragma unroll
+                for (int w = 4; w > 0; w >>= 1)
+#pragma unroll
+                    for (int i = 0; i < w; i++) t[i] = fmaxf(t[i], t[i + w]);
+                mx[mt][hf] = t[0];
+            }
+#pragma unroll
+        for (int sh = 1; sh < 4; sh <<= 1)
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++)
+                    mx[mt][hf] = fmaxf(mx[mt][hf], __shfl_xor_sync(0xffffffff, mx[mt][hf], sh));
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const float m_new = fmaxf(m[mt][hf], mx[mt][hf] * scale_log2);
+                // A row that has seen no visible key yet keeps a zero base: exp2(-inf - 0) = 0.
+                const float base = m_new == -INF ? 0.f : m_new;
+                const float alpha = exp2_fast(m[mt][hf] - base);
+                m[mt][hf] = m_new;
+                float t[8];
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++) {
+                    s[mt][nt][2 * hf] = exp2_fast(fmaf(s[mt][nt][2 * hf], scale_log2, -base));
+                    s[mt][nt][2 * hf + 1] = exp2_fast(fmaf(s[mt][nt][2 * hf + 1], scale_log2, -base));
+                    t[nt] = s[mt][nt][2 * hf] + s[mt][nt][2 * hf + 1];
+                }
+#pragma unroll
+                for (int w = 4; w > 0; w >>= 1)
+#pragma unroll
+                    for (int i = 0; i < w; i++) t[i] += t[i + w];
+                l[mt][hf] = fmaf(l[mt][hf], alpha, t[0]);
+#pragma unroll
+                for (int i = 0; i < D / 8; i++) {
+                    acc[mt][i][2 * hf] *= alpha;
+                    acc[mt][i][2 * hf + 1] *= alpha;
                 }
             }
         }
-
-        float maxA = -INF, maxB = -INF;
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            maxA = fmaxf(maxA, fmaxf(s[nt][0], s[nt][1]));
-            maxB = fmaxf(maxB, fmaxf(s[nt][2], s[nt][3]));
-        }
-#pragma unroll
-        for (int sh = 1; sh < 4; sh <<= 1) {
-            maxA = fmaxf(maxA, __shfl_xor_sync(0xffffffff, maxA, sh));
-            maxB = fmaxf(maxB, __shfl_xor_sync(0xffffffff, maxB, sh));
-        }
-        const float newA = fmaxf(mA, maxA * scale_log2), newB = fmaxf(mB, maxB * scale_log2);
-        // A row that has seen no visible key yet keeps a zero base: exp2(-inf - 0) = 0, no NaN.
-        const float baseA = newA == -INF ? 0.f : newA;
-        const float baseB = newB == -INF ? 0.f : newB;
-        const float alphaA = exp2f(mA - baseA), alphaB = exp2f(mB - baseB);
-        mA = newA;
-        mB = newB;
-        float sumA = 0.f, sumB = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            s[nt][0] = exp2f(s[nt][0] * scale_log2 - baseA);
-            s[nt][1] = exp2f(s[nt][1] * scale_log2 - baseA);
-            s[nt][2] = exp2f(s[nt][2] * scale_log2 - baseB);
-            s[nt][3] = exp2f(s[nt][3] * scale_log2 - baseB);
-            sumA += s[nt][0] + s[nt][1];
-            sumB += s[nt][2] + s[nt][3];
-        }
-        lA = lA * alphaA + sumA;
-        lB = lB * alphaB + sumB;
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            acc[i][0] *= alphaA;
-            acc[i][1] *= alphaA;
-            acc[i][2] *= alphaB;
-            acc[i][3] *= alphaB;
-        }
 #pragma unroll
         for (int kc = 0; kc < 4; kc++) {
-            u32 pa[4];
-            pa[0] = pack_bf16(s[2 * kc][0], s[2 * kc][1]);
-            pa[1] = pack_bf16(s[2 * kc][2], s[2 * kc][3]);
-            pa[2] = pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-            pa[3] = pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+            u32 pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                pa[mt][0] = pack_bf16(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                pa[mt][1] = pack_bf16(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                pa[mt][2] = pack_bf16(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                pa[mt][3] = pack_bf16(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+            }
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt += 2) {
                 u32 bf[4];
                 load_b_kn(bf, sV, LD, kc * 16, dt * 8, lane);
-                mma(acc[dt], pa, bf[0], bf[1]);
-                mma(acc[dt + 1], pa, bf[2], bf[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma(acc[mt][dt], pa[mt], bf[0], bf[1]);
+                    mma(acc[mt][dt + 1], pa[mt], bf[2], bf[3]);
+                }
             }
         }
         __syncthreads();  // this buffer is refilled by the next iteration's prefetch
     }
 
 #pragma unroll
-    for (int sh = 1; sh < 4; sh <<= 1) {
-        lA += __shfl_xor_sync(0xffffffff, lA, sh);
-        lB += __shfl_xor_sync(0xffffffff, lB, sh);
-    }
-    const float invA = lA > 0.f ? 1.f / lA : 0.f, invB = lB > 0.f ? 1.f / lB : 0.f;
+    for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        int row = half == 0 ? rA : rB;
-        if (row >= rows_total) continue;
-        int h = kvh * rep + row / T, pos = row % T;
-        float inv = half == 0 ? invA : invB;
-        bf16_t* orow = o + b * osb + (i64)h * osh + (i64)pos * ost;
+        for (int hf = 0; hf < 2; hf++) {
+            float lsum = l[mt][hf];
+            lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
+            lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
+            const int row = row0 + (warp * MT + mt) * 16 + g + 8 * hf;
+            if (row >= rows_total) continue;
+            const int h = kvh * rep + row / T, p = row % T;
+            const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+            bf16_t* orow = o + b * osb + (i64)h * osh + (i64)p * ost;
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) {
-            *reinterpret_cast<u32*>(orow + dt * 8 + 2 * t4) =
-                pack_bf16(acc[dt][2 * half] * inv, acc[dt][2 * half + 1] * inv);
-        }
-        if (t4 == 0) {
-            float l = half == 0 ? lA : lB, m = half == 0 ? mA : mB;
-            lse[((i64)b * H + h) * T + pos] =
-                l > 0.f ? (m + log2f(l)) * 0.6931471805599453f : INF;
+            for (int dt = 0; dt < D / 8; dt++) {
+                *reinterpret_cast<u32*>(orow + dt * 8 + 2 * t4) =
+                    pack_bf16(acc[mt][dt][2 * hf] * inv, acc[mt][dt][2 * hf + 1] * inv);
+            }
+            if (t4 == 0) {
+                lse[((i64)b * H + h) * T + p] =
+                    lsum > 0.f ? (m[mt][hf] + log2f(lsum)) * 0.6931471805599453f : INF;
+            }
         }
     }
 }
 
-// Backward. Grid: (ceil(S / 64), H, B); each block owns 64 keys of the KV head that query head
-// blockIdx.y reads, sweeps that query head's tiles, keeps its share of dK and dV in registers
-// and adds it to the f32 buffers dk_acc, dv_acc [B, KVH, S, D] (the rep query heads of a KV
-// head meet there), and adds dQ (scaled) into dq_acc [B, H, T, D]; all with atomics.
+// Backward. Grid: (ceil(S / KB), H, B), KB / 16 warps; each block owns KB keys of the KV head
+// that query head blockIdx.y reads and sweeps that query head's tiles of 64 (the next tile
+// streams in with cp.async while this one is used). It keeps its share of dK and dV in
+// registers and adds it to the f32 buffers dk_acc, dv_acc [B, KVH, S, D] (the rep query heads of
+// a KV head meet there), and adds dQ (scaled, summed over its KB keys) into dq_acc [B, H, T, D];
+// all with atomics, so the more keys a block owns, the fewer dQ atomics per product.
 // delta [B, H, T] = rowsum(dO * O).
+template <int D>
+struct BwdShape {
+    static constexpr int KB = D == 64 ? 128 : 64;  // at D = 128, 128 keys would not fit twice an SM
+    static constexpr int WARPS = KB / 16;
+    static constexpr int THREADS_ = WARPS * 32;
+};
+
 template <int D>
 __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                     const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
@@ -318,36 +384,57 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                     float* __restrict__ dk_acc, float* __restrict__ dv_acc, int H, int KVH, int T, int S,
                     i64 qsb, i64 qsh, i64 qst, i64 ksb, i64 ksh, i64 kss, i64 vsb, i64 vsh, i64 vss,
                     i64 dsb, i64 dsh, i64 dst, float scale, int causal) {
-    const int LD = D + 8;
-    const int LDS = BLOCK_ROWS + 8;
+    constexpr int KB = BwdShape<D>::KB;
+    constexpr int NT = BwdShape<D>::THREADS_;
+    constexpr int QB = BLOCK_ROWS;
+    constexpr int LD = D + 8;
+    constexpr int LDS = QB + 8;
+    constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ uint4 smem_raw[];
     bf16_t* sK = reinterpret_cast<bf16_t*>(smem_raw);
-    bf16_t* sV = sK + BLOCK_KEYS * LD;
-    bf16_t* sQ = sV + BLOCK_KEYS * LD;
-    bf16_t* sdO = sQ + BLOCK_ROWS * LD;
-    bf16_t* sDS = sdO + BLOCK_ROWS * LD;  // dS^T: [key][query]
-    float* sLse = reinterpret_cast<float*>(sDS + BLOCK_KEYS * LDS);
-    float* sDelta = sLse + BLOCK_ROWS;
-    int* sValid = reinterpret_cast<int*>(sDelta + BLOCK_ROWS);
+    bf16_t* sV = sK + KB * LD;
+    bf16_t* sQdO = sV + KB * LD;  // two buffers of (Q, dO), each QB x LD
+    bf16_t* sDS = sQdO + 4 * QB * LD;  // dS^T: [key][query]
+    float* sLse = reinterpret_cast<float*>(sDS + KB * LDS);  // two buffers, times log2(e)
+    float* sDelta = sLse + 2 * QB;
+    int* sValid = reinterpret_cast<int*>(sDelta + 2 * QB);
 
     const int b = blockIdx.z, h = blockIdx.y;
     const int rep = H / KVH;
     const int kvh = h / rep;
-    const int key0 = blockIdx.x * BLOCK_KEYS;
+    const int key0 = blockIdx.x * KB;
     const int offset = S - T;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t4 = lane & 3;
-    const float scale_log2 = scale * 1.4426950408889634f;
+    const float scale_log2 = scale * LOG2E;
 
-    const int keys_here = min(BLOCK_KEYS, S - key0);
+    const int keys_here = min(KB, S - key0);
     const bf16_t* kb = k + b * ksb + kvh * ksh;
     const bf16_t* vb = v + b * vsb + kvh * vsh;
-    load_tile<D>(sK, keys_here, [&](int r) { return kb + (i64)(key0 + r) * kss; });
-    load_tile<D>(sV, keys_here, [&](int r) { return vb + (i64)(key0 + r) * vss; });
-    if (threadIdx.x < BLOCK_KEYS) {
+    load_tile_async<D, KB, NT>(sK, keys_here, [&](int r) { return kb + (i64)(key0 + r) * kss; });
+    load_tile_async<D, KB, NT>(sV, keys_here, [&](int r) { return vb + (i64)(key0 + r) * vss; });
+    cp_async_commit();
+    if (threadIdx.x < KB) {
         int key = key0 + threadIdx.x;
         sValid[threadIdx.x] = key < S && (key_valid == 0 || key_valid[(i64)b * S + key] != 0);
     }
+
+    const bf16_t* qh = q + b * qsb + (i64)h * qsh;
+    const bf16_t* dh = dout + b * dsb + (i64)h * dsh;
+    const i64 stat0 = ((i64)b * H + h) * T;
+    auto issue = [&](int q0, int buf) {
+        const int rows_here = min(QB, T - q0);
+        bf16_t* dQ = sQdO + buf * 2 * QB * LD;
+        load_tile_async<D, QB, NT>(dQ, rows_here, [&](int r) { return qh + (i64)(q0 + r) * qst; });
+        load_tile_async<D, QB, NT>(dQ + QB * LD, rows_here,
+                                   [&](int r) { return dh + (i64)(q0 + r) * dst; });
+        cp_async_commit();
+        if (threadIdx.x < QB) {
+            int r = threadIdx.x;
+            sLse[buf * QB + r] = r < rows_here ? lse[stat0 + q0 + r] * LOG2E : INF;
+            sDelta[buf * QB + r] = r < rows_here ? delta[stat0 + q0 + r] : 0.f;
+        }
+    };
 
     float dK[D / 8][4], dV[D / 8][4];
 #pragma unroll
@@ -357,119 +444,136 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
 
     const int kA = warp * 16 + g;  // this thread's key rows (kA, kA + 8) within the block
     // The first query position that sees any key of this block.
-    const int q_start = causal ? max(0, key0 - offset) : 0;
+    const int q_first = ((causal ? max(0, key0 - offset) : 0) / QB) * QB;
+    bool valid_lo = false, valid_hi = false;  // this thread's two keys, read after the first barrier
+    if (q_first < T) issue(q_first, 0);
+    for (int q0 = q_first, buf = 0; q0 < T; q0 += QB, buf ^= 1) {
+        if (q0 + QB < T) {
+            issue(q0 + QB, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const u32 sQ = smem_addr(sQdO) + buf * (2 * QB * LD * 2);
+        const u32 sdO = sQ + QB * LD * 2;
+        const u32 aK = smem_addr(sK), aV = smem_addr(sV), aDS = smem_addr(sDS);
+        const float* tLse = sLse + buf * QB;
+        const float* tDelta = sDelta + buf * QB;
+        if (q0 == q_first) {
+            valid_lo = sValid[kA];
+            valid_hi = sValid[kA + 8];
+        }
 
-    {
-        const bf16_t* qh = q + b * qsb + (i64)h * qsh;
-        const bf16_t* dh = dout + b * dsb + (i64)h * dsh;
-        const i64 stat0 = ((i64)b * H + h) * T;
-        for (int q0 = (q_start / BLOCK_ROWS) * BLOCK_ROWS; q0 < T; q0 += BLOCK_ROWS) {
-            const int rows_here = min(BLOCK_ROWS, T - q0);
-            __syncthreads();
-            load_tile<D>(sQ, rows_here, [&](int r) { return qh + (i64)(q0 + r) * qst; });
-            load_tile<D>(sdO, rows_here, [&](int r) { return dh + (i64)(q0 + r) * dst; });
-            if (threadIdx.x < BLOCK_ROWS) {
-                int r = threadIdx.x;
-                sLse[r] = r < rows_here ? lse[stat0 + q0 + r] : INF;
-                sDelta[r] = r < rows_here ? delta[stat0 + q0 + r] : 0.f;
+        // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x QB queries.
+        float st[8][4], dpt[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++) {
+            u32 ka[4], va[4];
+            load_a(ka, aK, LD, warp * 16, kc * 16, lane);
+            load_a(va, aV, LD, warp * 16, kc * 16, lane);
+#pragma unroll
+            for (int nt = 0; nt < 8; nt += 2) {
+                u32 bq[4], bd[4];
+                load_b_nk(bq, sQ, LD, nt * 8, kc * 16, lane);
+                load_b_nk(bd, sdO, LD, nt * 8, kc * 16, lane);
+                mma(st[nt], ka, bq[0], bq[1]);
+                mma(st[nt + 1], ka, bq[2], bq[3]);
+                mma(dpt[nt], va, bd[0], bd[1]);
+                mma(dpt[nt + 1], va, bd[2], bd[3]);
             }
-            __syncthreads();
-
-            // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 64 queries.
-            float st[8][4], dpt[8][4];
+        }
+        // P^T and dS^T = P^T * (dP^T - delta); masking only on tiles that need it.
+        const bool need_mask = key_valid != 0 || q0 + QB > T || key0 + KB > S ||
+                               (causal && key0 + warp * 16 + 15 > q0 + offset);
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++)
+        for (int nt = 0; nt < 8; nt++) {
+            // This thread's two query columns of the n-tile: one 8-byte load each.
+            const float2 lse2 = *reinterpret_cast<const float2*>(tLse + nt * 8 + 2 * t4);
+            const float2 del2 = *reinterpret_cast<const float2*>(tDelta + nt * 8 + 2 * t4);
 #pragma unroll
-                for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.f;
-#pragma unroll
-            for (int kc = 0; kc < D / 16; kc++) {
-                u32 ka[4], va[4];
-                load_a(ka, sK, LD, warp * 16, kc * 16, lane);
-                load_a(va, sV, LD, warp * 16, kc * 16, lane);
-#pragma unroll
-                for (int nt = 0; nt < 8; nt += 2) {
-                    u32 bq[4], bd[4];
-                    load_b_nk(bq, sQ, LD, nt * 8, kc * 16, lane);
-                    load_b_nk(bd, sdO, LD, nt * 8, kc * 16, lane);
-                    mma(st[nt], ka, bq[0], bq[1]);
-                    mma(st[nt + 1], ka, bq[2], bq[3]);
-                    mma(dpt[nt], va, bd[0], bd[1]);
-                    mma(dpt[nt + 1], va, bd[2], bd[3]);
-                }
-            }
-            // P^T and dS^T = P^T * (dP^T - delta), zero where masked.
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
+            for (int e = 0; e < 4; e++) {
+                int qc = nt * 8 + 2 * t4 + (e & 1);
+                float p = exp2_fast(fmaf(st[nt][e], scale_log2, -((e & 1) ? lse2.y : lse2.x)));
+                if (need_mask) {
                     int key_r = kA + (e >= 2 ? 8 : 0);
-                    int qc = nt * 8 + 2 * t4 + (e & 1);
-                    bool visible = sValid[key_r] && q0 + qc < T &&
+                    bool visible = (e >= 2 ? valid_hi : valid_lo) && q0 + qc < T &&
                                    (!causal || key0 + key_r <= q0 + qc + offset);
-                    float p = visible ? exp2f(st[nt][e] * scale_log2 - sLse[qc] * 1.4426950408889634f)
-                                      : 0.f;
-                    st[nt][e] = p;
-                    dpt[nt][e] = p * (dpt[nt][e] - sDelta[qc]);
+                    p = visible ? p : 0.f;
                 }
+                st[nt][e] = p;
+                dpt[nt][e] = p * (dpt[nt][e] - ((e & 1) ? del2.y : del2.x));
             }
-            // dV += P^T dO, dK += dS^T Q (scaled at the end).
+        }
+        // dV += P^T dO, dK += dS^T Q (scaled at the end).
 #pragma unroll
-            for (int kc = 0; kc < 4; kc++) {
-                u32 pa[4], da[4];
-                pa[0] = pack_bf16(st[2 * kc][0], st[2 * kc][1]);
-                pa[1] = pack_bf16(st[2 * kc][2], st[2 * kc][3]);
-                pa[2] = pack_bf16(st[2 * kc + 1][0], st[2 * kc + 1][1]);
-                pa[3] = pack_bf16(st[2 * kc + 1][2], st[2 * kc + 1][3]);
-                da[0] = pack_bf16(dpt[2 * kc][0], dpt[2 * kc][1]);
-                da[1] = pack_bf16(dpt[2 * kc][2], dpt[2 * kc][3]);
-                da[2] = pack_bf16(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]);
-                da[3] = pack_bf16(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3]);
-                // dS^T to shared memory for the dQ product below.
-                *reinterpret_cast<u32*>(sDS + kA * LDS + kc * 16 + 2 * t4) = da[0];
-                *reinterpret_cast<u32*>(sDS + (kA + 8) * LDS + kc * 16 + 2 * t4) = da[1];
-                *reinterpret_cast<u32*>(sDS + kA * LDS + kc * 16 + 8 + 2 * t4) = da[2];
-                *reinterpret_cast<u32*>(sDS + (kA + 8) * LDS + kc * 16 + 8 + 2 * t4) = da[3];
+        for (int kc = 0; kc < 4; kc++) {
+            u32 pa[4], da[4];
+            pa[0] = pack_bf16(st[2 * kc][0], st[2 * kc][1]);
+            pa[1] = pack_bf16(st[2 * kc][2], st[2 * kc][3]);
+            pa[2] = pack_bf16(st[2 * kc + 1][0], st[2 * kc + 1][1]);
+            pa[3] = pack_bf16(st[2 * kc + 1][2], st[2 * kc + 1][3]);
+            da[0] = pack_bf16(dpt[2 * kc][0], dpt[2 * kc][1]);
+            da[1] = pack_bf16(dpt[2 * kc][2], dpt[2 * kc][3]);
+            da[2] = pack_bf16(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]);
+            da[3] = pack_bf16(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3]);
+            // dS^T to shared memory for the dQ product below.
+            *reinterpret_cast<u32*>(sDS + kA * LDS + kc * 16 + 2 * t4) = da[0];
+            *reinterpret_cast<u32*>(sDS + (kA + 8) * LDS + kc * 16 + 2 * t4) = da[1];
+            *reinterpret_cast<u32*>(sDS + kA * LDS + kc * 16 + 8 + 2 * t4) = da[2];
+            *reinterpret_cast<u32*>(sDS + (kA + 8) * LDS + kc * 16 + 8 + 2 * t4) = da[3];
 #pragma unroll
-                for (int dt = 0; dt < D / 8; dt += 2) {
-                    u32 bo[4], bq[4];
-                    load_b_kn(bo, sdO, LD, kc * 16, dt * 8, lane);
-                    load_b_kn(bq, sQ, LD, kc * 16, dt * 8, lane);
-                    mma(dV[dt], pa, bo[0], bo[1]);
-                    mma(dV[dt + 1], pa, bo[2], bo[3]);
-                    mma(dK[dt], da, bq[0], bq[1]);
-                    mma(dK[dt + 1], da, bq[2], bq[3]);
-                }
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                u32 bo[4], bq[4];
+                load_b_kn(bo, sdO, LD, kc * 16, dt * 8, lane);
+                load_b_kn(bq, sQ, LD, kc * 16, dt * 8, lane);
+                mma(dV[dt], pa, bo[0], bo[1]);
+                mma(dV[dt + 1], pa, bo[2], bo[3]);
+                mma(dK[dt], da, bq[0], bq[1]);
+                mma(dK[dt + 1], da, bq[2], bq[3]);
             }
-            __syncthreads();
-            // dQ[16 queries of this warp] = dS K over the block's 64 keys.
-            float dq[D / 8][4];
+        }
+        __syncthreads();
+        // dQ = dS K over the block's KB keys: warp w takes query rows 16 (w % 4) and the
+        // (w / 4)-th of WARPS / 4 column groups.
+        {
+            constexpr int GROUPS = BwdShape<D>::WARPS / 4;
+            constexpr int COLS = D / GROUPS;
+            const int qt = warp & 3, c0 = (warp >> 2) * COLS;
+            float dq[COLS / 8][4];
 #pragma unroll
-            for (int i = 0; i < D / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+            for (int i = 0; i < COLS / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 #pragma unroll
-            for (int kc = 0; kc < 4; kc++) {
+            for (int kc = 0; kc < KB / 16; kc++) {
                 u32 a[4];
-                load_a_t(a, sDS, LDS, warp * 16, kc * 16, lane);
+                load_a_t(a, aDS, LDS, qt * 16, kc * 16, lane);
 #pragma unroll
-                for (int dt = 0; dt < D / 8; dt += 2) {
+                for (int dt = 0; dt < COLS / 8; dt += 2) {
                     u32 bk[4];
-                    load_b_kn(bk, sK, LD, kc * 16, dt * 8, lane);
+                    load_b_kn(bk, aK, LD, kc * 16, c0 + dt * 8, lane);
                     mma(dq[dt], a, bk[0], bk[1]);
                     mma(dq[dt + 1], a, bk[2], bk[3]);
                 }
             }
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                int qr = q0 + warp * 16 + g + half * 8;
+                int qr = q0 + qt * 16 + g + half * 8;
                 if (qr >= T) continue;
-                float* dst_row = dq_acc + (stat0 + qr) * D;
+                float* dst_row = dq_acc + (stat0 + qr) * D + c0;
 #pragma unroll
-                for (int dt = 0; dt < D / 8; dt++) {
-                    atomicAdd(dst_row + dt * 8 + 2 * t4, dq[dt][2 * half] * scale);
-                    atomicAdd(dst_row + dt * 8 + 2 * t4 + 1, dq[dt][2 * half + 1] * scale);
+                for (int dt = 0; dt < COLS / 8; dt++) {
+                    red_add2(dst_row + dt * 8 + 2 * t4, dq[dt][2 * half] * scale,
+                             dq[dt][2 * half + 1] * scale);
                 }
             }
         }
+        __syncthreads();  // this Q/dO buffer and dS^T are refilled next
     }
+    cp_async_wait<0>();  // K/V copies of a block no query reaches are still owned by it
 
     const i64 kv0 = ((i64)b * KVH + kvh) * S;
 #pragma unroll
@@ -480,10 +584,8 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
         float* dv_row = dv_acc + (kv0 + key) * D;
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++) {
-            atomicAdd(dk_row + dt * 8 + 2 * t4, dK[dt][2 * half] * scale);
-            atomicAdd(dk_row + dt * 8 + 2 * t4 + 1, dK[dt][2 * half + 1] * scale);
-            atomicAdd(dv_row + dt * 8 + 2 * t4, dV[dt][2 * half]);
-            atomicAdd(dv_row + dt * 8 + 2 * t4 + 1, dV[dt][2 * half + 1]);
+            red_add2(dk_row + dt * 8 + 2 * t4, dK[dt][2 * half] * scale, dK[dt][2 * half + 1] * scale);
+            red_add2(dv_row + dt * 8 + 2 * t4, dV[dt][2 * half], dV[dt][2 * half + 1]);
         }
     }
 }
@@ -499,11 +601,13 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
     }
 
 #define BWD_ENTRY(DIM)                                                                          \
-    extern "C" __global__ void __launch_bounds__(THREADS) runner_flash_bwd_d##DIM(              \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* dout, const float* lse, \
-        const float* delta, const int* key_valid, float* dq_acc, float* dk, float* dv, int H,   \
-        int KVH, int T, int S, i64 qsb, i64 qsh, i64 qst, i64 ksb, i64 ksh, i64 kss, i64 vsb,    \
-        i64 vsh, i64 vss, i64 dsb, i64 dsh, i64 dst, float scale, int causal) {                 \
+    extern "C" __global__ void __launch_bounds__(BwdShape<DIM>::THREADS_)                       \
+        runner_flash_bwd_d##DIM(const bf16_t* q, const bf16_t* k, const bf16_t* v,              \
+                                const bf16_t* dout, const float* lse, const float* delta,       \
+                                const int* key_valid, float* dq_acc, float* dk, float* dv, int H,\
+                                int KVH, int T, int S, i64 qsb, i64 qsh, i64 qst, i64 ksb,      \
+                                i64 ksh, i64 kss, i64 vsb, i64 vsh, i64 vss, i64 dsb, i64 dsh,  \
+                                i64 dst, float scale, int causal) {                             \
         bwd<DIM>(q, k, v, dout, lse, delta, key_valid, dq_acc, dk, dv, H, KVH, T, S, qsb, qsh,  \
                  qst, ksb, ksh, kss, vsb, vsh, vss, dsb, dsh, dst, scale, causal);              \
     }
