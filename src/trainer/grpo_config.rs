@@ -57,6 +57,11 @@ pub struct GrpoConfig {
     pub top_p: f32,
     /// 0 disables.
     pub top_k: usize,
+    /// Sample from a copy of the model with the LoRA adapters folded into its weights (one GEMM
+    /// a projection instead of three; about 30 % faster steps at the 0.5B shape on an H100). It
+    /// holds a second copy of the adapted projections during sampling: turn off when memory is
+    /// short. An NF4 (QLoRA) base is never merged.
+    pub merge_adapters_for_sampling: bool,
     /// Optimizer steps on each generated batch (TRL's mu); > 1 keeps the old policy's log-probs.
     pub num_iterations: usize,
     /// Lower clip range; `epsilon_high` defaults to it.
@@ -124,6 +129,7 @@ impl Default for GrpoConfig {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
+            merge_adapters_for_sampling: true,
             num_iterations: 1,
             epsilon: 0.2,
             epsilon_high: None,

@@ -15,7 +15,7 @@ use burn::tensor::Tensor;
 use crate::model::decoder::CausalLm;
 use crate::model::generate::{generate, GenerateOptions, SamplingParams};
 use crate::train::rewards::group_advantages;
-use crate::trainer::adapters::projections_mut;
+use crate::trainer::adapters::{merged_for_sampling, projections_mut};
 use crate::trainer::data::epoch_order;
 use crate::trainer::grpo::{GrpoError, LoopCtx};
 use crate::trainer::grpo_loss::{completion_logps, row_batch};
@@ -116,10 +116,19 @@ pub(crate) fn rollout<B: Backend>(
         budget: None,
         pad_token_id: ctx.tokens.pad_id,
     };
-    let completions: Vec<Vec<u32>> = generate(policy, &rows, &opts, None)?
-        .into_iter()
-        .map(|g| g.token_ids)
-        .collect();
+    // Sampling from the merged weights draws from the same policy up to rounding; the loss's
+    // log-probs below (old, reference) and the training step use the unmerged model.
+    let merged = if cfg.merge_adapters_for_sampling {
+        merged_for_sampling(policy)
+    } else {
+        None
+    };
+    let completions: Vec<Vec<u32>> =
+        generate(merged.as_ref().unwrap_or(policy), &rows, &opts, None)?
+            .into_iter()
+            .map(|g| g.token_ids)
+            .collect();
+    drop(merged);
     let mut texts = Vec::with_capacity(rows.len());
     let mut scores = Vec::with_capacity(rows.len());
     let mut totals = Vec::with_capacity(rows.len());

@@ -216,6 +216,60 @@ fn reference_policy_is_the_base_with_adapters_off() {
     assert!(lora.model.layers[0].self_attn.q_proj.lora_a.is_some());
 }
 
+#[test]
+fn sampling_uses_the_merged_policy_and_draws_what_the_adapted_one_does() {
+    use crate::model::generate::{generate, GenerateOptions, SamplingParams};
+    use crate::trainer::adapters::merged_for_sampling;
+    let (config, tensors) = tiny();
+    let dev = Default::default();
+    let base = CausalLm::<TB>::from_hf_tensors(&config, &tensors, &dev).unwrap();
+    assert!(merged_for_sampling(&base).is_none(), "nothing to merge");
+    let adapter = GrpoConfig {
+        target_modules: TargetModules::Pattern("all-linear".into()),
+        ..GrpoConfig::default()
+    }
+    .adapter_config();
+    let (mut lora, _) = add_lora(base.clone(), &adapter, 1, &dev).unwrap();
+    for (_, _, lin) in projections_mut(&mut lora) {
+        let b = lin.lora_b.take().unwrap().val();
+        lin.lora_b = Some(Param::from_tensor(b.ones_like().mul_scalar(0.05)));
+    }
+    let mut merged = merged_for_sampling(&lora).expect("adapters to merge");
+    assert!(projections_mut(&mut merged)
+        .iter()
+        .all(|(_, _, l)| l.lora_a.is_none() && l.lora_b.is_none()));
+    let prompts = vec![vec![1u32, 2, 3], vec![4]];
+    let run = |m: &CausalLm<TB>, greedy: bool| {
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            sampling: SamplingParams {
+                greedy,
+                seed: 9,
+                temperature: 0.9,
+                ..SamplingParams::default()
+            },
+            ..GenerateOptions::default()
+        };
+        generate(m, &prompts, &opts, None)
+            .unwrap()
+            .into_iter()
+            .map(|g| g.token_ids)
+            .collect::<Vec<_>>()
+    };
+    for greedy in [true, false] {
+        assert_eq!(
+            run(&merged, greedy),
+            run(&lora, greedy),
+            "greedy = {greedy}"
+        );
+    }
+    // The adapters changed what is drawn, so the equality above is not the base's.
+    assert_ne!(run(&merged, true), run(&base, true));
+    // An NF4 base is not merged (that would hold a full-precision copy of it).
+    let qlora = crate::trainer::adapters::quantize_base_nf4(lora).unwrap();
+    assert!(merged_for_sampling(&qlora).is_none());
+}
+
 fn toy_config(steps: u64) -> GrpoConfig {
     GrpoConfig {
         method: Method::Lora,
