@@ -77,6 +77,12 @@ __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The two n-tiles of one x4 B fragment (see load_b_nk / load_b_kn): c0 += a b[0..2], c1 += a b[2..4].
+__device__ __forceinline__ void mma2(float* c0, float* c1, const u32* a, const u32* b) {
+    mma(c0, a, b[0], b[1]);
+    mma(c1, a, b[2], b[3]);
+}
+
 // A fragment (16x16, row-major source) at rows r0.., cols c0.. of a tile with leading dim ld.
 __device__ __forceinline__ void load_a(u32* a, u32 tile, int ld, int r0, int c0, int lane) {
     int m = lane >> 3, i = lane & 7;
@@ -109,6 +115,19 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// Double buffering: queues the next tile's copies (when there is one) into the other buffer,
+// then waits until this tile's copies have landed for the whole block.
+template <typename IssueNext>
+__device__ __forceinline__ void advance_tile(bool has_next, IssueNext issue_next) {
+    if (has_next) {
+        issue_next();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+}
 
 // Queues the copy of a ROWS x D tile (rows past `rows_here` zero) with cp.async, NT threads.
 template <int D, int ROWS, int NT = THREADS, typename RowPtr>
@@ -217,13 +236,7 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
     }
 
     for (int key0 = 0, buf = 0; key0 < kv_end; key0 += BLOCK_KEYS, buf ^= 1) {
-        if (key0 + BLOCK_KEYS < kv_end) {
-            issue(key0 + BLOCK_KEYS, buf ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        advance_tile(key0 + BLOCK_KEYS < kv_end, [&] { issue(key0 + BLOCK_KEYS, buf ^ 1); });
         const u32 sK = smem_addr(sKV) + buf * (2 * BLOCK_KEYS * LD * 2);
         const u32 sV = sK + BLOCK_KEYS * LD * 2;
         const int* tValid = sValid + buf * BLOCK_KEYS;
@@ -241,8 +254,7 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                 load_b_nk(bf, sK, LD, nt * 8, kc * 16, lane);
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
-                    mma(s[mt][nt], qa[mt][kc], bf[0], bf[1]);
-                    mma(s[mt][nt + 1], qa[mt][kc], bf[2], bf[3]);
+                    mma2(s[mt][nt], s[mt][nt + 1], qa[mt][kc], bf);
                 }
             }
         }
@@ -329,8 +341,7 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                 load_b_kn(bf, sV, LD, kc * 16, dt * 8, lane);
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
-                    mma(acc[mt][dt], pa[mt], bf[0], bf[1]);
-                    mma(acc[mt][dt + 1], pa[mt], bf[2], bf[3]);
+                    mma2(acc[mt][dt], acc[mt][dt + 1], pa[mt], bf);
                 }
             }
         }
@@ -448,13 +459,7 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
     bool valid_lo = false, valid_hi = false;  // this thread's two keys, read after the first barrier
     if (q_first < T) issue(q_first, 0);
     for (int q0 = q_first, buf = 0; q0 < T; q0 += QB, buf ^= 1) {
-        if (q0 + QB < T) {
-            issue(q0 + QB, buf ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        advance_tile(q0 + QB < T, [&] { issue(q0 + QB, buf ^ 1); });
         const u32 sQ = smem_addr(sQdO) + buf * (2 * QB * LD * 2);
         const u32 sdO = sQ + QB * LD * 2;
         const u32 aK = smem_addr(sK), aV = smem_addr(sV), aDS = smem_addr(sDS);
@@ -481,10 +486,8 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                 u32 bq[4], bd[4];
                 load_b_nk(bq, sQ, LD, nt * 8, kc * 16, lane);
                 load_b_nk(bd, sdO, LD, nt * 8, kc * 16, lane);
-                mma(st[nt], ka, bq[0], bq[1]);
-                mma(st[nt + 1], ka, bq[2], bq[3]);
-                mma(dpt[nt], va, bd[0], bd[1]);
-                mma(dpt[nt + 1], va, bd[2], bd[3]);
+                mma2(st[nt], st[nt + 1], ka, bq);
+                mma2(dpt[nt], dpt[nt + 1], va, bd);
             }
         }
         // P^T and dS^T = P^T * (dP^T - delta); masking only on tiles that need it.
@@ -531,10 +534,8 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                 u32 bo[4], bq[4];
                 load_b_kn(bo, sdO, LD, kc * 16, dt * 8, lane);
                 load_b_kn(bq, sQ, LD, kc * 16, dt * 8, lane);
-                mma(dV[dt], pa, bo[0], bo[1]);
-                mma(dV[dt + 1], pa, bo[2], bo[3]);
-                mma(dK[dt], da, bq[0], bq[1]);
-                mma(dK[dt + 1], da, bq[2], bq[3]);
+                mma2(dV[dt], dV[dt + 1], pa, bo);
+                mma2(dK[dt], dK[dt + 1], da, bq);
             }
         }
         __syncthreads();
@@ -555,8 +556,7 @@ __device__ void bwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                 for (int dt = 0; dt < COLS / 8; dt += 2) {
                     u32 bk[4];
                     load_b_kn(bk, aK, LD, kc * 16, c0 + dt * 8, lane);
-                    mma(dq[dt], a, bk[0], bk[1]);
-                    mma(dq[dt + 1], a, bk[2], bk[3]);
+                    mma2(dq[dt], dq[dt + 1], a, bk);
                 }
             }
 #pragma unroll
