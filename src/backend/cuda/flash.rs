@@ -25,10 +25,27 @@ const FWD_THREADS: u32 = 128;
 /// Query rows of a backward tile.
 const TILE: usize = 64;
 
-// Tile shapes, as `FwdShape` / `BwdShape` in flash_attention.cu set them per head size.
+// Tile shapes per head size. They reach the kernels as NVRTC defines (`tile_defines`), so the
+// grid, block and shared-memory sizes here and the kernels' loops cannot disagree.
 
-/// Query rows of a forward block: each warp takes two row tiles at head dim 64, one at 128.
+/// Row tiles of 16 each forward warp owns: two at head dim 64 (one K/V fragment feeds two
+/// `mma`), one at 128, where two would spill registers.
+fn fwd_row_tiles(d: usize) -> usize {
+    if d == 64 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Query rows of a forward block (four warps).
 fn fwd_rows(d: usize) -> usize {
+    16 * 4 * fwd_row_tiles(d)
+}
+
+/// Keys of a backward block, 16 per warp: 128 at head dim 64 (half the dQ atomics per
+/// product), 64 at 128, where 128 would not fit twice an SM's shared memory.
+fn bwd_keys(d: usize) -> usize {
     if d == 64 {
         2 * TILE
     } else {
@@ -36,13 +53,16 @@ fn fwd_rows(d: usize) -> usize {
     }
 }
 
-/// Keys of a backward block, 16 per warp.
-fn bwd_keys(d: usize) -> usize {
-    if d == 64 {
-        2 * TILE
-    } else {
-        TILE
-    }
+fn tile_defines() -> Vec<String> {
+    HEAD_DIMS
+        .iter()
+        .flat_map(|&d| {
+            [
+                format!("-DFWD_ROW_TILES_D{d}={}", fwd_row_tiles(d)),
+                format!("-DBWD_KEYS_D{d}={}", bwd_keys(d)),
+            ]
+        })
+        .collect()
 }
 
 fn bwd_threads(d: usize) -> u32 {
@@ -108,6 +128,7 @@ fn load(ordinal: usize) -> Result<Kernels, Error> {
             format!("--gpu-architecture=compute_{major}{minor}"),
             "-std=c++17".into(),
         ];
+        flags.extend(tile_defines());
         // Extra NVRTC flags, for measuring (e.g. `--use_fast_math`).
         if let Ok(extra) = std::env::var("RUNNER_FLASH_NVRTC_FLAGS") {
             flags.extend(extra.split_whitespace().map(String::from));
@@ -555,4 +576,30 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
             .tensor()
     };
     Ok((to_bf16(dq_acc), to_bf16(dk_acc), to_bf16(dv_acc)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defines_cover_every_tile_shape_the_kernels_require() {
+        let required: Vec<&str> = SOURCE
+            .split("defined(")
+            .skip(1)
+            .filter_map(|rest| rest.split(')').next())
+            .collect();
+        assert_eq!(required.len(), 4, "{required:?}");
+        let defines = tile_defines();
+        for name in required {
+            assert!(
+                defines.iter().any(|d| d.starts_with(&format!("-D{name}="))),
+                "{name} missing from {defines:?}"
+            );
+        }
+        // The launch sizes follow the same shapes.
+        assert_eq!(fwd_rows(64), 128);
+        assert_eq!(bwd_threads(64), 256);
+        assert_eq!(bwd_threads(128), 128);
+    }
 }

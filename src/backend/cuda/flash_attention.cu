@@ -18,6 +18,13 @@ typedef long long i64;
 
 #define INF __int_as_float(0x7f800000)
 
+// Tile shapes per head size come from flash.rs as defines (FWD_ROW_TILES_D64, FWD_ROW_TILES_D128,
+// BWD_KEYS_D64, BWD_KEYS_D128), with the launch sizes they imply.
+#if !defined(FWD_ROW_TILES_D64) || !defined(FWD_ROW_TILES_D128) || !defined(BWD_KEYS_D64) || \
+    !defined(BWD_KEYS_D128)
+#error "compile through flash.rs, which defines the tile shapes"
+#endif
+
 #define BLOCK_ROWS 64
 #define BLOCK_KEYS 64
 #define THREADS 128
@@ -147,7 +154,7 @@ __device__ __forceinline__ void load_tile_async(bf16_t* tile, int rows_here, Row
 // Each warp owns MT row tiles of 16: one K or V fragment read from shared memory feeds MT mma.
 template <int D>
 struct FwdShape {
-    static constexpr int MT = D == 64 ? 2 : 1;  // at D = 128 two tiles would spill registers
+    static constexpr int MT = D == 64 ? FWD_ROW_TILES_D64 : FWD_ROW_TILES_D128;
     static constexpr int ROWS = BLOCK_ROWS * MT;
 };
 
@@ -382,7 +389,7 @@ __device__ void fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
 // delta [B, H, T] = rowsum(dO * O).
 template <int D>
 struct BwdShape {
-    static constexpr int KB = D == 64 ? 128 : 64;  // at D = 128, 128 keys would not fit twice an SM
+    static constexpr int KB = D == 64 ? BWD_KEYS_D64 : BWD_KEYS_D128;
     static constexpr int WARPS = KB / 16;
     static constexpr int THREADS_ = WARPS * 32;
 };
