@@ -134,6 +134,11 @@ fn fast_swiglu<F: FastOps>(gate: Tensor<F, 2>, up: Tensor<F, 2>) -> Tensor<F, 2>
 /// two inputs (see [`FastOps::fast_swiglu`]).
 pub fn swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
     route!(B, fast_swiglu, (gate, up));
+    composed_swiglu(gate, up)
+}
+
+/// SwiGLU from burn's ops.
+pub(crate) fn composed_swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
     burn::tensor::activation::silu(gate).mul(up)
 }
 

@@ -118,8 +118,7 @@ pub trait FastOps: Backend {
     fn fast_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let gate = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(gate));
         let up = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(up));
-        burn::tensor::activation::silu(gate)
-            .mul(up)
+        dispatch::composed_swiglu(gate, up)
             .into_primitive()
             .tensor()
     }

@@ -38,9 +38,9 @@ fn fwd_row_tiles(d: usize) -> usize {
     }
 }
 
-/// Query rows of a forward block (four warps).
+/// Query rows of a forward block: 16 per warp and row tile.
 fn fwd_rows(d: usize) -> usize {
-    16 * 4 * fwd_row_tiles(d)
+    16 * (FWD_THREADS as usize / 32) * fwd_row_tiles(d)
 }
 
 /// Keys of a backward block, 16 per warp: 128 at head dim 64 (half the dQ atomics per
@@ -54,14 +54,14 @@ fn bwd_keys(d: usize) -> usize {
 }
 
 fn tile_defines() -> Vec<String> {
-    HEAD_DIMS
-        .iter()
-        .flat_map(|&d| {
+    let threads = format!("-DFWD_THREADS={FWD_THREADS}");
+    std::iter::once(threads)
+        .chain(HEAD_DIMS.iter().flat_map(|&d| {
             [
                 format!("-DFWD_ROW_TILES_D{d}={}", fwd_row_tiles(d)),
                 format!("-DBWD_KEYS_D{d}={}", bwd_keys(d)),
             ]
-        })
+        }))
         .collect()
 }
 
@@ -589,7 +589,7 @@ mod tests {
             .skip(1)
             .filter_map(|rest| rest.split(')').next())
             .collect();
-        assert_eq!(required.len(), 4, "{required:?}");
+        assert_eq!(required.len(), 5, "{required:?}");
         let defines = tile_defines();
         for name in required {
             assert!(

@@ -20,14 +20,15 @@ typedef long long i64;
 
 // Tile shapes per head size come from flash.rs as defines (FWD_ROW_TILES_D64, FWD_ROW_TILES_D128,
 // BWD_KEYS_D64, BWD_KEYS_D128), with the launch sizes they imply.
-#if !defined(FWD_ROW_TILES_D64) || !defined(FWD_ROW_TILES_D128) || !defined(BWD_KEYS_D64) || \
-    !defined(BWD_KEYS_D128)
+#if !defined(FWD_THREADS) || !defined(FWD_ROW_TILES_D64) || !defined(FWD_ROW_TILES_D128) || \
+    !defined(BWD_KEYS_D64) || !defined(BWD_KEYS_D128)
 #error "compile through flash.rs, which defines the tile shapes"
 #endif
 
 #define BLOCK_ROWS 64
 #define BLOCK_KEYS 64
-#define THREADS 128
+#define THREADS FWD_THREADS  // the forward block: four warps of 16 rows (times MT) each
+static_assert(THREADS == 4 * 32 && BLOCK_ROWS == 16 * (THREADS / 32), "forward block shape");
 
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     u32 r;
