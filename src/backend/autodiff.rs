@@ -15,6 +15,7 @@ use burn::tensor::{
     Bool, DType, Shape, Tensor, TensorMetadata, TensorPrimitive,
 };
 
+use crate::backend::lora::LoraGrads;
 use crate::backend::{cross_entropy, FastOps, FusedAttentionSpec};
 
 fn float<B: FastOps, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -199,6 +200,43 @@ impl<B: FastOps> Backward<B, 2> for RmsNormBackward {
 }
 
 #[derive(Debug)]
+struct LoraLinearBackward;
+
+impl<B: FastOps> Backward<B, 4> for LoraLinearBackward {
+    /// (x, W, A, B, scale)
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        f64,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w, node_a, node_b] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w, a, b, scale) = ops.state;
+        let wanted = LoraGrads {
+            x: node_x.is_some(),
+            weight: node_w.is_some(),
+            a: node_a.is_some(),
+            b: node_b.is_some(),
+        };
+        let g = B::fast_lora_linear_backward(x, w, a, b, scale, dy, wanted);
+        for (node, grad) in [
+            (node_x, g.x),
+            (node_w, g.weight),
+            (node_a, g.a),
+            (node_b, g.b),
+        ] {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct FusedAttentionBackward;
 
 #[derive(Clone, Debug)]
@@ -230,6 +268,44 @@ impl<B: FastOps> Backward<B, 3> for FusedAttentionBackward {
 }
 
 impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
+    fn fast_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let prepared = LoraLinearBackward
+            .prepare::<C>([
+                x.node.clone(),
+                weight.node.clone(),
+                a.node.clone(),
+                b.node.clone(),
+            ])
+            .compute_bound()
+            .stateful();
+        let y = B::fast_lora_linear(
+            x.primitive.clone(),
+            weight.primitive.clone(),
+            a.primitive.clone(),
+            b.primitive.clone(),
+            scale,
+        );
+        match prepared {
+            OpsKind::Tracked(prep) => prep.finish(
+                (
+                    x.primitive,
+                    weight.primitive,
+                    a.primitive,
+                    b.primitive,
+                    scale,
+                ),
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn fast_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let prepared = SwigluBackward
             .prepare::<C>([gate.node.clone(), up.node.clone()])

@@ -214,6 +214,8 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     };
     bench_method(&bench.method, &mut cfg)?;
     let t1 = Instant::now();
+    #[cfg(feature = "profile")]
+    let profile = crate::backend::host_profile::HostProfile::from_env();
     let report = crate::trainer::train_sft::<AB>(
         &cfg,
         crate::trainer::BaseModel::Loaded {
@@ -226,6 +228,8 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
         device,
         None,
     )?;
+    #[cfg(feature = "profile")]
+    drop(profile);
     let wall_s = t1.elapsed().as_secs_f64();
     eprintln!("bench sft: weights drawn in {init_s:.1} s, training and saving took {wall_s:.1} s");
     let rows: Vec<Value> = std::fs::read_to_string(&report.metrics_path)?
@@ -238,10 +242,26 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
         .filter_map(|r| r["tokens_per_s"].as_f64())
         .collect();
     let tokens_per_s = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
+    // Where the time of a timed step goes (see the trainer's phase clock).
+    let phase_mean = |key: &str| {
+        let values: Vec<f64> = rows
+            .iter()
+            .filter(|r| r["step"].as_u64().unwrap_or(0) > bench.warmup_steps)
+            .filter_map(|r| r[key].as_f64())
+            .collect();
+        values.iter().sum::<f64>() / values.len().max(1) as f64
+    };
+    let phases = json!({
+        "forward_s": phase_mean("forward_s"),
+        "backward_s": phase_mean("backward_s"),
+        "update_s": phase_mean("update_s"),
+        "other_s": phase_mean("other_s"),
+    });
     let losses: Vec<f64> = rows.iter().filter_map(|r| r["loss"].as_f64()).collect();
     Ok(json!({
         "method": bench.method,
         "tokens_per_s": tokens_per_s,
+        "phases": phases,
         "steps_timed": timed.len(),
         "first_loss": losses.first(),
         "last_loss": losses.last(),

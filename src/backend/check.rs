@@ -34,6 +34,10 @@ fn host<BK: Backend, const D: usize>(t: Tensor<BK, D>) -> Vec<f32> {
 }
 
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    // A NaN or infinity anywhere fails the check (`max` would skip it).
+    if got.iter().chain(want).any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30) as f64;
     let diff = got
         .iter()
@@ -296,7 +300,185 @@ pub fn run_checks(dir: &Path) -> Result<(Vec<String>, bool), Error> {
         dump.manifest.lines().count(),
         dir.display()
     ));
+    check_adamw(&mut lines, &mut ok);
+    check_lora(&mut lines, &mut ok);
     Ok((lines, ok))
+}
+
+/// `op(a) op(b)` in f64 for row-major `a` and `b`, `op` transposing where asked; `m x n` out.
+fn host_gemm(
+    a: &[f64],
+    b: &[f64],
+    (m, k, n): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+) -> Vec<f64> {
+    let at = |i: usize, l: usize| if ta { a[l * m + i] } else { a[i * k + l] };
+    let bt = |l: usize, j: usize| if tb { b[j * k + l] } else { b[l * n + j] };
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|l| at(i, l) * bt(l, j)).sum();
+        }
+    }
+    out
+}
+
+/// 5. The LoRA projection node (cuBLAS with alpha/beta) against the host in f64 from the
+///    operands' values: output and the gradients of x, A, B (and of W where it trains).
+fn check_lora(lines: &mut Vec<String>, ok: &mut bool) {
+    let (n, inp, out, r, scale) = (300, 96, 80, 8, 2.0);
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        let inputs = [
+            randn::<B, 2>([n, inp], dtype),
+            randn::<B, 2>([out, inp], dtype),
+            randn::<B, 2>([r, inp], dtype),
+            randn::<B, 2>([out, r], dtype),
+            randn::<B, 2>([n, out], dtype),
+        ];
+        let [x, w, a, b, dy] = inputs
+            .clone()
+            .map(|t| host(t).into_iter().map(f64::from).collect::<Vec<f64>>());
+        let axpy = |p: Vec<f64>, q: Vec<f64>, s: f64| -> Vec<f64> {
+            p.iter().zip(&q).map(|(p, q)| p + s * q).collect()
+        };
+        let u = host_gemm(&x, &a, (n, inp, r), false, true);
+        let t = host_gemm(&dy, &b, (n, out, r), false, false);
+        let want_y = axpy(
+            host_gemm(&x, &w, (n, inp, out), false, true),
+            host_gemm(&u, &b, (n, r, out), false, true),
+            scale,
+        );
+        let want_dx = axpy(
+            host_gemm(&dy, &w, (n, out, inp), false, false),
+            host_gemm(&t, &a, (n, r, inp), false, false),
+            scale,
+        );
+        let scaled = |v: Vec<f64>| v.into_iter().map(|x| x * scale).collect::<Vec<f64>>();
+        let want_dw = host_gemm(&dy, &x, (out, n, inp), true, false);
+        let want_da = scaled(host_gemm(&t, &x, (r, n, inp), true, false));
+        let want_db = scaled(host_gemm(&dy, &u, (out, n, r), true, false));
+        for trains_w in [false, true] {
+            let [x, w, a, b, dy] = inputs.clone().map(Tensor::<Ad, 2>::from_inner);
+            let (x, a, b) = (x.require_grad(), a.require_grad(), b.require_grad());
+            let w = if trains_w { w.require_grad() } else { w };
+            let y = crate::backend::lora_linear(x.clone(), w.clone(), a.clone(), b.clone(), scale);
+            let grads = y.clone().mul(dy).sum().backward();
+            let g = |t: &Tensor<Ad, 2>| t.grad(&grads).map(host).unwrap_or_default();
+            let got = [host(y.inner()), g(&x), g(&w), g(&a), g(&b)];
+            let want = [&want_y, &want_dx, &want_dw, &want_da, &want_db];
+            for (i, what) in ["y", "dx", "dW", "dA", "dB"].iter().enumerate() {
+                if *what == "dW" && !trains_w {
+                    continue;
+                }
+                let want: Vec<f32> = want[i].iter().map(|&v| v as f32).collect();
+                let err = rel_err(&got[i], &want);
+                let pass = err <= tol;
+                *ok &= pass;
+                lines.push(format!(
+                    "{} lora {dtype:?} trains_w={trains_w} {what}: rel err {err:.2e} (limit {tol:.0e})",
+                    if pass { "PASS" } else { "FAIL" }
+                ));
+            }
+        }
+    }
+}
+
+/// 4. The fused AdamW kernel against the same update from burn's ops on the same GPU: f32 or
+///    bf16 gradients, with and without a gradient scale and weight decay, a bf16 copy or none, a
+///    first and a later step, and lengths off the block size and past one grid's reach.
+fn check_adamw(lines: &mut Vec<String>, ok: &mut bool) {
+    use crate::backend::adamw::{composed, AdamwStep};
+    use burn::tensor::FloatDType;
+    let cases = [
+        ("grad_f32", 100_003, DType::F32, false, 0.0, None, 1),
+        (
+            "grad_bf16_scale_low",
+            100_003,
+            DType::BF16,
+            true,
+            0.1,
+            Some(FloatDType::BF16),
+            1,
+        ),
+        (
+            "grad_bf16_step7",
+            1_500_001,
+            DType::BF16,
+            true,
+            0.1,
+            Some(FloatDType::BF16),
+            7,
+        ),
+        ("grad_f32_wd", 4_097, DType::F32, false, 0.01, None, 3),
+    ];
+    for (name, n, grad_dtype, scaled, weight_decay, low, step) in cases {
+        let weights = randn::<B, 1>([n], DType::F32);
+        let grad = randn::<B, 1>([n], grad_dtype);
+        let exp_avg = randn::<B, 1>([n], DType::F32).mul_scalar(0.1);
+        let exp_avg_sq = randn::<B, 1>([n], DType::F32)
+            .powi_scalar(2)
+            .mul_scalar(0.01);
+        let scale = scaled.then(|| Tensor::<B, 1>::from_floats([0.37], &Default::default()));
+        let hp = AdamwStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            step,
+        };
+        let fused = crate::backend::adamw_update(
+            weights.clone(),
+            grad.clone(),
+            exp_avg.clone(),
+            exp_avg_sq.clone(),
+            scale.clone(),
+            hp,
+            low,
+        );
+        let want = composed(
+            weights,
+            grad.cast(DType::F32),
+            exp_avg,
+            exp_avg_sq,
+            scale,
+            hp,
+            low,
+        );
+        let mut errs = vec![
+            (
+                "weights",
+                rel_err(&host(fused.weights), &host(want.weights)),
+                1e-6,
+            ),
+            (
+                "exp_avg",
+                rel_err(&host(fused.exp_avg), &host(want.exp_avg)),
+                1e-6,
+            ),
+            (
+                "exp_avg_sq",
+                rel_err(&host(fused.exp_avg_sq), &host(want.exp_avg_sq)),
+                1e-6,
+            ),
+        ];
+        match (fused.low, want.low) {
+            (Some(got), Some(want)) => {
+                errs.push(("bf16 copy", rel_err(&host(got), &host(want)), 1e-2))
+            }
+            (None, None) => {}
+            _ => errs.push(("bf16 copy present in one only", f64::INFINITY, 0.0)),
+        }
+        for (what, err, tol) in errs {
+            let pass = err <= tol;
+            *ok &= pass;
+            lines.push(format!(
+                "{} adamw {name} {what}: rel err {err:.2e} (limit {tol:.0e})",
+                if pass { "PASS" } else { "FAIL" }
+            ));
+        }
+    }
 }
 
 fn missing(what: &'static str) -> Error {

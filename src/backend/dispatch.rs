@@ -6,8 +6,11 @@
 
 use std::any::{Any, TypeId};
 
-use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorPrimitive};
+use burn::tensor::{
+    backend::Backend, ops::FloatTensor, Bool, DType, FloatDType, Int, Tensor, TensorPrimitive,
+};
 
+use crate::backend::adamw::{AdamwOutput, AdamwStep};
 use crate::backend::{attention, cross_entropy, FastOps, FusedAttentionSpec};
 
 fn same<A: 'static, B: 'static>() -> bool {
@@ -274,6 +277,85 @@ pub fn linear_cross_entropy<B: Backend>(
     route!(B, fast_cross_entropy, (hidden, weight, labels, chunk));
     // A backend outside the list: the same formulation through burn's autodiff.
     cross_entropy::reference::<B>(hidden, weight, labels)
+}
+
+fn fast_adamw<F: FastOps>(
+    weights: Tensor<F, 1>,
+    grad: Tensor<F, 1>,
+    exp_avg: Tensor<F, 1>,
+    exp_avg_sq: Tensor<F, 1>,
+    grad_scale: Option<Tensor<F, 1>>,
+    hp: AdamwStep,
+    low: Option<FloatDType>,
+) -> AdamwOutput<F> {
+    let float = |t: FloatTensor<F>| Tensor::<F, 1>::from_primitive(TensorPrimitive::Float(t));
+    let (w, m, v, l) = F::fast_adamw(
+        weights.into_primitive().tensor(),
+        grad.into_primitive().tensor(),
+        exp_avg.into_primitive().tensor(),
+        exp_avg_sq.into_primitive().tensor(),
+        grad_scale.map(|s| s.into_primitive().tensor()),
+        hp,
+        low,
+    );
+    AdamwOutput {
+        weights: float(w),
+        exp_avg: float(m),
+        exp_avg_sq: float(v),
+        low: l.map(float),
+    }
+}
+
+/// One AdamW update of a flat parameter (see [`crate::backend::adamw`]): `weights` and the
+/// moments in the update's precision, `grad` in the parameter's type. One fused kernel on
+/// burn-cuda, burn's operations elsewhere.
+pub fn adamw_update<B: Backend>(
+    weights: Tensor<B, 1>,
+    grad: Tensor<B, 1>,
+    exp_avg: Tensor<B, 1>,
+    exp_avg_sq: Tensor<B, 1>,
+    grad_scale: Option<Tensor<B, 1>>,
+    hp: AdamwStep,
+    low: Option<FloatDType>,
+) -> AdamwOutput<B> {
+    route!(
+        B,
+        fast_adamw,
+        (weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
+    );
+    let grad = grad.cast(FloatDType::from(weights.dtype()));
+    crate::backend::adamw::composed(weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
+}
+
+fn fast_lora_linear<F: FastOps>(
+    x: Tensor<F, 2>,
+    weight: Tensor<F, 2>,
+    a: Tensor<F, 2>,
+    b: Tensor<F, 2>,
+    scale: f64,
+) -> Tensor<F, 2> {
+    let out = F::fast_lora_linear(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        a.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+        scale,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The LoRA projection `x W^T + scale (x A^T) B^T` (`x [n, in]`, `W [out, in]`, `A [r, in]`,
+/// `B [out, r]`); under `Autodiff` one node (see [`crate::backend::lora`]).
+pub fn lora_linear<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    scale: f64,
+) -> Tensor<B, 2> {
+    route!(B, fast_lora_linear, (x, weight, a, b, scale));
+    let low = linear(linear(x.clone(), a), b);
+    linear(x, weight).add(low.mul_scalar(scale))
 }
 
 fn memory_used<F: FastOps>() -> Option<usize> {

@@ -12,6 +12,7 @@
 //! (docs.nvidia.com/cuda/cublas); the chunked loss follows Liger-Kernel's
 //! `fused_linear_cross_entropy` (recompute logits per chunk in the backward pass).
 
+pub mod adamw;
 pub mod attention;
 mod autodiff;
 #[cfg(feature = "cuda")]
@@ -26,6 +27,9 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod dispatch;
+#[cfg(feature = "profile")]
+pub mod host_profile;
+pub mod lora;
 
 use burn::tensor::{
     backend::Backend,
@@ -90,6 +94,34 @@ pub trait FastOps: Backend {
         let out = Self::fast_matmul(batch(a, transpose_a), batch(b, transpose_b));
         let shape = out.shape();
         Self::float_reshape(out, burn::tensor::Shape::new([shape[1], shape[2]]))
+    }
+
+    /// The LoRA projection `x W^T + scale (x A^T) B^T` for `x [n, in]`, `W [out, in]`,
+    /// `A [r, in]`, `B [out, r]` (see [`lora`]). Under `Autodiff` one node that keeps its four
+    /// inputs.
+    fn fast_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        lora::composed_forward::<Self>(x, weight, a, b, scale)
+    }
+
+    /// The gradients of [`FastOps::fast_lora_linear`] that `wanted` asks for, from the output's
+    /// gradient `dy [n, out]`.
+    #[allow(clippy::too_many_arguments)]
+    fn fast_lora_linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+        dy: FloatTensor<Self>,
+        wanted: lora::LoraGrads,
+    ) -> lora::LoraGradients<Self> {
+        lora::composed_backward::<Self>(x, weight, a, b, scale, dy, wanted)
     }
 
     /// `softmax(scores * scale)` over the last axis, with `masked_value` in place of the scaled
@@ -186,6 +218,28 @@ pub trait FastOps: Backend {
         attention::reference_backward_primitive::<Self>(q, k, v, o, lse, dout, key_valid, spec)
     }
 
+    /// One AdamW update of a flat parameter (see [`adamw`]): `weights`, `exp_avg` and
+    /// `exp_avg_sq` in the update's precision, `grad` in the parameter's type, `grad_scale` a
+    /// `[1]` tensor multiplying the gradient. Returns the new weights and moments, and the
+    /// weights cast to `low` where asked (the parameter's own type under mixed precision).
+    #[allow(clippy::type_complexity)]
+    fn fast_adamw(
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        grad_scale: Option<FloatTensor<Self>>,
+        hp: adamw::AdamwStep,
+        low: Option<burn::tensor::FloatDType>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+    ) {
+        adamw::composed_primitive::<Self>(weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
+    }
+
     /// Bytes of accelerator memory in use (`None` on the CPU): reported in training metrics.
     fn accelerator_memory_used() -> Option<usize> {
         None
@@ -211,8 +265,9 @@ pub trait FastOps: Backend {
 }
 
 pub use dispatch::{
-    accelerator_memory_mb, fused_attention, fused_attention_supported, linear,
-    linear_cross_entropy, masked_softmax, matmul, matmul_2d, matmul_tn, rms_norm, swiglu,
+    accelerator_memory_mb, adamw_update, fused_attention, fused_attention_supported, linear,
+    linear_cross_entropy, lora_linear, masked_softmax, matmul, matmul_2d, matmul_tn, rms_norm,
+    swiglu,
 };
 
 #[cfg(test)]

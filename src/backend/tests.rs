@@ -493,3 +493,76 @@ fn swiglu_and_rms_norm_nodes_match_burns_gradients_of_the_composed_ops() {
         "rms_norm dweight",
     );
 }
+
+#[test]
+fn lora_linear_node_matches_burns_gradients_of_the_composed_ops() {
+    let (n, inp, out, r, scale) = (9, 12, 7, 3, 2.5);
+    let [x, w, a, b, dy] = [
+        rand([n, inp], 41),
+        rand([out, inp], 42),
+        rand([r, inp], 43),
+        rand([out, r], 44),
+        rand([n, out], 45),
+    ];
+    // Every input trainable, then the usual LoRA case (W frozen), then only x (a frozen adapter).
+    for trains_w in [true, false] {
+        for trains_adapter in [true, false] {
+            let leaf = |t: &Tensor<Cpu, 2>, grad: bool| {
+                let t = Tensor::<Ad, 2>::from_inner(t.clone());
+                if grad {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            };
+            let run = |fused: bool| {
+                let (xa, wa) = (leaf(&x, true), leaf(&w, trains_w));
+                let (aa, ba) = (leaf(&a, trains_adapter), leaf(&b, trains_adapter));
+                let y = if fused {
+                    crate::backend::lora_linear(
+                        xa.clone(),
+                        wa.clone(),
+                        aa.clone(),
+                        ba.clone(),
+                        scale,
+                    )
+                } else {
+                    let low = xa
+                        .clone()
+                        .matmul(aa.clone().transpose())
+                        .matmul(ba.clone().transpose());
+                    xa.clone()
+                        .matmul(wa.clone().transpose())
+                        .add(low.mul_scalar(scale))
+                };
+                let grads = y
+                    .clone()
+                    .mul(Tensor::from_inner(dy.clone()))
+                    .sum()
+                    .backward();
+                let grad = |t: &Tensor<Ad, 2>| t.grad(&grads).map(values);
+                (
+                    values(y.inner()),
+                    grad(&xa),
+                    grad(&wa),
+                    grad(&aa),
+                    grad(&ba),
+                )
+            };
+            let (got, want) = (run(true), run(false));
+            let case = format!("trains_w {trains_w}, trains_adapter {trains_adapter}");
+            assert_close(got.0, want.0, 1e-5, &format!("y ({case})"));
+            for (what, g, w) in [
+                ("dx", got.1, want.1),
+                ("dW", got.2, want.2),
+                ("dA", got.3, want.3),
+                ("dB", got.4, want.4),
+            ] {
+                assert_eq!(g.is_some(), w.is_some(), "{what} present ({case})");
+                if let (Some(g), Some(w)) = (g, w) {
+                    assert_close(g, w, 1e-4, &format!("{what} ({case})"));
+                }
+            }
+        }
+    }
+}

@@ -176,26 +176,30 @@ impl<B: Backend> LoraLinear<B> {
         let rows: usize = dims[..D - 1].iter().product();
         let x2 = x.reshape([rows, inp]);
         let w = self.weight.val();
-        let mut y = crate::backend::linear(x2.clone(), w.clone());
-        if let (Some(m), Some(a), Some(b)) = (&self.magnitude, &self.lora_a, &self.lora_b) {
-            y = self.dora_delta(y, x2, w, m.val(), a.val(), b.val());
-            if let Some(bias) = &self.bias {
-                y = y.add(bias.val().unsqueeze::<2>());
+        let dropped = self.dropout.prob > 0.0 && B::ad_enabled(&x2.device());
+        let mut y = match (&self.magnitude, self.effective_a(), &self.lora_b) {
+            (Some(m), Some(_), Some(b)) => {
+                let a = self.lora_a.as_ref().expect("DoRA has lora_a").val();
+                let base = crate::backend::linear(x2.clone(), w.clone());
+                self.dora_delta(base, x2, w, m.val(), a, b.val())
             }
-            let mut out = dims;
-            out[D - 1] = self.out_features();
-            return y.reshape(out);
-        }
-        if let Some(b) = &self.bias {
-            y = y.add(b.val().unsqueeze::<2>());
-        }
-        if let (Some(a), Some(b)) = (self.effective_a(), &self.lora_b) {
-            // Through the backend's products so they reach cuBLAS on CUDA like the base weight's.
-            let low = crate::backend::linear(
-                crate::backend::linear(self.dropout.forward(x2), a),
-                b.val(),
-            );
-            y = y.add(low.mul_scalar(self.scaling));
+            // No dropout between x and A: the base and the adapter are one operation (one
+            // autodiff node, no elementwise passes on CUDA).
+            (None, Some(a), Some(b)) if !dropped => {
+                crate::backend::lora_linear(x2, w, a, b.val(), self.scaling)
+            }
+            (None, Some(a), Some(b)) => {
+                // Through the backend's products so they reach cuBLAS on CUDA like the base's.
+                let low = crate::backend::linear(
+                    crate::backend::linear(self.dropout.forward(x2.clone()), a),
+                    b.val(),
+                );
+                crate::backend::linear(x2, w).add(low.mul_scalar(self.scaling))
+            }
+            _ => crate::backend::linear(x2, w),
+        };
+        if let Some(bias) = &self.bias {
+            y = y.add(bias.val().unsqueeze::<2>());
         }
         let mut out = dims;
         out[D - 1] = self.out_features();

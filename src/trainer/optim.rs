@@ -14,6 +14,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
+use crate::backend::adamw::AdamwStep;
 use crate::model::hf::HostTensor;
 
 /// AdamW hyperparameters.
@@ -137,42 +138,36 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
             Some(s) => (Some(s.exp_avg), Some(s.exp_avg_sq), s.step, s.master),
             None => (None, None, 0, None),
         };
-        // Under mixed precision everything below runs in the master type.
-        let p = match master {
+        // Under mixed precision the update runs in the master type.
+        let weights = match master {
             Some(master) if mixed => master,
             _ if mixed => p.cast(master_dtype),
             _ => p,
         };
-        let mut g = grad.reshape([n]);
-        if mixed {
-            g = g.cast(master_dtype);
-        }
-        if let Some(scale) = &self.grad_scale {
-            g = g.mul(scale.clone());
-        }
-        let m = m.unwrap_or_else(|| g.zeros_like());
-        let v = v.unwrap_or_else(|| g.zeros_like());
+        let m = m.unwrap_or_else(|| weights.zeros_like());
+        let v = v.unwrap_or_else(|| weights.zeros_like());
         let step = step + 1;
-        let m = m
-            .mul_scalar(hp.beta1)
-            .add(g.clone().mul_scalar(1.0 - hp.beta1));
-        let v = v
-            .mul_scalar(hp.beta2)
-            .add(g.powi_scalar(2).mul_scalar(1.0 - hp.beta2));
-        let bc1 = 1.0 - hp.beta1.powi(step as i32);
-        let bc2 = 1.0 - hp.beta2.powi(step as i32);
         let wd = if decays(&path) { hp.weight_decay } else { 0.0 };
-        let p = if wd == 0.0 {
-            p
-        } else {
-            p.mul_scalar(1.0 - self.lr * wd)
-        };
-        let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(hp.eps);
-        let p = p.sub(m.clone().div(denom).mul_scalar(self.lr / bc1));
-        let (p, master) = if mixed {
-            (p.clone().cast(FloatDType::from(param_dtype)), Some(p))
-        } else {
-            (p, None)
+        let out = crate::backend::adamw_update(
+            weights,
+            grad.reshape([n]),
+            m,
+            v,
+            self.grad_scale.clone(),
+            AdamwStep {
+                lr: self.lr,
+                beta1: hp.beta1,
+                beta2: hp.beta2,
+                eps: hp.eps,
+                weight_decay: wd,
+                step,
+            },
+            mixed.then(|| FloatDType::from(param_dtype)),
+        );
+        let (m, v) = (out.exp_avg, out.exp_avg_sq);
+        let (p, master) = match out.low {
+            Some(low) => (low, Some(out.weights)),
+            None => (out.weights, None),
         };
         self.opt.state.insert(
             path,

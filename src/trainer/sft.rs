@@ -313,6 +313,45 @@ pub(crate) struct LoopCtx<'a> {
     pub progress: Option<&'a MultiProgress>,
 }
 
+/// Seconds the host spent in each phase of the steps since the last log line. On the CPU that is
+/// the phase's compute; on a GPU the time to queue its kernels, which run behind, so a phase
+/// that takes most of the step there means the step is bound by the host, not the device.
+///
+/// With `RUNNER_SYNC_PHASES=1` in the environment each phase waits for the device before the
+/// clock stops, so the times are the device's (and the step slower): compare the two to see
+/// which side bounds a step.
+#[derive(Default)]
+struct PhaseClock {
+    forward_s: f64,
+    backward_s: f64,
+    update_s: f64,
+    steps: u64,
+}
+
+impl PhaseClock {
+    fn sync<B: Backend>(&self, device: &B::Device) {
+        static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *SYNC.get_or_init(|| std::env::var("RUNNER_SYNC_PHASES").is_ok_and(|v| v == "1")) {
+            // A failed sync surfaces at the next read of a device value; the clock only measures.
+            let _ = B::sync(device);
+        }
+    }
+
+    /// Adds the per-step means to `row` (`window_s`: the window's wall time, so `other_s` is
+    /// what no phase accounts for: waiting on the device, logging, checkpoints) and restarts.
+    fn take_into(&mut self, row: MetricsRow, window_s: f64) -> MetricsRow {
+        let steps = self.steps.max(1) as f64;
+        let issued = self.forward_s + self.backward_s + self.update_s;
+        let row = row
+            .with("forward_s", self.forward_s / steps)
+            .with("backward_s", self.backward_s / steps)
+            .with("update_s", self.update_s / steps)
+            .with("other_s", (window_s - issued).max(0.0) / steps);
+        *self = Self::default();
+        row
+    }
+}
+
 /// Token-mean cross-entropy over `examples` (one host read at the end).
 pub fn evaluate<B: Backend, M: CausalModel<B>>(
     model: &M,
@@ -446,6 +485,7 @@ where
     let mut last_eval = None;
     let mut window_tokens = 0u64;
     let mut window_start = Instant::now();
+    let mut phases = PhaseClock::default();
     for index in start..total {
         let planned = &plan[index as usize];
         // Dropout masks depend on (seed, step) only, so a resumed run draws the same ones.
@@ -463,6 +503,7 @@ where
         let mut accumulator = GradientsAccumulator::<M>::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         for mb in &planned.micro_batches {
+            let forward_start = Instant::now();
             let batch = make_batch::<B>(ctx.train, mb, ctx.pad_id, device);
             window_tokens += batch.num_tokens as u64;
             let mut loss = model.summed_loss(&batch).div_scalar(items.max(1) as f64);
@@ -475,9 +516,15 @@ where
                 Some(acc) => acc.add(detached),
                 None => detached,
             });
+            phases.sync::<B>(device);
+            let backward_start = Instant::now();
+            phases.forward_s += (backward_start - forward_start).as_secs_f64();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
+            phases.sync::<B>(device);
+            phases.backward_s += backward_start.elapsed().as_secs_f64();
         }
+        let update_start = Instant::now();
         let mut grads = accumulator.grads();
         let norm = global_grad_norm::<B, M>(&model, &grads, device);
         let scale = cfg
@@ -488,6 +535,9 @@ where
         hook.before_step(&model, &grads, scale.as_ref());
         model = opt.step::<B, M>(model, &mut grads, lr, scale);
         model = hook.after_step(model, index);
+        phases.sync::<B>(device);
+        phases.update_s += update_start.elapsed().as_secs_f64();
+        phases.steps += 1;
         let step = index + 1;
         if let Some(l) = step_loss {
             loss_acc = Some(match loss_acc {
@@ -510,6 +560,7 @@ where
             r.lr = Some(lr);
             r.grad_norm = Some(norm.into_scalar().elem());
             r.tokens_per_s = tokens_per_s;
+            r = phases.take_into(r, secs);
             r.memory_mb = resident_memory_mb();
             if let Some(gpu) = crate::backend::accelerator_memory_mb::<B>() {
                 r = r.with("gpu_memory_mb", gpu);

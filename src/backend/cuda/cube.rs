@@ -8,9 +8,11 @@
 //! vendor/cubecl-cuda/RUNNER_PATCH.md), so it runs in order with cubecl's kernels and the host
 //! never waits.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::tensor::{
     ops::{FloatTensor, IntTensor},
-    DType, Shape, TensorMetadata,
+    DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive,
 };
 use burn_cubecl::{
     element::BoolElement, kernel::into_contiguous, tensor::CubeTensor, CubeBackend, FloatElement,
@@ -18,9 +20,11 @@ use burn_cubecl::{
 };
 use cubecl::cuda::CudaRuntime;
 
+use crate::backend::adamw::{self, AdamwStep};
 use crate::backend::attention::{reference_backward_primitive, reference_forward_primitive};
 use crate::backend::cuda::cublas::{self, Gemm, GemmDtype, Operand};
-use crate::backend::cuda::flash;
+use crate::backend::cuda::{flash, optim, queue};
+use crate::backend::lora::{LoraGradients, LoraGrads};
 use crate::backend::{Error, FastOps, FusedAttentionSpec};
 
 type Cube<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
@@ -87,23 +91,30 @@ fn prepare(tensor: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, Operand
 /// `lhs [b|1, m, k] @ rhs [b|1, k, n]` through cuBLAS; `Err` where it does not apply.
 /// The `Err` hands both operands back (large, by value) so the caller can fall back to burn.
 #[allow(clippy::result_large_err)]
-pub fn cublas_matmul(
-    lhs: CubeTensor<CudaRuntime>,
-    rhs: CubeTensor<CudaRuntime>,
-) -> Result<CubeTensor<CudaRuntime>, (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>)> {
+pub fn cublas_matmul(lhs: CT, rhs: CT) -> Result<CT, (CT, CT)> {
+    cublas_gemm(lhs, rhs, 1.0, None).map_err(|(lhs, rhs, _)| (lhs, rhs))
+}
+
+type CT = CubeTensor<CudaRuntime>;
+
+/// `alpha lhs @ rhs`, added into `acc` when given (cuBLAS's beta = 1): `acc` must be a
+/// contiguous `[b, m, n]` tensor of the operands' type that nothing else holds, and becomes the
+/// output. `Err` hands everything back where cuBLAS does not apply.
+#[allow(clippy::result_large_err, clippy::type_complexity)]
+fn cublas_gemm(lhs: CT, rhs: CT, alpha: f32, acc: Option<CT>) -> Result<CT, (CT, CT, Option<CT>)> {
     let lhs_shape = lhs.meta.shape().clone();
     let rhs_shape = rhs.meta.shape().clone();
     let dtype = match gemm_dtype(lhs.dtype) {
         Some(d) if lhs.dtype == rhs.dtype => d,
-        _ => return Err((lhs, rhs)),
+        _ => return Err((lhs, rhs, acc)),
     };
     if lhs_shape.num_dims() != 3 || rhs_shape.num_dims() != 3 || lhs_shape[2] != rhs_shape[1] {
-        return Err((lhs, rhs));
+        return Err((lhs, rhs, acc));
     }
     let (bl, m, k) = (lhs_shape[0], lhs_shape[1], lhs_shape[2]);
     let (br, n) = (rhs_shape[0], rhs_shape[2]);
     if bl != br && bl != 1 && br != 1 {
-        return Err((lhs, rhs));
+        return Err((lhs, rhs, acc));
     }
     let batch = bl.max(br);
     if batch == 0
@@ -113,33 +124,38 @@ pub fn cublas_matmul(
         || batch > i32::MAX as usize
         || !super::worth_cublas(batch, m, k, n)
     {
-        return Err((lhs, rhs));
+        return Err((lhs, rhs, acc));
+    }
+    if let Some(t) = &acc {
+        let fits = t.dtype == lhs.dtype
+            && t.meta.shape().to_vec() == vec![batch, m, n]
+            && t.is_contiguous()
+            && t.can_mut();
+        if !fits {
+            return Err((lhs, rhs, acc));
+        }
     }
 
-    let (lhs, mut a_row) = prepare(lhs);
-    let (rhs, mut b_row) = prepare(rhs);
+    let (lhs, a_row) = prepare(lhs);
+    let (rhs, b_row) = prepare(rhs);
     let client = lhs.client.clone();
     let device = lhs.device.clone();
-    let out_handle = client.empty(batch * m * n * dtype.size());
-    let out = CubeTensor::new_contiguous(
-        client.clone(),
-        device.clone(),
-        Shape::new([batch, m, n]),
-        out_handle,
-        lhs.dtype,
-    );
-
-    let resources = (
-        client.get_resource(lhs.handle.clone()),
-        client.get_resource(rhs.handle.clone()),
-        client.get_resource(out.handle.clone()),
-    );
-    let (ra, rb, rd) = match resources {
-        (Ok(a), Ok(b), Ok(d)) => (a, b, d),
-        _ => return Err((lhs, rhs)),
-    };
-    a_row.ptr = ra.resource().ptr;
-    b_row.ptr = rb.resource().ptr;
+    if let Err(err) = cublas::ready(device.index) {
+        // No cuBLAS here (library missing): burn's matmul it is.
+        log_fallback(&err);
+        return Err((lhs, rhs, acc));
+    }
+    let beta = if acc.is_some() { 1.0 } else { 0.0 };
+    let out = acc.unwrap_or_else(|| {
+        let handle = client.empty(batch * m * n * dtype.size());
+        CubeTensor::new_contiguous(
+            client.clone(),
+            device.clone(),
+            Shape::new([batch, m, n]),
+            handle,
+            lhs.dtype,
+        )
+    });
     // Row-major C = A B is column-major C^T = B^T A^T: cuBLAS's A is our rhs, its B our lhs.
     let gemm = Gemm {
         dtype,
@@ -149,44 +165,81 @@ pub fn cublas_matmul(
         batch: batch as i32,
         a: b_row,
         b: a_row,
-        d_ptr: rd.resource().ptr,
+        d_ptr: 0,
         ldd: n as i64,
         d_batch_stride: (m * n) as i64,
+        alpha,
+        beta,
     };
-    // `get_resource` made the output's stream wait for whatever stream wrote the operands, so
-    // queuing there orders the GEMM after its inputs and before every later kernel that reads
-    // its output or reuses the operands' memory.
-    let stream = rd.resource().stream;
-    let ran = cublas::with_state(device.index, |state| {
-        // SAFETY: the pointers are live cubecl allocations of the described sizes; see above
-        // for the ordering.
-        unsafe { state.enqueue(stream, &gemm) }
+    let handles = vec![lhs.handle.clone(), rhs.handle.clone(), out.handle.clone()];
+    queue::submit(&client, handles, "cuBLAS GEMM", move |r| {
+        let mut gemm = gemm;
+        gemm.b.ptr = r.ptrs[0];
+        gemm.a.ptr = r.ptrs[1];
+        gemm.d_ptr = r.ptrs[2];
+        cublas::with_state(device.index, |state| {
+            // SAFETY: the pointers are live cubecl allocations of the described sizes, held
+            // until this returns; the GEMM is queued on the output's stream, after the work that
+            // wrote the operands and before any later kernel that reads the output or reuses
+            // the operands' memory.
+            unsafe { state.enqueue(r.stream, &gemm) }
+        })
     });
-    drop((ra, rb, rd));
-    match ran {
-        Ok(()) => Ok(out),
-        Err(err) => {
-            // A failed cuBLAS call (library missing, unsupported layout) falls back to burn.
-            log_fallback(&err);
-            Err((lhs, rhs))
+    Ok(out)
+}
+
+/// `alpha op(a) op(b)` for 2-D operands (`op` transposing where asked), added into `acc`
+/// (see [`cublas_gemm`]) when given; burn's ops where cuBLAS does not apply.
+fn gemm_2d<F: FloatElement, I: IntElement, BT: BoolElement>(
+    a: CT,
+    b: CT,
+    (transpose_a, transpose_b): (bool, bool),
+    alpha: f64,
+    acc: Option<CT>,
+) -> CT {
+    type T<F, I, BT> = Tensor<Cube<F, I, BT>, 3>;
+    let lift = |t: CT, transpose: bool| {
+        let [rows, cols] = [t.meta.shape()[0], t.meta.shape()[1]];
+        let t = T::<F, I, BT>::from_primitive(TensorPrimitive::Float(t)).reshape([1, rows, cols]);
+        let t = if transpose { t.swap_dims(1, 2) } else { t };
+        t.into_primitive().tensor()
+    };
+    let (a3, b3) = (lift(a, transpose_a), lift(b, transpose_b));
+    let acc3 = acc.map(|t| lift(t, false));
+    let out = match cublas_gemm(a3, b3, alpha as f32, acc3) {
+        Ok(out) => T::<F, I, BT>::from_primitive(TensorPrimitive::Float(out)),
+        Err((a3, b3, acc3)) => {
+            let float = |t: CT| T::<F, I, BT>::from_primitive(TensorPrimitive::Float(t));
+            let product = float(a3).matmul(float(b3)).mul_scalar(alpha);
+            match acc3 {
+                Some(acc) => float(acc).add(product),
+                None => product,
+            }
         }
+    };
+    let [_, rows, cols] = out.dims();
+    out.reshape([rows, cols]).into_primitive().tensor()
+}
+
+/// Prints `what` and `err` the first time `warned` is seen unset.
+fn warn_once(warned: &AtomicBool, what: &str, err: &Error) {
+    if !warned.swap(true, Ordering::Relaxed) {
+        eprintln!("runner backend: {what} ({err})");
     }
 }
 
 fn log_fallback(err: &Error) {
-    use std::sync::atomic::{AtomicBool, Ordering};
     static WARNED: AtomicBool = AtomicBool::new(false);
-    if !WARNED.swap(true, Ordering::Relaxed) {
-        eprintln!("runner backend: cuBLAS unavailable, using burn's matmul ({err})");
-    }
+    warn_once(&WARNED, "cuBLAS unavailable, using burn's matmul", err);
 }
 
 fn log_attention_fallback(err: &Error) {
-    use std::sync::atomic::{AtomicBool, Ordering};
     static WARNED: AtomicBool = AtomicBool::new(false);
-    if !WARNED.swap(true, Ordering::Relaxed) {
-        eprintln!("runner backend: fused attention kernel failed, using composed ops ({err})");
-    }
+    warn_once(
+        &WARNED,
+        "fused attention kernel failed, using composed ops",
+        err,
+    );
 }
 
 impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT> {
@@ -241,6 +294,98 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT>
             }
         }
         reference_backward_primitive::<Self>(q, k, v, o, lse, dout, key_valid, spec)
+    }
+
+    fn fast_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let y = gemm_2d::<F, I, BT>(x.clone(), weight, (false, true), 1.0, None);
+        let u = gemm_2d::<F, I, BT>(x, a, (false, true), 1.0, None);
+        gemm_2d::<F, I, BT>(u, b, (false, true), scale, Some(y))
+    }
+
+    fn fast_lora_linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+        dy: FloatTensor<Self>,
+        wanted: LoraGrads,
+    ) -> LoraGradients<Self> {
+        let gemm = gemm_2d::<F, I, BT>;
+        // t = dy B, shared by dx and dA.
+        let t = (wanted.x || wanted.a).then(|| gemm(dy.clone(), b, (false, false), 1.0, None));
+        let dx = wanted.x.then(|| {
+            let base = gemm(dy.clone(), weight, (false, false), 1.0, None);
+            gemm(
+                t.clone().expect("t"),
+                a.clone(),
+                (false, false),
+                scale,
+                Some(base),
+            )
+        });
+        let da = wanted
+            .a
+            .then(|| gemm(t.expect("t"), x.clone(), (true, false), scale, None));
+        let db = wanted.b.then(|| {
+            let u = gemm(x.clone(), a, (false, true), 1.0, None);
+            gemm(dy.clone(), u, (true, false), scale, None)
+        });
+        let dw = wanted.weight.then(|| gemm(dy, x, (true, false), 1.0, None));
+        LoraGradients {
+            x: dx,
+            weight: dw,
+            a: da,
+            b: db,
+        }
+    }
+
+    fn fast_adamw(
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        grad_scale: Option<FloatTensor<Self>>,
+        hp: AdamwStep,
+        low: Option<FloatDType>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+    ) {
+        let fits = optim::supported(
+            weights.dtype,
+            [exp_avg.dtype, exp_avg_sq.dtype],
+            grad.dtype,
+            grad_scale.as_ref().map(|s| s.dtype),
+            low,
+        );
+        if fits {
+            let run = optim::adamw(
+                weights.clone(),
+                grad.clone(),
+                exp_avg.clone(),
+                exp_avg_sq.clone(),
+                grad_scale.clone(),
+                hp,
+                low,
+            );
+            match run {
+                Ok(out) => return out,
+                Err(e) => {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    warn_once(&WARNED, "AdamW kernel failed, using composed ops", &e);
+                }
+            }
+        }
+        adamw::composed_primitive::<Self>(weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
     }
 
     fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -64,6 +64,9 @@ pub struct Gemm {
     pub d_ptr: u64,
     pub ldd: i64,
     pub d_batch_stride: i64,
+    /// `D = alpha op(A) op(B) + beta D`: beta 1 adds the product into what `D` holds.
+    pub alpha: f32,
+    pub beta: f32,
 }
 
 /// Process-wide cuBLAS state for one device: the handle and one workspace per stream the GEMMs
@@ -111,6 +114,21 @@ pub fn with_state<T>(
         .bind_to_thread()
         .map_err(drv_err("cuCtxSetCurrent"))?;
     f(state)
+}
+
+/// Whether cuBLAS loads on device `ordinal` (creating its state on the first call); checked on
+/// the calling thread before a GEMM is queued, so a machine without it falls back to burn's ops.
+pub fn ready(ordinal: usize) -> Result<(), Error> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // One bit per device ordinal below 64 that has answered; others ask every time.
+    static READY: AtomicU64 = AtomicU64::new(0);
+    let bit = 1u64.checked_shl(ordinal as u32).unwrap_or(0);
+    if bit != 0 && READY.load(Ordering::Relaxed) & bit != 0 {
+        return Ok(());
+    }
+    with_state(ordinal, |_| Ok(()))?;
+    READY.fetch_or(bit, Ordering::Relaxed);
+    Ok(())
 }
 
 fn op(transposed: bool) -> sys::cublasOperation_t {
@@ -175,8 +193,7 @@ impl BlasState {
     /// later work on the same stream is ordered after it; other streams must wait for it.
     pub unsafe fn enqueue(&mut self, stream: drv_sys::CUstream, g: &Gemm) -> Result<(), Error> {
         self.bind_stream(stream)?;
-        let alpha = 1.0f32;
-        let beta = 0.0f32;
+        let (alpha, beta) = (g.alpha, g.beta);
         let ty = g.dtype.cuda();
         blas::gemm_strided_batched_ex(
             self.handle,

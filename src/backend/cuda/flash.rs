@@ -6,7 +6,6 @@
 //! the backward pass recomputes the probabilities tile by tile from it.
 
 use std::collections::HashMap;
-use std::ffi::{c_void, CString};
 use std::sync::{Mutex, OnceLock};
 
 use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
@@ -15,8 +14,9 @@ use burn_cubecl::{
     IntElement,
 };
 use cubecl::cuda::CudaRuntime;
-use cudarc::driver::{result as drv, sys as drv_sys};
+use cudarc::driver::sys as drv_sys;
 
+use crate::backend::cuda::nvrtc::{self, Args};
 use crate::backend::{Error, FusedAttentionSpec};
 
 const SOURCE: &str = include_str!("flash_attention.cu");
@@ -91,31 +91,9 @@ fn bwd_smem(d: usize) -> usize {
     (2 * keys + 4 * TILE) * (d + 8) * 2 + keys * (TILE + 8) * 2 + (4 * TILE + keys) * 4
 }
 
-fn drv_err(call: &'static str) -> impl Fn(drv::DriverError) -> Error {
-    move |e| Error::Cuda {
-        call,
-        detail: format!("{e:?}"),
-    }
-}
-
 fn load(ordinal: usize) -> Result<Kernels, Error> {
     crate::backend::cuda::cublas::with_state(ordinal, |_| {
-        // SAFETY: plain attribute queries on a valid device ordinal.
-        let (major, minor) = unsafe {
-            let dev = drv::device::get(ordinal as i32).map_err(drv_err("cuDeviceGet"))?;
-            (
-                drv::device::get_attribute(
-                    dev,
-                    drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-                )
-                .map_err(drv_err("cuDeviceGetAttribute"))?,
-                drv::device::get_attribute(
-                    dev,
-                    drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-                )
-                .map_err(drv_err("cuDeviceGetAttribute"))?,
-            )
-        };
+        let (major, minor) = nvrtc::compute_capability(ordinal)?;
         if major < 8 {
             return Err(Error::Cuda {
                 call: "flash attention",
@@ -124,56 +102,20 @@ fn load(ordinal: usize) -> Result<Kernels, Error> {
                 ),
             });
         }
-        let mut flags = vec![
-            format!("--gpu-architecture=compute_{major}{minor}"),
-            "-std=c++17".into(),
-        ];
-        flags.extend(tile_defines());
+        let mut flags = tile_defines();
         // Extra NVRTC flags, for measuring (e.g. `--use_fast_math`).
         if let Ok(extra) = std::env::var("RUNNER_FLASH_NVRTC_FLAGS") {
             flags.extend(extra.split_whitespace().map(String::from));
         }
-        let options = cudarc::nvrtc::CompileOptions {
-            options: flags,
-            name: Some("flash_attention.cu".into()),
-            ..Default::default()
-        };
-        let ptx =
-            cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options).map_err(|e| Error::Cuda {
-                call: "nvrtcCompileProgram (flash_attention.cu)",
-                detail: format!("{e:?}"),
-            })?;
-        let image = CString::new(ptx.to_src()).map_err(|_| Error::Cuda {
-            call: "nvrtcGetPTX",
-            detail: "PTX with an interior NUL".into(),
-        })?;
-        // SAFETY: `image` is a NUL-terminated PTX module for the bound context's device.
-        let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }
-            .map_err(drv_err("cuModuleLoadData"))?;
-        let function = |name: String, smem: usize| -> Result<drv_sys::CUfunction, Error> {
-            let cname = CString::new(name).expect("kernel names have no NUL");
-            // SAFETY: the module stays loaded for the life of the process.
-            let f = unsafe { drv::module::get_function(module, cname) }
-                .map_err(drv_err("cuModuleGetFunction"))?;
-            // SAFETY: raising the dynamic shared memory limit of a valid function.
-            unsafe {
-                drv::function::set_function_attribute(
-                    f,
-                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-            }
-            .map_err(drv_err("cuFuncSetAttribute"))?;
-            Ok(f)
-        };
+        let module = nvrtc::load_module(ordinal, SOURCE, "flash_attention.cu", flags)?;
         Ok(Kernels {
             fwd: [
-                function("runner_flash_fwd_d64".into(), fwd_smem(64))?,
-                function("runner_flash_fwd_d128".into(), fwd_smem(128))?,
+                nvrtc::function(module, "runner_flash_fwd_d64", fwd_smem(64))?,
+                nvrtc::function(module, "runner_flash_fwd_d128", fwd_smem(128))?,
             ],
             bwd: [
-                function("runner_flash_bwd_d64".into(), bwd_smem(64))?,
-                function("runner_flash_bwd_d128".into(), bwd_smem(128))?,
+                nvrtc::function(module, "runner_flash_bwd_d64", bwd_smem(64))?,
+                nvrtc::function(module, "runner_flash_bwd_d128", bwd_smem(128))?,
             ],
         })
     })
@@ -323,46 +265,13 @@ fn empty(like: &CT, shape: Vec<usize>, dtype: DType) -> CT {
     )
 }
 
-/// Launch arguments, 8 bytes each; `pointers` is taken once all are pushed (no reallocation
-/// after it), and the driver reads each parameter's own size from its slot.
-#[derive(Default)]
-struct Args(Vec<[u8; 8]>);
-
-impl Args {
-    fn ptr(&mut self, p: u64) -> &mut Self {
-        self.0.push(p.to_le_bytes());
-        self
-    }
-    fn i64(&mut self, v: i64) -> &mut Self {
-        self.0.push(v.to_le_bytes());
-        self
-    }
-    fn i32(&mut self, v: i32) -> &mut Self {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&v.to_le_bytes());
-        self.0.push(b);
-        self
-    }
-    fn f32(&mut self, v: f32) -> &mut Self {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&v.to_le_bytes());
-        self.0.push(b);
-        self
-    }
-    fn pointers(&mut self) -> Vec<*mut c_void> {
-        self.0
-            .iter_mut()
-            .map(|b| b.as_mut_ptr() as *mut c_void)
-            .collect()
-    }
-}
-
 fn int(v: usize, what: &'static str) -> Result<i32, Error> {
     i32::try_from(v).map_err(|_| shape_err(what, "at most i32::MAX".into(), v.to_string()))
 }
 
-/// Queues `kernel` on the stream of the last tensor (an output, whose stream `get_resource` made
-/// wait for the writers of the others), with arguments built from the tensors' device pointers.
+/// Queues `kernel` with arguments built from the tensors' device pointers (see
+/// [`nvrtc::launch`]). The kernels are loaded here first, so a machine where they do not
+/// compile gets the error now and the composed ops.
 fn launch(
     ordinal: usize,
     tensors: &[&CT],
@@ -370,42 +279,21 @@ fn launch(
     grid: (u32, u32, u32),
     threads: u32,
     smem: usize,
-    args: impl FnOnce(&[u64]) -> Args,
+    args: impl FnOnce(&[u64]) -> Args + Send + 'static,
 ) -> Result<(), Error> {
-    let mut resources = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        resources.push(
-            t.client
-                .get_resource(t.handle.clone())
-                .map_err(|e| Error::Cuda {
-                    call: "cubecl get_resource",
-                    detail: format!("{e:?}"),
-                })?,
-        );
-    }
-    let ptrs: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
-    let stream = resources
-        .last()
-        .map(|r| r.resource().stream)
-        .expect("at least one tensor");
-    let mut args = args(&ptrs);
-    let mut params = args.pointers();
-    // Locks in the order `load` takes them (kernels, then the device state that makes the
-    // primary context current on this thread, as the launch needs).
-    let result = with_kernels(ordinal, |k| {
-        let f = kernel(k);
-        crate::backend::cuda::cublas::with_state(ordinal, |_| {
-            // SAFETY: the argument list matches the kernel's signature (see
-            // flash_attention.cu); the pointers are live cubecl allocations, ordered on `stream`
-            // as in `cube.rs`.
-            unsafe {
-                drv::launch_kernel(f, grid, (threads, 1, 1), smem as u32, stream, &mut params)
-            }
-            .map_err(drv_err("cuLaunchKernel (flash attention)"))
-        })
-    });
-    drop(resources);
-    result
+    let function = with_kernels(ordinal, |k| Ok(kernel(k)))?;
+    let handles = tensors.iter().map(|t| t.handle.clone()).collect();
+    let client = &tensors.last().expect("at least one tensor").client;
+    nvrtc::launch(
+        ordinal,
+        client,
+        handles,
+        "flash attention",
+        function,
+        (grid, threads, smem),
+        args,
+    );
+    Ok(())
 }
 
 fn kernel_index(head_dim: usize) -> usize {
@@ -468,7 +356,7 @@ pub fn forward(
         grid,
         FWD_THREADS,
         fwd_smem(d.head_dim),
-        |p| {
+        move |p| {
             let mask = if has_mask { p[4] } else { 0 };
             let mut a = Args::default();
             a.ptr(p[0])
@@ -552,7 +440,7 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         grid,
         bwd_threads(d.head_dim),
         bwd_smem(d.head_dim),
-        |p| {
+        move |p| {
             let mask = if has_mask { p[8] } else { 0 };
             let mut a = Args::default();
             for &ptr in &p[..6] {

@@ -8,6 +8,9 @@ mod cube;
 pub mod cublas;
 pub mod flash;
 mod fusion;
+mod nvrtc;
+pub mod optim;
+mod queue;
 
 pub use cube::cublas_matmul;
 
