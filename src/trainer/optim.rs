@@ -178,7 +178,7 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
                 master,
             },
         );
-        let new = Tensor::<AB, 1>::from_inner(p).reshape(shape).require_grad();
+        let new = Tensor::<AB, D>::from_inner(p.reshape(shape)).require_grad();
         Param::from_mapped_value(id, new, mapper)
     }
 }
