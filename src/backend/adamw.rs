@@ -42,7 +42,7 @@ pub struct AdamwOutput<B: Backend> {
 }
 
 /// The update from burn's operations (what backends without a fused kernel run, and the
-/// reference the kernel is checked against). `grad` is already in the weights' type.
+/// reference the kernel is checked against). `grad` is cast to the weights' type first.
 pub fn composed<B: Backend>(
     weights: Tensor<B, 1>,
     grad: Tensor<B, 1>,
@@ -52,6 +52,11 @@ pub fn composed<B: Backend>(
     hp: AdamwStep,
     low: Option<FloatDType>,
 ) -> AdamwOutput<B> {
+    let grad = if grad.dtype() == weights.dtype() {
+        grad
+    } else {
+        grad.cast(FloatDType::from(weights.dtype()))
+    };
     let g = match grad_scale {
         Some(scale) => grad.mul(scale),
         None => grad,
@@ -89,8 +94,7 @@ fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 1> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-/// [`composed`] on primitives, the gradient first cast to the weights' type (the default of
-/// [`crate::backend::FastOps::fast_adamw`]).
+/// [`composed`] on primitives (the default of [`crate::backend::FastOps::fast_adamw`]).
 #[allow(clippy::type_complexity)]
 pub(crate) fn composed_primitive<B: Backend>(
     weights: FloatTensor<B>,
@@ -106,11 +110,9 @@ pub(crate) fn composed_primitive<B: Backend>(
     FloatTensor<B>,
     Option<FloatTensor<B>>,
 ) {
-    let weights = float::<B>(weights);
-    let grad = float::<B>(grad).cast(FloatDType::from(weights.dtype()));
     let out = composed(
-        weights,
-        grad,
+        float::<B>(weights),
+        float::<B>(grad),
         float(exp_avg),
         float(exp_avg_sq),
         grad_scale.map(float),

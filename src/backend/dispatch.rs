@@ -323,7 +323,6 @@ pub fn adamw_update<B: Backend>(
         fast_adamw,
         (weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
     );
-    let grad = grad.cast(FloatDType::from(weights.dtype()));
     crate::backend::adamw::composed(weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
 }
 

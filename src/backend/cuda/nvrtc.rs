@@ -8,7 +8,7 @@ use cudarc::driver::{result as drv, sys as drv_sys};
 
 use crate::backend::Error;
 
-pub fn drv_err(call: &'static str) -> impl Fn(drv::DriverError) -> Error {
+fn drv_err(call: &'static str) -> impl Fn(drv::DriverError) -> Error {
     move |e| Error::Cuda {
         call,
         detail: format!("{e:?}"),
