@@ -1,12 +1,15 @@
-//! One AdamW update of a flattened parameter, as one fused kernel on burn-cuda (about twenty
-//! burn operations per parameter otherwise, each a host round of tracing and fusion: at 336
-//! LoRA tensors a step, the update took a third of a Qwen2.5-0.5B LoRA step on the H100).
+//! AdamW updates of many flattened parameters, and the sum of squares of many gradients (for
+//! global-norm clipping), each as a few kernel launches for all tensors on burn-cuda (torch's
+//! multi-tensor scheme); burn's operations elsewhere. A LoRA step at Qwen2.5-0.5B updates 336
+//! small tensors: one launch or more each left the GPU waiting between them.
 //!
 //! The arithmetic is torch's `_single_tensor_adamw` in f32 (see `crate::trainer::optim`):
 //! `g = grad * scale`, `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
 //! `w = w (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
 
-use burn::tensor::{backend::Backend, ops::FloatTensor, FloatDType, Tensor, TensorPrimitive};
+use burn::tensor::{
+    backend::Backend, ops::FloatTensor, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive,
+};
 
 /// The scalars of one update; `weight_decay` already chosen for this parameter (0 for biases
 /// and norms), `step` the update's number from 1 (for the bias corrections).
@@ -90,39 +93,82 @@ pub fn composed<B: Backend>(
     }
 }
 
+/// One parameter's part of a group update: flat weights and moments in the update's precision,
+/// the flat gradient in the parameter's type, its scalars, and `low`, the type to round the new
+/// weights to when the parameter is held in another type than the update's.
+pub struct AdamwTensors<T> {
+    pub weights: T,
+    pub grad: T,
+    pub exp_avg: T,
+    pub exp_avg_sq: T,
+    pub hp: AdamwStep,
+    pub low: Option<FloatDType>,
+}
+
+/// What one parameter's update produced (see [`AdamwOutput`]).
+pub struct AdamwUpdated<T> {
+    pub weights: T,
+    pub exp_avg: T,
+    pub exp_avg_sq: T,
+    pub low: Option<T>,
+}
+
 fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 1> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-/// [`composed`] on primitives (the default of [`crate::backend::FastOps::fast_adamw`]).
-#[allow(clippy::type_complexity)]
-pub(crate) fn composed_primitive<B: Backend>(
-    weights: FloatTensor<B>,
-    grad: FloatTensor<B>,
-    exp_avg: FloatTensor<B>,
-    exp_avg_sq: FloatTensor<B>,
+/// `t` as a flat tensor (a reshape: free for contiguous memory).
+fn flat<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 1> {
+    let n = t.shape().num_elements();
+    float::<B>(B::float_reshape(t, Shape::new([n])))
+}
+
+/// `t` in `shape`.
+fn shaped<B: Backend>(t: Tensor<B, 1>, shape: &Shape) -> FloatTensor<B> {
+    B::float_reshape(t.into_primitive().tensor(), shape.clone())
+}
+
+/// [`composed`] for each parameter, on primitives of any shape (the default of
+/// [`crate::backend::FastOps::fast_adamw_many`]): results in each one's weights' shape.
+pub(crate) fn composed_many<B: Backend>(
+    params: Vec<AdamwTensors<FloatTensor<B>>>,
     grad_scale: Option<FloatTensor<B>>,
-    hp: AdamwStep,
-    low: Option<FloatDType>,
-) -> (
-    FloatTensor<B>,
-    FloatTensor<B>,
-    FloatTensor<B>,
-    Option<FloatTensor<B>>,
-) {
-    let out = composed(
-        float::<B>(weights),
-        float::<B>(grad),
-        float(exp_avg),
-        float(exp_avg_sq),
-        grad_scale.map(float),
-        hp,
-        low,
-    );
-    (
-        out.weights.into_primitive().tensor(),
-        out.exp_avg.into_primitive().tensor(),
-        out.exp_avg_sq.into_primitive().tensor(),
-        out.low.map(|l| l.into_primitive().tensor()),
-    )
+) -> Vec<AdamwUpdated<FloatTensor<B>>> {
+    let scale = grad_scale.map(flat::<B>);
+    params
+        .into_iter()
+        .map(|p| {
+            let shape = p.weights.shape();
+            let out = composed(
+                flat::<B>(p.weights),
+                flat::<B>(p.grad),
+                flat::<B>(p.exp_avg),
+                flat::<B>(p.exp_avg_sq),
+                scale.clone(),
+                p.hp,
+                p.low,
+            );
+            AdamwUpdated {
+                weights: shaped(out.weights, &shape),
+                exp_avg: shaped(out.exp_avg, &shape),
+                exp_avg_sq: shaped(out.exp_avg_sq, &shape),
+                low: out.low.map(|l| shaped(l, &shape)),
+            }
+        })
+        .collect()
+}
+
+/// The sum of the squares of every element of `tensors` (any shapes), in f32, as a `[1]`
+/// tensor (zero for none): burn's operations, one reduction per tensor (the default of
+/// [`crate::backend::FastOps::fast_sum_squares`]).
+pub(crate) fn composed_sum_squares<B: Backend>(
+    tensors: Vec<FloatTensor<B>>,
+    device: &B::Device,
+) -> FloatTensor<B> {
+    let sum = tensors
+        .into_iter()
+        .map(|t| flat::<B>(t).cast(FloatDType::F32).powi_scalar(2).sum())
+        .reduce(|acc, s| acc.add(s))
+        .unwrap_or_else(|| Tensor::zeros([1], (device, burn::tensor::DType::F32)));
+    sum.into_primitive().tensor()
 }

@@ -80,14 +80,11 @@ impl<B: FastOps> Backward<B, 2> for GemmBackward {
 #[derive(Debug)]
 struct CrossEntropyBackward;
 
+/// The gradients the forward pass computed for an upstream gradient of 1.
 #[derive(Clone, Debug)]
 struct CrossEntropyState<B: FastOps> {
-    hidden: FloatTensor<B>,
-    weight: FloatTensor<B>,
-    labels: IntTensor<B>,
-    lse: FloatTensor<B>,
-    count: FloatTensor<B>,
-    chunk: usize,
+    grad_hidden: Option<FloatTensor<B>>,
+    grad_weight: Option<FloatTensor<B>>,
 }
 
 impl<B: FastOps> Backward<B, 2> for CrossEntropyBackward {
@@ -95,23 +92,18 @@ impl<B: FastOps> Backward<B, 2> for CrossEntropyBackward {
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_hidden, node_weight] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
+        let upstream = float::<B, 1>(grads.consume::<B>(&ops.node));
         let s = ops.state;
-        let (grad_hidden, grad_weight) = cross_entropy::backward::<B>(
-            float(s.hidden),
-            float(s.weight),
-            Tensor::from_primitive(s.labels),
-            float(s.lse),
-            float(s.count),
-            float(grad),
-            s.chunk,
-            node_weight.is_some(),
-        );
-        if let Some(node) = node_hidden {
-            grads.register::<B>(node.id, grad_hidden.into_primitive().tensor());
+        let scaled = |g: FloatTensor<B>| {
+            cross_entropy::scale_by_upstream(float::<B, 2>(g), upstream.clone())
+                .into_primitive()
+                .tensor()
+        };
+        if let (Some(node), Some(g)) = (node_hidden, s.grad_hidden) {
+            grads.register::<B>(node.id, scaled(g));
         }
-        if let (Some(node), Some(g)) = (node_weight, grad_weight) {
-            grads.register::<B>(node.id, g.into_primitive().tensor());
+        if let (Some(node), Some(g)) = (node_weight, s.grad_weight) {
+            grads.register::<B>(node.id, scaled(g));
         }
     }
 }
@@ -177,24 +169,34 @@ impl<B: FastOps> Backward<B, 2> for RmsNormBackward {
     /// (x, weight, inverse RMS per row `[rows, 1]`)
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
-    /// With `xh = x r` (`r` the inverse RMS) and `y = xh w`: `dw = sum_rows(dy xh)`,
-    /// `dx = r (dy w - xh mean(dy w xh))`.
+    /// See [`FastOps::fast_rms_norm_backward`].
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_w] = ops.parents;
-        let dy: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
-        let (x, w, r): (Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 2>) =
-            (float(ops.state.0), float(ops.state.1), float(ops.state.2));
-        let xh = x.mul(r.clone());
-        if let Some(node) = node_w {
-            let dw = dy.clone().mul(xh.clone()).sum_dim(0);
-            let hidden = dw.dims()[1];
-            grads.register::<B>(node.id, dw.reshape([hidden]).into_primitive().tensor());
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w, r) = ops.state;
+        let (dx, dw) = B::fast_rms_norm_backward(x, w, r, dy, (node_x.is_some(), node_w.is_some()));
+        if let (Some(node), Some(dw)) = (node_w, dw) {
+            grads.register::<B>(node.id, dw);
         }
-        if let Some(node) = node_x {
-            let gw = dy.mul(w.unsqueeze::<2>());
-            let mean = gw.clone().mul(xh.clone()).mean_dim(1);
-            let dx = r.mul(gw.sub(xh.mul(mean)));
-            grads.register::<B>(node.id, dx.into_primitive().tensor());
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<B>(node.id, dx);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: FastOps> Backward<B, 1> for RopeBackward {
+    /// (cos, sin)
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        if let Some(node) = node {
+            let (cos, sin) = ops.state;
+            grads.register::<B>(node.id, B::fast_rope(dy, cos, sin, true));
         }
     }
 }
@@ -327,21 +329,36 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
             .prepare::<C>([x.node.clone(), weight.node.clone()])
             .compute_bound()
             .stateful();
-        let (y, inv_rms) = crate::backend::dispatch::composed_rms_norm(
-            float::<B, 2>(x.primitive.clone()),
-            float::<B, 1>(weight.primitive.clone()),
-            eps,
-        );
-        let y = y.into_primitive().tensor();
+        let (y, inv_rms) =
+            B::fast_rms_norm_forward(x.primitive.clone(), weight.primitive.clone(), eps);
         match prepared {
             OpsKind::Tracked(prep) => {
-                let state = (
-                    x.primitive,
-                    weight.primitive,
-                    inv_rms.into_primitive().tensor(),
-                );
+                let state = (x.primitive, weight.primitive, inv_rms);
                 prep.finish(state, y)
             }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fast_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        backward: bool,
+    ) -> FloatTensor<Self> {
+        // cos and sin are functions of positions: constants of the graph.
+        let prepared = RopeBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful();
+        let y = B::fast_rope(
+            x.primitive,
+            cos.primitive.clone(),
+            sin.primitive.clone(),
+            backward,
+        );
+        match prepared {
+            OpsKind::Tracked(prep) => prep.finish((cos.primitive, sin.primitive), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
@@ -467,26 +484,27 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
         labels: IntTensor<Self>,
         chunk: usize,
     ) -> FloatTensor<Self> {
+        let want_hidden = !hidden.node.requirement.is_none();
+        let want_weight = !weight.node.requirement.is_none();
         let prepared = CrossEntropyBackward
             .prepare::<C>([hidden.node.clone(), weight.node.clone()])
             .compute_bound()
             .stateful();
+        let tracked = matches!(prepared, OpsKind::Tracked(_));
         let forward = cross_entropy::forward::<B>(
-            float(hidden.primitive.clone()),
-            float(weight.primitive.clone()),
-            Tensor::from_primitive(labels.clone()),
+            float(hidden.primitive),
+            float(weight.primitive),
+            Tensor::from_primitive(labels),
             chunk,
+            tracked && want_hidden,
+            tracked && want_weight,
         );
         let loss = forward.loss.into_primitive().tensor();
         match prepared {
             OpsKind::Tracked(prep) => {
                 let state = CrossEntropyState {
-                    hidden: hidden.primitive,
-                    weight: weight.primitive,
-                    labels,
-                    lse: forward.lse.into_primitive().tensor(),
-                    count: forward.count.into_primitive().tensor(),
-                    chunk,
+                    grad_hidden: forward.grad_hidden.map(|g| g.into_primitive().tensor()),
+                    grad_weight: forward.grad_weight.map(|g| g.into_primitive().tensor()),
                 };
                 prep.finish(state, loss)
             }

@@ -1,9 +1,12 @@
-//! Cross-entropy through the LM head in chunks of tokens: per chunk, logits = h W^T (one GEMM),
-//! log-sum-exp and the target logit in f32; only the per-token log-sum-exp survives the forward
-//! pass. The backward pass recomputes each chunk's logits and forms
-//! `dlogits = (softmax - onehot) * mask * g / count`, then `dh = dlogits W`, `dW += dlogits^T h`.
+//! Cross-entropy through the LM head in chunks of tokens: per chunk, logits = h W^T (one GEMM,
+//! in the model's type), then one pass over them gives each row's loss (log-sum-exp minus the
+//! target logit, in f32) and, when gradients are wanted, overwrites them with
+//! `dlogits = (softmax - onehot) * mask / count`, from which `dh = dlogits W` and
+//! `dW += dlogits^T h` follow at once. The backward pass only scales those by the upstream
+//! gradient (the loss is linear in it), so the logits are never recomputed and no chunk's
+//! logits outlive it.
 //!
-//! Reference: Liger-Kernel `fused_linear_cross_entropy` (chunked recompute), PyTorch
+//! Reference: Liger-Kernel `fused_linear_cross_entropy` (gradient in the forward pass), PyTorch
 //! `F.cross_entropy(reduction="mean", ignore_index=-100)` for the semantics.
 
 // burn's `slice` takes one range per dimension: a one-element array is a 1-D slice.
@@ -16,14 +19,14 @@ use crate::backend::{linear, matmul_2d, matmul_tn};
 /// Label value skipped by the loss (PyTorch's default `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// What the forward pass keeps for the backward one.
+/// The loss, and the gradients of the loss for an upstream gradient of 1 that were asked for.
 pub struct Forward<B: Backend> {
     /// Mean loss over non-ignored tokens, f32, shape `[1]`.
     pub loss: Tensor<B, 1>,
-    /// Per-token log-sum-exp of the logits, f32, `[n]`.
-    pub lse: Tensor<B, 1>,
-    /// Number of non-ignored tokens (at least 1), f32, `[1]`.
-    pub count: Tensor<B, 1>,
+    /// `[n, d]` in the hidden states' type.
+    pub grad_hidden: Option<Tensor<B, 2>>,
+    /// `[vocab, d]` in the weight's type.
+    pub grad_weight: Option<Tensor<B, 2>>,
 }
 
 fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -31,84 +34,78 @@ fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n.div_ceil(chunk)).map(move |i| (i * chunk, ((i + 1) * chunk).min(n)))
 }
 
-/// Valid-token mask (f32 `[n]`) and labels with ignored entries replaced by 0.
-fn mask_and_targets<B: Backend>(labels: Tensor<B, 1, Int>) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
-    let ignored = labels.clone().equal_elem(IGNORE_INDEX);
+/// Per-row losses of `logits [rows, vocab]` against `labels [rows]` ([`IGNORE_INDEX`] or any
+/// negative label: ignored, loss 0) and, with `want_grad`, the gradient of
+/// `sum(losses) * inv_count` for the logits, in their type: burn's operations (the default of
+/// [`crate::backend::FastOps::fast_cross_entropy_rows`]).
+pub fn rows_reference<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    inv_count: Tensor<B, 1>,
+    want_grad: bool,
+) -> (Tensor<B, 1>, Option<Tensor<B, 2>>) {
+    let [rows, _] = logits.dims();
+    let dtype: DType = logits.dtype();
+    let ignored = labels.clone().lower_elem(0);
     let mask = ignored.clone().bool_not().float().cast(FloatDType::F32);
-    (mask, labels.mask_fill(ignored, 0))
+    let targets = labels.mask_fill(ignored, 0).unsqueeze_dim::<2>(1);
+    let x = logits.cast(FloatDType::F32);
+    let max = x.clone().max_dim(1).detach();
+    let lse = (x.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let target = x.clone().gather(1, targets.clone());
+    let loss = (lse.clone() - target).squeeze_dim::<1>(1) * mask.clone();
+    let grad = want_grad.then(|| {
+        let device = x.device();
+        let minus_one = Tensor::<B, 2>::full([rows, 1], -1.0, (&device, DType::F32));
+        let probs = (x - lse)
+            .exp()
+            .scatter(1, targets, minus_one, IndexingUpdateOp::Add);
+        let row_scale = (mask * inv_count.cast(FloatDType::F32)).unsqueeze_dim::<2>(1);
+        (probs * row_scale).cast(dtype)
+    });
+    (loss, grad)
 }
 
-/// f32 logits of one chunk: `h [c, d] @ weight^T` through a transposed view of the weight.
-fn chunk_logits<B: Backend>(h: Tensor<B, 2>, weight: &Tensor<B, 2>) -> Tensor<B, 2> {
-    linear(h, weight.clone()).cast(FloatDType::F32)
-}
-
-/// Forward pass on any backend (differentiable by burn's autodiff too, but then the logits of
-/// every chunk are kept; `Autodiff` uses [`backward`] instead).
+/// The mean loss of `hidden [n, d] @ weight^T` against `labels [n]`, `chunk` rows at a time,
+/// with the gradients for an upstream gradient of 1 where `want_hidden` / `want_weight` ask.
 pub fn forward<B: Backend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     labels: Tensor<B, 1, Int>,
     chunk: usize,
-) -> Forward<B> {
-    let n = hidden.dims()[0];
-    let (mask, targets) = mask_and_targets(labels);
-    let mut lses = Vec::new();
-    let mut losses = Vec::new();
-    for (start, end) in chunks(n, chunk) {
-        let logits = chunk_logits(hidden.clone().slice([start..end]), &weight);
-        let max = logits.clone().max_dim(1).detach();
-        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let target = logits.gather(1, targets.clone().slice([start..end]).unsqueeze_dim(1));
-        let lse = lse.squeeze_dim::<1>(1);
-        losses.push((lse.clone() - target.squeeze_dim::<1>(1)) * mask.clone().slice([start..end]));
-        lses.push(lse);
-    }
-    let count = mask.sum().clamp_min(1.0);
-    let loss = Tensor::cat(losses, 0).sum() / count.clone();
-    Forward {
-        loss,
-        lse: Tensor::cat(lses, 0),
-        count,
-    }
-}
-
-/// Gradients of the mean loss for `hidden` and (when `want_weight`) `weight`, given the
-/// upstream gradient `grad [1]` and the forward pass's `lse` and `count`.
-#[allow(clippy::too_many_arguments)]
-pub fn backward<B: Backend>(
-    hidden: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
-    labels: Tensor<B, 1, Int>,
-    lse: Tensor<B, 1>,
-    count: Tensor<B, 1>,
-    grad: Tensor<B, 1>,
-    chunk: usize,
+    want_hidden: bool,
     want_weight: bool,
-) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+) -> Forward<B> {
     let [n, d] = hidden.dims();
     let vocab = weight.dims()[0];
     let dtype: DType = hidden.dtype();
     let device = hidden.device();
-    let (mask, targets) = mask_and_targets(labels);
-    let scale = grad.cast(FloatDType::F32) / count;
+    let count = labels
+        .clone()
+        .greater_equal_elem(0)
+        .float()
+        .cast(FloatDType::F32)
+        .sum()
+        .clamp_min(1.0);
+    let inv_count = count.recip();
+    let want_grad = want_hidden || want_weight;
+    let mut losses = Vec::new();
     let mut grad_hidden = Vec::new();
     let mut grad_weight: Option<Tensor<B, 2>> = None;
     for (start, end) in chunks(n, chunk) {
-        let rows = end - start;
         let h = hidden.clone().slice([start..end]);
-        let logits = chunk_logits(h.clone(), &weight);
-        let lse_c = lse.clone().slice([start..end]).unsqueeze_dim::<2>(1);
-        let minus_one = Tensor::<B, 2>::full([rows, 1], -1.0, (&device, DType::F32));
-        let probs = (logits - lse_c).exp().scatter(
-            1,
-            targets.clone().slice([start..end]).unsqueeze_dim(1),
-            minus_one,
-            IndexingUpdateOp::Add,
+        let logits = linear(h.clone(), weight.clone());
+        let (loss, dlogits) = crate::backend::cross_entropy_rows(
+            logits,
+            labels.clone().slice([start..end]),
+            inv_count.clone(),
+            want_grad,
         );
-        let row_scale = (mask.clone().slice([start..end]) * scale.clone()).unsqueeze_dim::<2>(1);
-        let dlogits = (probs * row_scale).cast(dtype);
-        grad_hidden.push(matmul_2d(dlogits.clone(), weight.clone()));
+        losses.push(loss);
+        let Some(dlogits) = dlogits else { continue };
+        if want_hidden {
+            grad_hidden.push(matmul_2d(dlogits.clone(), weight.clone()));
+        }
         if want_weight {
             let part = matmul_tn(dlogits, h).cast(FloatDType::F32);
             grad_weight = Some(match grad_weight {
@@ -117,17 +114,35 @@ pub fn backward<B: Backend>(
             });
         }
     }
-    let grad_hidden = if grad_hidden.is_empty() {
-        Tensor::zeros([n, d], (&device, dtype))
+    let loss = if losses.is_empty() {
+        Tensor::zeros([1], (&device, DType::F32))
     } else {
-        Tensor::cat(grad_hidden, 0)
+        Tensor::cat(losses, 0).sum() * inv_count
     };
+    let grad_hidden = want_hidden.then(|| {
+        if grad_hidden.is_empty() {
+            Tensor::zeros([n, d], (&device, dtype))
+        } else {
+            Tensor::cat(grad_hidden, 0)
+        }
+    });
     let grad_weight = want_weight.then(|| {
         grad_weight
             .map(|g| g.cast(dtype))
             .unwrap_or_else(|| Tensor::zeros([vocab, d], (&device, dtype)))
     });
-    (grad_hidden, grad_weight)
+    Forward {
+        loss,
+        grad_hidden,
+        grad_weight,
+    }
+}
+
+/// `grad` (from the forward pass, for an upstream gradient of 1) times the upstream gradient
+/// `upstream [1]`, in f32 then back to `grad`'s type.
+pub fn scale_by_upstream<B: Backend>(grad: Tensor<B, 2>, upstream: Tensor<B, 1>) -> Tensor<B, 2> {
+    let dtype: DType = grad.dtype();
+    (grad.cast(FloatDType::F32) * upstream.cast(FloatDType::F32).unsqueeze_dim::<2>(1)).cast(dtype)
 }
 
 /// The mean loss in one piece through burn's own differentiable ops (for backends without
@@ -138,5 +153,5 @@ pub fn reference<B: Backend>(
     labels: Tensor<B, 1, Int>,
 ) -> Tensor<B, 1> {
     let n = hidden.dims()[0];
-    forward::<B>(hidden, weight, labels, n.max(1)).loss
+    forward::<B>(hidden, weight, labels, n.max(1), false, false).loss
 }

@@ -6,11 +6,9 @@
 
 use std::any::{Any, TypeId};
 
-use burn::tensor::{
-    backend::Backend, ops::FloatTensor, Bool, DType, FloatDType, Int, Tensor, TensorPrimitive,
-};
+use burn::tensor::{backend::Backend, ops::FloatTensor, Bool, DType, Int, Tensor, TensorPrimitive};
 
-use crate::backend::adamw::{AdamwOutput, AdamwStep};
+use crate::backend::adamw::{AdamwTensors, AdamwUpdated};
 use crate::backend::{attention, cross_entropy, FastOps, FusedAttentionSpec};
 
 fn same<A: 'static, B: 'static>() -> bool {
@@ -178,6 +176,75 @@ pub(crate) fn composed_rms_norm<B: Backend>(
     (y, inv_rms)
 }
 
+/// RMSNorm's gradients from burn's ops (see [`crate::backend::FastOps::fast_rms_norm_backward`]):
+/// with `xh = x r` (`r` the inverse RMS) and `y = xh w`: `dw = sum_rows(dy xh)`,
+/// `dx = r (dy w - xh mean(dy w xh))`.
+pub(crate) fn composed_rms_norm_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    inv_rms: FloatTensor<B>,
+    dy: FloatTensor<B>,
+    (want_x, want_w): (bool, bool),
+) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>) {
+    let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
+    let w = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(weight));
+    let dy = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(dy));
+    // The inverse RMS may be kept in f32 (the CUDA kernel) while x is in bf16.
+    let r = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(inv_rms))
+        .cast(burn::tensor::FloatDType::from(x.dtype()));
+    let xh = x.mul(r.clone());
+    let dw = want_w.then(|| {
+        let dw = dy.clone().mul(xh.clone()).sum_dim(0);
+        let hidden = dw.dims()[1];
+        dw.reshape([hidden]).into_primitive().tensor()
+    });
+    let dx = want_x.then(|| {
+        let gw = dy.mul(w.unsqueeze::<2>());
+        let mean = gw.clone().mul(xh.clone()).mean_dim(1);
+        r.mul(gw.sub(xh.mul(mean))).into_primitive().tensor()
+    });
+    (dx, dw)
+}
+
+/// `x cos + rotate_half(x) sin` (`rotate_half(x) = [-x2, x1]`, transformers'
+/// `apply_rotary_pos_emb`) from burn's ops; with `backward`, its gradient for `x` given the
+/// output's gradient in `x`: `dx1 = dy1 c1 + dy2 s2`, `dx2 = dy2 c2 - dy1 s1`.
+pub(crate) fn composed_rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    backward: bool,
+) -> Tensor<B, 4> {
+    let [b, h, t, d] = x.dims();
+    if backward {
+        let ys = x.clone().mul(sin);
+        let y1 = ys.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+        let y2 = ys.slice([0..b, 0..h, 0..t, d / 2..d]);
+        return x.mul(cos).add(Tensor::cat(vec![y2, y1.neg()], 3));
+    }
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x.mul(cos).add(rotated.mul(sin))
+}
+
+fn fast_rope<F: FastOps>(x: Tensor<F, 4>, cos: Tensor<F, 4>, sin: Tensor<F, 4>) -> Tensor<F, 4> {
+    let prim = |t: Tensor<F, 4>| t.into_primitive().tensor();
+    Tensor::from_primitive(TensorPrimitive::Float(F::fast_rope(
+        prim(x),
+        prim(cos),
+        prim(sin),
+        false,
+    )))
+}
+
+/// Rotary position embedding of `x [b, h, t, d]` with `cos`, `sin [1 | b, 1, t, d]` (one
+/// kernel and one autodiff node on burn-cuda; cos and sin get no gradient).
+pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    route!(B, fast_rope, (x, cos, sin));
+    composed_rope(x, cos, sin, false)
+}
+
 fn fast_fused_attention<F: FastOps>(
     q: Tensor<F, 4>,
     k: Tensor<F, 4>,
@@ -279,51 +346,74 @@ pub fn linear_cross_entropy<B: Backend>(
     cross_entropy::reference::<B>(hidden, weight, labels)
 }
 
-fn fast_adamw<F: FastOps>(
-    weights: Tensor<F, 1>,
-    grad: Tensor<F, 1>,
-    exp_avg: Tensor<F, 1>,
-    exp_avg_sq: Tensor<F, 1>,
-    grad_scale: Option<Tensor<F, 1>>,
-    hp: AdamwStep,
-    low: Option<FloatDType>,
-) -> AdamwOutput<F> {
-    let float = |t: FloatTensor<F>| Tensor::<F, 1>::from_primitive(TensorPrimitive::Float(t));
-    let (w, m, v, l) = F::fast_adamw(
-        weights.into_primitive().tensor(),
-        grad.into_primitive().tensor(),
-        exp_avg.into_primitive().tensor(),
-        exp_avg_sq.into_primitive().tensor(),
-        grad_scale.map(|s| s.into_primitive().tensor()),
-        hp,
-        low,
+fn fast_cross_entropy_rows<F: FastOps>(
+    logits: Tensor<F, 2>,
+    labels: Tensor<F, 1, Int>,
+    inv_count: Tensor<F, 1>,
+    want_grad: bool,
+) -> (Tensor<F, 1>, Option<Tensor<F, 2>>) {
+    let (loss, grad) = F::fast_cross_entropy_rows(
+        logits.into_primitive().tensor(),
+        labels.into_primitive(),
+        inv_count.into_primitive().tensor(),
+        want_grad,
     );
-    AdamwOutput {
-        weights: float(w),
-        exp_avg: float(m),
-        exp_avg_sq: float(v),
-        low: l.map(float),
-    }
+    (
+        Tensor::from_primitive(TensorPrimitive::Float(loss)),
+        grad.map(|g| Tensor::from_primitive(TensorPrimitive::Float(g))),
+    )
 }
 
-/// One AdamW update of a flat parameter (see [`crate::backend::adamw`]): `weights` and the
-/// moments in the update's precision, `grad` in the parameter's type. One fused kernel on
-/// burn-cuda, burn's operations elsewhere.
-pub fn adamw_update<B: Backend>(
-    weights: Tensor<B, 1>,
-    grad: Tensor<B, 1>,
-    exp_avg: Tensor<B, 1>,
-    exp_avg_sq: Tensor<B, 1>,
-    grad_scale: Option<Tensor<B, 1>>,
-    hp: AdamwStep,
-    low: Option<FloatDType>,
-) -> AdamwOutput<B> {
+/// Per-row cross-entropy losses (f32) of a chunk of `logits [rows, vocab]` against `labels`
+/// (negative: ignored) and, with `want_grad`, the gradient of `sum(losses) * inv_count` for the
+/// logits (in their type): one kernel on burn-cuda (see [`cross_entropy::rows_reference`]).
+pub fn cross_entropy_rows<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    inv_count: Tensor<B, 1>,
+    want_grad: bool,
+) -> (Tensor<B, 1>, Option<Tensor<B, 2>>) {
     route!(
         B,
-        fast_adamw,
-        (weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
+        fast_cross_entropy_rows,
+        (logits, labels, inv_count, want_grad)
     );
-    crate::backend::adamw::composed(weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
+    cross_entropy::rows_reference::<B>(logits, labels, inv_count, want_grad)
+}
+
+fn fast_adamw_many<F: FastOps>(
+    params: Vec<AdamwTensors<FloatTensor<F>>>,
+    grad_scale: Option<FloatTensor<F>>,
+) -> Vec<AdamwUpdated<FloatTensor<F>>> {
+    F::fast_adamw_many(params, grad_scale)
+}
+
+/// AdamW updates of many parameters (see [`crate::backend::adamw`]): each one's weights and
+/// moments in the update's precision, its gradient in the parameter's type, any shape (moments
+/// may be flat: only the element counts must agree). A few kernel launches for all of them on
+/// burn-cuda, with no reshape or other graph operation per tensor; burn's operations elsewhere.
+/// Results in order, each in its weights' shape.
+pub fn adamw_update_many<B: Backend>(
+    params: Vec<AdamwTensors<FloatTensor<B>>>,
+    grad_scale: Option<FloatTensor<B>>,
+) -> Vec<AdamwUpdated<FloatTensor<B>>> {
+    route!(B, fast_adamw_many, (params, grad_scale));
+    crate::backend::adamw::composed_many::<B>(params, grad_scale)
+}
+
+fn fast_sum_squares<F: FastOps>(tensors: Vec<FloatTensor<F>>, device: F::Device) -> FloatTensor<F> {
+    F::fast_sum_squares(tensors, &device)
+}
+
+/// The sum of squares of every element of `tensors` (any shapes), as a `[1]` f32 tensor (the
+/// squared global norm of gradients): one pass over all of them on burn-cuda, in a fixed order.
+pub fn sum_squares<B: Backend>(tensors: Vec<FloatTensor<B>>, device: &B::Device) -> Tensor<B, 1> {
+    let device = device.clone();
+    let sum = (|| {
+        route!(B, fast_sum_squares, (tensors, device));
+        crate::backend::adamw::composed_sum_squares::<B>(tensors, &device)
+    })();
+    Tensor::from_primitive(TensorPrimitive::Float(sum))
 }
 
 fn fast_lora_linear<F: FastOps>(

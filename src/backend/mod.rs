@@ -162,10 +162,46 @@ pub trait FastOps: Backend {
         weight: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self> {
+        Self::fast_rms_norm_forward(x, weight, eps).0
+    }
+
+    /// RMSNorm's output and the inverse RMS per row (`[rows, 1]`, in x's type or f32).
+    fn fast_rms_norm_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
         let weight = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(weight));
-        let (y, _) = dispatch::composed_rms_norm(x, weight, eps);
-        y.into_primitive().tensor()
+        let (y, inv) = dispatch::composed_rms_norm(x, weight, eps);
+        (y.into_primitive().tensor(), inv.into_primitive().tensor())
+    }
+
+    /// RMSNorm's gradients for x and the weight, where wanted, from the output's gradient `dy`
+    /// and the forward's inverse RMS.
+    fn fast_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        inv_rms: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        wanted: (bool, bool),
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        dispatch::composed_rms_norm_backward::<Self>(x, weight, inv_rms, dy, wanted)
+    }
+
+    /// Rotary position embedding `x cos + rotate_half(x) sin` of `x [b, h, t, d]` with `cos`,
+    /// `sin [1 | b, 1, t, d]`; with `backward`, the gradient of that for `x` where `x` holds
+    /// the output's gradient. Under `Autodiff` one node that keeps cos and sin.
+    fn fast_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        backward: bool,
+    ) -> FloatTensor<Self> {
+        let float = |t| Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t));
+        dispatch::composed_rope(float(x), float(cos), float(sin), backward)
+            .into_primitive()
+            .tensor()
     }
 
     /// Whether [`FastOps::fast_attention`] runs a fused kernel for this element type and head
@@ -218,31 +254,50 @@ pub trait FastOps: Backend {
         attention::reference_backward_primitive::<Self>(q, k, v, o, lse, dout, key_valid, spec)
     }
 
-    /// One AdamW update of a flat parameter (see [`adamw`]): `weights`, `exp_avg` and
-    /// `exp_avg_sq` in the update's precision, `grad` in the parameter's type, `grad_scale` a
-    /// `[1]` tensor multiplying the gradient. Returns the new weights and moments, and the
-    /// weights cast to `low` where asked (the parameter's own type under mixed precision).
-    #[allow(clippy::type_complexity)]
-    fn fast_adamw(
-        weights: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        exp_avg: FloatTensor<Self>,
-        exp_avg_sq: FloatTensor<Self>,
+    /// AdamW updates of many flat parameters at once (see [`adamw`]): each one's `weights`,
+    /// `exp_avg` and `exp_avg_sq` in the update's precision, `grad` in the parameter's type;
+    /// `grad_scale` a `[1]` tensor multiplying every gradient. Returns, in order, the new weights
+    /// and moments, and the weights cast to `low` where asked (the parameter's own type under
+    /// mixed precision).
+    fn fast_adamw_many(
+        params: Vec<adamw::AdamwTensors<FloatTensor<Self>>>,
         grad_scale: Option<FloatTensor<Self>>,
-        hp: adamw::AdamwStep,
-        low: Option<burn::tensor::FloatDType>,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        Option<FloatTensor<Self>>,
-    ) {
-        adamw::composed_primitive::<Self>(weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
+    ) -> Vec<adamw::AdamwUpdated<FloatTensor<Self>>> {
+        adamw::composed_many::<Self>(params, grad_scale)
+    }
+
+    /// The sum of squares of all elements of the flat `tensors`, as a `[1]` f32 tensor on
+    /// `device` (global-norm clipping).
+    fn fast_sum_squares(
+        tensors: Vec<FloatTensor<Self>>,
+        device: &Self::Device,
+    ) -> FloatTensor<Self> {
+        adamw::composed_sum_squares::<Self>(tensors, device)
     }
 
     /// Bytes of accelerator memory in use (`None` on the CPU): reported in training metrics.
     fn accelerator_memory_used() -> Option<usize> {
         None
+    }
+
+    /// Per-row cross-entropy of a chunk of logits and, with `want_grad`, its gradient for
+    /// the logits (see [`cross_entropy::rows_reference`], which is the default).
+    fn fast_cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        inv_count: FloatTensor<Self>,
+        want_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let (loss, grad) = cross_entropy::rows_reference::<Self>(
+            Tensor::from_primitive(TensorPrimitive::Float(logits)),
+            Tensor::from_primitive(labels),
+            Tensor::from_primitive(TensorPrimitive::Float(inv_count)),
+            want_grad,
+        );
+        (
+            loss.into_primitive().tensor(),
+            grad.map(|g| g.into_primitive().tensor()),
+        )
     }
 
     /// Mean token cross-entropy of `hidden [n, d] @ weight[v, d]^T` against `labels [n]`
@@ -259,15 +314,40 @@ pub trait FastOps: Backend {
             Tensor::from_primitive(TensorPrimitive::Float(weight)),
             Tensor::from_primitive(labels),
             chunk,
+            false,
+            false,
         );
         out.loss.into_primitive().tensor()
     }
 }
 
+/// The optimizer step (counted from 1) whose kernels a profiler should see: `RUNNER_PROFILE_STEP`
+/// in the environment. The trainer brackets that step with [`set_profiler`], so
+/// `ncu --profile-from-start off` measures one warm step and nothing else.
+pub fn profiled_step() -> Option<u64> {
+    static STEP: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *STEP.get_or_init(|| {
+        std::env::var("RUNNER_PROFILE_STEP")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Starts or stops the CUDA profiler (a no-op without CUDA); failures are logged, not raised,
+/// since profiling never changes a result.
+pub fn set_profiler(on: bool) {
+    #[cfg(feature = "cuda")]
+    if let Err(e) = cuda::set_profiler(on) {
+        tracing::warn!("profiler range: {e}");
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
 pub use dispatch::{
-    accelerator_memory_mb, adamw_update, fused_attention, fused_attention_supported, linear,
-    linear_cross_entropy, lora_linear, masked_softmax, matmul, matmul_2d, matmul_tn, rms_norm,
-    swiglu,
+    accelerator_memory_mb, adamw_update_many, cross_entropy_rows, fused_attention,
+    fused_attention_supported, linear, linear_cross_entropy, lora_linear, masked_softmax, matmul,
+    matmul_2d, matmul_tn, rms_norm, rope, sum_squares, swiglu,
 };
 
 #[cfg(test)]

@@ -566,3 +566,46 @@ fn lora_linear_node_matches_burns_gradients_of_the_composed_ops() {
         }
     }
 }
+
+#[test]
+fn rope_node_matches_burns_gradient_of_rotate_half_with_unequal_halves() {
+    // cos and sin with different halves: the node's gradient must not assume HF's duplicated
+    // frequencies.
+    let x0: Tensor<Cpu, 4> = rand([2 * 3 * 5 * 8], 51)
+        .reshape([2, 5, 3, 8])
+        .swap_dims(1, 2);
+    let cos: Tensor<Cpu, 4> = rand([5 * 8], 52).reshape([1, 1, 5, 8]);
+    let sin: Tensor<Cpu, 4> = rand([2 * 5 * 8], 53).reshape([2, 1, 5, 8]);
+    let dy: Tensor<Cpu, 4> = rand([2 * 3 * 5 * 8], 54).reshape([2, 3, 5, 8]);
+    let loss = |y: Tensor<Ad, 4>| y.mul(Tensor::from_inner(dy.clone())).sum();
+    let x = Tensor::<Ad, 4>::from_inner(x0.clone()).require_grad();
+    let (c, s) = (
+        Tensor::from_inner(cos.clone()),
+        Tensor::from_inner(sin.clone()),
+    );
+    let y = crate::backend::rope(x.clone(), c.clone(), s.clone());
+    let grads = loss(y.clone()).backward();
+
+    let xw = Tensor::<Ad, 4>::from_inner(x0).require_grad();
+    let [b, h, t, d] = xw.dims();
+    let x1 = xw.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let x2 = xw.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+    let y_want = xw
+        .clone()
+        .mul(c)
+        .add(Tensor::cat(vec![x2.neg(), x1], 3).mul(s));
+    let flat = |t: Tensor<Cpu, 4>| values(t.reshape([1, 2 * 3 * 5 * 8]));
+    assert_close(
+        flat(y.inner()),
+        flat(y_want.clone().inner()),
+        1e-6,
+        "rope y",
+    );
+    let want = loss(y_want).backward();
+    assert_close(
+        flat(x.grad(&grads).unwrap()),
+        flat(xw.grad(&want).unwrap()),
+        1e-5,
+        "rope dx",
+    );
+}

@@ -84,11 +84,7 @@ pub fn apply_rotary<B: Backend>(
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    let [b, h, t, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x.mul(cos.clone()).add(rotated.mul(sin.clone()))
+    crate::backend::rope(x, cos.clone(), sin.clone())
 }
 
 #[cfg(test)]

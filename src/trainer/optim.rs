@@ -7,14 +7,15 @@
 //! burn-optim's `AdamW` has the same update but one weight decay for every parameter and
 //! per-tensor clipping, and its state is keyed by `ParamId`, which changes between processes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
-use crate::backend::adamw::AdamwStep;
+use crate::backend::adamw::{AdamwStep, AdamwTensors};
 use crate::model::hf::HostTensor;
 
 /// AdamW hyperparameters.
@@ -26,16 +27,26 @@ pub struct AdamWParams {
     pub weight_decay: f64,
 }
 
-/// Moments of one parameter, flattened.
+/// Moments of one parameter, in its shape (flat when loaded from a checkpoint: the update
+/// only needs equal element counts). Primitives, so that a step adds no reshape per tensor.
 #[derive(Debug, Clone)]
 pub struct Moments<B: Backend> {
-    pub exp_avg: Tensor<B, 1>,
-    pub exp_avg_sq: Tensor<B, 1>,
+    pub exp_avg: FloatTensor<B>,
+    pub exp_avg_sq: FloatTensor<B>,
     /// Updates applied to this parameter (torch's `state["step"]`).
     pub step: u64,
     /// The master copy of a parameter held in a lower precision than [`AdamW::master_dtype`]
     /// (bf16 training): updates accumulate here, the parameter is its rounding.
-    pub master: Option<Tensor<B, 1>>,
+    pub master: Option<FloatTensor<B>>,
+}
+
+/// `t` as a flat tensor (for reading values: checkpoints, tests).
+pub fn flat<B: Backend>(t: &FloatTensor<B>) -> Tensor<B, 1> {
+    let n = t.shape().num_elements();
+    Tensor::from_primitive(TensorPrimitive::Float(B::float_reshape(
+        t.clone(),
+        Shape::new([n]),
+    )))
 }
 
 /// The optimizer: hyperparameters and per-path moments on the inner (non-autodiff) backend.
@@ -75,44 +86,51 @@ impl PathStack {
     }
 }
 
-struct SquaredNorm<'a, B: Backend> {
+struct Grads<'a, B: Backend> {
     grads: &'a GradientsParams,
-    sum: Option<Tensor<B, 1>>,
+    found: Vec<FloatTensor<B>>,
 }
 
-impl<AB: AutodiffBackend> ModuleVisitor<AB> for SquaredNorm<'_, AB::InnerBackend> {
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Grads<'_, AB::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
         if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-            let s = g.powi_scalar(2).sum();
-            self.sum = Some(match self.sum.take() {
-                Some(acc) => acc.add(s),
-                None => s,
-            });
+            self.found.push(g.into_primitive().tensor());
         }
     }
 }
 
-/// The global L2 norm of all gradients of `module`'s parameters, as a `[1]` device tensor
-/// (no host read).
+/// The global L2 norm of all gradients of `module`'s parameters, as a `[1]` f32 device tensor
+/// (no host read; one pass over all gradients on the GPU).
 pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     module: &M,
     grads: &GradientsParams,
     device: &AB::Device,
 ) -> Tensor<AB::InnerBackend, 1> {
-    let mut v = SquaredNorm::<AB::InnerBackend> { grads, sum: None };
+    let mut v = Grads::<AB::InnerBackend> {
+        grads,
+        found: Vec::new(),
+    };
     module.visit(&mut v);
-    v.sum.unwrap_or_else(|| Tensor::zeros([1], device)).sqrt()
+    crate::backend::sum_squares(v.found, device).sqrt()
 }
 
-struct Update<'a, B: Backend> {
-    opt: &'a mut AdamW<B>,
+/// A parameter with a gradient, found by [`Collect`]: its value and gradient, in its shape.
+struct Found<B: Backend> {
+    id: ParamId,
+    path: String,
+    value: FloatTensor<B>,
+    grad: FloatTensor<B>,
+}
+
+/// First pass of a step: every parameter that has a gradient (taken out of `grads`), so that
+/// all of them update together.
+struct Collect<'a, B: Backend> {
     grads: &'a mut GradientsParams,
-    lr: f64,
-    grad_scale: Option<Tensor<B, 1>>,
     stack: PathStack,
+    found: Vec<Found<B>>,
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Collect<'_, AB::InnerBackend> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.stack.push(name);
     }
@@ -121,64 +139,33 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Update<'_, AB::InnerBackend> {
         self.stack.pop();
     }
 
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(param.id) else {
+            return;
+        };
+        self.found.push(Found {
+            id: param.id,
+            path: self.stack.path(),
+            value: param.val().inner().into_primitive().tensor(),
+            grad: grad.into_primitive().tensor(),
+        });
+    }
+}
+
+/// Second pass: each updated parameter takes its new value (a fresh leaf of the graph).
+struct Replace<B: Backend> {
+    values: HashMap<ParamId, FloatTensor<B>>,
+}
+
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Replace<AB::InnerBackend> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
         let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<AB::InnerBackend, D>(id) else {
+        let Some(value) = self.values.remove(&id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
-        let path = self.stack.path();
-        let shape = tensor.dims();
-        let n: usize = shape.iter().product();
-        let p = tensor.inner().reshape([n]);
-        let param_dtype = p.dtype();
-        let hp = self.opt.params;
-        let master_dtype = self.opt.master_dtype;
-        let mixed = param_dtype != DType::from(master_dtype);
-        let (m, v, step, master) = match self.opt.state.remove(&path) {
-            Some(s) => (Some(s.exp_avg), Some(s.exp_avg_sq), s.step, s.master),
-            None => (None, None, 0, None),
-        };
-        // Under mixed precision the update runs in the master type.
-        let weights = match master {
-            Some(master) if mixed => master,
-            _ if mixed => p.cast(master_dtype),
-            _ => p,
-        };
-        let m = m.unwrap_or_else(|| weights.zeros_like());
-        let v = v.unwrap_or_else(|| weights.zeros_like());
-        let step = step + 1;
-        let wd = if decays(&path) { hp.weight_decay } else { 0.0 };
-        let out = crate::backend::adamw_update(
-            weights,
-            grad.reshape([n]),
-            m,
-            v,
-            self.grad_scale.clone(),
-            AdamwStep {
-                lr: self.lr,
-                beta1: hp.beta1,
-                beta2: hp.beta2,
-                eps: hp.eps,
-                weight_decay: wd,
-                step,
-            },
-            mixed.then(|| FloatDType::from(param_dtype)),
-        );
-        let (m, v) = (out.exp_avg, out.exp_avg_sq);
-        let (p, master) = match out.low {
-            Some(low) => (low, Some(out.weights)),
-            None => (out.weights, None),
-        };
-        self.opt.state.insert(
-            path,
-            Moments {
-                exp_avg: m,
-                exp_avg_sq: v,
-                step,
-                master,
-            },
-        );
-        let new = Tensor::<AB, D>::from_inner(p.reshape(shape)).require_grad();
+        drop(tensor);
+        let value = Tensor::<AB::InnerBackend, D>::from_primitive(TensorPrimitive::Float(value));
+        let new = Tensor::<AB, D>::from_inner(value).require_grad();
         Param::from_mapped_value(id, new, mapper)
     }
 }
@@ -211,16 +198,77 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        // Gradients are scaled after their cast to the master type: cast the scale once here.
-        let master_dtype = self.master_dtype;
-        let mut u = Update {
-            opt: self,
+        let mut collect = Collect::<B> {
             grads,
-            lr,
-            grad_scale: grad_scale.map(|s| s.cast(master_dtype)),
             stack: PathStack(Vec::new()),
+            found: Vec::new(),
         };
-        module.map(&mut u)
+        module.visit(&mut collect);
+        let hp = self.params;
+        let master_dtype = self.master_dtype;
+        let mut updates = Vec::with_capacity(collect.found.len());
+        let mut keys = Vec::with_capacity(collect.found.len());
+        for Found {
+            id,
+            path,
+            value,
+            grad,
+        } in collect.found
+        {
+            let param_dtype = value.dtype();
+            let mixed = param_dtype != DType::from(master_dtype);
+            let zeros = |like: &FloatTensor<B>| {
+                B::float_zeros(like.shape(), &B::float_device(like), master_dtype)
+            };
+            let (m, v, step, master) = match self.state.remove(&path) {
+                Some(s) => (Some(s.exp_avg), Some(s.exp_avg_sq), s.step, s.master),
+                None => (None, None, 0, None),
+            };
+            // Under mixed precision the update runs in the master type.
+            let weights = match master {
+                Some(master) if mixed => master,
+                _ if mixed => B::float_cast(value, master_dtype),
+                _ => value,
+            };
+            let step = step + 1;
+            updates.push(AdamwTensors {
+                exp_avg: m.unwrap_or_else(|| zeros(&weights)),
+                exp_avg_sq: v.unwrap_or_else(|| zeros(&weights)),
+                weights,
+                grad,
+                hp: AdamwStep {
+                    lr,
+                    beta1: hp.beta1,
+                    beta2: hp.beta2,
+                    eps: hp.eps,
+                    weight_decay: if decays(&path) { hp.weight_decay } else { 0.0 },
+                    step,
+                },
+                low: mixed.then(|| FloatDType::from(param_dtype)),
+            });
+            keys.push((id, path, step));
+        }
+        // Gradients are scaled after their cast to the master type: cast the scale once here.
+        let grad_scale = grad_scale.map(|s| s.cast(master_dtype).into_primitive().tensor());
+        let outputs = crate::backend::adamw_update_many::<B>(updates, grad_scale);
+        let mut values = HashMap::with_capacity(keys.len());
+        for ((id, path, step), out) in keys.into_iter().zip(outputs) {
+            let (value, master) = match out.low {
+                Some(low) => (low, Some(out.weights)),
+                None => (out.weights, None),
+            };
+            self.state.insert(
+                path,
+                Moments {
+                    exp_avg: out.exp_avg,
+                    exp_avg_sq: out.exp_avg_sq,
+                    step,
+                    master,
+                },
+            );
+            values.insert(id, value);
+        }
+        module.map(&mut Replace { values })
     }
 
     /// The state as host tensors (`exp_avg.<path>`, `exp_avg_sq.<path>`, and `master.<path>`
@@ -228,8 +276,8 @@ impl<B: Backend> AdamW<B> {
     pub fn to_host(&self) -> (BTreeMap<String, HostTensor>, BTreeMap<String, u64>) {
         let mut tensors = BTreeMap::new();
         let mut steps = BTreeMap::new();
-        let host = |t: &Tensor<B, 1>| {
-            let d = t.clone().into_data();
+        let host = |t: &FloatTensor<B>| {
+            let d = flat::<B>(t).into_data();
             HostTensor::new(
                 d.shape.to_vec(),
                 d.convert::<f32>().into_vec::<f32>().unwrap_or_default(),
@@ -256,12 +304,13 @@ impl<B: Backend> AdamW<B> {
         self.state.clear();
         // Moments and masters live in the master type, whatever the backend's default.
         let dtype = DType::from(self.master_dtype);
-        let dev = |name: &str| -> Result<Tensor<B, 1>, String> {
+        let dev = |name: &str| -> Result<FloatTensor<B>, String> {
             let t = tensors.get(name).ok_or_else(|| name.to_string())?;
-            Ok(Tensor::from_data(
+            let flat = Tensor::<B, 1>::from_data(
                 TensorData::new(t.data.clone(), [t.data.len()]),
                 (device, dtype),
-            ))
+            );
+            Ok(flat.into_primitive().tensor())
         };
         for (path, &step) in steps {
             let exp_avg = dev(&format!("exp_avg.{path}"))?;
@@ -410,7 +459,7 @@ mod tests {
         let mixed = constant_gradient_steps(&mut opt, 2e-8, 10);
         let master = opt.state["weight"].master.clone().expect("a master copy");
         assert_eq!(master.dtype(), DType::F64);
-        let m = master
+        let m = flat::<TB>(&master)
             .into_data()
             .convert::<f64>()
             .into_vec::<f64>()

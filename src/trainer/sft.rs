@@ -500,6 +500,11 @@ where
             .iter()
             .flat_map(|mb| mb.iter().map(|&i| ctx.train[i].num_items()))
             .sum();
+        let profiled = crate::backend::profiled_step() == Some(index + 1);
+        if profiled {
+            let _ = B::sync(device);
+            crate::backend::set_profiler(true);
+        }
         let mut accumulator = GradientsAccumulator::<M>::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         for mb in &planned.micro_batches {
@@ -537,6 +542,10 @@ where
         model = hook.after_step(model, index);
         phases.sync::<B>(device);
         phases.update_s += update_start.elapsed().as_secs_f64();
+        if profiled {
+            let _ = B::sync(device);
+            crate::backend::set_profiler(false);
+        }
         phases.steps += 1;
         let step = index + 1;
         if let Some(l) = step_loss {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::{
     ops::{FloatTensor, IntTensor},
-    DType, FloatDType, Shape, Tensor, TensorMetadata, TensorPrimitive,
+    DType, Shape, Tensor, TensorMetadata, TensorPrimitive,
 };
 use burn_cubecl::{
     element::BoolElement, kernel::into_contiguous, tensor::CubeTensor, CubeBackend, FloatElement,
@@ -20,10 +20,10 @@ use burn_cubecl::{
 };
 use cubecl::cuda::CudaRuntime;
 
-use crate::backend::adamw::{self, AdamwStep};
+use crate::backend::adamw;
 use crate::backend::attention::{reference_backward_primitive, reference_forward_primitive};
 use crate::backend::cuda::cublas::{self, Gemm, GemmDtype, Operand};
-use crate::backend::cuda::{flash, optim, queue};
+use crate::backend::cuda::{cross_entropy, flash, norm, optim, queue, rope};
 use crate::backend::lora::{LoraGradients, LoraGrads};
 use crate::backend::{Error, FastOps, FusedAttentionSpec};
 
@@ -346,46 +346,223 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT>
         }
     }
 
-    fn fast_adamw(
-        weights: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        exp_avg: FloatTensor<Self>,
-        exp_avg_sq: FloatTensor<Self>,
-        grad_scale: Option<FloatTensor<Self>>,
-        hp: AdamwStep,
-        low: Option<FloatDType>,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        Option<FloatTensor<Self>>,
-    ) {
-        let fits = optim::supported(
-            weights.dtype,
-            [exp_avg.dtype, exp_avg_sq.dtype],
-            grad.dtype,
-            grad_scale.as_ref().map(|s| s.dtype),
-            low,
-        );
-        if fits {
-            let run = optim::adamw(
-                weights.clone(),
-                grad.clone(),
-                exp_avg.clone(),
-                exp_avg_sq.clone(),
-                grad_scale.clone(),
-                hp,
-                low,
-            );
-            match run {
-                Ok(out) => return out,
+    fn fast_rms_norm_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if norm::supported(&x, &weight) {
+            match norm::ready(x.device.index) {
+                // Checked types and shapes: the kernel call cannot refuse them.
+                Ok(()) => return norm::forward(x, weight, eps).expect("supported RMSNorm input"),
                 Err(e) => {
                     static WARNED: AtomicBool = AtomicBool::new(false);
-                    warn_once(&WARNED, "AdamW kernel failed, using composed ops", &e);
+                    warn_once(&WARNED, "RMSNorm kernel unavailable, using burn's ops", &e);
                 }
             }
         }
-        adamw::composed_primitive::<Self>(weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low)
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let weight = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(weight));
+        let f32_inv = matches!(x.dtype(), DType::BF16 | DType::F32);
+        let (y, inv) = crate::backend::dispatch::composed_rms_norm(x, weight, eps);
+        // The kernel's type for the inverse RMS, whichever path ran (the fusion layer relies
+        // on it).
+        let inv = if f32_inv {
+            inv.cast(burn::tensor::FloatDType::F32)
+        } else {
+            inv
+        };
+        (y.into_primitive().tensor(), inv.into_primitive().tensor())
+    }
+
+    fn fast_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        inv_rms: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        (want_x, want_w): (bool, bool),
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let kernel = want_x
+            && norm::supported(&x, &weight)
+            && inv_rms.dtype == DType::F32
+            && dy.dtype == x.dtype
+            && norm::ready(x.device.index).is_ok();
+        if !kernel {
+            return crate::backend::dispatch::composed_rms_norm_backward::<Self>(
+                x,
+                weight,
+                inv_rms,
+                dy,
+                (want_x, want_w),
+            );
+        }
+        // The weight's gradient (full fine-tuning only) from burn's ops, the input's from the
+        // kernel.
+        let (_, dw) = if want_w {
+            crate::backend::dispatch::composed_rms_norm_backward::<Self>(
+                x.clone(),
+                weight.clone(),
+                inv_rms.clone(),
+                dy.clone(),
+                (false, true),
+            )
+        } else {
+            (None, None)
+        };
+        let dx = norm::backward_x(x, weight, inv_rms, dy).expect("supported RMSNorm input");
+        (Some(dx), dw)
+    }
+
+    fn fast_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        backward: bool,
+    ) -> FloatTensor<Self> {
+        if rope::supported(&x, &cos, &sin) {
+            match rope::ready(x.device.index) {
+                // Checked types and shapes: the kernel call cannot refuse them.
+                Ok(()) => return rope::rope(x, cos, sin, backward).expect("supported RoPE input"),
+                Err(e) => {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    warn_once(&WARNED, "RoPE kernel unavailable, using burn's ops", &e);
+                }
+            }
+        }
+        let float = |t| Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t));
+        crate::backend::dispatch::composed_rope(float(x), float(cos), float(sin), backward)
+            .into_primitive()
+            .tensor()
+    }
+
+    fn fast_cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        inv_count: FloatTensor<Self>,
+        want_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let fits = cross_entropy::supported(logits.dtype, labels.dtype, inv_count.dtype)
+            && logits.meta.shape().num_dims() == 2
+            && logits.meta.shape()[0] > 0;
+        if fits {
+            match cross_entropy::ready(logits.device.index) {
+                // Owned inputs, so the gradient can take the logits' memory; checked types and
+                // shapes: the kernel call cannot refuse them.
+                Ok(()) => {
+                    return cross_entropy::ce_rows(logits, labels, inv_count, want_grad)
+                        .expect("a supported chunk of logits")
+                }
+                Err(e) => {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    warn_once(
+                        &WARNED,
+                        "cross-entropy kernel unavailable, using burn's ops",
+                        &e,
+                    );
+                }
+            }
+        }
+        let (loss, grad) = crate::backend::cross_entropy::rows_reference::<Self>(
+            Tensor::from_primitive(TensorPrimitive::Float(logits)),
+            Tensor::from_primitive(labels),
+            Tensor::from_primitive(TensorPrimitive::Float(inv_count)),
+            want_grad,
+        );
+        (
+            loss.into_primitive().tensor(),
+            grad.map(|g| g.into_primitive().tensor()),
+        )
+    }
+
+    fn fast_adamw_many(
+        params: Vec<adamw::AdamwTensors<FloatTensor<Self>>>,
+        grad_scale: Option<FloatTensor<Self>>,
+    ) -> Vec<adamw::AdamwUpdated<FloatTensor<Self>>> {
+        // One kernel group per (gradient type, betas, eps); the rest composed, one by one.
+        let key = |p: &adamw::AdamwTensors<FloatTensor<Self>>| {
+            let fits = optim::supported(
+                p.weights.dtype,
+                [p.exp_avg.dtype, p.exp_avg_sq.dtype],
+                p.grad.dtype,
+                grad_scale.as_ref().map(|s| s.dtype),
+                p.low,
+            );
+            fits.then(|| {
+                (
+                    p.grad.dtype == DType::F32,
+                    p.hp.beta1.to_bits(),
+                    p.hp.beta2.to_bits(),
+                    p.hp.eps.to_bits(),
+                )
+            })
+        };
+        let n = params.len();
+        let mut out: Vec<Option<adamw::AdamwUpdated<FloatTensor<Self>>>> =
+            (0..n).map(|_| None).collect();
+        let mut groups: Vec<(_, Vec<usize>, Vec<_>)> = Vec::new();
+        let mut composed = Vec::new();
+        for (index, p) in params.into_iter().enumerate() {
+            match key(&p) {
+                Some(k) => match groups.iter_mut().find(|(gk, _, _)| *gk == k) {
+                    Some((_, at, ps)) => {
+                        at.push(index);
+                        ps.push(p);
+                    }
+                    None => groups.push((k, vec![index], vec![p])),
+                },
+                None => composed.push((index, p)),
+            }
+        }
+        for (_, at, ps) in groups {
+            let updated = match optim::kernels_ready(ps[0].weights.device.index) {
+                // A uniform group of supported types: the kernel call cannot refuse it.
+                Ok(()) => optim::adamw_many(ps, grad_scale.clone())
+                    .expect("a uniform group of tensors of one length each"),
+                Err(e) => {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    warn_once(&WARNED, "AdamW kernel unavailable, using composed ops", &e);
+                    adamw::composed_many::<Self>(ps, grad_scale.clone())
+                }
+            };
+            for (index, u) in at.into_iter().zip(updated) {
+                out[index] = Some(u);
+            }
+        }
+        let (at, ps): (Vec<usize>, Vec<_>) = composed.into_iter().unzip();
+        for (index, u) in at
+            .into_iter()
+            .zip(adamw::composed_many::<Self>(ps, grad_scale))
+        {
+            out[index] = Some(u);
+        }
+        out.into_iter()
+            .map(|u| u.expect("every parameter updated"))
+            .collect()
+    }
+
+    fn fast_sum_squares(
+        tensors: Vec<FloatTensor<Self>>,
+        device: &Self::Device,
+    ) -> FloatTensor<Self> {
+        let readable = tensors.iter().any(|t| t.meta.shape().num_elements() > 0)
+            && tensors.iter().all(|t| optim::squares_supported(t.dtype));
+        if readable {
+            match optim::kernels_ready(device.index) {
+                // Supported types and at least one element: the kernel call cannot refuse them.
+                Ok(()) => {
+                    return optim::sum_squares(tensors).expect("non-empty bf16 or f32 tensors");
+                }
+                Err(e) => {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    warn_once(
+                        &WARNED,
+                        "sum-of-squares kernel unavailable, using burn's ops",
+                        &e,
+                    );
+                }
+            }
+        }
+        adamw::composed_sum_squares::<Self>(tensors, device)
     }
 
     fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {

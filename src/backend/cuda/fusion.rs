@@ -90,17 +90,17 @@ impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for LoraBackwardOp<
     }
 }
 
-/// AdamW: inputs weights, grad, exp_avg, exp_avg_sq (and the gradient scale); outputs the new
-/// weights, exp_avg, exp_avg_sq (and the low-precision copy).
+/// AdamW over many parameters: inputs weights, grad, exp_avg, exp_avg_sq of each (then the
+/// gradient scale, if any); outputs the new weights, exp_avg, exp_avg_sq of each, then the
+/// low-precision copies of those that ask for one.
 #[derive(Debug)]
-struct AdamwOp<B> {
+struct AdamwManyOp<B> {
     desc: CustomOpIr,
-    hp: AdamwStep,
-    low: Option<FloatDType>,
+    steps: Vec<(AdamwStep, Option<FloatDType>)>,
     _backend: PhantomData<B>,
 }
 
-impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for AdamwOp<B> {
+impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for AdamwManyOp<B> {
     fn execute(
         &self,
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
@@ -108,15 +108,150 @@ impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for AdamwOp<B> {
         let inputs = &self.desc.inputs;
         let outputs = &self.desc.outputs;
         let mut float = |i: usize| handles.get_float_tensor::<B>(&inputs[i]);
-        let (w, g, m, v) = (float(0), float(1), float(2), float(3));
-        let scale = (inputs.len() > 4).then(|| float(4));
-        let (w, m, v, low) = B::fast_adamw(w, g, m, v, scale, self.hp, self.low);
-        handles.register_float_tensor::<B>(&outputs[0].id, w);
-        handles.register_float_tensor::<B>(&outputs[1].id, m);
-        handles.register_float_tensor::<B>(&outputs[2].id, v);
-        if let (Some(ir), Some(low)) = (outputs.get(3), low) {
-            handles.register_float_tensor::<B>(&ir.id, low);
+        let params: Vec<_> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, &(hp, low))| adamw::AdamwTensors {
+                weights: float(4 * i),
+                grad: float(4 * i + 1),
+                exp_avg: float(4 * i + 2),
+                exp_avg_sq: float(4 * i + 3),
+                hp,
+                low,
+            })
+            .collect();
+        let scale = (inputs.len() > 4 * self.steps.len()).then(|| float(4 * self.steps.len()));
+        let updated = B::fast_adamw_many(params, scale);
+        let mut lows = outputs[3 * self.steps.len()..].iter();
+        for (i, u) in updated.into_iter().enumerate() {
+            handles.register_float_tensor::<B>(&outputs[3 * i].id, u.weights);
+            handles.register_float_tensor::<B>(&outputs[3 * i + 1].id, u.exp_avg);
+            handles.register_float_tensor::<B>(&outputs[3 * i + 2].id, u.exp_avg_sq);
+            if let Some(low) = u.low {
+                let ir = lows.next().expect("an output per low copy");
+                handles.register_float_tensor::<B>(&ir.id, low);
+            }
         }
+    }
+}
+
+/// Cross-entropy rows: inputs logits, labels, inv_count; outputs the row losses and, when
+/// asked, the logits' gradient.
+#[derive(Debug)]
+struct CrossEntropyRowsOp<B> {
+    desc: CustomOpIr,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for CrossEntropyRowsOp<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let inputs = &self.desc.inputs;
+        let outputs = &self.desc.outputs;
+        let logits = handles.get_float_tensor::<B>(&inputs[0]);
+        let labels = handles.get_int_tensor::<B>(&inputs[1]);
+        let inv_count = handles.get_float_tensor::<B>(&inputs[2]);
+        let (loss, grad) = B::fast_cross_entropy_rows(logits, labels, inv_count, outputs.len() > 1);
+        handles.register_float_tensor::<B>(&outputs[0].id, loss);
+        if let (Some(ir), Some(grad)) = (outputs.get(1), grad) {
+            handles.register_float_tensor::<B>(&ir.id, grad);
+        }
+    }
+}
+
+/// RMSNorm forward: inputs x, weight; outputs y and the inverse RMS.
+#[derive(Debug)]
+struct RmsForwardOp<B> {
+    desc: CustomOpIr,
+    eps: f64,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for RmsForwardOp<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([x, w], [y_ir, inv_ir]) = self.desc.as_fixed();
+        let x = handles.get_float_tensor::<B>(x);
+        let w = handles.get_float_tensor::<B>(w);
+        let (y, inv) = B::fast_rms_norm_forward(x, w, self.eps);
+        handles.register_float_tensor::<B>(&y_ir.id, y);
+        handles.register_float_tensor::<B>(&inv_ir.id, inv);
+    }
+}
+
+/// RMSNorm backward: inputs x, weight, inverse RMS, dy; outputs dx and/or dw, in that order.
+#[derive(Debug)]
+struct RmsBackwardOp<B> {
+    desc: CustomOpIr,
+    wanted: (bool, bool),
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for RmsBackwardOp<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let inputs = &self.desc.inputs;
+        let mut float = |i: usize| handles.get_float_tensor::<B>(&inputs[i]);
+        let (x, w, inv, dy) = (float(0), float(1), float(2), float(3));
+        let (dx, dw) = B::fast_rms_norm_backward(x, w, inv, dy, self.wanted);
+        let mut outputs = self.desc.outputs.iter();
+        for grad in [dx, dw].into_iter().flatten() {
+            let ir = outputs.next().expect("an output per wanted gradient");
+            handles.register_float_tensor::<B>(&ir.id, grad);
+        }
+    }
+}
+
+/// RoPE (or its gradient): inputs x, cos, sin; output y.
+#[derive(Debug)]
+struct RopeOp<B> {
+    desc: CustomOpIr,
+    backward: bool,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for RopeOp<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([x, cos, sin], [y]) = self.desc.as_fixed();
+        let x = handles.get_float_tensor::<B>(x);
+        let cos = handles.get_float_tensor::<B>(cos);
+        let sin = handles.get_float_tensor::<B>(sin);
+        let out = B::fast_rope(x, cos, sin, self.backward);
+        handles.register_float_tensor::<B>(&y.id, out);
+    }
+}
+
+/// The sum of squares of all inputs: one `[1]` f32 output.
+#[derive(Debug)]
+struct SumSquaresOp<B> {
+    desc: CustomOpIr,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for SumSquaresOp<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let tensors: Vec<_> = self
+            .desc
+            .inputs
+            .iter()
+            .map(|ir| handles.get_float_tensor::<B>(ir))
+            .collect();
+        let device = B::float_device(&tensors[0]);
+        let sum = B::fast_sum_squares(tensors, &device);
+        handles.register_float_tensor::<B>(&self.desc.outputs[0].id, sum);
     }
 }
 
@@ -329,63 +464,254 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Fusion<Cube<F,
         }
     }
 
-    fn fast_adamw(
-        weights: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        exp_avg: FloatTensor<Self>,
-        exp_avg_sq: FloatTensor<Self>,
+    fn fast_adamw_many(
+        params: Vec<adamw::AdamwTensors<FloatTensor<Self>>>,
         grad_scale: Option<FloatTensor<Self>>,
-        hp: AdamwStep,
-        low: Option<FloatDType>,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        Option<FloatTensor<Self>>,
-    ) {
-        let fits = super::optim::supported(
-            weights.dtype,
-            [exp_avg.dtype, exp_avg_sq.dtype],
-            grad.dtype,
-            grad_scale.as_ref().map(|s| s.dtype),
-            low,
-        );
-        if !fits {
-            return adamw::composed_primitive::<Self>(
-                weights, grad, exp_avg, exp_avg_sq, grad_scale, hp, low,
+    ) -> Vec<adamw::AdamwUpdated<FloatTensor<Self>>> {
+        let Some(client) = params.first().map(|p| p.weights.client.clone()) else {
+            return Vec::new();
+        };
+        // One custom operation for all: the inner backend groups them into kernel launches.
+        // Each output keeps its input's type (the kernel's and the composed update's rule).
+        let mut steps = Vec::with_capacity(params.len());
+        let mut inputs: Vec<FloatTensor<Self>> = Vec::with_capacity(4 * params.len() + 1);
+        let mut outs: Vec<TensorIr> = Vec::with_capacity(4 * params.len());
+        let mut lows = Vec::new();
+        for p in params {
+            let shape = p.weights.shape.clone();
+            for t in [&p.weights, &p.exp_avg, &p.exp_avg_sq] {
+                outs.push(TensorIr::uninit(
+                    client.create_empty_handle(),
+                    shape.clone(),
+                    t.dtype,
+                ));
+            }
+            lows.extend(
+                p.low.map(|d| {
+                    TensorIr::uninit(client.create_empty_handle(), shape.clone(), d.into())
+                }),
             );
+            steps.push((p.hp, p.low));
+            inputs.extend([p.weights, p.grad, p.exp_avg, p.exp_avg_sq]);
         }
-        let client = weights.client.clone();
-        let shape = weights.shape.clone();
-        let inputs: Vec<FloatTensor<Self>> = [weights, grad, exp_avg, exp_avg_sq]
-            .into_iter()
-            .chain(grad_scale)
-            .collect();
+        let count = steps.len();
+        let wanted_low: Vec<bool> = steps.iter().map(|(_, low)| low.is_some()).collect();
+        outs.extend(lows);
+        inputs.extend(grad_scale);
         let streams = OperationStreams::with_inputs(inputs.iter());
         let irs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
-        let mut outs: Vec<TensorIr> = (0..3)
-            .map(|_| TensorIr::uninit(client.create_empty_handle(), shape.clone(), DType::F32))
+        let desc = CustomOpIr::new("runner_adamw_many", &irs, &outs);
+        let mut produced: Vec<FloatTensor<Self>> = client
+            .register(
+                streams,
+                OperationIr::Custom(desc.clone()),
+                AdamwManyOp::<Cube<F, I, BT>> {
+                    desc,
+                    steps,
+                    _backend: PhantomData,
+                },
+            )
+            .into_iter()
             .collect();
-        outs.extend(
-            low.map(|d| TensorIr::uninit(client.create_empty_handle(), shape.clone(), d.into())),
+        // The main outputs come first, three a parameter, then the low copies in order.
+        let mut lows = produced.split_off(3 * count).into_iter();
+        let mut main = produced.into_iter();
+        let mut updated = Vec::with_capacity(count);
+        for wants_low in wanted_low {
+            let mut next = || main.next().expect("three outputs a parameter");
+            let (weights, exp_avg, exp_avg_sq) = (next(), next(), next());
+            updated.push(adamw::AdamwUpdated {
+                weights,
+                exp_avg,
+                exp_avg_sq,
+                low: wants_low.then(|| lows.next().expect("an output per low copy")),
+            });
+        }
+        updated
+    }
+
+    fn fast_rms_norm_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let client = x.client.clone();
+        let shape = x.shape.clone();
+        let rows = shape.as_slice().first().copied().unwrap_or(0);
+        // The inner backend keeps the inverse RMS of bf16 and f32 inputs in f32, kernel or not.
+        let inv_dtype = if matches!(x.dtype, DType::BF16 | DType::F32) {
+            DType::F32
+        } else {
+            x.dtype
+        };
+        let outs = [
+            TensorIr::uninit(client.create_empty_handle(), shape, x.dtype),
+            TensorIr::uninit(
+                client.create_empty_handle(),
+                Shape::new([rows, 1]),
+                inv_dtype,
+            ),
+        ];
+        let streams = OperationStreams::with_inputs([&x, &weight]);
+        let desc = CustomOpIr::new(
+            "runner_rms_forward",
+            &[x.into_ir(), weight.into_ir()],
+            &outs,
         );
-        let desc = CustomOpIr::new("runner_adamw", &irs, &outs);
         let mut out = client
             .register(
                 streams,
                 OperationIr::Custom(desc.clone()),
-                AdamwOp::<Cube<F, I, BT>> {
+                RmsForwardOp::<Cube<F, I, BT>> {
                     desc,
-                    hp,
-                    low,
+                    eps,
                     _backend: PhantomData,
                 },
             )
             .into_iter();
-        let mut next = || out.next().expect("an output per description");
-        let (w, m, v) = (next(), next(), next());
-        let low = low.map(|_| next());
-        (w, m, v, low)
+        let y = out.next().expect("y");
+        (y, out.next().expect("the inverse RMS"))
+    }
+
+    fn fast_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        inv_rms: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        wanted: (bool, bool),
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let client = x.client.clone();
+        let mut outs = Vec::new();
+        if wanted.0 {
+            outs.push(TensorIr::uninit(
+                client.create_empty_handle(),
+                x.shape.clone(),
+                x.dtype,
+            ));
+        }
+        if wanted.1 {
+            outs.push(TensorIr::uninit(
+                client.create_empty_handle(),
+                weight.shape.clone(),
+                weight.dtype,
+            ));
+        }
+        if outs.is_empty() {
+            return (None, None);
+        }
+        let streams = OperationStreams::with_inputs([&x, &weight, &inv_rms, &dy]);
+        let irs = [
+            x.into_ir(),
+            weight.into_ir(),
+            inv_rms.into_ir(),
+            dy.into_ir(),
+        ];
+        let desc = CustomOpIr::new("runner_rms_backward", &irs, &outs);
+        let mut out = client
+            .register(
+                streams,
+                OperationIr::Custom(desc.clone()),
+                RmsBackwardOp::<Cube<F, I, BT>> {
+                    desc,
+                    wanted,
+                    _backend: PhantomData,
+                },
+            )
+            .into_iter();
+        let dx = wanted.0.then(|| out.next().expect("dx"));
+        let dw = wanted.1.then(|| out.next().expect("dw"));
+        (dx, dw)
+    }
+
+    fn fast_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        backward: bool,
+    ) -> FloatTensor<Self> {
+        let client = x.client.clone();
+        let out = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), x.dtype);
+        let streams = OperationStreams::with_inputs([&x, &cos, &sin]);
+        let desc = CustomOpIr::new(
+            "runner_rope",
+            &[x.into_ir(), cos.into_ir(), sin.into_ir()],
+            &[out],
+        );
+        client
+            .register(
+                streams,
+                OperationIr::Custom(desc.clone()),
+                RopeOp::<Cube<F, I, BT>> {
+                    desc,
+                    backward,
+                    _backend: PhantomData,
+                },
+            )
+            .output()
+    }
+
+    fn fast_cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+        inv_count: FloatTensor<Self>,
+        want_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let client = logits.client.clone();
+        let shape = logits.shape.clone();
+        let rows = shape.as_slice().first().copied().unwrap_or(0);
+        let mut outs = vec![TensorIr::uninit(
+            client.create_empty_handle(),
+            Shape::new([rows]),
+            DType::F32,
+        )];
+        if want_grad {
+            outs.push(TensorIr::uninit(
+                client.create_empty_handle(),
+                shape,
+                logits.dtype,
+            ));
+        }
+        let streams = OperationStreams::with_inputs([&logits, &labels, &inv_count]);
+        let desc = CustomOpIr::new(
+            "runner_cross_entropy_rows",
+            &[logits.into_ir(), labels.into_ir(), inv_count.into_ir()],
+            &outs,
+        );
+        let mut out = client
+            .register(
+                streams,
+                OperationIr::Custom(desc.clone()),
+                CrossEntropyRowsOp::<Cube<F, I, BT>> {
+                    desc,
+                    _backend: PhantomData,
+                },
+            )
+            .into_iter();
+        let loss = out.next().expect("the row losses");
+        (loss, out.next())
+    }
+
+    fn fast_sum_squares(
+        tensors: Vec<FloatTensor<Self>>,
+        device: &Self::Device,
+    ) -> FloatTensor<Self> {
+        let Some(client) = tensors.first().map(|t| t.client.clone()) else {
+            return adamw::composed_sum_squares::<Self>(tensors, device);
+        };
+        let streams = OperationStreams::with_inputs(tensors.iter());
+        let irs: Vec<TensorIr> = tensors.into_iter().map(|t| t.into_ir()).collect();
+        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([1]), DType::F32);
+        let desc = CustomOpIr::new("runner_sum_squares", &irs, &[out]);
+        client
+            .register(
+                streams,
+                OperationIr::Custom(desc.clone()),
+                SumSquaresOp::<Cube<F, I, BT>> {
+                    desc,
+                    _backend: PhantomData,
+                },
+            )
+            .output()
     }
 
     fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -4,13 +4,16 @@
 //!
 //! Reference: `crate::backend` docs; burn `examples/custom-cubecl-kernel`.
 
+mod cross_entropy;
 mod cube;
 pub mod cublas;
 pub mod flash;
 mod fusion;
+mod norm;
 mod nvrtc;
 pub mod optim;
 mod queue;
+mod rope;
 
 pub use cube::cublas_matmul;
 
@@ -54,5 +57,24 @@ pub fn device_memory_used(ordinal: usize) -> Result<usize, crate::backend::Error
                 detail: format!("{e:?}"),
             })?;
         Ok(total - free)
+    })
+}
+
+/// Starts (`true`) or stops CUDA's profiler on device 0: with `ncu --profile-from-start off`
+/// only the kernels between the two are measured (see [`crate::backend::profiled_step`]).
+pub fn set_profiler(on: bool) -> Result<(), crate::backend::Error> {
+    cublas::with_state(0, |_| {
+        // SAFETY: plain driver calls on the context `with_state` made current.
+        let result = unsafe {
+            if on {
+                cudarc::driver::sys::cuProfilerStart()
+            } else {
+                cudarc::driver::sys::cuProfilerStop()
+            }
+        };
+        result.result().map_err(|e| crate::backend::Error::Cuda {
+            call: "cuProfilerStart/Stop",
+            detail: format!("{e:?}"),
+        })
     })
 }

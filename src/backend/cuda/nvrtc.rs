@@ -2,7 +2,9 @@
 //! build needs no CUDA toolkit): the device's compute capability, a source compiled for it into
 //! a loaded module, and a kernel from the module.
 
+use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::{result as drv, sys as drv_sys};
 
@@ -88,36 +90,88 @@ pub fn function(
     Ok(f)
 }
 
-/// Launch arguments, 8 bytes each; `pointers` is taken once all are pushed (no reallocation
-/// after it), and the driver reads each parameter's own size from its slot.
+/// Kernel handles (plain driver handles, valid in every thread of the process).
+#[derive(Clone)]
+pub struct Functions(pub Vec<drv_sys::CUfunction>);
+
+// SAFETY: CUfunction handles are plain driver handles, valid in every thread of the process.
+unsafe impl Send for Functions {}
+
+type LoadedSets = HashMap<(&'static str, usize), Result<Functions, String>>;
+
+static LOADED: OnceLock<Mutex<LoadedSets>> = OnceLock::new();
+
+/// The kernels `names` of `source` (`name` in messages; compiled with `flags`) on device
+/// `ordinal`, in order: compiled and loaded on the first call, the result (or the failure)
+/// kept for the life of the process.
+pub fn kernels(
+    ordinal: usize,
+    source: &'static str,
+    name: &'static str,
+    flags: &[String],
+    names: &[&str],
+) -> Result<Functions, Error> {
+    let all = LOADED.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut guard = all.lock().map_err(|_| Error::Poisoned)?;
+    let entry = guard.entry((name, ordinal)).or_insert_with(|| {
+        crate::backend::cuda::cublas::with_state(ordinal, |_| {
+            let module = load_module(ordinal, source, name, flags.to_vec())?;
+            let functions = names
+                .iter()
+                .map(|n| function(module, n, 0))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Functions(functions))
+        })
+        .map_err(|e| e.to_string())
+    });
+    match entry {
+        Ok(f) => Ok(f.clone()),
+        Err(e) => Err(Error::Cuda {
+            call: "NVRTC kernels",
+            detail: format!("{name}: {e}"),
+        }),
+    }
+}
+
+/// Launch arguments: scalars and pointers take 8 bytes each, a by-value struct its own size
+/// (see [`Args::bytes`]); `pointers` is taken once all are pushed, and the driver reads each
+/// parameter's own size from its slot.
 #[derive(Default)]
-pub struct Args(Vec<[u8; 8]>);
+pub struct Args(Vec<Vec<u64>>);
 
 impl Args {
     pub fn ptr(&mut self, p: u64) -> &mut Self {
-        self.0.push(p.to_le_bytes());
+        self.0.push(vec![p]);
         self
     }
     pub fn i64(&mut self, v: i64) -> &mut Self {
-        self.0.push(v.to_le_bytes());
+        self.0.push(vec![v as u64]);
         self
     }
     pub fn i32(&mut self, v: i32) -> &mut Self {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&v.to_le_bytes());
-        self.0.push(b);
+        self.0.push(vec![u64::from(v as u32)]);
         self
     }
     pub fn f32(&mut self, v: f32) -> &mut Self {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&v.to_le_bytes());
-        self.0.push(b);
+        self.0.push(vec![u64::from(v.to_bits())]);
+        self
+    }
+    /// A struct passed by value, as its bytes in the device's layout (little-endian, C
+    /// alignment); kept 8-byte aligned here.
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        let mut words = vec![0u64; b.len().div_ceil(8)];
+        for (w, chunk) in words.iter_mut().zip(b.chunks(8)) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_le_bytes(word);
+        }
+        self.0.push(words);
         self
     }
     pub fn pointers(&mut self) -> Vec<*mut c_void> {
         self.0
             .iter_mut()
-            .map(|b| b.as_mut_ptr() as *mut c_void)
+            .map(|slot| slot.as_mut_ptr() as *mut c_void)
             .collect()
     }
 }
