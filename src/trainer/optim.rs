@@ -123,7 +123,9 @@ struct Found<B: Backend> {
 }
 
 /// First pass of a step: every parameter that has a gradient (taken out of `grads`), so that
-/// all of them update together.
+/// all of them update together. Until the second pass the module still holds the old values,
+/// so an f32 parameter without a master copy is updated out of place (one transient copy of
+/// such weights in full fine-tuning; moments and masters are updated in place).
 struct Collect<'a, B: Backend> {
     grads: &'a mut GradientsParams,
     stack: PathStack,
