@@ -12,7 +12,10 @@
 // burn's `slice` takes one range per dimension: a one-element array is a 1-D slice.
 #![allow(clippy::single_range_in_vec_init)]
 
-use burn::tensor::{backend::Backend, DType, FloatDType, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{
+    backend::Backend, DType, FloatDType, IndexingUpdateOp, Int, Tensor, TensorPrimitive,
+};
 
 use crate::backend::{linear, matmul_2d, matmul_tn};
 
@@ -64,6 +67,26 @@ pub fn rows_reference<B: Backend>(
         (probs * row_scale).cast(dtype)
     });
     (loss, grad)
+}
+
+/// [`rows_reference`] on primitives (the default of
+/// [`crate::backend::FastOps::fast_cross_entropy_rows`] and the CUDA fallback).
+pub(crate) fn rows_reference_primitive<B: Backend>(
+    logits: FloatTensor<B>,
+    labels: IntTensor<B>,
+    inv_count: FloatTensor<B>,
+    want_grad: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let (loss, grad) = rows_reference::<B>(
+        Tensor::from_primitive(TensorPrimitive::Float(logits)),
+        Tensor::from_primitive(labels),
+        Tensor::from_primitive(TensorPrimitive::Float(inv_count)),
+        want_grad,
+    );
+    (
+        loss.into_primitive().tensor(),
+        grad.map(|g| g.into_primitive().tensor()),
+    )
 }
 
 /// The mean loss of `hidden [n, d] @ weight^T` against `labels [n]`, `chunk` rows at a time,

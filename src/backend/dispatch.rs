@@ -228,6 +228,20 @@ pub(crate) fn composed_rope<B: Backend>(
     x.mul(cos).add(rotated.mul(sin))
 }
 
+/// [`composed_rope`] on primitives (the default of [`FastOps::fast_rope`] and the CUDA
+/// fallback).
+pub(crate) fn composed_rope_primitive<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    backward: bool,
+) -> FloatTensor<B> {
+    let float = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+    composed_rope(float(x), float(cos), float(sin), backward)
+        .into_primitive()
+        .tensor()
+}
+
 fn fast_rope<F: FastOps>(x: Tensor<F, 4>, cos: Tensor<F, 4>, sin: Tensor<F, 4>) -> Tensor<F, 4> {
     let prim = |t: Tensor<F, 4>| t.into_primitive().tensor();
     Tensor::from_primitive(TensorPrimitive::Float(F::fast_rope(

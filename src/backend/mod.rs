@@ -198,10 +198,7 @@ pub trait FastOps: Backend {
         sin: FloatTensor<Self>,
         backward: bool,
     ) -> FloatTensor<Self> {
-        let float = |t| Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t));
-        dispatch::composed_rope(float(x), float(cos), float(sin), backward)
-            .into_primitive()
-            .tensor()
+        dispatch::composed_rope_primitive::<Self>(x, cos, sin, backward)
     }
 
     /// Whether [`FastOps::fast_attention`] runs a fused kernel for this element type and head
@@ -288,16 +285,7 @@ pub trait FastOps: Backend {
         inv_count: FloatTensor<Self>,
         want_grad: bool,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        let (loss, grad) = cross_entropy::rows_reference::<Self>(
-            Tensor::from_primitive(TensorPrimitive::Float(logits)),
-            Tensor::from_primitive(labels),
-            Tensor::from_primitive(TensorPrimitive::Float(inv_count)),
-            want_grad,
-        );
-        (
-            loss.into_primitive().tensor(),
-            grad.map(|g| g.into_primitive().tensor()),
-        )
+        cross_entropy::rows_reference_primitive::<Self>(logits, labels, inv_count, want_grad)
     }
 
     /// Mean token cross-entropy of `hidden [n, d] @ weight[v, d]^T` against `labels [n]`

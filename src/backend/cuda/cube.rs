@@ -429,10 +429,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT>
                 }
             }
         }
-        let float = |t| Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t));
-        crate::backend::dispatch::composed_rope(float(x), float(cos), float(sin), backward)
-            .into_primitive()
-            .tensor()
+        crate::backend::dispatch::composed_rope_primitive::<Self>(x, cos, sin, backward)
     }
 
     fn fast_cross_entropy_rows(
@@ -462,15 +459,8 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT>
                 }
             }
         }
-        let (loss, grad) = crate::backend::cross_entropy::rows_reference::<Self>(
-            Tensor::from_primitive(TensorPrimitive::Float(logits)),
-            Tensor::from_primitive(labels),
-            Tensor::from_primitive(TensorPrimitive::Float(inv_count)),
-            want_grad,
-        );
-        (
-            loss.into_primitive().tensor(),
-            grad.map(|g| g.into_primitive().tensor()),
+        crate::backend::cross_entropy::rows_reference_primitive::<Self>(
+            logits, labels, inv_count, want_grad,
         )
     }
 
