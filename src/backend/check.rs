@@ -235,8 +235,10 @@ pub fn run_checks(dir: &Path) -> Result<(Vec<String>, bool), Error> {
             vv.grad(&grads).ok_or(missing("dv"))?,
         )?;
     }
-    // 3. Fused attention (the flash kernels in bf16): GQA, lengths off the 64-row tiles, left
-    //    padding, queries at the end of a longer key range (prefill after a cache, decoding).
+    // 3. Fused attention in bf16: GQA, lengths off the 64-row tiles, left padding, queries at
+    //    the end of a longer key range (prefill after a cache, decoding). Causal cases with
+    //    equal lengths and no padding run on cuDNN where it loads; `*_kernels` runs them on the
+    //    flash kernels.
     let fused = crate::backend::fused_attention_supported::<Ad>(DType::BF16, 64)
         && crate::backend::fused_attention_supported::<Ad>(DType::BF16, 128);
     lines.push(format!(
@@ -250,8 +252,13 @@ pub fn run_checks(dir: &Path) -> Result<(Vec<String>, bool), Error> {
         ("pad_offset_d128", 2, 6, 2, 37, 150, 128, 20),
         ("decode_pad", 3, 4, 4, 1, 77, 64, 9),
         ("long_d64", 1, 14, 2, 300, 300, 64, 0),
+        ("gqa_t100_kernels", 2, 4, 2, 100, 100, 64, 0),
+        ("long_d128_kernels", 1, 6, 2, 300, 300, 128, 0),
+        ("long_d128", 1, 6, 2, 300, 300, 128, 0),
     ];
     for (name, b, h, kvh, t, s, d, pad) in cases {
+        #[cfg(feature = "cuda")]
+        crate::backend::cuda::cudnn_attention::set_enabled(!name.ends_with("_kernels"));
         let q = randn::<Ad, 4>([b, h, t, d], DType::BF16).require_grad();
         let k = randn::<Ad, 4>([b, kvh, s, d], DType::BF16).require_grad();
         let vv = randn::<Ad, 4>([b, kvh, s, d], DType::BF16).require_grad();
@@ -294,6 +301,11 @@ pub fn run_checks(dir: &Path) -> Result<(Vec<String>, bool), Error> {
             vv.grad(&grads).ok_or(missing("dv"))?,
         )?;
     }
+
+    #[cfg(feature = "cuda")]
+    crate::backend::cuda::cudnn_attention::set_enabled(true);
+    #[cfg(feature = "cuda")]
+    check_cudnn_attention(&mut lines, &mut ok);
 
     let path = dir.join("manifest.txt");
     std::fs::write(&path, &dump.manifest).map_err(io(&path))?;
@@ -662,6 +674,55 @@ fn check_rope(lines: &mut Vec<String>, ok: &mut bool) {
                 "{} rope {dtype:?} cos batch {cos_batch} {}: rel err {err:.2e} (limit {tol:.0e})",
                 if pass { "PASS" } else { "FAIL" },
                 if backward { "gradient" } else { "forward" }
+            ));
+        }
+    }
+}
+
+/// cuDNN's fused attention against the flash kernels on the same inputs (forward, gradients),
+/// with queries in the decoder's `[b, t, h, d]` memory order seen as `[b, h, t, d]`.
+#[cfg(feature = "cuda")]
+fn check_cudnn_attention(lines: &mut Vec<String>, ok: &mut bool) {
+    use crate::backend::cuda::cudnn_attention;
+    for (b, h, kvh, t, d) in [(2, 14, 2, 1024, 64), (1, 8, 8, 520, 128)] {
+        let q = randn::<Ad, 4>([b, t, h, d], DType::BF16)
+            .swap_dims(1, 2)
+            .require_grad();
+        let k = randn::<Ad, 4>([b, kvh, t, d], DType::BF16).require_grad();
+        let v = randn::<Ad, 4>([b, kvh, t, d], DType::BF16).require_grad();
+        let go = randn::<Ad, 4>([b, t, h, d], DType::BF16);
+        let spec = crate::backend::FusedAttentionSpec {
+            scale: 1.0 / (d as f64).sqrt(),
+            causal: true,
+        };
+        let run = |cudnn: bool| {
+            cudnn_attention::set_enabled(cudnn);
+            let o = crate::backend::fused_attention(q.clone(), k.clone(), v.clone(), None, spec);
+            let grads = (o.clone().cast(DType::F32) * go.clone().cast(DType::F32))
+                .sum()
+                .backward();
+            let got = [
+                host(o.inner()),
+                q.grad(&grads).map(host).unwrap_or_default(),
+                k.grad(&grads).map(host).unwrap_or_default(),
+                v.grad(&grads).map(host).unwrap_or_default(),
+            ];
+            cudnn_attention::set_enabled(true);
+            got
+        };
+        let (dnn, kernels) = (run(true), run(false));
+        for (what, got, want) in ["o", "dq", "dk", "dv"]
+            .iter()
+            .zip(&dnn)
+            .zip(&kernels)
+            .map(|((w, g), k)| (w, g, k))
+        {
+            let err = rel_err(got, want);
+            let pass = !got.is_empty() && err <= 1e-2;
+            *ok &= pass;
+            lines.push(format!(
+                "{} cuDNN attention {what} vs flash kernels, b{b} h{h}/{kvh} t{t} d{d} (bf16): rel err {err:.2e}",
+                if pass { "PASS" } else { "FAIL" }
             ));
         }
     }

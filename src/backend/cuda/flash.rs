@@ -16,6 +16,7 @@ use burn_cubecl::{
 use cubecl::cuda::CudaRuntime;
 use cudarc::driver::sys as drv_sys;
 
+use crate::backend::cuda::cudnn_attention;
 use crate::backend::cuda::nvrtc::{self, Args};
 use crate::backend::{Error, FusedAttentionSpec};
 
@@ -215,6 +216,17 @@ struct Dims {
 }
 
 impl Dims {
+    fn shape(&self) -> cudnn_attention::Shape {
+        cudnn_attention::Shape {
+            batch: self.batch,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            q_len: self.q_len,
+            k_len: self.k_len,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// The kernels' `H, KVH, T, S` arguments.
     fn kernel_sizes(&self) -> Result<[i32; 4], Error> {
         Ok([
@@ -253,9 +265,10 @@ fn dims(q: &CT, k: &CT, v: &CT) -> Result<Dims, Error> {
     Ok(d)
 }
 
-fn empty(like: &CT, shape: Vec<usize>, dtype: DType) -> CT {
+/// An uninitialised contiguous tensor on `like`'s device.
+pub(super) fn empty(like: &CT, shape: Vec<usize>, dtype: DType) -> CT {
     let bytes = shape.iter().product::<usize>() * dtype.size();
-    let handle = like.client.empty(bytes);
+    let handle = like.client.empty(bytes.max(1));
     CubeTensor::new_contiguous(
         like.client.clone(),
         like.device.clone(),
@@ -326,6 +339,11 @@ pub fn forward(
     let d = dims(&q, &k, &v)?;
     let (q, k, v) = (addressable(q), addressable(k), addressable(v));
     let key_valid = check_mask(key_valid, &d)?;
+    if cudnn_attention::applies(&d.shape(), spec.causal, key_valid.is_some()) {
+        if let Some(out) = cudnn_attention::forward(&q, &k, &v, d.shape(), spec.scale) {
+            return Ok(out);
+        }
+    }
     let o = empty(&q, vec![d.batch, d.q_len, d.heads, d.head_dim], DType::BF16);
     let lse = empty(&q, vec![d.batch, d.heads, d.q_len], DType::F32);
     let rows = d.heads / d.kv_heads * d.q_len;
@@ -396,6 +414,21 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
     let key_valid = check_mask(key_valid, &d)?;
     let dout = addressable(dout);
     let lse = into_contiguous(lse);
+    if cudnn_attention::applies(&d.shape(), spec.causal, key_valid.is_some()) {
+        let o = addressable(o.clone());
+        if let Some(grads) = cudnn_attention::backward::<F, I, BT>(
+            &q,
+            &k,
+            &v,
+            &o,
+            &lse,
+            &dout,
+            d.shape(),
+            spec.scale,
+        ) {
+            return Ok(grads);
+        }
+    }
     // delta = rowsum(dO * O) per query row, [b, h, t] f32 (burn's fused kernels).
     let float4 = |t: CT| Tensor::<Cube<F, I, BT>, 4>::from_primitive(TensorPrimitive::Float(t));
     let delta = (float4(dout.clone()).cast(FloatDType::F32) * float4(o).cast(FloatDType::F32))

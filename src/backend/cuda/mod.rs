@@ -7,6 +7,7 @@
 mod cross_entropy;
 mod cube;
 pub mod cublas;
+pub mod cudnn_attention;
 pub mod flash;
 mod fusion;
 mod norm;
