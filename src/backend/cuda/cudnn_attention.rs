@@ -12,7 +12,7 @@
 //!
 //! Reference: cuDNN backend API (docs.nvidia.com/deeplearning/cudnn/backend), cudnn-frontend's
 //! `sdpa` and `sdpa_backward` nodes; the graphs below were read from cuDNN's API log of PyTorch's
-//! SDPA on the H100 (`CUDNN_LOGLEVEL_DBG=3`).
+//! SDPA on the H100 (`scripts/cudnn_sdpa_graphs.py` prints them).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
