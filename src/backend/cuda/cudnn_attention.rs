@@ -83,10 +83,15 @@ fn graph_covers(shape: &Shape, causal: bool, has_mask: bool) -> bool {
 
 /// Whether this path takes the call (the flash kernels take the rest).
 pub fn applies(shape: &Shape, causal: bool, has_mask: bool) -> bool {
-    graph_covers(shape, causal, has_mask)
-        && enabled()
-        // SAFETY: only asks the loader whether libcudnn is there.
-        && unsafe { dnn::is_culib_present() }
+    graph_covers(shape, causal, has_mask) && enabled() && library_present()
+}
+
+/// Whether libcudnn loads here, asked once: cudarc's check opens and closes the library (or
+/// searches for it in vain) on every call.
+fn library_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only asks the loader whether libcudnn is there.
+    *PRESENT.get_or_init(|| unsafe { dnn::is_culib_present() })
 }
 
 fn dnn_err(call: &'static str, status: dnn::cudnnStatus_t) -> Error {
