@@ -4,6 +4,10 @@
 //!
 //! The forward pass keeps the log-sum-exp of every query row (f32) instead of the score matrix;
 //! the backward pass recomputes the probabilities tile by tile from it.
+//!
+//! `forward` and `backward` first offer the call to cuDNN's fused SDPA (`cudnn_attention`),
+//! which takes causal attention over equal lengths without padding where libcudnn loads; the
+//! kernels here serve the rest (padding, prefill after a cache, decoding).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
