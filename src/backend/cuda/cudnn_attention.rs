@@ -858,6 +858,21 @@ fn submit(
     });
 }
 
+/// The device of `q` and the plan of `pass` for this shape and these strides (see [`plan`]).
+fn plan_for(pass: Pass, q: &CT, shape: Shape, st: [Strides; 5]) -> Option<(usize, Arc<Plan>)> {
+    let graph = match pass {
+        Pass::Forward => forward_graph,
+        Pass::Backward => backward_graph,
+    };
+    let key = Key {
+        pass,
+        shape,
+        strides: st,
+    };
+    let ordinal = q.device.index;
+    plan(ordinal, key, || graph(&shape, &st)).map(|p| (ordinal, p))
+}
+
 /// `(o [b, t, h, d], lse [b, h, t] f32)`, as the flash forward; `None` where this path does
 /// not apply or cuDNN has no plan (the caller runs the flash kernels).
 pub fn forward(q: &CT, k: &CT, v: &CT, shape: Shape, scale: f64) -> Option<(CT, CT)> {
@@ -868,13 +883,7 @@ pub fn forward(q: &CT, k: &CT, v: &CT, shape: Shape, scale: f64) -> Option<(CT, 
     );
     let os = [t * h * d, d, h * d, 1];
     let st = [strides(q), strides(k), strides(v), os, [0; 4]];
-    let key = Key {
-        pass: Pass::Forward,
-        shape,
-        strides: st,
-    };
-    let ordinal = q.device.index;
-    let plan = plan(ordinal, key, || forward_graph(&shape, &st))?;
+    let (ordinal, plan) = plan_for(Pass::Forward, q, shape, st)?;
     let o = empty(
         q,
         vec![shape.batch, shape.q_len, shape.heads, shape.head_dim],
@@ -917,13 +926,7 @@ pub fn backward<F: FloatElement, I: IntElement, BT: BoolElement>(
         strides_bthd(o),
         strides_bthd(dout),
     ];
-    let key = Key {
-        pass: Pass::Backward,
-        shape,
-        strides: st,
-    };
-    let ordinal = q.device.index;
-    let plan = plan(ordinal, key, || backward_graph(&shape, &st))?;
+    let (ordinal, plan) = plan_for(Pass::Backward, q, shape, st)?;
     let (b, h, kvh, t, s, d) = (
         shape.batch,
         shape.heads,
