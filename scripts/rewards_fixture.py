@@ -126,12 +126,6 @@ cases = [
     ("x" * 200, "x" * 200),
 ]
 
-out = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "train", "rewards.jsonl")
-with open(out, "w", encoding="utf-8") as f:
-    for completion, reference in cases:
-        scores = {name: fn(completion, reference) for name, fn in FUNCS}
-        f.write(json.dumps({"completion": completion, "reference": reference, "scores": scores}) + "\n")
-
 # Group advantages as TRL 1.16 GRPOTrainer (scale_rewards="group"): (r - mean) / (std + 1e-4) with
 # trl.trainer.utils.nanstd, which applies Bessel's correction (count / (count - 1)), as torch.std.
 def advantages(rewards, g):
@@ -144,9 +138,20 @@ def advantages(rewards, g):
     return out
 
 
-groups = [([2.5, 0.0, 0.5, 3.125, 0.0, 0.0, 1.0, 1.0], 4), ([1.0, 1.0, 1.0, 1.0], 2), ([0.3, -0.2, 0.9], 3),
-          ([1.0, 2.0], 1)]
-adv = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "train", "advantages.json")
-with open(adv, "w") as f:
-    json.dump([{"rewards": r, "group_size": g, "advantages": advantages(r, g)} for r, g in groups], f, indent=1)
-print(f"wrote {len(cases)} completions to {out} and {len(groups)} groups to {adv}")
+def main():
+    out = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "train", "rewards.jsonl")
+    with open(out, "w", encoding="utf-8") as f:
+        for completion, reference in cases:
+            scores = {name: fn(completion, reference) for name, fn in FUNCS}
+            f.write(json.dumps({"completion": completion, "reference": reference, "scores": scores}) + "\n")
+
+    groups = [([2.5, 0.0, 0.5, 3.125, 0.0, 0.0, 1.0, 1.0], 4), ([1.0, 1.0, 1.0, 1.0], 2), ([0.3, -0.2, 0.9], 3),
+              ([1.0, 2.0], 1)]
+    adv = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "train", "advantages.json")
+    with open(adv, "w") as f:
+        json.dump([{"rewards": r, "group_size": g, "advantages": advantages(r, g)} for r, g in groups], f, indent=1)
+    print(f"wrote {len(cases)} completions to {out} and {len(groups)} groups to {adv}")
+
+
+if __name__ == "__main__":
+    main()
