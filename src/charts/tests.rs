@@ -212,6 +212,7 @@ fn metrics_keys_are_grouped_into_charts() {
         json!({"step": 1, "loss": 2.0, "lr": 1e-4, "grad_norm": 3.0, "tokens_per_s": 900.0, "memory_mb": 512, "epoch": 0.1}),
         json!({"step": 2, "loss": 1.5, "lr": 2e-4, "reward": 0.2, "reward_std": 0.1, "rewards/format": 0.5, "rewards/accuracy": 0.1, "kl": 0.01, "completion_length": 80, "clip_ratio": 0.0}),
         json!({"step": 2, "eval_loss": 1.7, "custom/a": 1, "custom/b": 2, "weird key": 3, "note": "text", "flag": true}),
+        json!({"step": 2, "eval_rewards/format": 0.4, "eval_reward": 0.3, "eval_completion_length": 70}),
     ]);
     let specs = training_chart_specs(&rows);
     let stems: Vec<&str> = specs.iter().map(|s| s.file_stem.as_str()).collect();
@@ -224,6 +225,7 @@ fn metrics_keys_are_grouped_into_charts() {
             "throughput",
             "memory",
             "rewards",
+            "eval_rewards",
             "kl",
             "completion_length",
             "clip_ratio",
@@ -247,7 +249,11 @@ fn metrics_keys_are_grouped_into_charts() {
         rewards,
         ["reward", "reward_std", "rewards/format", "rewards/accuracy"]
     );
-    assert_eq!(specs[9].series.len(), 2);
+    let eval: Vec<&str> = specs[6].series.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(eval, ["eval_reward", "eval_rewards/format"]);
+    let lengths: Vec<&str> = specs[8].series.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(lengths, ["completion_length", "eval_completion_length"]);
+    assert_eq!(specs[10].series.len(), 2);
 }
 
 #[test]

@@ -97,7 +97,13 @@ fn chart_for_key(key: &str) -> (String, String, String) {
         "memory_mb" => known("memory", "Memory", "MB"),
         "reward" | "reward_std" => known("rewards", "Rewards", "reward"),
         "kl" => known("kl", "KL divergence to the reference", "KL"),
-        "completion_length" => known("completion_length", "Completion length", "tokens"),
+        "completion_length" | "eval_completion_length" => {
+            known("completion_length", "Completion length", "tokens")
+        }
+        "eval_reward" => known("eval_rewards", "Rewards on the eval prompts", "reward"),
+        _ if key.starts_with("eval_rewards/") => {
+            known("eval_rewards", "Rewards on the eval prompts", "reward")
+        }
         "clip_ratio" => known("clip_ratio", "Clip ratio", "fraction"),
         _ if key.starts_with("rewards/") => known("rewards", "Rewards", "reward"),
         _ if key.ends_with("_per_s") => known("throughput", "Throughput", "per second"),
@@ -123,13 +129,14 @@ fn file_stem(key: &str) -> String {
 }
 
 /// Order of the well-known charts; others follow in first-seen order.
-const KNOWN_ORDER: [&str; 9] = [
+const KNOWN_ORDER: [&str; 10] = [
     "loss",
     "lr",
     "grad_norm",
     "throughput",
     "memory",
     "rewards",
+    "eval_rewards",
     "kl",
     "completion_length",
     "clip_ratio",
@@ -191,7 +198,7 @@ pub fn training_chart_specs(rows: &[Map<String, Value>]) -> Vec<ChartSpec> {
         // Main series first: "loss" before "eval_loss", "reward" before "rewards/<fn>".
         let main = spec.file_stem.clone();
         spec.series.sort_by_key(|s| match s.name.as_str() {
-            "loss" | "reward" | "lr" | "tokens_per_s" => 0,
+            "loss" | "reward" | "eval_reward" | "lr" | "tokens_per_s" => 0,
             name if name == main => 0,
             "eval_loss" => 1,
             _ => 2,

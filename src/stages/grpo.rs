@@ -6,6 +6,8 @@
 //! (generation prompt added), or the plain text when the tokenizer has no template, then
 //! `response_prefix` (text every completion starts with, scored as part of it); the
 //! record's response is the reference the rewards compare with (GSM8K: the `#### n` solution).
+//! `eval_input` (optional): prompt records, encoded alike, that the policy is scored on before,
+//! during (`eval_steps`) and after training.
 //! Output: `adapter/` (peft) + `merged/` (LoRA, QLoRA) or `model/` (full), as `sft` writes them
 //! (so `evaluate` takes a grpo stage as its model), `metrics.jsonl`, `completions.jsonl`,
 //! charts (rewards.svg, kl.svg, ...), `checkpoint-N/` and `grpo.json`.
@@ -28,6 +30,7 @@ struct TrainTask<'a> {
     cfg: &'a GrpoConfig,
     model_dir: &'a Path,
     prompts: &'a [GrpoPrompt],
+    eval_prompts: &'a [GrpoPrompt],
     tokenizer: &'a TextTokenizer,
     tokens: &'a GrpoTokens,
     out: &'a Path,
@@ -42,6 +45,7 @@ impl BackendTask for TrainTask<'_> {
             self.cfg,
             BaseModel::Dir(self.model_dir),
             self.prompts,
+            self.eval_prompts,
             &decode,
             self.tokens,
             self.out,
@@ -81,6 +85,7 @@ impl Stage for Grpo {
         const SLOTS: &[InputSlot] = &[
             InputSlot::one("input", &[ArtifactKind::Prompts]),
             InputSlot::one("model", &[ArtifactKind::Model]),
+            InputSlot::optional("eval_input", &[ArtifactKind::Prompts]),
         ];
         SLOTS
     }
@@ -106,6 +111,20 @@ impl Stage for Grpo {
         }
         let tokenizer = TextTokenizer::from_dir(&model.dir).map_err(|e| err(&e))?;
         let prompts = encode_prompts(&tokenizer, &records, &params.response_prefix)?;
+        let eval_prompts = match ctx.optional_input("eval_input") {
+            Some(eval) => {
+                let split = eval.output.as_deref().unwrap_or("test");
+                let records = read_records(&eval.dir, split)?;
+                if records.is_empty() {
+                    return Err(StageError::msg(format!(
+                        "eval_input `{}` has no records in its `{split}` split",
+                        eval.stage
+                    )));
+                }
+                encode_prompts(&tokenizer, &records, &params.response_prefix)?
+            }
+            None => Vec::new(),
+        };
         let mut eos_ids = tokenizer.eos_ids();
         if eos_ids.is_empty() {
             eos_ids = crate::model::config::ModelConfig::from_file(model.dir.join("config.json"))
@@ -129,6 +148,7 @@ impl Stage for Grpo {
             cfg: &cfg,
             model_dir: &model.dir,
             prompts: &prompts,
+            eval_prompts: &eval_prompts,
             tokenizer: &tokenizer,
             tokens: &tokens,
             out: &work,
@@ -137,6 +157,11 @@ impl Stage for Grpo {
         let (report, bf16) = super::sft::run_with_precision(device, cfg.precision, "grpo", task)
             .map_err(|e| err(&e))?;
         let report = report.map_err(|e| err(&e))?;
+        for (key, before) in &report.eval_before {
+            if let Some(after) = report.eval_after.get(key) {
+                tracing::info!("grpo eval {key}: {before:.4} before training, {after:.4} after");
+            }
+        }
         super::sft::finish_training_artifact(ctx, &work, &model.dir)?;
         crate::util::write_json(
             &ctx.out("grpo.json"),
@@ -146,6 +171,8 @@ impl Stage for Grpo {
                 "resumed_from": report.resumed_from,
                 "first_reward": report.first_reward,
                 "last_reward": report.last_reward,
+                "eval_before": report.eval_before,
+                "eval_after": report.eval_after,
                 "trainable_params": report.trainable_params,
                 "total_params": report.total_params,
                 "prompts": prompts.len(),

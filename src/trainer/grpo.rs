@@ -36,7 +36,7 @@ use crate::trainer::config::{Method, SaveDtype};
 use crate::trainer::grpo_config::{GrpoConfig, LossType};
 use crate::trainer::grpo_loss::{completion_logps, grpo_loss, row_batch, LossParams};
 pub use crate::trainer::grpo_rollout::without_adapters;
-use crate::trainer::grpo_rollout::{reward_keys, rollout, Reference, Rollout};
+use crate::trainer::grpo_rollout::{evaluate_rewards, reward_keys, rollout, Reference, Rollout};
 use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW, AdamWParams};
 use crate::trainer::params::{assign_values, trainable_params, trainable_values};
 use crate::trainer::sft::BaseModel;
@@ -48,8 +48,13 @@ pub enum GrpoError {
     Config { key: &'static str, message: String },
     #[error("grpo: the prompt set is empty")]
     NoPrompts,
-    #[error("grpo: prompt {index}: {message}")]
-    Prompt { index: usize, message: String },
+    #[error("grpo: {set} prompt {index}: {message}")]
+    Prompt {
+        /// "training" or "eval".
+        set: &'static str,
+        index: usize,
+        message: String,
+    },
     #[error("grpo: generation: {0}")]
     Generate(#[from] GenerateError),
     #[error("grpo: {0}")]
@@ -93,6 +98,10 @@ pub struct GrpoReport {
     pub last_reward: Option<f64>,
     pub trainable_params: usize,
     pub total_params: usize,
+    /// Mean rewards on the eval prompts before the first step and after the last one. Both are
+    /// empty without eval prompts; `eval_before` also after a resume (the first run logged it).
+    pub eval_before: BTreeMap<String, f64>,
+    pub eval_after: BTreeMap<String, f64>,
     pub metrics_path: PathBuf,
     pub adapter_dir: Option<PathBuf>,
     pub model_dir: Option<PathBuf>,
@@ -105,6 +114,7 @@ pub fn train_grpo<B: AutodiffBackend>(
     cfg: &GrpoConfig,
     base: BaseModel<'_>,
     prompts: &[GrpoPrompt],
+    eval_prompts: &[GrpoPrompt],
     decode: Decode<'_>,
     tokens: &GrpoTokens,
     out_dir: &Path,
@@ -112,7 +122,16 @@ pub fn train_grpo<B: AutodiffBackend>(
     progress: Option<&MultiProgress>,
 ) -> Result<GrpoReport, GrpoError> {
     run_grpo::<B>(
-        cfg, base, prompts, decode, tokens, out_dir, device, progress, None,
+        cfg,
+        base,
+        prompts,
+        eval_prompts,
+        decode,
+        tokens,
+        out_dir,
+        device,
+        progress,
+        None,
     )
 }
 
@@ -122,6 +141,7 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
     cfg: &GrpoConfig,
     base: BaseModel<'_>,
     prompts: &[GrpoPrompt],
+    eval_prompts: &[GrpoPrompt],
     decode: Decode<'_>,
     tokens: &GrpoTokens,
     out_dir: &Path,
@@ -143,30 +163,12 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
         ),
         BaseModel::Loaded { config, tensors } => (config.clone(), tensors.clone(), None),
     };
-    // Left truncation keeps the end of the prompt (the generation prompt), as TRL does.
-    let mut kept = Vec::with_capacity(prompts.len());
-    for (index, p) in prompts.iter().enumerate() {
-        if p.ids.is_empty() {
-            return Err(GrpoError::Prompt {
-                index,
-                message: "no tokens".into(),
-            });
-        }
-        if let Some(&id) = p.ids.iter().find(|&&t| t as usize >= config.vocab_size) {
-            return Err(GrpoError::Prompt {
-                index,
-                message: format!(
-                    "token id {id} is outside the vocabulary ({})",
-                    config.vocab_size
-                ),
-            });
-        }
-        let from = p.ids.len().saturating_sub(cfg.max_prompt_length);
-        kept.push(GrpoPrompt {
-            ids: p.ids[from..].to_vec(),
-            reference: p.reference.clone(),
-        });
-    }
+    let kept = checked_prompts(prompts, "training", cfg, &config)?;
+    let eval_limit = match cfg.eval_prompts {
+        0 => eval_prompts.len(),
+        n => n.min(eval_prompts.len()),
+    };
+    let eval_kept = checked_prompts(&eval_prompts[..eval_limit], "eval", cfg, &config)?;
     std::fs::create_dir_all(out_dir).map_err(|source| {
         GrpoError::train(crate::trainer::Error::Io {
             path: out_dir.to_path_buf(),
@@ -177,6 +179,7 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
         cfg,
         rewards: &rewards,
         prompts: &kept,
+        eval_prompts: &eval_kept,
         decode,
         tokens,
         out_dir,
@@ -248,15 +251,73 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
     }
 }
 
+/// `prompts` with every id inside the vocabulary, left-truncated to `max_prompt_length` (keeping
+/// the generation prompt at the end, as TRL does).
+fn checked_prompts(
+    prompts: &[GrpoPrompt],
+    set: &'static str,
+    cfg: &GrpoConfig,
+    config: &ModelConfig,
+) -> Result<Vec<GrpoPrompt>, GrpoError> {
+    let mut kept = Vec::with_capacity(prompts.len());
+    for (index, p) in prompts.iter().enumerate() {
+        if p.ids.is_empty() {
+            return Err(GrpoError::Prompt {
+                set,
+                index,
+                message: "no tokens".into(),
+            });
+        }
+        if let Some(&id) = p.ids.iter().find(|&&t| t as usize >= config.vocab_size) {
+            return Err(GrpoError::Prompt {
+                set,
+                index,
+                message: format!(
+                    "token id {id} is outside the vocabulary ({})",
+                    config.vocab_size
+                ),
+            });
+        }
+        let from = p.ids.len().saturating_sub(cfg.max_prompt_length);
+        kept.push(GrpoPrompt {
+            ids: p.ids[from..].to_vec(),
+            reference: p.reference.clone(),
+        });
+    }
+    Ok(kept)
+}
+
 pub(crate) struct LoopCtx<'a> {
     pub(crate) cfg: &'a GrpoConfig,
     pub(crate) rewards: &'a RewardSet,
     pub(crate) prompts: &'a [GrpoPrompt],
+    /// Fixed prompts the policy is scored on (none: no evaluation).
+    pub(crate) eval_prompts: &'a [GrpoPrompt],
     pub(crate) decode: Decode<'a>,
     pub(crate) tokens: &'a GrpoTokens,
     pub(crate) out_dir: &'a Path,
     pub(crate) stop_after: Option<u64>,
     pub(crate) progress: Option<&'a MultiProgress>,
+}
+
+/// Scores the policy on the eval prompts and appends the means as a metrics row of `step`.
+fn log_eval<B: Backend>(
+    ctx: &LoopCtx<'_>,
+    policy: &CausalLm<B>,
+    step: u64,
+    metrics: &mut MetricsLog,
+    bar: &ProgressBar,
+) -> Result<BTreeMap<String, f64>, GrpoError> {
+    bar.set_message("scoring the eval prompts");
+    let started = Instant::now();
+    let stats = evaluate_rewards(ctx, policy)?;
+    let mut row = MetricsRow::new(step);
+    for (k, v) in &stats {
+        row = row.with(k, *v);
+    }
+    let row = row.with("eval_s", started.elapsed().as_secs_f64());
+    metrics.append(&row).map_err(GrpoError::train)?;
+    Ok(stats)
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
@@ -356,6 +417,11 @@ fn train_loop<B: AutodiffBackend>(
     let mut current: Option<Rollout<B::InnerBackend>> = None;
     let mut window: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     let (mut first_reward, mut last_reward) = (None, None);
+    let evaluate = !ctx.eval_prompts.is_empty();
+    let (mut eval_before, mut eval_after) = (BTreeMap::new(), BTreeMap::new());
+    if evaluate && start == 0 {
+        eval_before = log_eval(ctx, &model.valid(), 0, &mut metrics, &bar)?;
+    }
     for index in start..total {
         let step_start = Instant::now();
         let mut rollout_s = 0.0;
@@ -505,6 +571,9 @@ fn train_loop<B: AutodiffBackend>(
                 |dir| save_extra(&model, dir),
             )?;
         }
+        if evaluate && (step == total || (cfg.eval_steps > 0 && step % cfg.eval_steps == 0)) {
+            eval_after = log_eval(ctx, &model.valid(), step, &mut metrics, &bar)?;
+        }
         if ctx.stop_after == Some(step) {
             break;
         }
@@ -520,6 +589,8 @@ fn train_loop<B: AutodiffBackend>(
             last_reward,
             trainable_params: trainable_count,
             total_params,
+            eval_before,
+            eval_after,
             metrics_path,
             adapter_dir: None,
             model_dir: None,

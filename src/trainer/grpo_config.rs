@@ -86,6 +86,16 @@ pub struct GrpoConfig {
     pub logging_steps: u64,
     /// Write the step's completions to `completions.jsonl` every N steps (0: never).
     pub log_completions_steps: u64,
+    /// With an `eval_input`: also score the policy on the eval prompts every N optimizer steps
+    /// (0: only before training and after the last step, which are always evaluated).
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub eval_steps: u64,
+    /// The first N eval prompts are used (0: all of them).
+    #[serde(skip_serializing_if = "is_zero_usize")]
+    pub eval_prompts: usize,
+    /// Completions sampled per eval prompt (0: `num_generations`).
+    #[serde(skip_serializing_if = "is_zero_usize")]
+    pub eval_generations: usize,
     /// Checkpoint every N optimizer steps (0: never); a multiple of `num_iterations`.
     pub save_steps: u64,
     pub resume: bool,
@@ -94,6 +104,14 @@ pub struct GrpoConfig {
     /// fingerprint when f32.
     #[serde(skip_serializing_if = "is_f32")]
     pub precision: Precision,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_usize(v: &usize) -> bool {
+    *v == 0
 }
 
 fn is_f32(p: &Precision) -> bool {
@@ -149,6 +167,9 @@ impl Default for GrpoConfig {
             use_rslora: false,
             logging_steps: 1,
             log_completions_steps: 10,
+            eval_steps: 0,
+            eval_prompts: 0,
+            eval_generations: 0,
             save_steps: 0,
             resume: false,
             dtype: SaveDtype::Float32,
@@ -291,6 +312,15 @@ impl GrpoConfig {
     /// Prompts per generated batch: one optimizer step's completions / group size.
     pub fn prompts_per_generation(&self) -> usize {
         self.batch_size * self.gradient_accumulation_steps / self.num_generations
+    }
+
+    /// Completions per eval prompt.
+    pub fn eval_group(&self) -> usize {
+        if self.eval_generations == 0 {
+            self.num_generations
+        } else {
+            self.eval_generations
+        }
     }
 
     pub fn epsilon_high(&self) -> f64 {

@@ -97,48 +97,20 @@ pub(crate) fn rollout<B: Backend>(
         .iter()
         .map(|&i| ctx.prompts[i].ids.clone())
         .collect();
-    let opts = GenerateOptions {
-        max_new_tokens: cfg.max_completion_length,
-        sampling: SamplingParams {
-            temperature: cfg.temperature,
-            top_k: cfg.top_k,
-            top_p: cfg.top_p,
-            repetition_penalty: 1.0,
-            // Row i draws from seed + i: a distinct stream per generated batch and row.
-            seed: cfg
-                .seed
-                .wrapping_mul(0x2545_F491_4F6C_DD1D)
-                .wrapping_add(generation.wrapping_mul(1 << 20)),
-            greedy: false,
-        },
-        stop_token_ids: ctx.tokens.eos_ids.clone(),
-        stop_strings: Vec::new(),
-        budget: None,
-        pad_token_id: ctx.tokens.pad_id,
-    };
-    // Sampling from the merged weights draws from the same policy up to rounding; the loss's
-    // log-probs below (old, reference) and the training step use the unmerged model.
-    let merged = if cfg.merge_adapters_for_sampling {
-        merged_for_sampling(policy)
-    } else {
-        None
-    };
-    let completions: Vec<Vec<u32>> =
-        generate(merged.as_ref().unwrap_or(policy), &rows, &opts, None)?
-            .into_iter()
-            .map(|g| g.token_ids)
-            .collect();
-    drop(merged);
-    let mut texts = Vec::with_capacity(rows.len());
-    let mut scores = Vec::with_capacity(rows.len());
-    let mut totals = Vec::with_capacity(rows.len());
-    for (c, &i) in completions.iter().zip(&prompt_index) {
-        let text = format!("{}{}", cfg.response_prefix, (ctx.decode)(c));
-        let (s, total) = ctx.rewards.score_total(&text, &ctx.prompts[i].reference);
-        texts.push(text);
-        scores.push(s);
-        totals.push(total);
-    }
+    let seed = cfg
+        .seed
+        .wrapping_mul(0x2545_F491_4F6C_DD1D)
+        .wrapping_add(generation.wrapping_mul(1 << 20));
+    let completions = sample_completions(ctx, policy, &rows, seed)?;
+    let references: Vec<&str> = prompt_index
+        .iter()
+        .map(|&i| ctx.prompts[i].reference.as_str())
+        .collect();
+    let Scored {
+        texts,
+        scores,
+        totals,
+    } = score(ctx, &completions, &references);
     let advantages = group_advantages(&totals, cfg.num_generations)?;
 
     let reference_model = match reference {
@@ -162,16 +134,7 @@ pub(crate) fn rollout<B: Backend>(
         );
     }
 
-    let mut stats = BTreeMap::new();
-    let count = rows.len() as f64;
-    let mean = |v: &mut dyn Iterator<Item = f64>| v.sum::<f64>() / count;
-    for (f, key) in reward_keys(ctx.rewards.names()).into_iter().enumerate() {
-        stats.insert(key, mean(&mut scores.iter().map(|s| f64::from(s[f]))));
-    }
-    stats.insert(
-        "reward".into(),
-        mean(&mut totals.iter().map(|&t| f64::from(t))),
-    );
+    let mut stats = reward_means(ctx, &scores, &totals, &completions, "");
     let group_std = |g: &[f32]| {
         let m = g.iter().map(|&x| f64::from(x)).sum::<f64>() / g.len() as f64;
         let ss: f64 = g.iter().map(|&x| (f64::from(x) - m).powi(2)).sum();
@@ -186,10 +149,6 @@ pub(crate) fn rollout<B: Backend>(
         "reward_std".into(),
         groups.iter().sum::<f64>() / groups.len() as f64,
     );
-    stats.insert(
-        "completion_length".into(),
-        mean(&mut completions.iter().map(|c| c.len() as f64)),
-    );
     Ok(Rollout {
         generation,
         epoch,
@@ -203,4 +162,135 @@ pub(crate) fn rollout<B: Backend>(
         reference: refs,
         stats,
     })
+}
+
+/// Samples one completion per row of `rows` (prompt ids) with `policy`; row i draws from
+/// `seed + i`.
+fn sample_completions<B: Backend>(
+    ctx: &LoopCtx<'_>,
+    policy: &CausalLm<B>,
+    rows: &[Vec<u32>],
+    seed: u64,
+) -> Result<Vec<Vec<u32>>, GrpoError> {
+    let cfg = ctx.cfg;
+    let opts = GenerateOptions {
+        max_new_tokens: cfg.max_completion_length,
+        sampling: SamplingParams {
+            temperature: cfg.temperature,
+            top_k: cfg.top_k,
+            top_p: cfg.top_p,
+            repetition_penalty: 1.0,
+            seed,
+            greedy: false,
+        },
+        stop_token_ids: ctx.tokens.eos_ids.clone(),
+        stop_strings: Vec::new(),
+        budget: None,
+        pad_token_id: ctx.tokens.pad_id,
+    };
+    // Sampling from the merged weights draws from the same policy up to rounding; the loss's
+    // log-probs (old, reference) and the training step use the unmerged model.
+    let merged = if cfg.merge_adapters_for_sampling {
+        merged_for_sampling(policy)
+    } else {
+        None
+    };
+    Ok(
+        generate(merged.as_ref().unwrap_or(policy), rows, &opts, None)?
+            .into_iter()
+            .map(|g| g.token_ids)
+            .collect(),
+    )
+}
+
+/// Completion texts (the response prefix and the decoded ids) with their scores.
+struct Scored {
+    texts: Vec<String>,
+    /// Per completion, one score per reward function.
+    scores: Vec<Vec<f32>>,
+    /// Per completion, the weighted sum.
+    totals: Vec<f32>,
+}
+
+fn score(ctx: &LoopCtx<'_>, completions: &[Vec<u32>], references: &[&str]) -> Scored {
+    let mut out = Scored {
+        texts: Vec::with_capacity(completions.len()),
+        scores: Vec::with_capacity(completions.len()),
+        totals: Vec::with_capacity(completions.len()),
+    };
+    for (c, reference) in completions.iter().zip(references) {
+        let text = format!("{}{}", ctx.cfg.response_prefix, (ctx.decode)(c));
+        let (s, total) = ctx.rewards.score_total(&text, reference);
+        out.texts.push(text);
+        out.scores.push(s);
+        out.totals.push(total);
+    }
+    out
+}
+
+/// `{prefix}rewards/<name>`, `{prefix}reward` and `{prefix}completion_length`: means over the
+/// completions.
+fn reward_means(
+    ctx: &LoopCtx<'_>,
+    scores: &[Vec<f32>],
+    totals: &[f32],
+    completions: &[Vec<u32>],
+    prefix: &str,
+) -> BTreeMap<String, f64> {
+    let count = totals.len().max(1) as f64;
+    let mut stats = BTreeMap::new();
+    for (f, key) in reward_keys(ctx.rewards.names()).into_iter().enumerate() {
+        let sum: f64 = scores.iter().map(|s| f64::from(s[f])).sum();
+        stats.insert(format!("{prefix}{key}"), sum / count);
+    }
+    let sum: f64 = totals.iter().map(|&t| f64::from(t)).sum();
+    stats.insert(format!("{prefix}reward"), sum / count);
+    let tokens: usize = completions.iter().map(Vec::len).sum();
+    stats.insert(format!("{prefix}completion_length"), tokens as f64 / count);
+    stats
+}
+
+/// Rows generated at once by an evaluation (bounds the KV cache of a large eval set).
+const EVAL_CHUNK: usize = 64;
+
+/// The policy's mean rewards on the eval prompts (`eval_reward`, `eval_rewards/<name>`,
+/// `eval_completion_length`), `eval_group()` completions of each. Every evaluation draws with
+/// the same seeds (common random numbers), so two evaluations differ by what training changed
+/// in the policy rather than by sampling luck: one training step's few completions are too
+/// noisy to show a small change, and the eval set is fixed.
+pub(crate) fn evaluate_rewards<B: Backend>(
+    ctx: &LoopCtx<'_>,
+    policy: &CausalLm<B>,
+) -> Result<BTreeMap<String, f64>, GrpoError> {
+    let group = ctx.cfg.eval_group();
+    let index: Vec<usize> = (0..ctx.eval_prompts.len())
+        .flat_map(|i| std::iter::repeat_n(i, group))
+        .collect();
+    let seed = ctx.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED_E7A1;
+    let mut completions = Vec::with_capacity(index.len());
+    for (c, chunk) in index.chunks(EVAL_CHUNK).enumerate() {
+        let rows: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|&i| ctx.eval_prompts[i].ids.clone())
+            .collect();
+        let offset = (c * EVAL_CHUNK) as u64;
+        completions.extend(sample_completions(
+            ctx,
+            policy,
+            &rows,
+            seed.wrapping_add(offset),
+        )?);
+    }
+    let references: Vec<&str> = index
+        .iter()
+        .map(|&i| ctx.eval_prompts[i].reference.as_str())
+        .collect();
+    let scored = score(ctx, &completions, &references);
+    Ok(reward_means(
+        ctx,
+        &scored.scores,
+        &scored.totals,
+        &completions,
+        "eval_",
+    ))
 }

@@ -318,6 +318,22 @@ fn toy_prompts() -> Vec<GrpoPrompt> {
 
 /// GRPO of the tiny model on the toy prompts with `cfg`, written into `out`.
 fn train_toy(cfg: &GrpoConfig, out: &std::path::Path) -> crate::trainer::grpo::GrpoReport {
+    train_toy_scored_on(cfg, out, &[])
+}
+
+/// [`train_toy`] with eval prompts (the last three toy prompts).
+fn train_toy_with_eval(
+    cfg: &GrpoConfig,
+    out: &std::path::Path,
+) -> crate::trainer::grpo::GrpoReport {
+    train_toy_scored_on(cfg, out, &toy_prompts()[1..])
+}
+
+fn train_toy_scored_on(
+    cfg: &GrpoConfig,
+    out: &std::path::Path,
+    eval_prompts: &[GrpoPrompt],
+) -> crate::trainer::grpo::GrpoReport {
     let (config, tensors) = tiny();
     let tokens = GrpoTokens {
         eos_ids: vec![EOS],
@@ -330,6 +346,7 @@ fn train_toy(cfg: &GrpoConfig, out: &std::path::Path) -> crate::trainer::grpo::G
             tensors: &tensors,
         },
         &toy_prompts(),
+        eval_prompts,
         &decode,
         &tokens,
         out,
@@ -337,6 +354,68 @@ fn train_toy(cfg: &GrpoConfig, out: &std::path::Path) -> crate::trainer::grpo::G
         None,
     )
     .unwrap()
+}
+
+/// The `eval_reward` values of a run's metrics rows, by step.
+fn eval_rows(path: &std::path::Path) -> Vec<(u64, f64)> {
+    read_metrics(path)
+        .unwrap()
+        .iter()
+        .filter_map(|r| Some((r.step, r.extra.get("eval_reward")?.as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn eval_prompts_are_scored_with_the_same_draws_at_every_evaluation() {
+    let _guard = rng_lock();
+    // Learning rate 0: the policy never changes, so common random numbers make every
+    // evaluation identical, while the training rollouts (fresh draws each step) differ.
+    let frozen = GrpoConfig {
+        learning_rate: 0.0,
+        eval_steps: 1,
+        eval_prompts: 2,
+        eval_generations: 3,
+        ..toy_config(3)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let report = train_toy_with_eval(&frozen, dir.path());
+    let evals = eval_rows(&report.metrics_path);
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert!(evals.iter().all(|e| e.1 == evals[0].1), "{evals:?}");
+    assert_eq!(report.eval_before, report.eval_after);
+    for key in [
+        "eval_reward",
+        "eval_rewards/regex",
+        "eval_rewards/regex_2",
+        "eval_completion_length",
+    ] {
+        assert!(report.eval_before.contains_key(key), "no {key}");
+    }
+    let length = report.eval_before["eval_completion_length"];
+    assert!(length > 0.0 && length <= 4.0, "{length}");
+    // Training rows are still one per step, beside the eval rows.
+    let rows = read_metrics(&report.metrics_path).unwrap();
+    assert_eq!(rows.iter().filter(|r| r.loss.is_some()).count(), 3);
+}
+
+#[test]
+fn eval_reward_rises_as_the_toy_policy_learns() {
+    let _guard = rng_lock();
+    let cfg = GrpoConfig {
+        eval_steps: 15,
+        ..toy_config(30)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let report = train_toy_with_eval(&cfg, dir.path());
+    let evals = eval_rows(&report.metrics_path);
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 15, 30]);
+    // Three eval prompts x num_generations (4) completions, the same draws each time.
+    let (before, after) = (evals[0].1, evals[2].1);
+    assert!(
+        after > before + 0.3,
+        "eval reward {before:.3} -> {after:.3}"
+    );
+    assert_eq!(report.eval_after["eval_reward"], after);
 }
 
 #[test]
@@ -437,6 +516,7 @@ fn resumed_run_matches_uninterrupted_run() {
                 tensors: &tensors,
             },
             &toy_prompts(),
+            &[],
             &decode,
             &tokens,
             dir,
@@ -494,43 +574,41 @@ fn bad_prompts_and_keys_are_reported() {
         eos_ids: vec![EOS],
         pad_id: 0,
     };
-    let base = || BaseModel::Loaded {
-        config: &config,
-        tensors: &tensors,
+    let fails = |cfg: &GrpoConfig, train: &[GrpoPrompt], eval: &[GrpoPrompt]| {
+        let base = BaseModel::Loaded {
+            config: &config,
+            tensors: &tensors,
+        };
+        train_grpo::<AD>(
+            cfg,
+            base,
+            train,
+            eval,
+            &decode,
+            &tokens,
+            dir.path(),
+            &Default::default(),
+            None,
+        )
+        .unwrap_err()
+        .to_string()
     };
     let bad = [GrpoPrompt {
         ids: vec![3, 99],
         reference: String::new(),
     }];
-    let err = train_grpo::<AD>(
-        &toy_config(1),
-        base(),
-        &bad,
-        &decode,
-        &tokens,
-        dir.path(),
-        &Default::default(),
-        None,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("prompt 0") && err.contains("99"), "{err}");
+    let err = fails(&toy_config(1), &bad, &[]);
+    assert!(
+        err.contains("training prompt 0") && err.contains("99"),
+        "{err}"
+    );
+    let err = fails(&toy_config(1), &toy_prompts(), &bad);
+    assert!(err.contains("eval prompt 0") && err.contains("99"), "{err}");
     let cfg = GrpoConfig {
         num_generations: 3,
         ..toy_config(1)
     };
-    let err = train_grpo::<AD>(
-        &cfg,
-        base(),
-        &toy_prompts(),
-        &decode,
-        &tokens,
-        dir.path(),
-        &Default::default(),
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = fails(&cfg, &toy_prompts(), &[]);
     assert!(err.contains("grpo: key `num_generations`"), "{err}");
 }
 
