@@ -88,13 +88,13 @@ pub struct GrpoConfig {
     pub log_completions_steps: u64,
     /// With an `eval_input`: also score the policy on the eval prompts every N optimizer steps
     /// (0: only before training and after the last step, which are always evaluated).
-    #[serde(skip_serializing_if = "is_zero_u64")]
+    #[serde(skip_serializing_if = "is_zero")]
     pub eval_steps: u64,
     /// The first N eval prompts are used (0: all of them).
-    #[serde(skip_serializing_if = "is_zero_usize")]
+    #[serde(skip_serializing_if = "is_zero")]
     pub eval_prompts: usize,
     /// Completions sampled per eval prompt (0: `num_generations`).
-    #[serde(skip_serializing_if = "is_zero_usize")]
+    #[serde(skip_serializing_if = "is_zero")]
     pub eval_generations: usize,
     /// Checkpoint every N optimizer steps (0: never); a multiple of `num_iterations`.
     pub save_steps: u64,
@@ -106,12 +106,8 @@ pub struct GrpoConfig {
     pub precision: Precision,
 }
 
-fn is_zero_u64(v: &u64) -> bool {
-    *v == 0
-}
-
-fn is_zero_usize(v: &usize) -> bool {
-    *v == 0
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn is_f32(p: &Precision) -> bool {

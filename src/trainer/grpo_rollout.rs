@@ -101,7 +101,9 @@ pub(crate) fn rollout<B: Backend>(
         .seed
         .wrapping_mul(0x2545_F491_4F6C_DD1D)
         .wrapping_add(generation.wrapping_mul(1 << 20));
-    let completions = sample_completions(ctx, policy, &rows, seed)?;
+    let merged = merged_sampler(ctx, policy);
+    let completions = sample_completions(ctx, merged.as_ref().unwrap_or(policy), &rows, seed)?;
+    drop(merged);
     let references: Vec<&str> = prompt_index
         .iter()
         .map(|&i| ctx.prompts[i].reference.as_str())
@@ -164,11 +166,22 @@ pub(crate) fn rollout<B: Backend>(
     })
 }
 
-/// Samples one completion per row of `rows` (prompt ids) with `policy`; row i draws from
+/// The policy with its adapters folded in, to sample from (`merge_adapters_for_sampling`). It
+/// draws from the same policy up to rounding; the loss's log-probs (old, reference) and the
+/// training step use the unmerged model.
+fn merged_sampler<B: Backend>(ctx: &LoopCtx<'_>, policy: &CausalLm<B>) -> Option<CausalLm<B>> {
+    if ctx.cfg.merge_adapters_for_sampling {
+        merged_for_sampling(policy)
+    } else {
+        None
+    }
+}
+
+/// Samples one completion per row of `rows` (prompt ids) from `sampler`; row i draws from
 /// `seed + i`.
 fn sample_completions<B: Backend>(
     ctx: &LoopCtx<'_>,
-    policy: &CausalLm<B>,
+    sampler: &CausalLm<B>,
     rows: &[Vec<u32>],
     seed: u64,
 ) -> Result<Vec<Vec<u32>>, GrpoError> {
@@ -188,19 +201,10 @@ fn sample_completions<B: Backend>(
         budget: None,
         pad_token_id: ctx.tokens.pad_id,
     };
-    // Sampling from the merged weights draws from the same policy up to rounding; the loss's
-    // log-probs (old, reference) and the training step use the unmerged model.
-    let merged = if cfg.merge_adapters_for_sampling {
-        merged_for_sampling(policy)
-    } else {
-        None
-    };
-    Ok(
-        generate(merged.as_ref().unwrap_or(policy), rows, &opts, None)?
-            .into_iter()
-            .map(|g| g.token_ids)
-            .collect(),
-    )
+    Ok(generate(sampler, rows, &opts, None)?
+        .into_iter()
+        .map(|g| g.token_ids)
+        .collect())
 }
 
 /// Completion texts (the response prefix and the decoded ids) with their scores.
@@ -267,6 +271,9 @@ pub(crate) fn evaluate_rewards<B: Backend>(
         .flat_map(|i| std::iter::repeat_n(i, group))
         .collect();
     let seed = ctx.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED_E7A1;
+    // Merged once for all chunks.
+    let merged = merged_sampler(ctx, policy);
+    let sampler = merged.as_ref().unwrap_or(policy);
     let mut completions = Vec::with_capacity(index.len());
     for (c, chunk) in index.chunks(EVAL_CHUNK).enumerate() {
         let rows: Vec<Vec<u32>> = chunk
@@ -276,7 +283,7 @@ pub(crate) fn evaluate_rewards<B: Backend>(
         let offset = (c * EVAL_CHUNK) as u64;
         completions.extend(sample_completions(
             ctx,
-            policy,
+            sampler,
             &rows,
             seed.wrapping_add(offset),
         )?);
