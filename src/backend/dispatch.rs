@@ -83,6 +83,19 @@ pub fn matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
     a.matmul(b)
 }
 
+fn fast_narrow<F: FastOps>(x: Tensor<F, 3>, len: usize) -> Tensor<F, 3> {
+    Tensor::from_primitive(TensorPrimitive::Float(F::fast_narrow(
+        x.into_primitive().tensor(),
+        len,
+    )))
+}
+
+/// The first `len` positions of axis 1 of `x [rows, positions, d]`; a view on the CPU too.
+pub fn narrow<B: Backend>(x: Tensor<B, 3>, len: usize) -> Tensor<B, 3> {
+    route!(B, fast_narrow, (x, len));
+    x.narrow(1, 0, len)
+}
+
 fn fast_masked_softmax<F: FastOps>(
     scores: Tensor<F, 4>,
     mask: Option<Tensor<F, 4, Bool>>,

@@ -144,6 +144,13 @@ pub trait FastOps: Backend {
         .tensor()
     }
 
+    /// The first `len` positions of axis 1 of `x [rows, positions, d]` (a KV cache's filled
+    /// part). burn-ndarray's slice copies, so the CPU backend returns a view of the same buffer.
+    fn fast_narrow(x: FloatTensor<Self>, len: usize) -> FloatTensor<Self> {
+        let x = Tensor::<Self, 3>::from_primitive(TensorPrimitive::Float(x));
+        x.narrow(1, 0, len).into_primitive().tensor()
+    }
+
     /// `silu(gate) * up` (the SwiGLU of Llama/Qwen2 MLPs). Under `Autodiff` one node that keeps
     /// only `gate` and `up`; the composed ops kept `silu(gate)` and the sigmoid as well, each as
     /// large as the MLP's intermediate activations.
@@ -335,7 +342,7 @@ pub fn set_profiler(on: bool) {
 pub use dispatch::{
     accelerator_memory_mb, adamw_update_many, cross_entropy_rows, fused_attention,
     fused_attention_supported, linear, linear_cross_entropy, lora_linear, masked_softmax, matmul,
-    matmul_2d, matmul_tn, rms_norm, rope, sum_squares, swiglu,
+    matmul_2d, matmul_tn, narrow, rms_norm, rope, sum_squares, swiglu,
 };
 
 #[cfg(test)]

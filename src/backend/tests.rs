@@ -178,15 +178,35 @@ fn two_d_products_and_their_gradients_match_burn_for_every_transpose() {
         gb.assert_approx_eq::<f32>(&rb, Tolerance::absolute(1e-5));
     }
     // Few rows against a large row-major weight: the dot-product path (decoding).
-    for rows in [1, 3, 32, 40] {
-        let x = rand([rows, 37], 60 + rows as u64);
-        let w = rand([200, 37], 61);
+    // Rows in fours and weight rows in pairs, with remainders of each; k in lanes of eight,
+    // with and without a remainder.
+    for (rows, k, n) in [
+        (1, 37, 200),
+        (3, 37, 200),
+        (32, 37, 200),
+        (40, 37, 200),
+        (5, 64, 201),
+    ] {
+        let x = rand([rows, k], 60 + rows as u64);
+        let w = rand([n, k], 61);
         let want = naive_matmul(
             &values(x.clone()),
             &values(w.clone().transpose()),
-            (1, 1, rows, 37, 200),
+            (1, 1, rows, k, n),
         );
         assert_close(values(linear(x, w)), want, 1e-5, "few-row linear");
+    }
+    // A row's product does not depend on the rows decoded beside it.
+    let x = rand([7, 64], 70);
+    let w = rand([33, 64], 71);
+    let all = values(linear(x.clone(), w.clone()));
+    for r in 0..7 {
+        let one = values(linear(x.clone().slice([r..r + 1, 0..64]), w.clone()));
+        assert_eq!(
+            one,
+            all[r * 33..(r + 1) * 33],
+            "row {r} alone and in a batch of 7"
+        );
     }
     // A transposed view as input (the weight of a tied head read as [in, out]).
     let x = rand([3, 6], 50);

@@ -89,11 +89,88 @@ impl<B: Backend> Mlp<B> {
 /// Per-layer keys and values plus the key padding mask, grown by each forward.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    /// Per layer: keys and values `[batch, kv_heads, len, head_dim]`.
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Per layer: keys and values, `None` until the first forward pass.
+    layers: Vec<Option<LayerKv<B>>>,
     /// `[batch, len]`, true for real tokens; `None` while nothing was padded.
     key_mask: Option<Tensor<B, 2, Bool>>,
     len: usize,
+}
+
+/// One layer's keys and values, `[batch * kv_heads, capacity, head_dim]`: the first `len`
+/// positions of the cache hold tokens, the rest is room that [`KvCache::reserve`] made, so
+/// decoding writes each new token in place instead of copying the whole cache every step.
+#[derive(Debug, Clone)]
+struct LayerKv<B: Backend> {
+    keys: Tensor<B, 3>,
+    values: Tensor<B, 3>,
+}
+
+impl<B: Backend> LayerKv<B> {
+    fn capacity(&self) -> usize {
+        self.keys.dims()[1]
+    }
+
+    /// The first `len` positions (a view, no copy, when there is room after them).
+    fn first(&self, len: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        if len == self.capacity() {
+            return (self.keys.clone(), self.values.clone());
+        }
+        (
+            crate::backend::narrow(self.keys.clone(), len),
+            crate::backend::narrow(self.values.clone(), len),
+        )
+    }
+
+    /// The first `len` positions followed by `extra` positions of room.
+    fn with_room(&self, len: usize, extra: usize) -> Self {
+        let (keys, values) = self.first(len);
+        let grow = |x: Tensor<B, 3>| {
+            let [rows, _, d] = x.dims();
+            let room = Tensor::zeros([rows, extra, d], (&x.device(), x.dtype()));
+            Tensor::cat(vec![x, room], 1)
+        };
+        Self {
+            keys: grow(keys),
+            values: grow(values),
+        }
+    }
+}
+
+/// Where one layer's forward pass keeps its keys and values.
+struct CacheSlot<'a, B: Backend> {
+    layer: &'a mut Option<LayerKv<B>>,
+    /// Positions already cached (where the new ones go).
+    past: usize,
+}
+
+impl<B: Backend> CacheSlot<'_, B> {
+    /// Stores the new keys and values `[batch * kv_heads, t, head_dim]` after the cached ones
+    /// and returns all of them, `[batch * kv_heads, past + t, head_dim]`.
+    fn append(self, keys: Tensor<B, 3>, values: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [rows, t, d] = keys.dims();
+        let total = self.past + t;
+        let stored = match self.layer.take() {
+            None => LayerKv { keys, values },
+            Some(old) if old.capacity() >= total => {
+                // In place when nothing else holds the buffers (burn copies them otherwise).
+                let range = [0..rows, self.past..total, 0..d];
+                LayerKv {
+                    keys: old.keys.slice_assign(range.clone(), keys),
+                    values: old.values.slice_assign(range, values),
+                }
+            }
+            Some(old) => {
+                let (old_keys, old_values) = old.first(self.past);
+                LayerKv {
+                    keys: Tensor::cat(vec![old_keys, keys], 1),
+                    values: Tensor::cat(vec![old_values, values], 1),
+                }
+            }
+        };
+        let all = stored.first(total);
+        *self.layer = Some(stored);
+        all
+    }
 }
 
 impl<B: Backend> KvCache<B> {
@@ -114,6 +191,17 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
+    /// Makes room for `additional` more positions in every layer (one copy now), so that the
+    /// forward passes that fill them write in place.
+    pub fn reserve(&mut self, additional: usize) {
+        let len = self.len;
+        for layer in self.layers.iter_mut().flatten() {
+            if layer.capacity() < len + additional {
+                *layer = layer.with_room(len, len + additional - layer.capacity().max(len));
+            }
+        }
+    }
+
     /// A cache that starts with given keys and values in every layer (P-Tuning v2 / peft
     /// prefix tuning: the prefix is attended by every query and takes no rotary embedding).
     ///
@@ -122,11 +210,56 @@ impl<B: Backend> KvCache<B> {
     pub fn from_prefix(layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>) -> Self {
         let len = layers.first().map_or(0, |(k, _)| k.dims()[2]);
         Self {
-            layers: layers.into_iter().map(Some).collect(),
+            layers: layers
+                .into_iter()
+                .map(|(keys, values)| {
+                    Some(LayerKv {
+                        keys: merge_heads(keys),
+                        values: merge_heads(values),
+                    })
+                })
+                .collect(),
             key_mask: None,
             len,
         }
     }
+}
+
+/// The keys and values one attention call reads.
+enum KeysValues<B: Backend> {
+    /// This pass's own, `[batch, kv_heads, t, head_dim]` (no cache).
+    Fresh(Tensor<B, 4>, Tensor<B, 4>),
+    /// Every cached position, `[batch * kv_heads, s, head_dim]`: views of the cache's buffers.
+    Cached(Tensor<B, 3>, Tensor<B, 3>),
+}
+
+impl<B: Backend> KeysValues<B> {
+    /// `[batch, kv_heads, s, head_dim]` (the fused kernels read the cache's views in place).
+    fn split_heads(self, batch: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        match self {
+            Self::Fresh(k, v) => (k, v),
+            Self::Cached(k, v) => {
+                let [rows, s, d] = k.dims();
+                let shape = [batch, rows / batch, s, d];
+                (k.reshape(shape), v.reshape(shape))
+            }
+        }
+    }
+
+    /// `[batch * kv_heads, s, head_dim]`. The batch axes are merged before the keys are
+    /// transposed: reshaping a transposed view would copy it.
+    fn merged(self) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        match self {
+            Self::Fresh(k, v) => (merge_heads(k), merge_heads(v)),
+            Self::Cached(k, v) => (k, v),
+        }
+    }
+}
+
+/// `[batch, heads, seq, d]` -> `[batch * heads, seq, d]`.
+fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, s, d] = x.dims();
+    x.reshape([b * h, s, d])
 }
 
 /// How the layers of one forward pass mask attention.
@@ -170,7 +303,7 @@ impl<B: Backend> Attention<B> {
         cos: &Tensor<B, 4>,
         sin: &Tensor<B, 4>,
         mask: &LayerMask<B>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<CacheSlot<'_, B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -190,15 +323,14 @@ impl<B: Backend> Attention<B> {
             .reshape([b, t, kvh, d])
             .swap_dims(1, 2);
         let q = apply_rotary(q, cos, sin);
-        let mut k = apply_rotary(k, cos, sin);
-        let mut v = v;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
+        let k = apply_rotary(k, cos, sin);
+        let kv = match cache {
+            Some(slot) => {
+                let (k, v) = slot.append(merge_heads(k), merge_heads(v));
+                KeysValues::Cached(k, v)
             }
-            *slot = Some((k.clone(), v.clone()));
-        }
+            None => KeysValues::Fresh(k, v),
+        };
         let scale = 1.0 / (d as f64).sqrt();
         let mask = match mask {
             LayerMask::Fused(key_valid) => {
@@ -206,38 +338,26 @@ impl<B: Backend> Attention<B> {
                     scale,
                     causal: true,
                 };
+                let (k, v) = kv.split_heads(b);
                 let out = crate::backend::fused_attention(q, k, v, key_valid.clone(), spec);
                 return self.o_proj.forward(out.reshape([b, t, h * d]));
             }
             LayerMask::Scores(mask) => mask,
         };
+        let (k, v) = kv.merged();
         let rep = h / kvh;
         // The `rep` query heads that read one KV head (HF's repeat_kv) become extra rows of one
-        // product with that head's keys: `[b, kvh, rep * t, d]`, no copies of K and V.
-        let q = q.reshape([b, kvh, rep * t, d]);
-        let scores = grouped_matmul(q, k, true);
+        // product with that head's keys: `[b * kvh, rep * t, d]`, no copies of K and V.
+        let q = q.reshape([b * kvh, rep * t, d]);
+        let s = k.dims()[1];
+        let scores = crate::backend::matmul(q, k.swap_dims(1, 2)).reshape([b, kvh, rep * t, s]);
         let probs =
             crate::backend::masked_softmax(scores, mask.clone(), scale, MASKED_SCORE as f64);
-        let out = grouped_matmul(probs, v, false).reshape([b, h, t, d]);
+        let out =
+            crate::backend::matmul(probs.reshape([b * kvh, rep * t, s]), v).reshape([b, h, t, d]);
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
     }
-}
-
-/// `a [b, g, m, k] @ op(c)` per `(b, g)`, with `c [b, g, k, n]`, or `[b, g, n, k]` read
-/// transposed when `transpose_c` (the keys): one batched GEMM (cuBLAS on CUDA for large ones).
-fn grouped_matmul<B: Backend>(a: Tensor<B, 4>, c: Tensor<B, 4>, transpose_c: bool) -> Tensor<B, 4> {
-    let [batch, groups, m, k] = a.dims();
-    let [_, _, c1, c2] = c.dims();
-    // The batch axes are merged before the transpose: reshaping a transposed view would copy it.
-    let c = c.reshape([batch * groups, c1, c2]);
-    let (c, n) = if transpose_c {
-        (c.swap_dims(1, 2), c1)
-    } else {
-        (c, c2)
-    };
-    let out = crate::backend::matmul(a.reshape([batch * groups, m, k]), c);
-    out.reshape([batch, groups, m, n])
 }
 
 /// Pre-norm decoder block: attention and MLP, each with a residual.
@@ -355,7 +475,10 @@ impl<B: Backend> CausalLm<B> {
         let (cos, sin) = self.rope.cos_sin(positions);
         let mut x = embeds;
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| CacheSlot {
+                layer: &mut c.layers[i],
+                past,
+            });
             let h = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
                 &cos,

@@ -204,6 +204,8 @@ pub fn generate_prompted<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(data, [b, t]), &device)
     };
     let (mut cache, hidden) = prefill(model, adapter, ids, &mask);
+    // Room for every token to come, so that each step writes its keys and values in place.
+    cache.reserve(opts.max_new_tokens);
     let mut logits = last_logits(model, hidden);
 
     for _step in 0..opts.max_new_tokens {

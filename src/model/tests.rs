@@ -182,6 +182,10 @@ fn kv_cache_decode_equals_full_recompute() {
         let m = model(&f);
         let seq: Vec<i64> = ints(&f.expected["ids"])[0].clone();
         let t = seq.len();
+        assert!(
+            t >= 8,
+            "{name}: the fixture's sequence is too short for this test"
+        );
         let full = to_vec(m.forward(
             int_tensor(std::slice::from_ref(&seq)),
             int_tensor(&[(0..t as i64).collect()]),
@@ -189,28 +193,38 @@ fn kv_cache_decode_equals_full_recompute() {
             None,
         ));
         let v = f.config.vocab_size;
-        let mut cache = m.new_cache();
-        // Prefill 4 tokens, then decode one at a time.
-        let pre = to_vec(m.forward(
-            int_tensor(&[seq[..4].to_vec()]),
-            int_tensor(&[(0..4).collect()]),
-            None,
-            Some(&mut cache),
-        ));
-        assert!(max_diff(&pre, &full[..4 * v]) < 1e-5, "{name} prefill");
-        for p in 4..t {
-            let step = to_vec(m.forward(
-                int_tensor(&[vec![seq[p]]]),
-                int_tensor(&[vec![p as i64]]),
+        // No room (every step copies), room that runs out after three positions (in place,
+        // then a copy), and room for everything (in place throughout).
+        for room in [0, 3, 64] {
+            let mut cache = m.new_cache();
+            let pre = to_vec(m.forward(
+                int_tensor(&[seq[..4].to_vec()]),
+                int_tensor(&[(0..4).collect()]),
                 None,
                 Some(&mut cache),
             ));
-            assert!(
-                max_diff(&step, &full[p * v..(p + 1) * v]) < 1e-5,
-                "{name} step {p}"
-            );
+            assert!(max_diff(&pre, &full[..4 * v]) < 1e-5, "{name} prefill");
+            cache.reserve(room);
+            // Then one token, two tokens, one token, ... at a time.
+            let mut p = 4;
+            let mut width = 1;
+            while p < t {
+                let end = (p + width).min(t);
+                let step = to_vec(m.forward(
+                    int_tensor(&[seq[p..end].to_vec()]),
+                    int_tensor(&[(p as i64..end as i64).collect()]),
+                    None,
+                    Some(&mut cache),
+                ));
+                assert!(
+                    max_diff(&step, &full[p * v..end * v]) < 1e-5,
+                    "{name} room {room}: positions {p}..{end}"
+                );
+                assert_eq!(cache.len(), end);
+                p = end;
+                width = 3 - width;
+            }
         }
-        assert_eq!(cache.len(), t);
     }
 }
 
