@@ -10,7 +10,8 @@
 //! during (`eval_steps`) and after training.
 //! Output: `adapter/` (peft) + `merged/` (LoRA, QLoRA) or `model/` (full), as `sft` writes them
 //! (so `evaluate` takes a grpo stage as its model), `metrics.jsonl`, `completions.jsonl`,
-//! charts (rewards.svg, kl.svg, ...), `checkpoint-N/` and `grpo.json`.
+//! charts (rewards.svg, kl.svg, ...), `checkpoint-N/` and `grpo.json` (with each reward's mean
+//! over the first and last steps, also logged).
 
 use super::sft::resume_dir;
 use super::tokenize::{encode_generation_prompt, read_records};
@@ -22,6 +23,7 @@ use crate::trainer::grpo_config::GrpoConfig;
 use crate::trainer::sft::BaseModel;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub struct Grpo;
@@ -162,6 +164,17 @@ impl Stage for Grpo {
                 tracing::info!("grpo eval {key}: {before:.4} before training, {after:.4} after");
             }
         }
+        let trend = reward_trend(&work.join("metrics.jsonl"))?;
+        if let Some(t) = &trend {
+            for (key, first) in &t.first {
+                if let Some(last) = t.last.get(key) {
+                    tracing::info!(
+                        "grpo {key}: {first:.4} over the first {n} steps, {last:.4} over the last {n}",
+                        n = t.steps
+                    );
+                }
+            }
+        }
         super::sft::finish_training_artifact(ctx, &work, &model.dir)?;
         crate::util::write_json(
             &ctx.out("grpo.json"),
@@ -173,6 +186,7 @@ impl Stage for Grpo {
                 "last_reward": report.last_reward,
                 "eval_before": report.eval_before,
                 "eval_after": report.eval_after,
+                "reward_trend": trend,
                 "trainable_params": report.trainable_params,
                 "total_params": report.total_params,
                 "prompts": prompts.len(),
@@ -180,5 +194,107 @@ impl Stage for Grpo {
                 "precision": if bf16 { "bf16 (f32 masters)" } else { "f32" },
             }),
         )
+    }
+}
+
+/// Each reward's mean over the first and over the last `steps` training steps of a run's
+/// `metrics.jsonl` (a third of the steps, at most ten). One step's few completions swing by more
+/// than a short run moves them, so the log and `grpo.json` compare windows, not single steps.
+#[derive(Debug, PartialEq, serde::Serialize)]
+struct RewardTrend {
+    steps: usize,
+    first: BTreeMap<String, f64>,
+    last: BTreeMap<String, f64>,
+}
+
+/// [`RewardTrend`] of the training rows (those with `reward`; evaluation rows have
+/// `eval_reward`), or `None` before two steps are logged.
+fn reward_trend(metrics: &Path) -> Result<Option<RewardTrend>, StageError> {
+    let text = match std::fs::read_to_string(metrics) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StageError::io(metrics, e)),
+    };
+    let mut rows: Vec<BTreeMap<String, f64>> = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let row: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(line).map_err(|e| {
+                StageError::Failed(format!(
+                    "{}:{}: not a JSON object: {e}",
+                    metrics.display(),
+                    i + 1
+                ))
+            })?;
+        if !row.contains_key("reward") {
+            continue;
+        }
+        rows.push(
+            row.iter()
+                .filter(|(k, _)| *k == "reward" || k.starts_with("rewards/"))
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                .collect(),
+        );
+    }
+    if rows.len() < 2 {
+        return Ok(None);
+    }
+    let steps = (rows.len() / 3).clamp(1, 10);
+    let mean = |window: &[BTreeMap<String, f64>]| {
+        let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for row in window {
+            for (k, v) in row {
+                let e = sums.entry(k.clone()).or_default();
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+        sums.into_iter()
+            .map(|(k, (sum, n))| (k, sum / n as f64))
+            .collect()
+    };
+    Ok(Some(RewardTrend {
+        steps,
+        first: mean(&rows[..steps]),
+        last: mean(&rows[rows.len() - steps..]),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reward_trend_compares_the_first_and_last_third_of_the_training_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut lines = vec![r#"{"step":0,"eval_reward":9.0}"#.to_string()];
+        for step in 1..=7 {
+            lines.push(format!(
+                r#"{{"step":{step},"loss":0.1,"reward":{r},"rewards/xml_count":{x},"kl":0.5}}"#,
+                r = step as f64,
+                x = -(step as f64)
+            ));
+        }
+        lines.push(r#"{"step":7,"eval_reward":9.0}"#.into());
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let t = reward_trend(&path).unwrap().unwrap();
+        // Seven training rows: windows of two (steps 1-2 and 6-7); eval rows and kl left out.
+        assert_eq!(t.steps, 2);
+        assert_eq!(t.first["reward"], 1.5);
+        assert_eq!(t.last["reward"], 6.5);
+        assert_eq!(t.last["rewards/xml_count"], -6.5);
+        assert_eq!(t.first.len(), 2);
+
+        std::fs::write(&path, r#"{"step":1,"reward":1.0}"#).unwrap();
+        assert_eq!(reward_trend(&path).unwrap(), None, "one step has no trend");
+        assert_eq!(reward_trend(&dir.path().join("absent")).unwrap(), None);
+
+        std::fs::write(&path, "{\"step\":1,\"reward\":1.0}\nnot json\n").unwrap();
+        let e = reward_trend(&path).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl:2"), "{e}");
     }
 }
