@@ -202,6 +202,35 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
+    /// Rebuilds the cache of `batch` rows with row `i` a copy of row `rows[i]` (prompts that
+    /// several rows share are prefilled once).
+    pub fn select_rows(&mut self, batch: usize, rows: &[usize]) {
+        let pick = |x: Tensor<B, 3>| {
+            let per_row = x.dims()[0] / batch.max(1);
+            let index: Vec<i64> = rows
+                .iter()
+                .flat_map(|&r| (r * per_row..(r + 1) * per_row).map(|i| i as i64))
+                .collect();
+            let n = index.len();
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [n]), &x.device());
+            x.select(0, index)
+        };
+        let len = self.len;
+        for layer in self.layers.iter_mut().flatten() {
+            let (keys, values) = layer.first(len);
+            *layer = LayerKv {
+                keys: pick(keys),
+                values: pick(values),
+            };
+        }
+        if let Some(mask) = self.key_mask.take() {
+            let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+            let n = index.len();
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [n]), &mask.device());
+            self.key_mask = Some(mask.select(0, index));
+        }
+    }
+
     /// A cache that starts with given keys and values in every layer (P-Tuning v2 / peft
     /// prefix tuning: the prefix is attended by every query and takes no rotary embedding).
     ///

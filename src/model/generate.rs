@@ -14,7 +14,7 @@
 //! `prepare_inputs_for_generation`; prompt positions then start after the virtual tokens.
 //! Reference: transformers `generation/utils.py`, `generation/logits_process.py`.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
@@ -173,10 +173,12 @@ pub fn generate_prompted<B: Backend>(
     }
     let device = model.model.embed_tokens.weight.device();
     let b = prompts.len();
+    // Rows with the same prompt (GRPO's group of completions) share one prefill.
+    let (distinct, row_source) = distinct_prompts(prompts);
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(b * longest);
-    let mut mask = Vec::with_capacity(b);
-    for p in prompts {
+    let mut ids = Vec::with_capacity(distinct.len() * longest);
+    let mut mask = Vec::with_capacity(distinct.len());
+    for p in &distinct {
         let pad = longest - p.len();
         ids.extend(std::iter::repeat_n(opts.pad_token_id as i64, pad));
         ids.extend(p.iter().map(|&t| t as i64));
@@ -204,9 +206,17 @@ pub fn generate_prompted<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(data, [b, t]), &device)
     };
     let (mut cache, hidden) = prefill(model, adapter, ids, &mask);
+    let mut logits = last_logits(model, hidden);
+    if distinct.len() < b {
+        cache.select_rows(distinct.len(), &row_source);
+        let index: Vec<i64> = row_source.iter().map(|&r| r as i64).collect();
+        logits = logits.select(
+            0,
+            Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b]), &device),
+        );
+    }
     // Room for every token to come, so that each step writes its keys and values in place.
     cache.reserve(opts.max_new_tokens);
-    let mut logits = last_logits(model, hidden);
 
     for _step in 0..opts.max_new_tokens {
         let choice = choose(logits, &mut rows, &opts.sampling);
@@ -330,6 +340,23 @@ pub fn prompted_logits<B: Backend>(
     let logits = model.lm_head(hidden);
     let vocab = logits.dims()[2];
     logits.reshape([len, vocab])
+}
+
+/// The distinct prompts in order of first appearance, and for each row the index of its prompt
+/// among them.
+fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<&[u32]>, Vec<usize>) {
+    let mut seen: HashMap<&[u32], usize> = HashMap::new();
+    let mut distinct = Vec::new();
+    let source = prompts
+        .iter()
+        .map(|p| {
+            *seen.entry(p.as_slice()).or_insert_with(|| {
+                distinct.push(p.as_slice());
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (distinct, source)
 }
 
 /// Logits of the last position: `[batch, seq, hidden]` -> `[batch, vocab]`.

@@ -176,6 +176,45 @@ fn llama_greedy_matches_transformers() {
 }
 
 #[test]
+fn rows_sharing_a_prompt_generate_as_if_alone() {
+    let f = fixture("qwen2");
+    let m = model(&f);
+    let (prompts, want) = prompts_and_tokens(&f);
+    assert!(prompts.len() >= 2 && prompts[0] != prompts[1]);
+    // Repeated prompts are prefilled once and their cache rows copied: greedy rows still give
+    // transformers' tokens.
+    let batch = vec![
+        prompts[0].clone(),
+        prompts[1].clone(),
+        prompts[0].clone(),
+        prompts[0].clone(),
+    ];
+    let got = generate(&m, &batch, &greedy_opts(16), None).unwrap();
+    for (g, w) in got.iter().zip([&want[0], &want[1], &want[0], &want[0]]) {
+        assert_eq!(&g.token_ids, w);
+    }
+    // Sampled: row i draws from seed + i, as a batch of one with that seed does.
+    let sampled = |batch: &[Vec<u32>], seed: u64| {
+        let mut opts = greedy_opts(12);
+        opts.sampling = SamplingParams {
+            seed,
+            greedy: false,
+            ..Default::default()
+        };
+        generate(&m, batch, &opts, None).unwrap()
+    };
+    let group = sampled(&vec![prompts[0].clone(); 3], 40);
+    for (i, row) in group.iter().enumerate() {
+        let alone = sampled(std::slice::from_ref(&prompts[0]), 40 + i as u64);
+        assert_eq!(row.token_ids, alone[0].token_ids, "row {i}");
+    }
+    assert_ne!(
+        group[0].token_ids, group[1].token_ids,
+        "rows draw differently"
+    );
+}
+
+#[test]
 fn kv_cache_decode_equals_full_recompute() {
     for name in ["qwen2", "llama"] {
         let f = fixture(name);
