@@ -197,7 +197,7 @@ impl<B: Backend> KvCache<B> {
         let len = self.len;
         for layer in self.layers.iter_mut().flatten() {
             if layer.capacity() < len + additional {
-                *layer = layer.with_room(len, len + additional - layer.capacity().max(len));
+                *layer = layer.with_room(len, additional);
             }
         }
     }
