@@ -220,3 +220,47 @@ fn medical_recipe_with_prefix_tuning_evaluates_on_the_base_and_exports_the_adapt
     assert_eq!(config["peft_type"], "PREFIX_TUNING");
     assert_eq!(config["num_virtual_tokens"], 4);
 }
+
+#[test]
+fn training_past_the_memory_limit_fails_the_stage_with_advice_and_commits_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let store = &root.path().join("store");
+    // 1 MiB is far below what even the tiny model's training takes (its peak resident set on
+    // the CPU, where the limit reads that).
+    let out = runner(store)
+        .env("RUNNER_MEMORY_LIMIT", "1M")
+        .args([
+            "run",
+            "recipes/medical.toml",
+            "--set",
+            "stages.sft.max_steps=2",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("sft"), "{err}");
+    assert!(err.contains("out of memory on cpu"), "{err}");
+    assert!(err.contains("over RUNNER_MEMORY_LIMIT = 1.0 MiB"), "{err}");
+    assert!(
+        err.contains("gradient_checkpointing = \"offload\""),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // The stages before it are kept; sft and what follows it are not in the store.
+    let path = |stage: &str| {
+        runner(store)
+            .args(["path", "recipes/medical.toml", stage])
+            .args(["--set", "stages.sft.max_steps=2"])
+            .output()
+            .unwrap()
+    };
+    assert!(path("tokens").status.success());
+    for stage in ["sft", "eval", "gguf"] {
+        assert!(!path(stage).status.success(), "{stage} was committed");
+    }
+    // The run record says why.
+    let runs = runner(store).args(["runs"]).output().unwrap();
+    let runs = String::from_utf8_lossy(&runs.stdout);
+    assert!(runs.contains("failed"), "{runs}");
+}

@@ -270,6 +270,14 @@ impl<B: FastOps> Backward<B, 3> for FusedAttentionBackward {
 }
 
 impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
+    fn fast_checkpointed(
+        inputs: Vec<FloatTensor<Self>>,
+        layer: Box<dyn crate::backend::checkpoint::LayerReplay<Self>>,
+        offload: bool,
+    ) -> FloatTensor<Self> {
+        crate::backend::checkpoint::autodiff_checkpointed::<B, C>(inputs, layer, offload)
+    }
+
     fn fast_lora_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -404,6 +412,14 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
 
     fn accelerator_memory_used() -> Option<usize> {
         B::accelerator_memory_used()
+    }
+
+    fn accelerator_memory_peak() -> Option<usize> {
+        B::accelerator_memory_peak()
+    }
+
+    fn reset_accelerator_memory_peak() {
+        B::reset_accelerator_memory_peak()
     }
 
     fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {

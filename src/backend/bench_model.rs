@@ -4,7 +4,8 @@
 //! for the same shapes on the same card.
 //!
 //! Reference: Qwen2.5-0.5B/1.5B `config.json` (hidden 896/1536, 24/28 layers, 14/12 heads,
-//! 2 KV heads, intermediate 4864/8960, vocabulary 151,936, tied embeddings);
+//! 2 KV heads, intermediate 4864/8960, vocabulary 151,936, tied embeddings); Qwen2.5-7B (hidden
+//! 3584, 28 layers, 28 heads, 4 KV heads, intermediate 18944, vocabulary 152,064, untied);
 //! ../shared/bench/peft_baseline.py (LoRA r=16 on the seven projections, batch 8 x 1024).
 
 use std::collections::BTreeMap;
@@ -25,18 +26,26 @@ pub fn qwen_shape(name: &str) -> Option<ModelConfig> {
     let (hidden, layers, heads, kv_heads, intermediate) = match name {
         "0.5b" => (896, 24, 14, 2, 4864),
         "1.5b" => (1536, 28, 12, 2, 8960),
+        "7b" => (3584, 28, 28, 4, 18944),
         "tiny" => (128, 2, 4, 2, 256),
         _ => return None,
     };
-    let vocab = if name == "tiny" { 2048 } else { 151_936 };
-    Some(tiny_qwen2_config(TinyShape {
+    let vocab = match name {
+        "tiny" => 2048,
+        "7b" => 152_064,
+        _ => 151_936,
+    };
+    let mut config = tiny_qwen2_config(TinyShape {
         hidden,
         layers,
         heads,
         kv_heads,
         intermediate,
         vocab,
-    }))
+    });
+    // Qwen2.5-7B has its own output projection.
+    config.tie_word_embeddings = name != "7b" && config.tie_word_embeddings;
+    Some(config)
 }
 
 /// Random weights for a throughput benchmark: HF names and shapes as [`crate::model::init::init_weights`]
@@ -123,7 +132,7 @@ pub struct SftBench {
     pub seq: usize,
     pub steps: u64,
     pub warmup_steps: u64,
-    pub gradient_checkpointing: bool,
+    pub gradient_checkpointing: crate::model::decoder::GradientCheckpointing,
     /// lora, dora, qlora, adalora, prompt_tuning, p_tuning, prefix or full.
     pub method: String,
 }
@@ -171,7 +180,7 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     use crate::trainer::{SftConfig, TokenizedExample};
     let config = qwen_shape(&bench.shape).ok_or_else(|| {
         anyhow::anyhow!(
-            "unknown shape {:?}; expected 0.5b, 1.5b or tiny",
+            "unknown shape {:?}; expected 0.5b, 1.5b, 7b or tiny",
             bench.shape
         )
     })?;
@@ -258,9 +267,17 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
         "other_s": phase_mean("other_s"),
     });
     let losses: Vec<f64> = rows.iter().filter_map(|r| r["loss"].as_f64()).collect();
+    // The trainer's peak of live GPU buffers, from the start of training (weights included).
+    let peak_gib = rows
+        .iter()
+        .filter_map(|r| r["gpu_peak_mb"].as_f64())
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+        .map(|mb| mb / 1024.0);
     Ok(json!({
         "method": bench.method,
         "tokens_per_s": tokens_per_s,
+        "gpu_peak_gib": peak_gib,
+        "gradient_checkpointing": bench.gradient_checkpointing.to_string(),
         "phases": phases,
         "steps_timed": timed.len(),
         "first_loss": losses.first(),

@@ -18,7 +18,7 @@ pub struct BenchArgs {
     /// Where `check` writes its tensor dumps.
     #[arg(long, default_value = "check_dump")]
     pub dump_dir: PathBuf,
-    /// Model shape for sft/decode: 0.5b, 1.5b or tiny (Qwen2.5, random weights).
+    /// Model shape for sft/decode: 0.5b, 1.5b, 7b or tiny (Qwen2.5, random weights).
     #[arg(long, default_value = "0.5b")]
     pub shape: String,
     /// sft: rows per step; decode: prompts decoded together.
@@ -27,17 +27,31 @@ pub struct BenchArgs {
     /// sft: tokens per row; decode: prompt tokens.
     #[arg(long, default_value_t = 1024)]
     pub seq: usize,
-    /// sft: timed optimizer steps (after 2 warm-up steps); decode: new tokens.
+    /// sft: timed optimizer steps (after the warm-up steps); decode: new tokens.
     #[arg(long, default_value_t = 8)]
     pub steps: u64,
+    /// sft: untimed steps before the timed ones (kernels compile and tune in the first).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
     /// sft: the fine-tuning methods, comma-separated (lora, dora, qlora, adalora, prompt_tuning,
     /// p_tuning, prefix, full); one JSON line each. Only the first method's memory figure is its
     /// own: cubecl keeps its pool, so later lines show the process's high-water mark.
     #[arg(long, default_value = "lora")]
     pub method: String,
-    /// sft: burn's gradient checkpointing (BalancedCheckpointing).
+    /// sft: activation checkpointing of the decoder layers: `false`, `true` (recompute each
+    /// layer in the backward pass) or `offload` (the same, layer inputs in host memory).
+    /// `--gradient-checkpointing` alone means `true`.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = ["false", "true", "offload"])]
+    pub gradient_checkpointing: String,
+    /// sft: the longest sequence that trains at batch 1: from `--seq`, double until a step runs
+    /// out of memory, then bisect to `--context-step` tokens. Each try runs in a child process,
+    /// so one that runs out of memory cannot disturb the next.
     #[arg(long)]
-    pub gradient_checkpointing: bool,
+    pub max_context: bool,
+    /// sft `--max-context`: the resolution of the bisection, in tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub context_step: usize,
     /// Float type of the whole model: f32 or bf16 (bf16: weights, activations, adapters and
     /// optimizer state all in bf16; no f32 master copy).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
@@ -55,10 +69,100 @@ mod run_cuda {
     use super::BenchArgs;
     use crate::backend::bench_model::{run_decode, run_parity, run_sft, scratch_dir, SftBench};
     use crate::backend::cuda::device_memory_used;
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use crate::model::decoder::GradientCheckpointing;
     use burn::backend::{Autodiff, Cuda};
     use burn::tensor::backend::Backend;
     use serde_json::Value;
+
+    fn checkpointing(args: &BenchArgs) -> anyhow::Result<GradientCheckpointing> {
+        Ok(match args.gradient_checkpointing.as_str() {
+            "false" => GradientCheckpointing::Off,
+            "true" => GradientCheckpointing::Layers,
+            "offload" => GradientCheckpointing::Offload,
+            other => {
+                anyhow::bail!("--gradient-checkpointing {other:?}: expected false, true or offload")
+            }
+        })
+    }
+
+    /// One `bench sft` at batch 1 and `seq` tokens in a child process: its JSON line, or
+    /// `None` when it failed (out of memory, most likely).
+    fn probe_context(args: &BenchArgs, seq: usize) -> anyhow::Result<Option<Value>> {
+        let exe = std::env::current_exe()?;
+        let output = std::process::Command::new(exe)
+            .args([
+                "bench", "sft", "--batch", "1", "--steps", "1", "--warmup", "1",
+            ])
+            .args(["--shape", &args.shape, "--method", &args.method])
+            .args(["--dtype", &args.dtype, "--seq", &seq.to_string()])
+            .args(["--gradient-checkpointing", &args.gradient_checkpointing])
+            .stderr(std::process::Stdio::null())
+            .output()?;
+        let line = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok());
+        let ok = output.status.success()
+            && line
+                .as_ref()
+                .is_some_and(|v| v.get("error").is_none() && v["tokens_per_s"].is_number());
+        let mut record = line.unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut record {
+            map.insert("probe_seq".into(), seq.into());
+        }
+        eprintln!(
+            "max-context: {seq} tokens {}",
+            if ok { "trains" } else { "does not fit" }
+        );
+        Ok(ok.then_some(record))
+    }
+
+    /// `bench sft --max-context`: doubles the sequence from `--seq` until a step fails, then
+    /// bisects down to `--context-step` tokens; prints the longest that trained.
+    fn max_context(args: &BenchArgs) -> anyhow::Result<()> {
+        let step = args.context_step.max(1);
+        let mut good: Option<(usize, Value)> = None;
+        let mut seq = args.seq.max(step);
+        let bad = loop {
+            match probe_context(args, seq)? {
+                Some(v) => {
+                    println!("{v}");
+                    good = Some((seq, v));
+                    seq *= 2;
+                }
+                None => break seq,
+            }
+        };
+        let (mut lo, mut hi) = (good.as_ref().map_or(0, |g| g.0), bad);
+        while hi - lo > step {
+            let mid = (lo + (hi - lo) / 2) / step * step;
+            if mid <= lo {
+                break;
+            }
+            match probe_context(args, mid)? {
+                Some(v) => {
+                    println!("{v}");
+                    good = Some((mid, v));
+                    lo = mid;
+                }
+                None => hi = mid,
+            }
+        }
+        let summary = match good {
+            Some((seq, v)) => serde_json::json!({
+                "max_context": seq,
+                "shape": args.shape,
+                "method": args.method,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "tokens_per_s": v["tokens_per_s"],
+                "gpu_peak_gib": v["gpu_peak_gib"],
+                "first_failure": hi,
+            }),
+            None => serde_json::json!({"max_context": 0, "first_failure": hi}),
+        };
+        println!("{summary}");
+        Ok(())
+    }
 
     fn gib(bytes: usize) -> f64 {
         bytes as f64 / (1u64 << 30) as f64
@@ -87,16 +191,12 @@ mod run_cuda {
                     batch: args.batch,
                     seq: args.seq,
                     steps: args.steps,
-                    warmup_steps: 2,
-                    gradient_checkpointing: args.gradient_checkpointing,
+                    warmup_steps: args.warmup,
+                    gradient_checkpointing: checkpointing(args)?,
                     method: method.to_string(),
                 };
                 let dir = scratch_dir("sft");
-                let v = if args.gradient_checkpointing {
-                    run_sft::<Autodiff<B, BalancedCheckpointing>>(&bench, &device, &dir)
-                } else {
-                    run_sft::<Autodiff<B>>(&bench, &device, &dir)
-                };
+                let v = run_sft::<Autodiff<B>>(&bench, &device, &dir);
                 let _ = std::fs::remove_dir_all(&dir);
                 v?
             }
@@ -124,7 +224,7 @@ mod run_cuda {
             map.insert("dtype".into(), args.dtype.clone().into());
             map.insert(
                 "gradient_checkpointing".into(),
-                args.gradient_checkpointing.into(),
+                args.gradient_checkpointing.clone().into(),
             );
             // cubecl's pools keep what they reserved, so growth of used memory is the peak
             // reservation (comparable to torch.cuda.max_memory_reserved).
@@ -147,6 +247,7 @@ mod run_cuda {
                 }
                 anyhow::ensure!(ok, "some on-device checks failed");
             }
+            "sft" if args.max_context => max_context(args)?,
             "sft" | "decode" | "parity" => {
                 // Several sft methods share one process, so kernels compiled and tuned for the
                 // first are reused by the next; each line is printed as soon as it is known.
@@ -157,11 +258,15 @@ mod run_cuda {
                 };
                 let mut lines = Vec::new();
                 for (i, method) in methods.into_iter().enumerate() {
-                    let out = if args.dtype == "bf16" {
-                        model_task::<Cuda<half::bf16, i32>>(args, method, i == 0)
-                    } else {
-                        model_task::<Cuda<f32, i32>>(args, method, i == 0)
-                    };
+                    let out = crate::backend::memory::catch_out_of_memory("cuda:0", || {
+                        if args.dtype == "bf16" {
+                            model_task::<Cuda<half::bf16, i32>>(args, method, i == 0)
+                        } else {
+                            model_task::<Cuda<f32, i32>>(args, method, i == 0)
+                        }
+                    })
+                    .map_err(anyhow::Error::from)
+                    .and_then(|out| out);
                     let line = match out {
                         Ok(v) => serde_json::to_string(&v)?,
                         Err(e) => serde_json::json!({"method": method, "error": format!("{e:#}")})

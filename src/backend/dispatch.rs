@@ -1,6 +1,7 @@
 //! The generic entry points of the fast kernels. Model code is generic over plain `Backend`;
 //! these functions recognise, by `TypeId`, the concrete backends runner instantiates (ndarray
-//! and burn-cuda in f32 and bf16, each bare and under `Autodiff` with or without checkpointing)
+//! and burn-cuda in f32 and bf16, each bare and under `Autodiff`; activation checkpointing is the
+//! model's own, see [`crate::backend::checkpoint`])
 //! and route them to their [`FastOps`] implementation. Any other backend gets burn's own ops,
 //! with the same results.
 
@@ -9,6 +10,7 @@ use std::any::{Any, TypeId};
 use burn::tensor::{backend::Backend, ops::FloatTensor, Bool, DType, Int, Tensor, TensorPrimitive};
 
 use crate::backend::adamw::{AdamwTensors, AdamwUpdated};
+use crate::backend::checkpoint::LayerReplay;
 use crate::backend::{attention, cross_entropy, FastOps, FusedAttentionSpec};
 
 fn same<A: 'static, B: 'static>() -> bool {
@@ -37,20 +39,16 @@ macro_rules! route_to {
 macro_rules! route {
     ($B:ty, $call:ident, ($($arg:ident),*)) => {{
         type Cpu = burn::backend::NdArray<f32>;
-        type Balanced = burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
         route_to!($B, Cpu, $call, ($($arg),*));
         route_to!($B, burn::backend::Autodiff<Cpu>, $call, ($($arg),*));
-        route_to!($B, burn::backend::Autodiff<Cpu, Balanced>, $call, ($($arg),*));
         #[cfg(feature = "cuda")]
         {
             type Cuda32 = burn::backend::Cuda<f32, i32>;
             type Cuda16 = burn::backend::Cuda<half::bf16, i32>;
             route_to!($B, Cuda32, $call, ($($arg),*));
             route_to!($B, burn::backend::Autodiff<Cuda32>, $call, ($($arg),*));
-            route_to!($B, burn::backend::Autodiff<Cuda32, Balanced>, $call, ($($arg),*));
             route_to!($B, Cuda16, $call, ($($arg),*));
             route_to!($B, burn::backend::Autodiff<Cuda16>, $call, ($($arg),*));
-            route_to!($B, burn::backend::Autodiff<Cuda16, Balanced>, $call, ($($arg),*));
         }
     }};
 }
@@ -483,9 +481,57 @@ fn accelerator_memory_bytes<B: Backend>() -> Option<usize> {
     None
 }
 
+fn memory_peak<F: FastOps>() -> Option<usize> {
+    F::accelerator_memory_peak()
+}
+
+fn memory_peak_reset<F: FastOps>() {
+    F::reset_accelerator_memory_peak()
+}
+
+/// The most device memory held by live buffers at once (MiB; as
+/// `torch.cuda.max_memory_allocated`) since [`reset_accelerator_peak`], when `B` is one of
+/// runner's CUDA backends; `None` on the CPU.
+pub fn accelerator_peak_mb<B: Backend>() -> Option<f64> {
+    let bytes: Option<usize> = (|| {
+        route!(B, memory_peak, ());
+        None
+    })();
+    bytes.map(|bytes| bytes as f64 / f64::from(1u32 << 20))
+}
+
+/// Starts measuring [`accelerator_peak_mb`] afresh (nothing on the CPU).
+pub fn reset_accelerator_peak<B: Backend>() {
+    route!(B, memory_peak_reset, ());
+}
+
 /// Device memory in use (MiB, as `cuMemGetInfo` counts it: cubecl's pools and cuBLAS's
 /// workspaces included, so it tracks the high-water mark) when `B` is one of runner's CUDA
 /// backends; `None` on the CPU.
 pub fn accelerator_memory_mb<B: Backend>() -> Option<f64> {
     accelerator_memory_bytes::<B>().map(|bytes| bytes as f64 / f64::from(1u32 << 20))
+}
+
+fn fast_checkpointed<F: FastOps>(
+    inputs: Vec<Tensor<F, 3>>,
+    layer: Box<dyn LayerReplay<F>>,
+    offload: bool,
+) -> Tensor<F, 3> {
+    let inputs = inputs
+        .into_iter()
+        .map(|x| x.into_primitive().tensor())
+        .collect();
+    Tensor::from_primitive(TensorPrimitive::Float(F::fast_checkpointed(
+        inputs, layer, offload,
+    )))
+}
+
+/// See [`crate::backend::checkpoint::checkpointed`]; any other backend runs the layer plainly.
+pub(crate) fn checkpointed_layer<B: Backend>(
+    inputs: Vec<Tensor<B, 3>>,
+    layer: Box<dyn LayerReplay<B>>,
+    offload: bool,
+) -> Tensor<B, 3> {
+    route!(B, fast_checkpointed, (inputs, layer, offload));
+    crate::backend::checkpoint::run_plain(inputs, layer)
 }

@@ -21,6 +21,7 @@ pub mod bench;
 pub mod bench_model;
 #[cfg(feature = "cuda")]
 pub mod check;
+pub mod checkpoint;
 pub mod cli;
 mod cpu;
 pub mod cross_entropy;
@@ -30,6 +31,7 @@ mod dispatch;
 #[cfg(feature = "profile")]
 pub mod host_profile;
 pub mod lora;
+pub mod memory;
 
 use burn::tensor::{
     backend::Backend,
@@ -279,10 +281,35 @@ pub trait FastOps: Backend {
         adamw::composed_sum_squares::<Self>(tensors, device)
     }
 
+    /// A layer run as an activation checkpoint (see [`checkpoint`]). Backends that record no
+    /// graph run it plainly; `Autodiff` keeps only the inputs and recomputes the layer in its
+    /// backward step.
+    fn fast_checkpointed(
+        inputs: Vec<FloatTensor<Self>>,
+        layer: Box<dyn checkpoint::LayerReplay<Self>>,
+        offload: bool,
+    ) -> FloatTensor<Self> {
+        let _ = offload;
+        let inputs = inputs.into_iter().map(checkpoint::float).collect();
+        checkpoint::run_plain(inputs, layer)
+            .into_primitive()
+            .tensor()
+    }
+
     /// Bytes of accelerator memory in use (`None` on the CPU): reported in training metrics.
     fn accelerator_memory_used() -> Option<usize> {
         None
     }
+
+    /// The most accelerator memory held by live buffers at once (not the pool's reserve; as
+    /// `torch.cuda.max_memory_allocated`) since [`FastOps::reset_accelerator_memory_peak`]
+    /// (`None` on the CPU).
+    fn accelerator_memory_peak() -> Option<usize> {
+        None
+    }
+
+    /// Starts measuring [`FastOps::accelerator_memory_peak`] afresh.
+    fn reset_accelerator_memory_peak() {}
 
     /// Per-row cross-entropy of a chunk of logits and, with `want_grad`, its gradient for
     /// the logits (see [`cross_entropy::rows_reference`], which is the default).
@@ -340,9 +367,10 @@ pub fn set_profiler(on: bool) {
 }
 
 pub use dispatch::{
-    accelerator_memory_mb, adamw_update_many, cross_entropy_rows, fused_attention,
-    fused_attention_supported, linear, linear_cross_entropy, lora_linear, masked_softmax, matmul,
-    matmul_2d, matmul_tn, narrow, rms_norm, rope, sum_squares, swiglu,
+    accelerator_memory_mb, accelerator_peak_mb, adamw_update_many, cross_entropy_rows,
+    fused_attention, fused_attention_supported, linear, linear_cross_entropy, lora_linear,
+    masked_softmax, matmul, matmul_2d, matmul_tn, narrow, reset_accelerator_peak, rms_norm, rope,
+    sum_squares, swiglu,
 };
 
 #[cfg(test)]

@@ -11,11 +11,16 @@ use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use crate::backend::checkpoint::{
+    first_trainable, with_stand_ins, LayerReplay, ReplayMode, Replayed,
+};
 use crate::model::config::ModelConfig;
 use crate::model::hf::HostTensor;
 use crate::model::lora::LoraLinear;
+use crate::model::nf4_linear::{BaseWeight, Nf4Weight};
 use crate::model::rope::{apply_rotary, RotaryEmbedding};
 
 /// Errors building a model from named tensors.
@@ -29,6 +34,8 @@ pub enum ModelError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    #[error("tensor `{tensor}`: NF4 quantization failed: {message}")]
+    Quantize { tensor: String, message: String },
 }
 
 /// Score given to masked attention positions: exp() of it underflows to exactly 0 in f32,
@@ -292,6 +299,7 @@ fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
 }
 
 /// How the layers of one forward pass mask attention.
+#[derive(Clone)]
 enum LayerMask<B: Backend> {
     /// The composed attention: a mask in the layout of the scores (see
     /// [`Attention::score_mask`]), true = masked; `None` when nothing is masked.
@@ -398,6 +406,182 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
+impl<B: Backend> DecoderLayer<B> {
+    /// Attention and MLP, each with its residual.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> same; cos, sin: `[batch, 1, seq, head_dim]`
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &LayerMask<B>,
+        cache: Option<CacheSlot<'_, B>>,
+    ) -> Tensor<B, 3> {
+        let h = self.self_attn.forward(
+            self.input_layernorm.forward(x.clone()),
+            cos,
+            sin,
+            mask,
+            cache,
+        );
+        let x = x.add(h);
+        let h = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
+        x.add(h)
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn projections(&self) -> [&LoraLinear<B>; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// Whether a training pass through the layer draws dropout masks.
+    fn draws_dropout(&self) -> bool {
+        self.projections().iter().any(|p| p.dropout.prob > 0.0)
+    }
+}
+
+/// One decoder layer's call in a training forward pass, kept so that the backward pass can run
+/// it again (see [`crate::backend::checkpoint`]).
+struct LayerCall<B: Backend> {
+    layer: DecoderLayer<B>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    mask: LayerMask<B>,
+    /// With dropout: the backend RNG's seed for this call, set before the forward pass and
+    /// again before the recompute, so that both draw the same masks (torch's checkpoint
+    /// restores the RNG state the same way).
+    dropout_seed: Option<u64>,
+}
+
+impl<B: Backend> LayerCall<B> {
+    fn new(
+        layer: &DecoderLayer<B>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &LayerMask<B>,
+    ) -> Self {
+        let dropout_seed = layer.draws_dropout().then(|| {
+            // Drawn from the backend RNG, which the trainer seeds per step, so runs repeat.
+            let draw = Tensor::<B, 1, Int>::random(
+                [2],
+                burn::tensor::Distribution::Uniform(0.0, f64::from(u32::MAX)),
+                &cos.device(),
+            );
+            let v = draw
+                .into_data()
+                .convert::<i64>()
+                .to_vec::<i64>()
+                .unwrap_or_default();
+            v.iter().fold(0u64, |acc, x| (acc << 32) ^ (*x as u64))
+        });
+        Self {
+            layer: layer.clone(),
+            cos: cos.clone(),
+            sin: sin.clone(),
+            mask: mask.clone(),
+            dropout_seed,
+        }
+    }
+}
+
+impl<B: Backend> LayerReplay<B> for LayerCall<B> {
+    fn replay(&self, inputs: Vec<Tensor<B, 3>>, mode: ReplayMode) -> Replayed<B> {
+        if let Some(seed) = self.dropout_seed {
+            B::seed(&self.cos.device(), seed);
+        }
+        let (layer, stand_ins) = match mode {
+            ReplayMode::Plain => (self.layer.clone(), Vec::new()),
+            ReplayMode::Untracked => (self.layer.clone().no_grad(), Vec::new()),
+            ReplayMode::StandIns => with_stand_ins(self.layer.clone()),
+        };
+        let x = inputs
+            .into_iter()
+            .next()
+            .expect("a decoder layer's replay takes its hidden states");
+        Replayed {
+            output: layer.forward(x, &self.cos, &self.sin, &self.mask, None),
+            stand_ins,
+        }
+    }
+
+    fn anchor(&self) -> Option<FloatTensor<B>> {
+        first_trainable(&self.layer)
+    }
+}
+
+/// How a training forward pass keeps the activations of its decoder layers: the recipe's
+/// `gradient_checkpointing = false | true | "offload"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GradientCheckpointing {
+    /// Every activation the backward pass needs stays in memory.
+    #[default]
+    Off,
+    /// Only each decoder layer's input is kept; the layer runs again in the backward pass.
+    Layers,
+    /// As [`Self::Layers`], with the kept inputs in host memory until their layer's backward.
+    Offload,
+}
+
+impl serde::Serialize for GradientCheckpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Off => s.serialize_bool(false),
+            Self::Layers => s.serialize_bool(true),
+            Self::Offload => s.serialize_str("offload"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GradientCheckpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = GradientCheckpointing;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("false, true or \"offload\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(if v {
+                    GradientCheckpointing::Layers
+                } else {
+                    GradientCheckpointing::Off
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v {
+                    "offload" => Ok(GradientCheckpointing::Offload),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl std::fmt::Display for GradientCheckpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Layers => "layers",
+            Self::Offload => "offload",
+        })
+    }
+}
+
 /// The transformer body (HF `model.*`).
 #[derive(Module, Debug)]
 pub struct DecoderModel<B: Backend> {
@@ -416,6 +600,10 @@ pub struct CausalLm<B: Backend> {
     pub config: ModelConfig,
     #[module(skip)]
     pub rope: RotaryEmbedding,
+    /// Activation checkpointing of the decoder layers in passes that record a graph (no
+    /// effect elsewhere, nor on passes that fill a KV cache).
+    #[module(skip)]
+    pub checkpointing: GradientCheckpointing,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -503,23 +691,21 @@ impl<B: Backend> CausalLm<B> {
         };
         let (cos, sin) = self.rope.cos_sin(positions);
         let mut x = embeds;
+        let checkpoint = self.checkpointing != GradientCheckpointing::Off
+            && cache.is_none()
+            && B::ad_enabled(&device);
         for (i, layer) in self.model.layers.iter().enumerate() {
+            if checkpoint {
+                let call = LayerCall::new(layer, &cos, &sin, &mask);
+                let offload = self.checkpointing == GradientCheckpointing::Offload;
+                x = crate::backend::checkpoint::checkpointed(vec![x], Box::new(call), offload);
+                continue;
+            }
             let slot = cache.as_deref_mut().map(|c| CacheSlot {
                 layer: &mut c.layers[i],
                 past,
             });
-            let h = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
-                &cos,
-                &sin,
-                &mask,
-                slot,
-            );
-            x = x.add(h);
-            let h = layer
-                .mlp
-                .forward(layer.post_attention_layernorm.forward(x.clone()));
-            x = x.add(h);
+            x = layer.forward(x, &cos, &sin, &mask, slot);
         }
         if let Some(c) = cache {
             c.len = s;
@@ -589,6 +775,26 @@ impl<B: Backend> CausalLm<B> {
         tensors: &BTreeMap<String, HostTensor>,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
+        Self::load(config, tensors, device, false)
+    }
+
+    /// [`Self::from_hf_tensors`] with the seven decoder projections of every layer quantized to
+    /// NF4 on the host as they are loaded (QLoRA): the device never holds the dense model, so
+    /// its peak while loading is the NF4 model plus the embeddings and head.
+    pub fn from_hf_tensors_nf4(
+        config: &ModelConfig,
+        tensors: &BTreeMap<String, HostTensor>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        Self::load(config, tensors, device, true)
+    }
+
+    fn load(
+        config: &ModelConfig,
+        tensors: &BTreeMap<String, HostTensor>,
+        device: &B::Device,
+        nf4_projections: bool,
+    ) -> Result<Self, ModelError> {
         let c = config;
         let get = |name: &str, shape: &[usize]| -> Result<TensorData, ModelError> {
             let t = tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
@@ -609,7 +815,7 @@ impl<B: Backend> CausalLm<B> {
         let t2 = |name: &str, o: usize, i: usize| -> Result<Tensor<B, 2>, ModelError> {
             Ok(Tensor::from_data(get(name, &[o, i])?, device))
         };
-        let linear =
+        let dense =
             |prefix: &str, o: usize, i: usize, bias: bool| -> Result<LoraLinear<B>, ModelError> {
                 let w = t2(&format!("{prefix}.weight"), o, i)?;
                 let b = if bias {
@@ -618,6 +824,31 @@ impl<B: Backend> CausalLm<B> {
                     None
                 };
                 Ok(LoraLinear::new(w, b))
+            };
+        // A decoder projection: dense, or NF4 straight from the host values.
+        let linear =
+            |prefix: &str, o: usize, i: usize, bias: bool| -> Result<LoraLinear<B>, ModelError> {
+                if !nf4_projections {
+                    return dense(prefix, o, i, bias);
+                }
+                let name = format!("{prefix}.weight");
+                let data = get(&name, &[o, i])?;
+                let values = data.as_slice::<f32>().map_err(|e| ModelError::Quantize {
+                    tensor: name.clone(),
+                    message: format!("{e:?}"),
+                })?;
+                let weight = Nf4Weight::quantize_host(values, &[o, i], device).map_err(|e| {
+                    ModelError::Quantize {
+                        tensor: name.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+                let b = if bias {
+                    Some(t1(&format!("{prefix}.bias"), o)?)
+                } else {
+                    None
+                };
+                Ok(LoraLinear::with_base(BaseWeight::Nf4(weight), b))
             };
         let norm = |name: &str| -> Result<RmsNorm<B>, ModelError> {
             Ok(RmsNorm {
@@ -670,7 +901,8 @@ impl<B: Backend> CausalLm<B> {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(linear("lm_head", c.vocab_size, hd, false)?)
+            // The head stays dense under QLoRA, as bitsandbytes leaves it.
+            Some(dense("lm_head", c.vocab_size, hd, false)?)
         };
         Ok(Self {
             model: DecoderModel {
@@ -683,6 +915,7 @@ impl<B: Backend> CausalLm<B> {
             lm_head,
             config: config.clone(),
             rope: RotaryEmbedding::new(config),
+            checkpointing: GradientCheckpointing::Off,
         })
     }
 

@@ -29,6 +29,8 @@ pub enum DeviceError {
         "bf16 training needs a CUDA device; device {value} runs on the CPU (ndarray has no bf16)"
     )]
     Bf16NeedsCuda { value: String },
+    #[error(transparent)]
+    OutOfMemory(#[from] crate::backend::memory::OutOfMemory),
 }
 
 impl FromStr for DeviceChoice {

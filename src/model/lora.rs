@@ -42,8 +42,13 @@ pub struct LoraLinear<B: Backend> {
 impl<B: Backend> LoraLinear<B> {
     /// A plain linear layer from HF-layout tensors (`weight [out, in]`, `bias [out]`).
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self::with_base(BaseWeight::Dense(Param::from_tensor(weight)), bias)
+    }
+
+    /// A plain linear layer over a given base weight (dense or NF4).
+    pub fn with_base(weight: BaseWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: BaseWeight::Dense(Param::from_tensor(weight)),
+            weight,
             bias: bias.map(Param::from_tensor),
             lora_a: None,
             lora_b: None,

@@ -142,6 +142,36 @@ impl<B: Backend> Nf4Weight<B> {
         Self::from_nf4(&quantize_nf4(&data, &shape)?, &device)
     }
 
+    /// Quantizes the host values of a dense `[out, in]` weight as [`Self::quantize`] would
+    /// after uploading them in the backend's float type, without the dense copy ever reaching
+    /// the device (QLoRA loads a model one projection at a time).
+    pub fn quantize_host(
+        values: &[f32],
+        shape: &[usize],
+        device: &B::Device,
+    ) -> Result<Self, Error> {
+        use burn::tensor::{DType, Element};
+        let rounded: Vec<f32>;
+        let values = match <B::FloatElem as Element>::dtype() {
+            DType::BF16 => {
+                rounded = values
+                    .iter()
+                    .map(|v| half::bf16::from_f32(*v).to_f32())
+                    .collect();
+                &rounded
+            }
+            DType::F16 => {
+                rounded = values
+                    .iter()
+                    .map(|v| half::f16::from_f32(*v).to_f32())
+                    .collect();
+                &rounded
+            }
+            _ => values,
+        };
+        Self::from_nf4(&quantize_nf4(values, shape)?, device)
+    }
+
     /// Number of 64-value blocks.
     pub fn blocks(&self) -> usize {
         (self.out_features * self.in_features).div_ceil(NF4_BLOCK)

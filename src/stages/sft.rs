@@ -11,7 +11,6 @@ use crate::model::device::{
 };
 use crate::trainer::sft::{train_sft, BaseModel};
 use crate::trainer::{Precision, SftConfig, TokenizedExample};
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use std::path::{Path, PathBuf};
@@ -100,12 +99,9 @@ impl TrainTask<'_> {
 impl BackendTask for TrainTask<'_> {
     type Output = Result<crate::trainer::sft::SftReport, crate::trainer::Error>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        // burn picks gradient checkpointing by backend type, not per call.
-        if self.cfg.gradient_checkpointing {
-            self.train::<Autodiff<B, BalancedCheckpointing>>(&device)
-        } else {
-            self.train::<Autodiff<B>>(&device)
-        }
+        // Activation checkpointing is the model's own (`CausalLm::checkpointing`), not burn's
+        // checkpoint strategy, so one autodiff backend serves every setting.
+        self.train::<Autodiff<B>>(&device)
     }
 }
 
@@ -123,11 +119,14 @@ pub(super) fn run_with_precision<T: BackendTask>(
             "{stage}: precision = \"bf16\" needs CUDA; device {device} runs on the CPU, training in f32"
         );
     }
-    let output = if bf16 {
-        run_on_device_bf16(device, task)?
-    } else {
-        run_on_device(device, task)?
-    };
+    // An allocation failure anywhere in the task ends it as an error, not a crash.
+    let output = crate::backend::memory::catch_out_of_memory(&device.to_string(), || {
+        if bf16 {
+            run_on_device_bf16(device, task)
+        } else {
+            run_on_device(device, task)
+        }
+    })??;
     Ok((output, bf16))
 }
 

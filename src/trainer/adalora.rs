@@ -548,7 +548,7 @@ pub(crate) fn run<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<SftReport, Error> {
     let adapter = adapter_config(ctx, base_name)?;
-    let model = CausalLm::<B>::from_hf_tensors(config, &tensors, device)?;
+    let model = crate::trainer::sft::training_base::<B>(ctx.cfg, config, &tensors, device)?;
     drop(tensors);
     let (lm, wrapped) = add_adalora(model, &adapter, ctx.cfg.seed, device)?;
     if wrapped == 0 {

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::decoder::GradientCheckpointing;
 use crate::train::adalora::AdaLoraParams;
 use crate::train::peft_io::TargetModules;
 use crate::train::schedule::{Schedule, ScheduleConfig};
@@ -140,9 +141,9 @@ pub struct SftConfig {
     pub logging_steps: u64,
     /// Continue from the last `checkpoint-N` in the output folder.
     pub resume: bool,
-    /// Recompute-in-backward is a backend type in burn (see [`crate::trainer`] docs): the caller
-    /// reads this flag to pick the autodiff backend; `train_sft` itself does not.
-    pub gradient_checkpointing: bool,
+    /// `false`, `true` (keep each decoder layer's input, recompute the layer in the backward
+    /// pass) or `"offload"` (the same, with the kept inputs in host memory).
+    pub gradient_checkpointing: GradientCheckpointing,
     /// dtype of the saved weights.
     pub dtype: SaveDtype,
     /// `f32` or `bf16` (mixed precision with f32 masters). Left out of the fingerprint when f32,
@@ -191,7 +192,7 @@ impl Default for SftConfig {
             save_steps: 0,
             logging_steps: 10,
             resume: false,
-            gradient_checkpointing: false,
+            gradient_checkpointing: GradientCheckpointing::Off,
             dtype: SaveDtype::Float32,
             precision: Precision::F32,
             adalora: AdaLoraParams::default(),

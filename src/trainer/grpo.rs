@@ -195,9 +195,14 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
         Method::Lora | Method::Qlora => {
             let mut adapter = cfg.adapter_config();
             adapter.base_model_name_or_path = base_name;
-            let mut model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)
-                .map_err(GrpoError::train)?;
+            let mut model = if cfg.method == Method::Qlora {
+                CausalLm::<B>::from_hf_tensors_nf4(&config, &tensors, device)
+            } else {
+                CausalLm::<B>::from_hf_tensors(&config, &tensors, device)
+            }
+            .map_err(GrpoError::train)?;
             drop(tensors);
+            model.checkpointing = cfg.gradient_checkpointing;
             if cfg.method == Method::Qlora {
                 // The frozen base held in NF4 on the device, as in SFT.
                 model = quantize_base_nf4(model).map_err(GrpoError::train)?;
@@ -226,9 +231,10 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
             Ok(report)
         }
         Method::Full => {
-            let model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)
+            let mut model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)
                 .map_err(GrpoError::train)?;
             drop(tensors);
+            model.checkpointing = cfg.gradient_checkpointing;
             let reference = if cfg.beta > 0.0 {
                 Reference::Frozen(Box::new(model.valid()))
             } else {
@@ -334,6 +340,7 @@ fn train_loop<B: AutodiffBackend>(
     save_extra: &SaveHook<'_, CausalLm<B>>,
 ) -> Result<(CausalLm<B>, GrpoReport), GrpoError> {
     let cfg = ctx.cfg;
+    crate::backend::reset_accelerator_peak::<B>();
     let mu = cfg.num_iterations as u64;
     let per_epoch = ctx.prompts.len().div_ceil(cfg.prompts_per_generation()) as u64;
     let total = cfg.max_steps.unwrap_or(cfg.epochs * per_epoch * mu);
@@ -487,6 +494,7 @@ fn train_loop<B: AutodiffBackend>(
             .map(|m| clip_scale(norm, m));
         let lr = schedule.lr_at(index);
         model = opt.step::<B, CausalLm<B>>(model, &mut grads, lr, scale);
+        crate::backend::memory::check_limit::<B>(device).map_err(GrpoError::train)?;
         let step = index + 1;
         bar.inc(1);
 
@@ -516,6 +524,9 @@ fn train_loop<B: AutodiffBackend>(
             row.memory_mb = crate::trainer::sft::resident_memory_mb();
             if let Some(gpu) = crate::backend::accelerator_memory_mb::<B>() {
                 row = row.with("gpu_memory_mb", gpu);
+            }
+            if let Some(peak) = crate::backend::accelerator_peak_mb::<B>() {
+                row = row.with("gpu_peak_mb", peak);
             }
             for (k, (s, n)) in &window {
                 if !["loss", "grad_norm"].contains(&k.as_str()) {

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::decoder::GradientCheckpointing;
 use crate::train::peft_io::{LoraAdapterConfig, TargetModules};
 use crate::train::rewards::{RewardKind, RewardSpec};
 use crate::train::schedule::{Schedule, ScheduleConfig};
@@ -104,6 +105,10 @@ pub struct GrpoConfig {
     /// fingerprint when f32.
     #[serde(skip_serializing_if = "is_f32")]
     pub precision: Precision,
+    /// Activation checkpointing of the policy's log-prob pass, as the `sft` key (`false`,
+    /// `true` or `"offload"`). Left out of the fingerprint when off.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub gradient_checkpointing: GradientCheckpointing,
 }
 
 fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
@@ -170,6 +175,7 @@ impl Default for GrpoConfig {
             resume: false,
             dtype: SaveDtype::Float32,
             precision: Precision::F32,
+            gradient_checkpointing: GradientCheckpointing::Off,
         }
     }
 }

@@ -2,12 +2,10 @@
 //! burn `AutodiffBackend`, with torch-style AdamW, transformers' schedules and loss
 //! normalisation, checkpoints that resume bit-exactly on CPU, metrics.jsonl and peft outputs.
 //!
-//! Gradient checkpointing: burn 0.21 chooses recomputation by backend type
-//! (`burn::backend::Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>`
-//! vs the default `NoCheckpointing`), not per call, so the caller that instantiates
-//! [`train_sft`] picks it from `gradient_checkpointing`. burn recomputes only the cheap
-//! (memory-bound) ops it marks checkpointable, not whole layers as torch's
-//! `checkpoint` does, so the memory saving is smaller than transformers'.
+//! Gradient checkpointing (`gradient_checkpointing = true | "offload"`) keeps only each decoder
+//! layer's input and recomputes the layer in the backward pass (see
+//! [`crate::backend::checkpoint`] and `CausalLm::checkpointing`); gradients equal those of a
+//! pass that keeps everything.
 
 pub mod adalora;
 pub mod adapters;
@@ -24,6 +22,8 @@ pub mod prefix;
 pub mod prompt;
 pub mod sft;
 
+#[cfg(test)]
+mod checkpointing_tests;
 #[cfg(test)]
 mod dora_tests;
 #[cfg(test)]
@@ -79,4 +79,6 @@ pub enum Error {
     Nf4(#[from] crate::train::nf4::Error),
     #[error(transparent)]
     Schedule(#[from] crate::train::schedule::Error),
+    #[error(transparent)]
+    OutOfMemory(#[from] crate::backend::memory::OutOfMemory),
 }

@@ -172,6 +172,23 @@ pub fn train_sft<B: AutodiffBackend>(
 }
 
 /// [`train_sft`] that stops after optimizer step `stop_after` (tests: an interrupted run).
+/// The base model for training, with the recipe's activation checkpointing; under QLoRA its
+/// projections are quantized as they load.
+pub(crate) fn training_base<B: AutodiffBackend>(
+    cfg: &SftConfig,
+    config: &ModelConfig,
+    tensors: &std::collections::BTreeMap<String, crate::model::hf::HostTensor>,
+    device: &B::Device,
+) -> Result<CausalLm<B>, Error> {
+    let mut model = if cfg.method == Method::Qlora {
+        CausalLm::<B>::from_hf_tensors_nf4(config, tensors, device)?
+    } else {
+        CausalLm::<B>::from_hf_tensors(config, tensors, device)?
+    };
+    model.checkpointing = cfg.gradient_checkpointing;
+    Ok(model)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_sft<B: AutodiffBackend>(
     cfg: &SftConfig,
@@ -227,7 +244,7 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
             adapter.use_rslora = cfg.use_rslora;
             adapter.use_dora = cfg.use_dora;
             adapter.base_model_name_or_path = base_name;
-            let mut model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
+            let mut model = training_base::<B>(cfg, &config, &tensors, device)?;
             drop(tensors);
             if cfg.method == Method::Qlora {
                 model = quantize_base_nf4(model)?;
@@ -261,7 +278,7 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
             Ok(report)
         }
         Method::Full => {
-            let model = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
+            let model = training_base::<B>(cfg, &config, &tensors, device)?;
             drop(tensors);
             let (model, mut report) =
                 train_loop::<B, _>(&ctx, model, device, &|_, _| Ok(()), &mut ())?;
@@ -271,7 +288,7 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
             Ok(report)
         }
         Method::Prefix => {
-            let base = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
+            let base = training_base::<B>(cfg, &config, &tensors, device)?;
             drop(tensors);
             let model = PrefixLm::new(base, cfg, device);
             let save = |m: &PrefixLm<B>, dir: &Path| {
@@ -288,7 +305,7 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
         }
         Method::PromptTuning | Method::PTuning => {
             let init_ids = prompt_init_ids(cfg, base_dir.as_deref())?;
-            let base = CausalLm::<B>::from_hf_tensors(&config, &tensors, device)?;
+            let base = training_base::<B>(cfg, &config, &tensors, device)?;
             drop(tensors);
             let model = PromptLm::new(base, cfg, init_ids.as_deref(), device);
             let save = |m: &PromptLm<B>, dir: &Path| {
@@ -400,6 +417,8 @@ where
     M::InnerModule: CausalModel<B::InnerBackend>,
 {
     let cfg = ctx.cfg;
+    // `gpu_peak_mb` in the metrics counts from here (the model's weights included).
+    crate::backend::reset_accelerator_peak::<B>();
     let lengths: Vec<usize> = ctx.train.iter().map(|e| e.input_ids.len()).collect();
     let plan = plan_steps(
         &lengths,
@@ -540,6 +559,7 @@ where
         hook.before_step(&model, &grads, scale.as_ref());
         model = opt.step::<B, M>(model, &mut grads, lr, scale);
         model = hook.after_step(model, index);
+        crate::backend::memory::check_limit::<B>(device)?;
         phases.sync::<B>(device);
         phases.update_s += update_start.elapsed().as_secs_f64();
         if profiled {
@@ -573,6 +593,9 @@ where
             r.memory_mb = resident_memory_mb();
             if let Some(gpu) = crate::backend::accelerator_memory_mb::<B>() {
                 r = r.with("gpu_memory_mb", gpu);
+            }
+            if let Some(peak) = crate::backend::accelerator_peak_mb::<B>() {
+                r = r.with("gpu_peak_mb", peak);
             }
             bar.set_message(format!(
                 "loss {loss:.4} {:.0} tok/s",

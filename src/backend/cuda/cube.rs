@@ -247,6 +247,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT>
         super::device_memory_used(0).ok()
     }
 
+    fn accelerator_memory_peak() -> Option<usize> {
+        Some(cubecl::cuda::peak_bytes_in_use() as usize)
+    }
+
+    fn reset_accelerator_memory_peak() {
+        cubecl::cuda::reset_peak_bytes_in_use();
+    }
+
     fn fused_attention_supported(dtype: DType, head_dim: usize) -> bool {
         flash::available(dtype, head_dim)
     }

@@ -392,6 +392,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Fusion<Cube<F,
         super::device_memory_used(0).ok()
     }
 
+    fn accelerator_memory_peak() -> Option<usize> {
+        Some(cubecl::cuda::peak_bytes_in_use() as usize)
+    }
+
+    fn reset_accelerator_memory_peak() {
+        cubecl::cuda::reset_peak_bytes_in_use();
+    }
+
     fn fast_lora_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

@@ -61,6 +61,16 @@ pub fn device_memory_used(ordinal: usize) -> Result<usize, crate::backend::Error
     })
 }
 
+/// Free and total memory of device `ordinal`, in bytes (`cuMemGetInfo`).
+pub fn device_memory_info(ordinal: usize) -> Result<(usize, usize), crate::backend::Error> {
+    cublas::with_state(ordinal, |_| {
+        cudarc::driver::result::mem_get_info().map_err(|e| crate::backend::Error::Cuda {
+            call: "cuMemGetInfo",
+            detail: format!("{e:?}"),
+        })
+    })
+}
+
 /// Starts (`true`) or stops CUDA's profiler on device 0: with `ncu --profile-from-start off`
 /// only the kernels between the two are measured (see [`crate::backend::profiled_step`]).
 pub fn set_profiler(on: bool) -> Result<(), crate::backend::Error> {

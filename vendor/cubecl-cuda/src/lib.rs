@@ -4,7 +4,10 @@ extern crate alloc;
 
 mod compute;
 mod device;
+mod peak;
 mod runtime;
+
+pub use peak::{peak_bytes_in_use, reset_peak_bytes_in_use};
 
 pub use device::*;
 pub use runtime::*;

@@ -100,7 +100,23 @@ impl<'a> Command<'a> {
     /// * `Err(IoError)` - If the allocation fails.
     #[cfg_attr(feature = "tracing", tracing::instrument(level = "trace", skip(self)))]
     pub fn reserve(&mut self, size: u64) -> Result<ManagedMemoryHandle, IoError> {
-        let handle = self.streams.current().memory_management_gpu.reserve(size)?;
+        let stream = self.streams.current();
+        let memory = &stream.memory_management_gpu;
+        if stream
+            .peak
+            .would_pass_limit(size, || memory.memory_usage().bytes_in_use)
+        {
+            return Err(IoError::BufferTooBig {
+                size,
+                backtrace: BackTrace::capture(),
+            });
+        }
+        let handle = stream.memory_management_gpu.reserve(size)?;
+        // runner patch: the peak of memory in use (see `crate::peak`).
+        let memory = &stream.memory_management_gpu;
+        stream
+            .peak
+            .reserved(size, || memory.memory_usage().bytes_in_use);
 
         Ok(handle)
     }

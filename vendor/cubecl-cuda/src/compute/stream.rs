@@ -26,6 +26,8 @@ pub struct Stream {
     pub memory_management_cpu: MemoryManagement<PinnedMemoryStorage>,
     pub errors: Vec<ServerError>,
     pub drop_queue: drop_queue::PendingDropQueue<Fence>,
+    /// runner patch: see `crate::peak`.
+    pub(crate) peak: crate::peak::PeakTracker,
 }
 
 impl drop_queue::Fence for Fence {
@@ -79,6 +81,7 @@ impl EventStreamBackend for CudaStreamBackend {
             memory_management_cpu,
             errors: Vec::new(),
             drop_queue: Default::default(),
+            peak: Default::default(),
         }
     }
 
