@@ -131,6 +131,8 @@ mod autodiff {
     //! The checkpoint node under `Autodiff<B, C>`.
 
     use super::*;
+    use crate::backend::offload::Offloaded;
+    use crate::backend::FastOps;
     use burn::backend::autodiff::{
         checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
         grads::Gradients,
@@ -138,7 +140,6 @@ mod autodiff {
         Autodiff, NodeId,
     };
     use burn::tensor::backend::AutodiffBackend;
-    use burn::tensor::TensorData;
 
     type Ad<B, C> = Autodiff<B, C>;
     type AdTensor<B, C> = FloatTensor<Ad<B, C>>;
@@ -150,42 +151,36 @@ mod autodiff {
 
     /// A kept layer input: on the device, or in host memory until the backward step.
     #[derive(Clone, Debug)]
-    enum Kept<B: Backend> {
+    enum Kept<B: FastOps> {
         Device(FloatTensor<B>),
-        Host(Arc<TensorData>, B::Device),
+        Host(Arc<Offloaded<B>>),
     }
 
-    impl<B: Backend> Kept<B> {
+    impl<B: FastOps> Kept<B> {
         fn new(x: FloatTensor<B>, offload: bool) -> Self {
-            if !offload {
-                return Self::Device(x);
+            if offload {
+                Self::Host(Arc::new(B::fast_offload(x)))
+            } else {
+                Self::Device(x)
             }
-            let t = float::<B, 3>(x);
-            let device = t.device();
-            Self::Host(Arc::new(t.into_data()), device)
         }
 
         fn restore(self) -> FloatTensor<B> {
             match self {
                 Self::Device(x) => x,
-                Self::Host(data, device) => {
-                    let data = Arc::try_unwrap(data).unwrap_or_else(|shared| (*shared).clone());
-                    Tensor::<B, 3>::from_data(data, &device)
-                        .into_primitive()
-                        .tensor()
-                }
+                Self::Host(parked) => parked.restore(),
             }
         }
     }
 
-    pub(super) struct State<B: Backend, C: CheckpointStrategy> {
+    pub(super) struct State<B: FastOps, C: CheckpointStrategy> {
         inputs: Vec<Kept<B>>,
         replay: SharedReplay<Ad<B, C>>,
         /// Per parent of the node: the input it is, or `None` for the anchor parameter.
         roles: Vec<Option<usize>>,
     }
 
-    impl<B: Backend, C: CheckpointStrategy> Clone for State<B, C> {
+    impl<B: FastOps, C: CheckpointStrategy> Clone for State<B, C> {
         fn clone(&self) -> Self {
             Self {
                 inputs: self.inputs.clone(),
@@ -195,7 +190,7 @@ mod autodiff {
         }
     }
 
-    impl<B: Backend, C: CheckpointStrategy> std::fmt::Debug for State<B, C> {
+    impl<B: FastOps, C: CheckpointStrategy> std::fmt::Debug for State<B, C> {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("CheckpointState")
                 .field("inputs", &self.inputs.len())
@@ -212,7 +207,7 @@ mod autodiff {
         }
     }
 
-    impl<B: Backend, C: CheckpointStrategy, const N: usize> Backward<B, N> for CheckpointBackward<C> {
+    impl<B: FastOps, C: CheckpointStrategy, const N: usize> Backward<B, N> for CheckpointBackward<C> {
         type State = State<B, C>;
 
         fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -282,7 +277,7 @@ mod autodiff {
 
     /// The checkpoint node: the layer runs untracked now and again, tracked, in the node's
     /// backward step.
-    pub(crate) fn checkpointed<B: Backend, C: CheckpointStrategy>(
+    pub(crate) fn checkpointed<B: FastOps, C: CheckpointStrategy>(
         inputs: Vec<AdTensor<B, C>>,
         layer: Box<dyn LayerReplay<Ad<B, C>>>,
         offload: bool,

@@ -32,6 +32,7 @@ mod dispatch;
 pub mod host_profile;
 pub mod lora;
 pub mod memory;
+pub mod offload;
 
 use burn::tensor::{
     backend::Backend,
@@ -279,6 +280,14 @@ pub trait FastOps: Backend {
         device: &Self::Device,
     ) -> FloatTensor<Self> {
         adamw::composed_sum_squares::<Self>(tensors, device)
+    }
+
+    /// Starts copying a `[rows, seq, width]` tensor to host memory (see [`offload`]); the
+    /// default copies before it returns.
+    fn fast_offload(x: FloatTensor<Self>) -> offload::Offloaded<Self> {
+        let x = checkpoint::float::<Self, 3>(x);
+        let device = x.device();
+        offload::Offloaded::ready(x.into_data(), device)
     }
 
     /// A layer run as an activation checkpoint (see [`checkpoint`]). Backends that record no

@@ -247,6 +247,30 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT>
         super::device_memory_used(0).ok()
     }
 
+    /// Queues the copy to host memory on the tensor's stream and returns at once: the copy
+    /// overlaps the kernels queued after it, and the device buffer goes when it is done.
+    fn fast_offload(x: FloatTensor<Self>) -> crate::backend::offload::Offloaded<Self> {
+        let x = burn_cubecl::kernel::into_contiguous_aligned(x);
+        let device = x.device.clone();
+        let (shape, strides) = (x.meta.shape().clone(), x.meta.strides().clone());
+        let dtype = x.dtype;
+        let copy = cubecl::server::CopyDescriptor::new(
+            x.handle.clone().binding(),
+            shape.clone(),
+            strides,
+            x.elem_size(),
+        );
+        let read = x.client.read_one_tensor_async(copy);
+        drop(x);
+        crate::backend::offload::Offloaded::pending(
+            Box::pin(async move {
+                let bytes = read.await.map_err(|e| format!("{e}"))?;
+                Ok(burn::tensor::TensorData::from_bytes(bytes, shape, dtype))
+            }),
+            device,
+        )
+    }
+
     fn accelerator_memory_peak() -> Option<usize> {
         Some(cubecl::cuda::peak_bytes_in_use() as usize)
     }

@@ -392,6 +392,12 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Fusion<Cube<F,
         super::device_memory_used(0).ok()
     }
 
+    fn fast_offload(x: FloatTensor<Self>) -> crate::backend::offload::Offloaded<Self> {
+        let client = x.client.clone();
+        let cube = client.resolve_tensor_float::<Cube<F, I, BT>>(x);
+        Cube::<F, I, BT>::fast_offload(cube).for_backend()
+    }
+
     fn accelerator_memory_peak() -> Option<usize> {
         Some(cubecl::cuda::peak_bytes_in_use() as usize)
     }
