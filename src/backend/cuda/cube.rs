@@ -260,11 +260,12 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT>
             strides,
             x.elem_size(),
         );
-        let read = x.client.read_one_tensor_async(copy);
+        let read = x.client.read_tensor_detached(vec![copy]);
         drop(x);
         crate::backend::offload::Offloaded::pending(
             Box::pin(async move {
-                let bytes = read.await.map_err(|e| format!("{e}"))?;
+                let mut bytes = read.await.map_err(|e| format!("{e}"))?;
+                let bytes = bytes.pop().ok_or("the read returned nothing")?;
                 Ok(burn::tensor::TensorData::from_bytes(bytes, shape, dtype))
             }),
             device,

@@ -105,6 +105,15 @@ impl<R: Runtime> ComputeClient<R> {
             .unwrap()
     }
 
+    /// runner patch: as [`Self::read_tensor_async`], but the returned future borrows nothing, so
+    /// it can be kept after the client is gone. The copy is queued before this returns.
+    pub fn read_tensor_detached(
+        &self,
+        descriptors: Vec<CopyDescriptor>,
+    ) -> DynFut<Result<Vec<Bytes>, ServerError>> {
+        self.do_read(descriptors)
+    }
+
     /// Given bindings, returns owned resources as bytes.
     pub fn read_async(
         &self,
