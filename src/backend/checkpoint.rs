@@ -131,7 +131,7 @@ mod autodiff {
     //! The checkpoint node under `Autodiff<B, C>`.
 
     use super::*;
-    use crate::backend::offload::Offloaded;
+    use crate::backend::offload::{Offloaded, Prefetch};
     use crate::backend::FastOps;
     use burn::backend::autodiff::{
         checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -140,6 +140,7 @@ mod autodiff {
         Autodiff, NodeId,
     };
     use burn::tensor::backend::AutodiffBackend;
+    use std::sync::Weak;
 
     type Ad<B, C> = Autodiff<B, C>;
     type AdTensor<B, C> = FloatTensor<Ad<B, C>>;
@@ -156,13 +157,23 @@ mod autodiff {
         Host(Arc<Offloaded<B>>),
     }
 
+    thread_local! {
+        /// The input offloaded last on this thread: the checkpoint made next comes before it in
+        /// the backward pass, and brings it back while its own layer is recomputed.
+        static LAST_OFFLOADED: std::cell::RefCell<Option<Weak<dyn Prefetch>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
     impl<B: FastOps> Kept<B> {
-        fn new(x: FloatTensor<B>, offload: bool) -> Self {
-            if offload {
-                Self::Host(Arc::new(B::fast_offload(x)))
-            } else {
-                Self::Device(x)
+        /// With `offload`, also returns the input offloaded before this one.
+        fn new(x: FloatTensor<B>, offload: bool) -> (Self, Option<Weak<dyn Prefetch>>) {
+            if !offload {
+                return (Self::Device(x), None);
             }
+            let parked = Arc::new(B::fast_offload(x));
+            let weak: Weak<dyn Prefetch> = Arc::downgrade(&(parked.clone() as Arc<dyn Prefetch>));
+            let previous = LAST_OFFLOADED.with(|last| last.borrow_mut().replace(weak));
+            (Self::Host(parked), previous)
         }
 
         fn restore(self) -> FloatTensor<B> {
@@ -175,6 +186,8 @@ mod autodiff {
 
     pub(super) struct State<B: FastOps, C: CheckpointStrategy> {
         inputs: Vec<Kept<B>>,
+        /// The offloaded input of the layer whose backward step comes next.
+        prefetch_next: Option<Weak<dyn Prefetch>>,
         replay: SharedReplay<Ad<B, C>>,
         /// Per parent of the node: the input it is, or `None` for the anchor parameter.
         roles: Vec<Option<usize>>,
@@ -184,6 +197,7 @@ mod autodiff {
         fn clone(&self) -> Self {
             Self {
                 inputs: self.inputs.clone(),
+                prefetch_next: self.prefetch_next.clone(),
                 replay: self.replay.clone(),
                 roles: self.roles.clone(),
             }
@@ -214,6 +228,7 @@ mod autodiff {
             let grad = grads.consume::<B>(&ops.node);
             let State {
                 inputs,
+                prefetch_next,
                 replay,
                 roles,
             } = ops.state;
@@ -224,11 +239,16 @@ mod autodiff {
                     input_nodes[*i] = Some(node.id);
                 }
             }
-            let leaves: Vec<Tensor<Ad<B, C>, 3>> = inputs
+            let restored: Vec<FloatTensor<B>> = inputs.into_iter().map(Kept::restore).collect();
+            // The next layer's input goes back on the device while this layer is recomputed.
+            if let Some(next) = prefetch_next.and_then(|weak| weak.upgrade()) {
+                next.prefetch();
+            }
+            let leaves: Vec<Tensor<Ad<B, C>, 3>> = restored
                 .into_iter()
                 .zip(&input_nodes)
-                .map(|(kept, node)| {
-                    let leaf: Tensor<Ad<B, C>, 3> = float(leaf::<B, C>(kept.restore()));
+                .map(|(x, node)| {
+                    let leaf: Tensor<Ad<B, C>, 3> = float(leaf::<B, C>(x));
                     if node.is_some() {
                         leaf.require_grad()
                     } else {
@@ -304,11 +324,18 @@ mod autodiff {
             nodes.push(anchor.node.clone());
             roles.push(None);
         }
+        let mut prefetch_next = None;
+        let kept = inputs
+            .into_iter()
+            .map(|x| {
+                let (kept, previous) = Kept::new(x.primitive, offload);
+                prefetch_next = prefetch_next.take().or(previous);
+                kept
+            })
+            .collect();
         let state = State {
-            inputs: inputs
-                .into_iter()
-                .map(|x| Kept::new(x.primitive, offload))
-                .collect(),
+            inputs: kept,
+            prefetch_next,
             replay: Arc::new(Mutex::new(layer)),
             roles,
         };

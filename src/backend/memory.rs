@@ -158,6 +158,7 @@ fn panic_text(payload: &(dyn Any + Send)) -> Option<&str> {
 pub fn is_allocation_failure(message: &str) -> bool {
     [
         "BufferTooBig",
+        "can't allocate buffer",
         "OUT_OF_MEMORY",
         "out of memory",
         "OutOfMemory",
@@ -166,9 +167,12 @@ pub fn is_allocation_failure(message: &str) -> bool {
     .any(|needle| message.contains(needle))
 }
 
-/// The size in a cubecl `BufferTooBig { size: N, .. }` message.
+/// The size in cubecl's `can't allocate buffer of size: N` or `BufferTooBig { size: N, .. }`.
 fn requested_size(message: &str) -> Option<u64> {
-    let rest = &message[message.find("BufferTooBig")?..];
+    let at = message
+        .find("can't allocate buffer")
+        .or_else(|| message.find("BufferTooBig"))?;
+    let rest = &message[at..];
     let rest = &rest[rest.find("size:")? + "size:".len()..];
     let digits: String = rest
         .trim_start()
@@ -178,26 +182,44 @@ fn requested_size(message: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The first allocation failure the panic hook saw since [`catch_out_of_memory`] started (its
+/// message). After it, cubecl's other threads panic on the broken device state; those panics
+/// are its consequences, not news.
+static FIRST_FAILURE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn first_failure() -> std::sync::MutexGuard<'static, Option<String>> {
+    FIRST_FAILURE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Runs `f`; a panic that is an allocation failure becomes an [`OutOfMemory`] for `device`,
 /// any other panic goes on unwinding.
 pub fn catch_out_of_memory<T>(device: &str, f: impl FnOnce() -> T) -> Result<T, OutOfMemory> {
     quiet_allocation_panics();
-    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+    *first_failure() = None;
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(f));
+    let failure = first_failure().take();
+    match outcome {
         Ok(value) => Ok(value),
-        Err(payload) => match panic_text(payload.as_ref()) {
-            Some(message) if is_allocation_failure(message) => {
-                let (free, total) = device_memory_info();
-                Err(OutOfMemory {
-                    device: device.to_string(),
-                    requested: requested_size(message),
-                    free,
-                    total,
-                    limit: None,
-                    peak: None,
-                })
-            }
-            _ => std::panic::resume_unwind(payload),
-        },
+        Err(payload) => {
+            // The panic that reached this thread may be a consequence (a closed channel to
+            // cubecl's server thread) of an allocation failure on another thread.
+            let message = match (failure, panic_text(payload.as_ref())) {
+                (Some(first), _) => first,
+                (None, Some(text)) if is_allocation_failure(text) => text.to_string(),
+                _ => std::panic::resume_unwind(payload),
+            };
+            let (free, total) = device_memory_info();
+            Err(OutOfMemory {
+                device: device.to_string(),
+                requested: requested_size(&message),
+                free,
+                total,
+                limit: None,
+                peak: None,
+            })
+        }
     }
 }
 
@@ -217,10 +239,18 @@ pub fn quiet_allocation_panics() {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let message = panic_text(info.payload()).unwrap_or_default();
+            let mut first = first_failure();
             if is_allocation_failure(message) {
                 tracing::debug!("allocation failure: {message}");
+                first.get_or_insert_with(|| message.to_string());
                 return;
             }
+            if first.is_some() {
+                // A consequence of the allocation failure already recorded.
+                tracing::debug!("after an allocation failure: {message}");
+                return;
+            }
+            drop(first);
             previous(info)
         }));
     });
@@ -229,6 +259,13 @@ pub fn quiet_allocation_panics() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The failure record is process-wide: the tests that panic take turns.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
     #[test]
     fn sizes_parse_with_units() {
@@ -242,6 +279,7 @@ mod tests {
 
     #[test]
     fn an_allocation_panic_becomes_an_error_that_says_what_to_change() {
+        let _serial = serial();
         let err = catch_out_of_memory("cuda:0", || -> () {
             panic!("called `Result::unwrap()` on an `Err` value: BufferTooBig {{ size: 3221225472, backtrace: <disabled> }}")
         })
@@ -263,7 +301,27 @@ mod tests {
     }
 
     #[test]
+    fn cubecl_s_own_message_is_recognised_and_its_consequences_stay_quiet() {
+        let _serial = serial();
+        let err = catch_out_of_memory("cuda:0", || -> () {
+            // cubecl's server thread fails the allocation; the caller then sees a closed channel.
+            let server = std::thread::spawn(|| -> () {
+                panic!("called `Result::unwrap()` on an `Err` value: can't allocate buffer of size: 25165824")
+            });
+            let _ = server.join();
+            panic!("called `Result::unwrap()` on an `Err` value: CallError")
+        })
+        .unwrap_err();
+        assert_eq!(err.requested, Some(25_165_824));
+        assert!(
+            err.to_string().contains("an allocation of 24.0 MiB"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn other_panics_keep_unwinding() {
+        let _serial = serial();
         let caught = std::panic::catch_unwind(|| {
             let _ = catch_out_of_memory("cpu", || -> () { panic!("index out of bounds") });
         });

@@ -16,14 +16,17 @@ use burn::tensor::{backend::Backend, ops::FloatTensor, TensorData};
 /// A copy to host memory that is under way.
 pub type HostRead = Pin<Box<dyn Future<Output = Result<TensorData, String>> + Send>>;
 
-enum Parked {
+enum Parked<B: Backend> {
     Ready(TensorData),
     Pending(HostRead),
+    /// Uploaded again ahead of its use ([`Offloaded::prefetch`]).
+    OnDevice(FloatTensor<B>),
+    Taken,
 }
 
-/// A tensor's values in host memory (or on their way there).
+/// A tensor's values in host memory (or on their way there, or back).
 pub struct Offloaded<B: Backend> {
-    parked: Mutex<Option<Parked>>,
+    parked: Mutex<Parked<B>>,
     device: B::Device,
 }
 
@@ -39,7 +42,7 @@ impl<B: Backend> Offloaded<B> {
     /// Values already on the host.
     pub fn ready(data: TensorData, device: B::Device) -> Self {
         Self {
-            parked: Mutex::new(Some(Parked::Ready(data))),
+            parked: Mutex::new(Parked::Ready(data)),
             device,
         }
     }
@@ -47,39 +50,73 @@ impl<B: Backend> Offloaded<B> {
     /// A copy that `read` completes.
     pub fn pending(read: HostRead, device: B::Device) -> Self {
         Self {
-            parked: Mutex::new(Some(Parked::Pending(read))),
+            parked: Mutex::new(Parked::Pending(read)),
             device,
         }
     }
 
     /// The same parked values, restored through another backend on the same device (a
-    /// fusion backend over the backend that made the copy).
+    /// fusion or autodiff backend over the backend that made the copy).
     pub fn for_backend<B2: Backend<Device = B::Device>>(self) -> Offloaded<B2> {
+        let parked = match self
+            .parked
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        {
+            Parked::Ready(data) => Parked::Ready(data),
+            Parked::Pending(read) => Parked::Pending(read),
+            Parked::OnDevice(_) | Parked::Taken => {
+                unreachable!("a copy changes backend before it is restored")
+            }
+        };
         Offloaded {
-            parked: Mutex::new(
-                self.parked
-                    .into_inner()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            ),
+            parked: Mutex::new(parked),
             device: self.device,
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Parked<B>> {
+        self.parked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts the upload now (it is queued before whatever runs next), so that
+    /// [`Self::restore`] finds the tensor on the device.
+    pub fn prefetch(&self) {
+        let mut parked = self.lock();
+        let data = match std::mem::replace(&mut *parked, Parked::Taken) {
+            Parked::Ready(data) => data,
+            Parked::Pending(read) => block_on(read)
+                .unwrap_or_else(|e| panic!("copying an offloaded tensor to the host failed: {e}")),
+            other => {
+                *parked = other;
+                return;
+            }
+        };
+        *parked = Parked::OnDevice(B::float_from_data(data, &self.device));
     }
 
     /// The tensor on its device again. Each parked tensor is restored once; a second call
     /// panics, as using a consumed value would.
     pub fn restore(&self) -> FloatTensor<B> {
-        let parked = self
-            .parked
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take()
-            .expect("an offloaded tensor is restored once");
-        let data = match parked {
-            Parked::Ready(data) => data,
-            Parked::Pending(read) => block_on(read)
-                .unwrap_or_else(|e| panic!("copying an offloaded tensor to the host failed: {e}")),
-        };
-        B::float_from_data(data, &self.device)
+        self.prefetch();
+        match std::mem::replace(&mut *self.lock(), Parked::Taken) {
+            Parked::OnDevice(x) => x,
+            _ => panic!("an offloaded tensor is restored once"),
+        }
+    }
+}
+
+/// Something parked that can be brought back ahead of time (the next layer's input in a
+/// backward pass).
+pub trait Prefetch: Send + Sync {
+    fn prefetch(&self);
+}
+
+impl<B: Backend> Prefetch for Offloaded<B> {
+    fn prefetch(&self) {
+        Offloaded::prefetch(self)
     }
 }
 

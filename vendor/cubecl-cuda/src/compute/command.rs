@@ -203,8 +203,13 @@ impl<'a> Command<'a> {
         &mut self,
         descriptors: Vec<CopyDescriptor>,
     ) -> impl Future<Output = Result<Vec<Bytes>, ServerError>> + Send + use<> {
+        // runner patch: memory of this stream is released as soon as the copy is queued (a later
+        // write to it is queued behind the copy on the same stream), not when the read is
+        // awaited: an offloaded activation frees its device buffer while the step goes on.
+        let current = self.streams.current;
         let descriptors_moved = descriptors
             .iter()
+            .filter(|b| b.handle.stream != current)
             .map(|b| b.handle.clone())
             .collect::<Vec<_>>();
 
