@@ -87,9 +87,11 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 fn init_logging(verbose: u8) {
+    // cubecl's device thread warns once per queued task after a task panicked (an allocation
+    // failure, which runner reports as one error): thousands of lines, so only its errors.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,cubecl_common=error",
+        1 => "info,cubecl_common=error",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNER_LOG")

@@ -104,18 +104,34 @@ pub fn dynamic_map() -> [f32; 256] {
 /// Blockwise absmax quantization of `values` onto a sorted `code`: one absmax per block and the
 /// index of the nearest code value for each scaled value (ties to the lower index).
 fn quantize_blockwise(values: &[f32], block: usize, code: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
     let midpoints: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    // Blocks are independent: runs of 4,096 blocks go to rayon's threads (a 7B model's
+    // projections are 6.5 billion values) and are joined in order, so the result does not
+    // depend on the thread count.
+    let parts: Vec<(Vec<u8>, Vec<f32>)> = values
+        .par_chunks(block * 4096)
+        .map(|run| {
+            let mut codes = Vec::with_capacity(run.len());
+            let mut absmax = Vec::with_capacity(run.len().div_ceil(block));
+            for chunk in run.chunks(block) {
+                let max = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let inverse = 1.0 / max.max(1e-38);
+                codes.extend(chunk.iter().map(|v| {
+                    let scaled = (v * inverse).clamp(-1.0, 1.0);
+                    // torch.bucketize(right=False): the number of midpoints strictly below.
+                    midpoints.partition_point(|m| *m < scaled) as u8
+                }));
+                absmax.push(max);
+            }
+            (codes, absmax)
+        })
+        .collect();
     let mut codes = Vec::with_capacity(values.len());
     let mut absmax = Vec::with_capacity(values.len().div_ceil(block));
-    for chunk in values.chunks(block) {
-        let max = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let inverse = 1.0 / max.max(1e-38);
-        codes.extend(chunk.iter().map(|v| {
-            let scaled = (v * inverse).clamp(-1.0, 1.0);
-            // torch.bucketize(right=False): the number of midpoints strictly below the value.
-            midpoints.partition_point(|m| *m < scaled) as u8
-        }));
-        absmax.push(max);
+    for (c, a) in parts {
+        codes.extend(c);
+        absmax.extend(a);
     }
     (codes, absmax)
 }
