@@ -68,7 +68,8 @@ def table(a):
                       f"{o[key]:>12.0f} tok/s {tv:>12.0f} tok/s {o[key] / tv:>6.2f}"
                       f" {o.get('gpu_reserved_gib', 0):>10.2f} {t['peak_gib'] if t else float('nan'):>10.2f}")
         elif o.get("what") == "sft":
-            gc = 1 if o["gradient_checkpointing"] else 0
+            # runner writes false / true / offload (older builds: a bool).
+            gc = 0 if str(o["gradient_checkpointing"]).lower() in ("false", "0") else 1
             t = next((t for t in theirs if "tokens_per_s" in t and t.get("gc") == gc and t.get("size") == o["shape"]), None)
             tv = t["tokens_per_s"] if t else float("nan")
             print(f"lora sft {o['shape']} b{o['batch']}x{o['seq']} gc{gc} {o['dtype']}".ljust(38),

@@ -219,6 +219,7 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
         ),
         gradient_checkpointing: bench.gradient_checkpointing,
         dtype: SaveDtype::Bfloat16,
+        write_merged: false,
         ..SftConfig::default()
     };
     bench_method(&bench.method, &mut cfg)?;

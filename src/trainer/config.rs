@@ -152,6 +152,15 @@ pub struct SftConfig {
     pub precision: Precision,
     /// AdaLoRA's keys (`method = "adalora"`): `init_r`, `target_r`, `tinit`, `tfinal`, `deltaT`...
     pub adalora: AdaLoraParams,
+    /// Whether LoRA/QLoRA write `merged/` after training. Not a recipe key (stages downstream
+    /// read the merged model): `runner bench sft` turns it off, so a 7B benchmark does not spend
+    /// a minute writing 15 GB.
+    #[serde(skip, default = "write_merged_default")]
+    pub write_merged: bool,
+}
+
+fn write_merged_default() -> bool {
+    true
 }
 
 impl Default for SftConfig {
@@ -196,6 +205,7 @@ impl Default for SftConfig {
             dtype: SaveDtype::Float32,
             precision: Precision::F32,
             adalora: AdaLoraParams::default(),
+            write_merged: true,
         }
     }
 }

@@ -266,15 +266,17 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
                 train_loop::<B, _>(&ctx, model, device, &save_adapter, &mut ())?;
             let adapter_dir = out_dir.join("adapter");
             save_adapter(&model, &adapter_dir)?;
-            let model_dir = out_dir.join("merged");
-            save_hf_folder(
-                &model_dir,
-                &config,
-                &merged(model.valid()).to_hf_tensors(),
-                dtype,
-            )?;
             report.adapter_dir = Some(adapter_dir);
-            report.model_dir = Some(model_dir);
+            if cfg.write_merged {
+                let model_dir = out_dir.join("merged");
+                save_hf_folder(
+                    &model_dir,
+                    &config,
+                    &merged(model.valid()).to_hf_tensors(),
+                    dtype,
+                )?;
+                report.model_dir = Some(model_dir);
+            }
             Ok(report)
         }
         Method::Full => {
