@@ -29,12 +29,15 @@ pub enum ReplayMode {
     StandIns,
 }
 
+/// Pairs of (a layer's trainable parameter, the leaf that stood in for it).
+pub type StandInPairs<B> = Vec<(FloatTensor<B>, FloatTensor<B>)>;
+
 /// The output of one [`LayerReplay::replay`].
 pub struct Replayed<B: Backend> {
     pub output: Tensor<B, 3>,
     /// With [`ReplayMode::StandIns`]: each trainable parameter of the layer and the leaf that
     /// stood in for it.
-    pub stand_ins: Vec<(FloatTensor<B>, FloatTensor<B>)>,
+    pub stand_ins: StandInPairs<B>,
 }
 
 /// A layer call that can be run again: the layer, and whatever besides its inputs it reads
@@ -66,16 +69,14 @@ pub fn checkpointed<B: Backend>(
 
 /// Replaces every trainable float parameter of `module` by a new leaf that requires a gradient
 /// and holds the same values, and returns the pairs (parameter, stand-in).
-pub fn with_stand_ins<B: Backend, M: Module<B>>(
-    module: M,
-) -> (M, Vec<(FloatTensor<B>, FloatTensor<B>)>) {
+pub fn with_stand_ins<B: Backend, M: Module<B>>(module: M) -> (M, StandInPairs<B>) {
     let mut mapper = StandIns { pairs: Vec::new() };
     let module = module.map(&mut mapper);
     (module, mapper.pairs)
 }
 
 struct StandIns<B: Backend> {
-    pairs: Vec<(FloatTensor<B>, FloatTensor<B>)>,
+    pairs: StandInPairs<B>,
 }
 
 impl<B: Backend> ModuleMapper<B> for StandIns<B> {

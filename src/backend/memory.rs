@@ -98,7 +98,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
         "T" => 1 << 40,
         _ => return None,
     };
-    (value >= 0.0).then(|| (value * scale as f64) as u64)
+    (value >= 0.0).then_some((value * scale as f64) as u64)
 }
 
 /// The limit from `RUNNER_MEMORY_LIMIT`, if set (an unreadable value is reported once and

@@ -18,7 +18,7 @@ use burn::tensor::{ElementConversion, Int, Tensor};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::model::config::ModelConfig;
-use crate::model::decoder::CausalLm;
+use crate::model::decoder::{CausalLm, GradientCheckpointing};
 use crate::model::hf::{load_hf_folder_tensors, save_hf_folder, DType, HostTensor};
 use crate::train::metrics_log::{MetricsLog, MetricsRow};
 use crate::train::peft_io::{write_adapter_with_magnitudes, LoraAdapterConfig};
@@ -290,6 +290,14 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
             Ok(report)
         }
         Method::Prefix => {
+            if cfg.gradient_checkpointing != GradientCheckpointing::Off {
+                // The prefix enters every layer through the KV cache, which the checkpointed
+                // layers do not take; the layers keep their activations.
+                tracing::warn!(
+                    "sft: gradient_checkpointing = {} has no effect with method = \"prefix\"",
+                    cfg.gradient_checkpointing
+                );
+            }
             let base = training_base::<B>(cfg, &config, &tensors, device)?;
             drop(tensors);
             let model = PrefixLm::new(base, cfg, device);
