@@ -78,8 +78,8 @@ impl PeakTracker {
         let epoch = EPOCH.load(Ordering::Relaxed);
         self.reserved_since = self.reserved_since.saturating_add(size);
         let stale = epoch != self.epoch;
-        // Reading the pool's usage walks all its slices: while usage hovers near the peak (an
-        // offloaded backward pass) reading it on every reservation slowed the step by a third.
+        // Reading the pool's usage walks all its slices, and while usage hovers near the peak
+        // (an offloaded backward pass) the bound passes the peak at almost every reservation.
         // So it is read again only when the bound passes the peak by a margin, and the peak
         // reported is low by at most that margin (1/128 of it, at least 8 MiB).
         let peak = PEAK.load(Ordering::Relaxed);
