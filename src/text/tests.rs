@@ -13,7 +13,11 @@ use crate::text::tokenizer::TextTokenizer;
 use crate::text::train::train_byte_level_bpe;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/text");
-const MEDICAL_CSV: &str = "/work/shared/data/medical/样例_内科5000-6000.csv";
+/// The GBK medical CSV shipped in data/ (a slice of ../shared/data/medical, MIT).
+const MEDICAL_CSV: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/data/medical/样例_内科5000-6000.csv"
+);
 const TINY_VOCAB: usize = 800;
 
 fn fixture(name: &str) -> PathBuf {
@@ -317,8 +321,7 @@ fn truncation_keeps_prompt_head_and_cuts_response_tail() {
 
 /// Reads the GBK medical CSV and returns its lines (header dropped) as UTF-8.
 fn medical_lines() -> Vec<String> {
-    let bytes =
-        std::fs::read(MEDICAL_CSV).expect("medical CSV (shared data) is needed by this test");
+    let bytes = std::fs::read(MEDICAL_CSV).expect("data/medical CSV is part of the repository");
     let (text, _, had_errors) = encoding_rs::GBK.decode(&bytes);
     assert!(!had_errors, "medical CSV is not valid GBK");
     text.lines()

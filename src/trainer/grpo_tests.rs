@@ -677,9 +677,14 @@ fn smollm2_gsm8k_recipe_smoke() {
             r.loss.unwrap_or(f64::NAN)
         );
     }
-    let keep = std::path::Path::new("/tmp/grpo-smoke");
+    // Kept in the system's temp folder for a person to look at after the run.
+    let keep = &std::env::temp_dir().join("grpo-smoke");
     let _ = std::fs::remove_dir_all(keep);
     let _ = std::fs::create_dir_all(keep);
+    eprintln!(
+        "metrics, completions and charts copied to {}",
+        keep.display()
+    );
     for name in [
         "metrics.jsonl",
         "completions.jsonl",
