@@ -418,10 +418,6 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
         B::accelerator_memory_peak()
     }
 
-    fn fast_offload(x: FloatTensor<Self>) -> crate::backend::offload::Offloaded<Self> {
-        B::fast_offload(x.primitive).for_backend()
-    }
-
     fn reset_accelerator_memory_peak() {
         B::reset_accelerator_memory_peak()
     }

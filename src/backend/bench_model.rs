@@ -278,7 +278,6 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
         "method": bench.method,
         "tokens_per_s": tokens_per_s,
         "gpu_peak_gib": peak_gib,
-        "gradient_checkpointing": bench.gradient_checkpointing.to_string(),
         "phases": phases,
         "steps_timed": timed.len(),
         "first_loss": losses.first(),

@@ -325,6 +325,10 @@ mod autodiff {
             nodes.push(anchor.node.clone());
             roles.push(None);
         }
+        if nodes.is_empty() {
+            // Nothing needs a gradient: nothing to keep, nothing to offload.
+            return leaf::<B, C>(output);
+        }
         let mut prefetch_next = None;
         let kept = inputs
             .into_iter()
@@ -341,7 +345,6 @@ mod autodiff {
             roles,
         };
         match nodes.len() {
-            0 => leaf::<B, C>(output),
             1 => finish!(1, nodes, state, output),
             2 => finish!(2, nodes, state, output),
             3 => finish!(3, nodes, state, output),

@@ -35,7 +35,7 @@ pub struct OutOfMemory {
     pub peak: Option<u64>,
 }
 
-fn gib(bytes: u64) -> String {
+fn size_text(bytes: u64) -> String {
     if bytes < 1 << 30 {
         format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
     } else {
@@ -63,16 +63,20 @@ impl OutOfMemory {
     fn describe(&self) -> String {
         let mut s = format!("out of memory on {}", self.device);
         if let Some(r) = self.requested {
-            s += &format!(": an allocation of {} ({r} bytes) failed", gib(r));
+            s += &format!(": an allocation of {} ({r} bytes) failed", size_text(r));
         }
         if let (Some(free), Some(total)) = (self.free, self.total) {
-            s += &format!("; the device has {} free of {}", gib(free), gib(total));
+            s += &format!(
+                "; the device has {} free of {}",
+                size_text(free),
+                size_text(total)
+            );
         }
         if let (Some(limit), Some(peak)) = (self.limit, self.peak) {
             s += &format!(
                 "; training used {} at its peak, over RUNNER_MEMORY_LIMIT = {}",
-                gib(peak),
-                gib(limit)
+                size_text(peak),
+                size_text(limit)
             );
         }
         format!("{s}. To fit: {ADVICE}")

@@ -55,8 +55,8 @@ impl<B: Backend> Offloaded<B> {
         }
     }
 
-    /// The same parked values, restored through another backend on the same device (a
-    /// fusion or autodiff backend over the backend that made the copy).
+    /// The same parked values, restored through another backend on the same device (the
+    /// fusion backend over the backend that made the copy).
     pub fn for_backend<B2: Backend<Device = B::Device>>(self) -> Offloaded<B2> {
         let parked = match self
             .parked

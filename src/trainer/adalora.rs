@@ -23,16 +23,14 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
-use crate::model::hf::{
-    load_safetensors_file, save_hf_folder, save_safetensors, DType, HostTensor,
-};
+use crate::model::hf::{load_safetensors_file, save_safetensors, DType, HostTensor};
 use crate::model::lora::LoraLinear;
 use crate::train::adalora::{
     keep_mask, pattern_key, write_adalora_adapter, AdaLoraAdapter, AdaLoraAdapterConfig,
     AdaLoraTriplet, BudgetSchedule,
 };
 use crate::train::peft_io::{self, DenseTensor, LoraAdapterConfig, LoraModule};
-use crate::trainer::adapters::{merged, projections_mut};
+use crate::trainer::adapters::{projections_mut, save_merged};
 use crate::trainer::data::plan_steps;
 use crate::trainer::sft::{train_loop, CausalModel, LoopCtx, SftReport, StepHook};
 use crate::trainer::Error;
@@ -576,8 +574,7 @@ pub(crate) fn train_and_save<B: AutodiffBackend>(
     let model = alloc.masked(model).valid();
     let adapter_dir = ctx.out_dir.join("adapter");
     alloc.write_adapter(&model.lm, &adapter_dir)?;
-    let model_dir = ctx.out_dir.join("merged");
-    save_hf_folder(&model_dir, config, &merged(model.lm).to_hf_tensors(), dtype)?;
+    let model_dir = save_merged(ctx.out_dir, config, model.lm, dtype)?;
     report.adapter_dir = Some(adapter_dir);
     report.model_dir = Some(model_dir);
     Ok(report)

@@ -113,6 +113,19 @@ pub fn merged<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
     model
 }
 
+/// Folds the adapters into the base weights and writes the result as an HF folder
+/// `out_dir/merged` (the `merged/` output of the LoRA, QLoRA and AdaLoRA trainers); returns it.
+pub fn save_merged<B: Backend>(
+    out_dir: &std::path::Path,
+    config: &crate::model::config::ModelConfig,
+    model: CausalLm<B>,
+    dtype: crate::model::hf::DType,
+) -> Result<std::path::PathBuf, Error> {
+    let dir = out_dir.join("merged");
+    crate::model::hf::save_hf_folder(&dir, config, &merged(model).to_hf_tensors(), dtype)?;
+    Ok(dir)
+}
+
 /// The policy to sample from: the adapters folded into a copy of the base weights, so decoding
 /// runs one GEMM a projection instead of three (`None` without adapters, or over an NF4 base,
 /// whose merge would hold a full-precision copy of every projection).

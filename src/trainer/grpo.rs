@@ -28,7 +28,7 @@ use crate::model::hf::{load_hf_folder_tensors, save_hf_folder, DType};
 use crate::train::metrics_log::{MetricsLog, MetricsRow};
 use crate::train::peft_io::write_lora_adapter;
 use crate::train::rewards::RewardSet;
-use crate::trainer::adapters::{add_lora, lora_pairs, merged, quantize_base_nf4};
+use crate::trainer::adapters::{add_lora, lora_pairs, quantize_base_nf4, save_merged};
 use crate::trainer::checkpoint::{
     latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState, FORMAT_VERSION,
 };
@@ -218,14 +218,8 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
                 train_loop::<B>(&ctx, model, Reference::AdaptersOff, device, &save_adapter)?;
             let adapter_dir = out_dir.join("adapter");
             save_adapter(&model, &adapter_dir)?;
-            let model_dir = out_dir.join("merged");
-            save_hf_folder(
-                &model_dir,
-                &config,
-                &merged(model.valid()).to_hf_tensors(),
-                dtype,
-            )
-            .map_err(GrpoError::train)?;
+            let model_dir =
+                save_merged(out_dir, &config, model.valid(), dtype).map_err(GrpoError::train)?;
             report.adapter_dir = Some(adapter_dir);
             report.model_dir = Some(model_dir);
             Ok(report)

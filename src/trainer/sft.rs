@@ -22,7 +22,9 @@ use crate::model::decoder::{CausalLm, GradientCheckpointing};
 use crate::model::hf::{load_hf_folder_tensors, save_hf_folder, DType, HostTensor};
 use crate::train::metrics_log::{MetricsLog, MetricsRow};
 use crate::train::peft_io::{write_adapter_with_magnitudes, LoraAdapterConfig};
-use crate::trainer::adapters::{add_lora, lora_magnitudes, lora_pairs, merged, quantize_base_nf4};
+use crate::trainer::adapters::{
+    add_lora, lora_magnitudes, lora_pairs, quantize_base_nf4, save_merged,
+};
 use crate::trainer::checkpoint::{
     latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState, FORMAT_VERSION,
 };
@@ -268,14 +270,7 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
             save_adapter(&model, &adapter_dir)?;
             report.adapter_dir = Some(adapter_dir);
             if cfg.write_merged {
-                let model_dir = out_dir.join("merged");
-                save_hf_folder(
-                    &model_dir,
-                    &config,
-                    &merged(model.valid()).to_hf_tensors(),
-                    dtype,
-                )?;
-                report.model_dir = Some(model_dir);
+                report.model_dir = Some(save_merged(out_dir, &config, model.valid(), dtype)?);
             }
             Ok(report)
         }
