@@ -247,6 +247,13 @@ fn recipe_errors_name_file_line_and_nearest_key() {
             "r.toml:9:1",
             "unknown variant `latin1`",
         ),
+        // A stage name reaches folder names and Slurm batch scripts: a newline could inject a
+        // command there.
+        (
+            INGEST_RECIPE.replace("[stages.prompts]", "[stages.\"x\\ntouch p #\"]"),
+            "r.toml:12:9",
+            "stage name \"x\\ntouch p #\" is not allowed: use letters, digits, `_` and `-` only",
+        ),
     ];
     for (text, location, message) in cases {
         write(dir.path().join("r.toml"), &text);

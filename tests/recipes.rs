@@ -41,38 +41,23 @@ fn medical_recipe_trains_evaluates_exports_and_then_is_cached() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("7 ran, 0 cached"), "{err}");
 
+    // The tiny model starts from random weights and is trained in full: it must visibly learn.
     let sft = path_of(store, "sft");
-    let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(sft.join("adapter/adapter_config.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(config["peft_type"], "LORA");
-    assert_eq!(config["r"], 8);
-    let bytes = std::fs::read(sft.join("adapter/adapter_model.safetensors")).unwrap();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let names: Vec<String> = tensors.names().into_iter().map(str::to_string).collect();
-    assert!(
-        names.contains(
-            &"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()
-        ),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"base_model.model.model.layers.1.mlp.down_proj.lora_B.weight".to_string()),
-        "{names:?}"
-    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sft.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["model_type"], "qwen2");
+    assert!(sft.join("model/model.safetensors").is_file());
     let losses: Vec<f64> = std::fs::read_to_string(sft.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
         .collect();
-    assert!(
-        losses.len() >= 2 && losses.last() < losses.first(),
-        "{losses:?}"
-    );
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < 0.65 * first, "loss {first} -> {last}: {losses:?}");
     assert!(sft.join("loss.svg").is_file());
-    assert!(sft.join("merged/config.json").is_file());
 
+    // Its answers are varied Chinese text, not one repeated character.
     let eval = path_of(store, "eval");
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap()).unwrap();
@@ -80,12 +65,26 @@ fn medical_recipe_trains_evaluates_exports_and_then_is_cached() {
     for key in ["bleu-4", "rouge-1", "rouge-2", "rouge-l"] {
         assert!(metrics[key].is_number(), "{metrics}");
     }
-    assert_eq!(
-        std::fs::read_to_string(eval.join("predictions.jsonl"))
-            .unwrap()
-            .lines()
-            .count(),
-        16
+    assert!(metrics["rouge-l"].as_f64().unwrap() >= 10.0, "{metrics}");
+    let predictions: Vec<String> = std::fs::read_to_string(eval.join("predictions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let row: serde_json::Value = serde_json::from_str(l).unwrap();
+            row["prediction"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(predictions.len(), 16);
+    let varied = predictions
+        .iter()
+        .filter(|p| {
+            let chars: std::collections::BTreeSet<char> = p.chars().collect();
+            chars.len() >= 10 && p.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c))
+        })
+        .count();
+    assert!(
+        varied * 10 >= 16 * 8,
+        "{varied} of 16 varied: {predictions:?}"
     );
 
     let gguf = path_of(store, "gguf");
@@ -263,4 +262,78 @@ fn training_past_the_memory_limit_fails_the_stage_with_advice_and_commits_nothin
     let runs = runner(store).args(["runs"]).output().unwrap();
     let runs = String::from_utf8_lossy(&runs.stdout);
     assert!(runs.contains("failed"), "{runs}");
+}
+
+#[test]
+fn a_run_killed_after_a_checkpoint_resumes_from_it_and_says_so() {
+    let root = tempfile::tempdir().unwrap();
+    let store = root.path().join("store");
+    let sets = [
+        "stages.sft.max_steps=40",
+        "stages.sft.save_steps=10",
+        "stages.eval.limit=2",
+    ];
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("runner"));
+    cmd.current_dir(repo())
+        .env("RUNNER_STORE", &store)
+        .args(["run", "recipes/medical.toml"])
+        .stderr(std::process::Stdio::null());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let mut child = cmd.spawn().unwrap();
+    // Kill -9 once the first checkpoint is in the resumable work folder.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let checkpoint = loop {
+        let found = std::fs::read_dir(store.join("tmp")).ok().and_then(|dirs| {
+            dirs.flatten()
+                .map(|d| d.path().join("checkpoint-10"))
+                .find(|p| p.join("trainer_state.json").is_file())
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before a checkpoint"
+        );
+        assert!(std::time::Instant::now() < deadline, "no checkpoint-10");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(checkpoint.is_dir());
+
+    let mut rerun = runner(&store);
+    rerun.args(["run", "recipes/medical.toml"]);
+    for s in sets {
+        rerun.args(["--set", s]);
+    }
+    let out = rerun.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // The kill may land after a later checkpoint than the one seen.
+    assert!(err.contains("resuming sft from checkpoint-"), "{err}");
+    let sft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(
+                String::from_utf8(
+                    runner(&store)
+                        .args(["path", "recipes/medical.toml"])
+                        .args(sets.iter().flat_map(|s| ["--set", s]))
+                        .arg("sft")
+                        .output()
+                        .unwrap()
+                        .stdout,
+                )
+                .unwrap()
+                .trim(),
+            )
+            .join("sft.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(sft["resumed_from"].as_u64().unwrap() >= 10, "{sft}");
+    assert_eq!(sft["steps"], 40);
 }

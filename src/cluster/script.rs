@@ -67,6 +67,20 @@ fn check_job(job: &JobSpec) -> Result<()> {
     Ok(())
 }
 
+/// Text for a `#` comment line: control characters (a newline would end the comment and start a
+/// command) are written escaped.
+fn comment_text(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn exec_line(argv: &[String]) -> String {
     format!(
         "exec {}",
@@ -88,7 +102,7 @@ pub fn render(members: &[&JobSpec], sbatch_line: &str) -> Result<String> {
         check_job(job)?;
     }
     let mut s = String::from("#!/bin/bash\n# Written by runner; submitted with:\n");
-    let _ = writeln!(s, "#   {sbatch_line}");
+    let _ = writeln!(s, "#   {}", comment_text(sbatch_line));
     for (i, job) in members.iter().enumerate() {
         let _ = writeln!(
             s,
@@ -98,7 +112,7 @@ pub fn render(members: &[&JobSpec], sbatch_line: &str) -> Result<String> {
             } else {
                 "-".into()
             },
-            job.key
+            comment_text(&job.key)
         );
     }
     s.push_str("set -eu\n");

@@ -317,6 +317,26 @@ fn single_and_array_scripts() {
         .contains("\"NOT-A-NAME\" is not a shell identifier"));
 }
 
+#[test]
+fn a_newline_in_a_job_key_or_the_submit_line_stays_inside_its_comment() {
+    let a = job("x\ntouch /tmp/p #@1", "x", &["/opt/runner", "run"], &[]);
+    let script = render(&[&a], "sbatch\rrm -rf ~").unwrap();
+    assert!(
+        script.contains("# job -: x\\ntouch /tmp/p #@1\n"),
+        "{script}"
+    );
+    assert!(script.contains("#   sbatch\\rrm -rf ~\n"), "{script}");
+    for line in script.lines() {
+        assert!(
+            line.starts_with('#')
+                || ["set -eu", "cd ", "export ", "exec "]
+                    .iter()
+                    .any(|p| line.starts_with(p)),
+            "unexpected command line {line:?} in\n{script}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- parsing
 
 #[test]

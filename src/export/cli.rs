@@ -16,12 +16,16 @@ pub enum ExportFormat {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 #[allow(non_camel_case_types)]
+/// Spelt as llama.cpp and recipes spell them (`q8_0`, any case), not clap's `q8-0`.
 pub enum ExportTypeArg {
     F32,
     F16,
     Bf16,
+    #[value(name = "q8_0", alias = "q8-0")]
     Q8_0,
+    #[value(name = "q4_0", alias = "q4-0")]
     Q4_0,
+    #[value(name = "q4_k_m", alias = "q4-k-m")]
     Q4_K_M,
 }
 
@@ -50,7 +54,7 @@ pub struct ExportArgs {
     #[arg(long, value_enum, default_value = "gguf")]
     pub format: ExportFormat,
     /// GGUF tensor type (gguf), or f32/bf16 for safetensors.
-    #[arg(long = "type", value_enum, default_value = "q8_0")]
+    #[arg(long = "type", value_enum, ignore_case = true, default_value = "q8_0")]
     pub qtype: ExportTypeArg,
     /// Output file (gguf) or folder.
     #[arg(long)]

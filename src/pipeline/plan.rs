@@ -178,6 +178,15 @@ impl Plan {
         let mut parsed: Vec<PlannedStage> = Vec::new();
         for (stage_name, value) in stages_table {
             let base = format!("stages.{stage_name}");
+            // Stage names become folder names, log fields and lines of Slurm batch scripts.
+            if !is_plain_name(stage_name) {
+                return Err(RecipeError::invalid(
+                    recipe.locate(&base),
+                    format!(
+                        "stage name {stage_name:?} is not allowed: use letters, digits, `_` and `-` only"
+                    ),
+                ));
+            }
             let mut params = match value {
                 toml::Value::Table(t) => t.clone(),
                 other => return Err(wrong_type(&recipe, &base, "a table", other)),
@@ -396,6 +405,9 @@ impl Plan {
             let doc = json!({
                 "kind": stages[i].kind,
                 "version": stages[i].stage.version(),
+                // A new runner may compute a stage differently even when the stage's own
+                // VERSION was not bumped: its artifacts are not reused across releases.
+                "runner": env!("CARGO_PKG_VERSION"),
                 "params": stages[i].params,
                 "inputs": input_fps,
                 "external": external.iter().map(|f| json!({
@@ -440,6 +452,14 @@ fn unknown_key<'a>(
             valid.collect::<Vec<_>>().join(", ")
         ),
     )
+}
+
+/// Stage names: `[A-Za-z0-9_-]+`.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn wrong_type(recipe: &RawRecipe, path: &str, expected: &str, found: &toml::Value) -> RecipeError {
@@ -535,4 +555,30 @@ fn param_error(
         format!("{base}.{}", error.key)
     };
     RecipeError::invalid(recipe.locate(&full), format!("`{full}`: {message}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_hold_runners_version_and_stage_names_are_plain() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("d.csv"), "a,b\n1,2\n").unwrap();
+        let recipe = dir.path().join("r.toml");
+        std::fs::write(
+            &recipe,
+            "[stages.raw_1-x]\nkind = \"ingest\"\npath = \"d.csv\"\n",
+        )
+        .unwrap();
+        let plan = Plan::build(crate::recipe::RawRecipe::load(&recipe, &[]).unwrap()).unwrap();
+        let doc = &plan.stage("raw_1-x").unwrap().fingerprint_doc;
+        assert_eq!(doc["runner"], env!("CARGO_PKG_VERSION"));
+        for name in ["raw", "RAW_2", "a-b"] {
+            assert!(is_plain_name(name), "{name}");
+        }
+        for name in ["", "a b", "a\nb", "a.b", "../x", "ä", "a;b"] {
+            assert!(!is_plain_name(name), "{name:?}");
+        }
+    }
 }

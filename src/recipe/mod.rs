@@ -5,7 +5,7 @@
 //! validates it against the stage registry into a plan; stages never see raw TOML.
 
 mod location;
-mod suggest;
+pub(crate) mod suggest;
 
 pub use location::{Location, SpanMap};
 pub use suggest::nearest;

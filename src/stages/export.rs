@@ -53,6 +53,19 @@ impl Stage for Export {
     }
 
     fn validate(params: &Params) -> Result<(), (String, String)> {
+        if let Some(name) = &params.name {
+            // The GGUF goes inside this stage's artifact: no folders, no `..`.
+            let plain = !name.is_empty()
+                && !name.starts_with('.')
+                && !name.contains(['/', '\\', '\0'])
+                && !name.chars().any(char::is_control);
+            if !plain {
+                return Err((
+                    "name".to_string(),
+                    format!("{name:?} must be a plain file name (no `/`, `\\`, leading `.` or control characters)"),
+                ));
+            }
+        }
         params
             .qtype
             .parse::<ExportType>()
@@ -94,6 +107,29 @@ impl Stage for Export {
                 tracing::info!(gguf = %done.gguf.display(), "exported");
                 Ok(())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(name: &str) -> Params {
+        Params {
+            format: ExportFormat::Gguf,
+            qtype: "q8_0".into(),
+            name: Some(name.into()),
+        }
+    }
+
+    #[test]
+    fn export_names_are_plain_file_names() {
+        assert!(Export::validate(&named("medical-q8")).is_ok());
+        for bad in ["../../x", "a/b", "..", ".hidden", "a\\b", "x\ny", ""] {
+            let (key, message) = Export::validate(&named(bad)).unwrap_err();
+            assert_eq!(key, "name", "{bad:?}");
+            assert!(message.contains("plain file name"), "{message}");
         }
     }
 }

@@ -49,16 +49,53 @@ pub enum RewardKind {
 }
 
 /// A reward function and its weight in the summed reward (TRL `reward_weights`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RewardSpec {
     #[serde(flatten)]
     pub kind: RewardKind,
-    #[serde(default = "one")]
     pub weight: f32,
 }
 
-fn one() -> f32 {
-    1.0
+/// The keys a reward of each kind takes besides `kind` and `weight`.
+fn reward_keys(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "regex" => &["pattern"],
+        "length_penalty" => &["max_chars"],
+        _ => &[],
+    }
+}
+
+// By hand, because serde's `flatten` cannot deny unknown fields: a misspelt `wieght` must be an
+// error, not a reward trained with weight 1.
+impl<'de> Deserialize<'de> for RewardSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let weight = match map.remove("weight") {
+            None => 1.0,
+            Some(v) => serde_json::from_value::<f32>(v)
+                .map_err(|e| D::Error::custom(format!("`weight`: {e}")))?,
+        };
+        let kind = map
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let mut allowed = vec!["kind", "weight"];
+        allowed.extend_from_slice(reward_keys(&kind));
+        if let Some(bad) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+            let hint = crate::recipe::suggest::nearest(bad, allowed.iter().copied())
+                .map(|n| format!(", did you mean `{n}`?"))
+                .unwrap_or_default();
+            return Err(D::Error::custom(format!(
+                "unknown key `{bad}` in a reward of kind \"{kind}\"{hint} (its keys: {})",
+                allowed.join(", ")
+            )));
+        }
+        let kind =
+            serde_json::from_value(serde_json::Value::Object(map)).map_err(D::Error::custom)?;
+        Ok(Self { kind, weight })
+    }
 }
 
 enum Scorer {

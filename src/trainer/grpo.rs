@@ -487,9 +487,20 @@ fn train_loop<B: AutodiffBackend>(
             .filter(|&m| m > 0.0)
             .map(|m| clip_scale(norm, m));
         let lr = schedule.lr_at(index);
+        let step = index + 1;
+        // Both are on the host already; a non-finite one would poison the policy.
+        for (what, value) in [("loss", loss_sum), ("gradient norm", grad_norm)] {
+            if !value.is_finite() {
+                bar.abandon();
+                return Err(GrpoError::Train(crate::trainer::Error::NonFinite {
+                    what,
+                    step,
+                    lr,
+                }));
+            }
+        }
         model = opt.step::<B, CausalLm<B>>(model, &mut grads, lr, scale);
         crate::backend::memory::check_limit::<B>(device).map_err(GrpoError::train)?;
-        let step = index + 1;
         bar.inc(1);
 
         let mut add = |key: &str, v: f64| {

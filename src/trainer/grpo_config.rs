@@ -372,4 +372,32 @@ mod tests {
         assert!(toml::from_str::<GrpoConfig>("num_generation = 4").is_err());
         assert_eq!(GrpoConfig::default().rewards.len(), 5);
     }
+
+    #[test]
+    fn a_reward_with_a_misspelt_or_foreign_key_is_refused() {
+        let parse =
+            |rewards: &str| toml::from_str::<GrpoConfig>(&format!("[[rewards]]\n{rewards}"));
+        let cfg = parse("kind = \"xml_count\"\nweight = 2").unwrap();
+        assert_eq!(cfg.rewards[0].weight, 2.0);
+        let err = parse("kind = \"xml_count\"\nwieght = 2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "unknown key `wieght` in a reward of kind \"xml_count\", did you mean `weight`?"
+            ),
+            "{err}"
+        );
+        // `pattern` belongs to regex rewards only.
+        let err = parse("kind = \"int\"\npattern = \"a\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown key `pattern`"), "{err}");
+        let err = parse("kind = \"length_penalty\"\nmax_char = 9")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `max_chars`?"), "{err}");
+        assert!(parse("kind = \"length_penalty\"\nmax_chars = 9").is_ok());
+        assert!(parse("kind = \"nope\"").is_err());
+    }
 }

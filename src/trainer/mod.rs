@@ -29,6 +29,8 @@ mod dora_tests;
 #[cfg(test)]
 mod grpo_tests;
 #[cfg(test)]
+mod learning_tests;
+#[cfg(test)]
 mod prompt_tests;
 #[cfg(test)]
 mod tests;
@@ -52,6 +54,13 @@ pub enum Error {
     },
     #[error("sft: the training set is empty")]
     NoExamples,
+    /// The loss or gradient norm stopped being a number: training diverged.
+    #[error("non-finite {what} at step {step} (learning rate {lr:e}): training diverged, nothing was saved after the last good checkpoint; lower `learning_rate`")]
+    NonFinite {
+        what: &'static str,
+        step: u64,
+        lr: f64,
+    },
     #[error("sft: target_modules matched no projection of the model")]
     NoTargets,
     #[error("sft: target_modules: {0}")]

@@ -486,6 +486,15 @@ where
             pending_steps = ck.state.pending_steps;
             tokens_seen = ck.state.tokens_seen;
             resumed_from = Some(start);
+            // Said on the console, not only in the log: a resumed run must not look fresh.
+            let note = format!("resuming sft from checkpoint-{start}");
+            match ctx.progress {
+                Some(mp) if !mp.is_hidden() => {
+                    let _ = mp.println(format!("  {note}"));
+                }
+                Some(_) => eprintln!("  {note}"),
+                None => tracing::info!("{note}"),
+            }
         }
     }
     let mut metrics = if start > 0 {
@@ -583,16 +592,33 @@ where
         bar.inc(1);
 
         let mut row = None;
-        if step % cfg.logging_steps == 0 || step == total {
+        let logging = step % cfg.logging_steps == 0 || step == total;
+        let saving = cfg.save_steps > 0 && step % cfg.save_steps == 0;
+        // Read back only where the host needs the numbers anyway (a log row, a checkpoint):
+        // a diverged step poisons every later loss, so the window's sum still shows it, and
+        // nothing non-finite reaches a checkpoint.
+        let mut norm_value = None;
+        if logging || saving {
             let window: f64 = loss_acc.take().map_or(0.0, |t| t.into_scalar().elem());
-            let loss = (pending_sum + window) / pending_steps as f64;
+            pending_sum += window;
+            let grad_norm: f64 = norm.clone().into_scalar().elem();
+            for (what, value) in [("loss", pending_sum), ("gradient norm", grad_norm)] {
+                if !value.is_finite() {
+                    bar.abandon();
+                    return Err(Error::NonFinite { what, step, lr });
+                }
+            }
+            norm_value = Some(grad_norm);
+        }
+        if logging {
+            let loss = pending_sum / pending_steps as f64;
             let secs = window_start.elapsed().as_secs_f64();
             let tokens_per_s = (secs > 0.0).then(|| window_tokens as f64 / secs);
             tokens_seen += window_tokens;
             let mut r = MetricsRow::new(step).with("epoch", planned.epoch);
             r.loss = Some(loss);
             r.lr = Some(lr);
-            r.grad_norm = Some(norm.into_scalar().elem());
+            r.grad_norm = norm_value;
             r.tokens_per_s = tokens_per_s;
             r = phases.take_into(r, secs);
             r.memory_mb = resident_memory_mb();
@@ -631,9 +657,7 @@ where
         if let Some(r) = row {
             metrics.append(&r)?;
         }
-        if cfg.save_steps > 0 && step % cfg.save_steps == 0 {
-            let window: f64 = loss_acc.take().map_or(0.0, |t| t.into_scalar().elem());
-            pending_sum += window;
+        if saving {
             let (optimizer, adam_steps) = opt.to_host();
             let state = TrainerState {
                 format_version: FORMAT_VERSION,

@@ -459,3 +459,43 @@ fn prefix_loss_and_gradient_match_peft_prefix_tuning() {
         "prefix gradient: {diff} vs scale {scale}"
     );
 }
+
+#[test]
+fn a_diverging_run_fails_at_the_step_that_shows_it_and_checkpoints_nothing_after() {
+    let _guard = rng_lock();
+    let (config, tensors) = tiny();
+    let data = memorization_set();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SftConfig {
+        method: Method::Full,
+        learning_rate: 1e30,
+        max_grad_norm: None,
+        logging_steps: 5,
+        save_steps: 1,
+        ..lora_cfg(10)
+    };
+    let base = BaseModel::Loaded {
+        config: &config,
+        tensors: &tensors,
+    };
+    let err = train_sft::<AD>(
+        &cfg,
+        base,
+        &data,
+        &[],
+        dir.path(),
+        &Default::default(),
+        None,
+    )
+    .unwrap_err();
+    let crate::trainer::Error::NonFinite { step, lr, .. } = err else {
+        panic!("expected a non-finite loss, got {err}");
+    };
+    assert!(err.to_string().starts_with("non-finite "), "{err}");
+    assert!(err.to_string().contains("learning rate 1e30"), "{err}");
+    // The warm-up's first step still had a finite loss and was checkpointed; the first step
+    // whose loss is not a number is not.
+    assert!(step >= 2 && lr > 0.0, "{err}");
+    assert!(dir.path().join(format!("checkpoint-{}", step - 1)).is_dir());
+    assert!(!dir.path().join(format!("checkpoint-{step}")).exists());
+}
