@@ -1,20 +1,18 @@
-//! Artifact locks that work on a shared filesystem (NFS) as well as locally.
+//! Artifact locks: an exclusive kernel lock (`flock`; on NFS the kernel maps it to fcntl
+//! record locks, which the server arbitrates across hosts) on a lock file that also names its
+//! owner (host, pid) for the "waiting for" message.
 //!
-//! A lock is a file created with O_EXCL holding its owner (host, pid); a background thread touches
-//! it as a heartbeat. A lock whose owner process is gone (same host) or whose heartbeat is older
-//! than [`STALE_AFTER`] (any host) is stale and is broken by renaming it away, which only one
-//! contender can win.
+//! The kernel drops the lock when its process ends, however it ends (kill -9 included), so no
+//! one judges staleness: a paused process keeps its lock, and two waiters cannot both "break"
+//! a lock and then take turns thinking they hold it. The holder removes the file before
+//! unlocking; a waiter that then gets the lock of the removed file sees that the path no longer
+//! names the file it opened and tries again.
 
 use serde::{Deserialize, Serialize};
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
-
-pub const HEARTBEAT: Duration = Duration::from_secs(5);
-pub const STALE_AFTER: Duration = Duration::from_secs(60);
+use std::time::Duration;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LockOwner {
@@ -31,23 +29,27 @@ impl LockOwner {
             started_at: chrono::Utc::now().to_rfc3339(),
         }
     }
+
+    fn unknown() -> Self {
+        Self {
+            host: "?".into(),
+            pid: 0,
+            started_at: String::new(),
+        }
+    }
 }
 
-/// A held lock; released (file removed) on drop.
+/// A held lock; the file is removed, then the lock released, on drop.
 pub struct LockGuard {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
-    heartbeat: Option<std::thread::JoinHandle<()>>,
+    file: File,
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.heartbeat.take() {
-            h.thread().unpark();
-            let _ = h.join();
-        }
+        // Removed while still locked: nobody can take the lock of a file that is about to go.
         let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
     }
 }
 
@@ -56,33 +58,57 @@ pub enum TryLock {
     HeldBy(LockOwner),
 }
 
-/// Tries once to take the lock at `path`, breaking it first if it is stale.
+/// Whether `file` is still the file at `path` (it was not removed or replaced after opening).
+#[cfg(unix)]
+fn is_file_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn is_file_at(_file: &File, path: &Path) -> bool {
+    path.exists()
+}
+
+/// Tries once to take the lock at `path`.
 pub fn try_lock(path: &Path) -> std::io::Result<TryLock> {
-    for _ in 0..3 {
-        match OpenOptions::new().write(true).create_new(true).open(path) {
-            Ok(mut file) => {
-                let owner = LockOwner::current();
-                file.write_all(serde_json::to_string(&owner).unwrap_or_default().as_bytes())?;
-                file.sync_all()?;
-                return Ok(TryLock::Acquired(start_heartbeat(path.to_path_buf())));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let owner = read_owner(path);
-                if is_stale(path, owner.as_ref()) {
-                    break_lock(path);
+    // A few rounds only when the previous holder removed the file between our open and lock.
+    for _ in 0..16 {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => {
+                if !is_file_at(&file, path) {
+                    let _ = file.unlock();
                     continue;
                 }
-                return Ok(TryLock::HeldBy(owner.unwrap_or(LockOwner {
-                    host: "?".into(),
-                    pid: 0,
-                    started_at: String::new(),
-                })));
+                let mut guard = LockGuard {
+                    path: path.to_path_buf(),
+                    file,
+                };
+                let owner = serde_json::to_string(&LockOwner::current()).unwrap_or_default();
+                guard.file.set_len(0)?;
+                guard.file.write_all(owner.as_bytes())?;
+                guard.file.sync_all()?;
+                return Ok(TryLock::Acquired(guard));
             }
-            Err(e) => return Err(e),
+            Err(TryLockError::WouldBlock) => {
+                return Ok(TryLock::HeldBy(
+                    read_owner(path).unwrap_or_else(LockOwner::unknown),
+                ))
+            }
+            Err(TryLockError::Error(e)) => return Err(e),
         }
     }
     Err(std::io::Error::other(format!(
-        "{}: could not take the lock after breaking a stale one",
+        "{}: the lock file kept being replaced while taking it",
         path.display()
     )))
 }
@@ -110,113 +136,90 @@ pub fn read_owner(path: &Path) -> Option<LockOwner> {
         .and_then(|s| serde_json::from_str(&s).ok())
 }
 
-/// Whether the lock file at `path` no longer protects anything.
-pub fn is_stale(path: &Path, owner: Option<&LockOwner>) -> bool {
-    if let Some(owner) = owner {
-        if owner.host == crate::util::host_name() && !process_alive(owner.pid) {
-            return true;
+/// Whether a live process holds the lock at `path` (a file left by a killed one is not held).
+pub fn is_held(path: &Path) -> bool {
+    let Ok(file) = OpenOptions::new().read(true).write(true).open(path) else {
+        return false;
+    };
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = file.unlock();
+            false
         }
+        Err(TryLockError::WouldBlock) => true,
+        // Cannot tell: treat as held, so nothing is deleted under a live run.
+        Err(TryLockError::Error(_)) => true,
     }
-    let age = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok());
-    match (owner, age) {
-        (_, Some(age)) => age > STALE_AFTER,
-        // A lock file we cannot read or stat: only stale once it is old, so give it time.
-        (_, None) => false,
-    }
-}
-
-fn break_lock(path: &Path) {
-    let aside = path.with_extension(format!("stale-{}-{}", std::process::id(), nanos()));
-    if std::fs::rename(path, &aside).is_ok() {
-        let _ = std::fs::remove_file(aside);
-    }
-}
-
-fn nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-fn start_heartbeat(path: PathBuf) -> LockGuard {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let beat_path = path.clone();
-    let heartbeat = std::thread::spawn(move || {
-        while !flag.load(Ordering::SeqCst) {
-            std::thread::park_timeout(HEARTBEAT);
-            if flag.load(Ordering::SeqCst) {
-                break;
-            }
-            if let Ok(f) = OpenOptions::new().write(true).open(&beat_path) {
-                let _ = f.set_modified(SystemTime::now());
-            }
-        }
-    });
-    LockGuard {
-        path,
-        stop,
-        heartbeat: Some(heartbeat),
-    }
-}
-
-#[cfg(target_os = "linux")]
-pub fn process_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-#[cfg(not(target_os = "linux"))]
-pub fn process_alive(_pid: u32) -> bool {
-    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     #[test]
-    fn second_lock_waits_and_dead_owner_is_broken() {
+    fn second_lock_waits_and_a_killed_owners_file_is_free() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.lock");
         let g = match try_lock(&p).unwrap() {
             TryLock::Acquired(g) => g,
             TryLock::HeldBy(_) => panic!("fresh lock is free"),
         };
+        assert!(is_held(&p));
         assert!(matches!(try_lock(&p).unwrap(), TryLock::HeldBy(o) if o.pid == std::process::id()));
+        // However old its file, a held lock stays held (a paused process keeps it).
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap();
+        assert!(matches!(try_lock(&p).unwrap(), TryLock::HeldBy(_)));
         drop(g);
         assert!(!p.exists());
-        // A lock left by a process that no longer exists (kill -9) is recovered.
+        assert!(!is_held(&p));
+        // The file a process killed with -9 left behind: nobody holds its kernel lock.
         let dead = LockOwner {
             host: crate::util::host_name(),
             pid: u32::MAX - 1,
             started_at: String::new(),
         };
         std::fs::write(&p, serde_json::to_string(&dead).unwrap()).unwrap();
+        assert!(!is_held(&p));
         assert!(matches!(try_lock(&p).unwrap(), TryLock::Acquired(_)));
     }
 
     #[test]
-    fn foreign_host_lock_is_live_until_heartbeat_expires() {
+    fn contenders_never_hold_the_lock_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("b.lock");
-        let other = LockOwner {
-            host: "another-node".into(),
-            pid: 1,
-            started_at: String::new(),
-        };
-        std::fs::write(&p, serde_json::to_string(&other).unwrap()).unwrap();
-        assert!(!is_stale(&p, Some(&other)));
-        let old = SystemTime::now() - STALE_AFTER - Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        assert!(is_stale(&p, Some(&other)));
+        let p = Arc::new(dir.path().join("c.lock"));
+        let inside = Arc::new(AtomicBool::new(false));
+        let entries = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let (p, inside, entries) = (p.clone(), inside.clone(), entries.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..40 {
+                        let guard = loop {
+                            match try_lock(&p).unwrap() {
+                                TryLock::Acquired(g) => break g,
+                                TryLock::HeldBy(_) => std::thread::yield_now(),
+                            }
+                        };
+                        assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+                        entries.fetch_add(1, Ordering::SeqCst);
+                        std::thread::yield_now();
+                        inside.store(false, Ordering::SeqCst);
+                        drop(guard);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(entries.load(Ordering::SeqCst), 240);
+        assert!(!p.exists());
     }
 }

@@ -64,10 +64,23 @@ pub fn default_runs_dir(store_root: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".runner/runs"))
 }
 
+/// `YYYYmmdd-HHMMSS-` and 32 bits from the host, pid, clock and a per-process counter: runs
+/// started in the same second, on one host or many, get different ids.
 pub fn new_run_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let now = chrono::Utc::now();
-    let salt = blake3::hash(format!("{}{:?}", std::process::id(), now).as_bytes()).to_hex();
-    format!("{}-{}", now.format("%Y%m%d-%H%M%S"), &salt[..4])
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let salt = blake3::hash(
+        format!(
+            "{}|{}|{:?}|{n}",
+            crate::util::host_name(),
+            std::process::id(),
+            now
+        )
+        .as_bytes(),
+    )
+    .to_hex();
+    format!("{}-{}", now.format("%Y%m%d-%H%M%S"), &salt[..8])
 }
 
 impl RunRecord {
@@ -80,10 +93,17 @@ impl RunRecord {
         let dir = runs_dir.join(&self.run_id);
         std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
         let path = dir.join("run.json");
-        let temp = dir.join(".run.json.tmp");
+        // One temp file per process: two savers never write into each other's file.
+        let temp = dir.join(format!(".run.json.{}.tmp", std::process::id()));
         let text =
             serde_json::to_string_pretty(self).map_err(|e| PipelineError::Store(e.to_string()))?;
-        std::fs::write(&temp, text).map_err(|e| PipelineError::io(&temp, e))?;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&temp)?;
+            std::io::Write::write_all(&mut file, text.as_bytes())?;
+            // On disk before the rename makes it the record.
+            file.sync_all()
+        };
+        write().map_err(|e| PipelineError::io(&temp, e))?;
         std::fs::rename(&temp, &path).map_err(|e| PipelineError::io(&path, e))?;
         Ok(path)
     }

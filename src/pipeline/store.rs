@@ -102,6 +102,9 @@ impl Store {
             .map_err(|e| PipelineError::Store(e.to_string()))?;
         let manifest_path = temp.join(MANIFEST);
         std::fs::write(&manifest_path, text).map_err(|e| PipelineError::io(&manifest_path, e))?;
+        // Every file and folder on disk before the rename publishes them: a crash right after
+        // the commit must not leave a "cached" artifact with empty or missing files.
+        sync_tree(temp)?;
         let target = self.artifact(&manifest.fingerprint);
         if target.exists() {
             let aside = self.new_temp(&format!("{}-replaced", manifest.fingerprint))?;
@@ -112,6 +115,7 @@ impl Store {
         } else {
             std::fs::rename(temp, &target).map_err(|e| PipelineError::io(&target, e))?;
         }
+        sync_dir(&self.root)?;
         Ok(target)
     }
 
@@ -172,9 +176,7 @@ impl Store {
                     .file_name()
                     .map(|n| n.to_string_lossy().chars().take(64).collect::<String>())
                     .unwrap_or_default();
-                let lock_path = self.lock_path(&fingerprint);
-                !lock_path.exists()
-                    || lock::is_stale(&lock_path, lock::read_owner(&lock_path).as_ref())
+                !lock::is_held(&self.lock_path(&fingerprint))
             })
             .collect()
     }
@@ -187,9 +189,21 @@ impl Store {
             if keep.contains(&manifest.fingerprint) {
                 continue;
             }
+            // Under its lock (a run building or reading it keeps it), moved out of the store
+            // by one rename, then deleted: a crash mid-delete leaves a temp folder, never a
+            // "cached" artifact with missing files.
+            let lock_path = self.lock_path(&manifest.fingerprint);
+            let _guard =
+                match lock::try_lock(&lock_path).map_err(|e| PipelineError::io(&lock_path, e))? {
+                    lock::TryLock::Acquired(guard) => guard,
+                    lock::TryLock::HeldBy(_) => continue,
+                };
             let dir = self.artifact(&manifest.fingerprint);
+            let aside = self.new_temp(&format!("{}-gc", manifest.fingerprint))?;
+            std::fs::remove_dir(&aside).map_err(|e| PipelineError::io(&aside, e))?;
+            std::fs::rename(&dir, &aside).map_err(|e| PipelineError::io(&dir, e))?;
             bytes += manifest.files.iter().map(|f| f.size).sum::<u64>();
-            std::fs::remove_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
+            std::fs::remove_dir_all(&aside).map_err(|e| PipelineError::io(&aside, e))?;
             removed += 1;
         }
         for temp in self.abandoned_temps() {
@@ -247,4 +261,33 @@ fn list_files(root: &Path) -> Result<Vec<FileEntry>, PipelineError> {
             })
         })
         .collect()
+}
+
+/// fsync of a folder (its entries: names created or renamed in it).
+fn sync_dir(dir: &Path) -> Result<(), PipelineError> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| PipelineError::io(dir, e))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// fsync of every file and folder under `root`.
+fn sync_tree(root: &Path) -> Result<(), PipelineError> {
+    let entries = std::fs::read_dir(root).map_err(|e| PipelineError::io(root, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| PipelineError::io(root, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| PipelineError::io(&path, e))?;
+        if kind.is_dir() {
+            sync_tree(&path)?;
+        } else if kind.is_file() {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| PipelineError::io(&path, e))?;
+        }
+    }
+    sync_dir(root)
 }
