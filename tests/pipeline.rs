@@ -175,11 +175,17 @@ fn second_run_is_cached_and_a_change_reruns_only_dependants() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    // The BOM file is not valid GB18030 text as such, so only check that raw reran.
+    // raw reruns and fails on the UTF-8 file with the BOM, which is not GB18030, naming file and
+    // line; nothing after it runs.
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("running  raw"), "{err}");
     assert!(
-        err.contains("raw") && !err.contains("cached   raw"),
+        err.contains(
+            "FAILED   raw          ingest    csv/c_bom.csv:2: byte 40 is not valid gb18030"
+        ),
         "{err}"
     );
+    assert!(!err.contains("running  prompts"), "{err}");
 }
 
 #[test]
@@ -263,9 +269,13 @@ fn recipe_errors_name_file_line_and_nearest_key() {
         assert!(err.contains(location), "expected {location} in: {err}");
         assert!(err.contains(message), "expected {message} in: {err}");
     }
-    // A cycle.
+    // A cycle: two sft stages, each taking the other's trained model as its base (the kinds
+    // fit, so only the cycle is wrong).
     let cyclic = format!(
-        "{INGEST_RECIPE}\n[stages.a]\nkind = \"format\"\ninput = \"b\"\ntemplate = \"alpaca\"\n[stages.b]\nkind = \"format\"\ninput = \"a\"\ntemplate = \"alpaca\"\n"
+        "{INGEST_RECIPE}\n[stages.base]\nkind = \"model\"\nsource = \"init:tiny\"\ninput = \"prompts\"\n\
+         [stages.tokens]\nkind = \"tokenize\"\ninput = \"prompts\"\nmodel = \"base\"\n\
+         [stages.a]\nkind = \"sft\"\ninput = \"tokens\"\nmodel = \"b\"\n\
+         [stages.b]\nkind = \"sft\"\ninput = \"tokens\"\nmodel = \"a\"\n"
     );
     write(dir.path().join("r.toml"), &cyclic);
     let out = runner(dir.path())
@@ -275,7 +285,7 @@ fn recipe_errors_name_file_line_and_nearest_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("expects dataset") || err.contains("cycle"),
+        err.contains("depends on itself through its inputs (a cycle)"),
         "{err}"
     );
 }
@@ -303,4 +313,37 @@ fn runs_are_recorded_and_can_be_rerun() {
     assert!(err.contains("0 ran, 2 cached"), "{err}");
     let graph = stdout(runner(dir.path()).args(["graph", "r.toml", "--format", "mermaid"]));
     assert!(graph.contains("raw --> prompts"), "{graph}");
+}
+
+#[test]
+fn a_trained_stage_is_the_base_of_the_next_one() {
+    // Full SFT of the tiny model, then LoRA on the model it made (as SFT before GRPO).
+    let dir = tempfile::tempdir().unwrap();
+    mixed_encoding_folder(dir.path());
+    let recipe = format!(
+        "{INGEST_RECIPE}\n[stages.base]\nkind = \"model\"\nsource = \"init:tiny\"\ninput = \"prompts\"\n\
+         tiny = {{ hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, intermediate_size = 64, vocab_size = 300 }}\n\
+         [stages.tokens]\nkind = \"tokenize\"\ninput = \"prompts\"\nmodel = \"base\"\nmax_seq_len = 64\n\
+         [stages.full]\nkind = \"sft\"\ninput = \"tokens\"\nmodel = \"base\"\nmethod = \"full\"\nmax_steps = 2\n\
+         [stages.lora]\nkind = \"sft\"\ninput = \"tokens\"\nmodel = \"full\"\nmethod = \"lora\"\nmax_steps = 2\n"
+    );
+    write(dir.path().join("r.toml"), &recipe);
+    let out = runner(dir.path()).args(["run", "r.toml"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let path = |stage: &str| {
+        PathBuf::from(stdout(runner(dir.path()).args(["path", "r.toml", stage])).trim())
+    };
+    let adapter: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(path("lora").join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    // The adapter's base is the full stage's trained model, not the random one.
+    let base = adapter["base_model_name_or_path"].as_str().unwrap();
+    assert!(
+        dir.path().join(base).starts_with(path("full")),
+        "{base} is not inside {}",
+        path("full").display()
+    );
+    assert!(path("lora").join("merged/config.json").is_file());
 }

@@ -132,9 +132,7 @@ fn smollm2() -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!(
-            "SKIP: SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh or set RUNNER_SMOLLM2_GGUF"
-        );
+        skip("SmolLM2 GGUF not found; run scripts/fetch-smollm2.sh or set RUNNER_SMOLLM2_GGUF");
         None
     }
 }
@@ -264,34 +262,33 @@ fn training_past_the_memory_limit_fails_the_stage_with_advice_and_commits_nothin
     assert!(runs.contains("failed"), "{runs}");
 }
 
-#[test]
-fn a_run_killed_after_a_checkpoint_resumes_from_it_and_says_so() {
-    let root = tempfile::tempdir().unwrap();
-    let store = root.path().join("store");
-    let sets = [
-        "stages.sft.max_steps=40",
-        "stages.sft.save_steps=10",
-        "stages.eval.limit=2",
-    ];
+const KILL_SETS: [&str; 3] = [
+    "stages.sft.max_steps=40",
+    "stages.sft.save_steps=10",
+    "stages.eval.limit=2",
+];
+
+/// Starts the medical recipe (40 steps, a checkpoint every 10) and kills it with SIGKILL once
+/// the first checkpoint is in the stage's resumable work folder.
+fn run_and_kill_after_a_checkpoint(store: &Path) {
     let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("runner"));
     cmd.current_dir(repo())
-        .env("RUNNER_STORE", &store)
+        .env("RUNNER_STORE", store)
         .args(["run", "recipes/medical.toml"])
         .stderr(std::process::Stdio::null());
-    for s in sets {
+    for s in KILL_SETS {
         cmd.args(["--set", s]);
     }
     let mut child = cmd.spawn().unwrap();
-    // Kill -9 once the first checkpoint is in the resumable work folder.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    let checkpoint = loop {
+    loop {
         let found = std::fs::read_dir(store.join("tmp")).ok().and_then(|dirs| {
             dirs.flatten()
                 .map(|d| d.path().join("checkpoint-10"))
                 .find(|p| p.join("trainer_state.json").is_file())
         });
-        if let Some(found) = found {
-            break found;
+        if found.is_some() {
+            break;
         }
         assert!(
             child.try_wait().unwrap().is_none(),
@@ -299,41 +296,53 @@ fn a_run_killed_after_a_checkpoint_resumes_from_it_and_says_so() {
         );
         assert!(std::time::Instant::now() < deadline, "no checkpoint-10");
         std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(checkpoint.is_dir());
+}
 
-    let mut rerun = runner(&store);
-    rerun.args(["run", "recipes/medical.toml"]);
-    for s in sets {
-        rerun.args(["--set", s]);
+/// Runs the killed recipe again (`extra` arguments added) and returns its stderr and sft.json.
+fn rerun(store: &Path, extra: &[&str]) -> (String, serde_json::Value) {
+    let mut cmd = runner(store);
+    cmd.args(["run", "recipes/medical.toml"]).args(extra);
+    for s in KILL_SETS {
+        cmd.args(["--set", s]);
     }
-    let out = rerun.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{err}");
+    let mut path = runner(store);
+    path.args(["path", "recipes/medical.toml"]);
+    for s in KILL_SETS {
+        path.args(["--set", s]);
+    }
+    let dir = String::from_utf8(path.arg("sft").output().unwrap().stdout).unwrap();
+    let sft = std::fs::read_to_string(PathBuf::from(dir.trim()).join("sft.json")).unwrap();
+    (err, serde_json::from_str(&sft).unwrap())
+}
+
+#[test]
+fn a_run_killed_after_a_checkpoint_resumes_from_it_unless_forced() {
+    let root = tempfile::tempdir().unwrap();
+    let store = root.path().join("store");
+
+    run_and_kill_after_a_checkpoint(&store);
+    let (err, sft) = rerun(&store, &[]);
     // The kill may land after a later checkpoint than the one seen.
     assert!(err.contains("resuming sft from checkpoint-"), "{err}");
-    let sft: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            PathBuf::from(
-                String::from_utf8(
-                    runner(&store)
-                        .args(["path", "recipes/medical.toml"])
-                        .args(sets.iter().flat_map(|s| ["--set", s]))
-                        .arg("sft")
-                        .output()
-                        .unwrap()
-                        .stdout,
-                )
-                .unwrap()
-                .trim(),
-            )
-            .join("sft.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
     assert!(sft["resumed_from"].as_u64().unwrap() >= 10, "{sft}");
     assert_eq!(sft["steps"], 40);
+
+    // Killed again, then forced: it starts over instead of resuming.
+    run_and_kill_after_a_checkpoint(&root.path().join("store2"));
+    let (err, sft) = rerun(&root.path().join("store2"), &["--force", "sft"]);
+    assert!(!err.contains("resuming"), "{err}");
+    assert!(sft["resumed_from"].is_null(), "{sft}");
+    assert_eq!(sft["steps"], 40);
+}
+
+/// A skip on the real stderr (the harness captures `eprintln!`); `.ci/run` counts these lines.
+fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP: {why}");
 }

@@ -334,6 +334,13 @@ fn build_stage(
     if !force && store.contains(&stage.fingerprint) {
         return Outcome::FoundCached;
     }
+    let work_dir = store.work_dir(&stage.fingerprint);
+    if force && work_dir.exists() {
+        // --force means from scratch: not a resume from an earlier run's checkpoints.
+        if let Err(e) = std::fs::remove_dir_all(&work_dir) {
+            return Outcome::Failed(format!("{}: {e}", work_dir.display()));
+        }
+    }
     let temp = match store.new_temp(&stage.fingerprint) {
         Ok(t) => t,
         Err(e) => return Outcome::Failed(e.to_string()),
@@ -356,6 +363,7 @@ fn build_stage(
     let ctx = StageContext {
         stage_name: stage.name.clone(),
         out_dir: temp.clone(),
+        work_dir,
         recipe_dir: plan.recipe.dir.clone(),
         seed: plan.seed,
         device: device.to_string(),

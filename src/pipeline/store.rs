@@ -82,6 +82,15 @@ impl Store {
         lock::lock_blocking(&path, on_wait).map_err(|e| PipelineError::io(path, e))
     }
 
+    /// The folder of `fingerprint` that survives a killed or failed run (resumable checkpoints).
+    /// Its name starts with the fingerprint, so `abandoned_temps` and `gc` treat it as a temp
+    /// folder of that artifact.
+    pub fn work_dir(&self, fingerprint: &str) -> PathBuf {
+        self.root
+            .join("tmp")
+            .join(format!("{fingerprint}-checkpoints"))
+    }
+
     pub fn new_temp(&self, fingerprint: &str) -> Result<PathBuf, PipelineError> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

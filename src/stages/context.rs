@@ -34,6 +34,9 @@ pub struct StageContext {
     pub stage_name: String,
     /// Where the stage writes its artifact (a temporary folder, committed after `run`).
     pub out_dir: PathBuf,
+    /// A folder of this fingerprint that outlives a killed or failed run (training checkpoints,
+    /// so a rerun resumes); `--force` empties it first.
+    pub work_dir: PathBuf,
     pub recipe_dir: PathBuf,
     pub seed: u64,
     pub device: String,

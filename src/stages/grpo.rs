@@ -13,7 +13,6 @@
 //! charts (rewards.svg, kl.svg, ...), `checkpoint-N/` and `grpo.json` (with each reward's mean
 //! over the first and last steps, also logged).
 
-use super::sft::resume_dir;
 use super::tokenize::{encode_generation_prompt, read_records};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::model::device::{BackendTask, DeviceChoice};
@@ -86,7 +85,7 @@ impl Stage for Grpo {
     fn input_slots() -> &'static [InputSlot] {
         const SLOTS: &[InputSlot] = &[
             InputSlot::one("input", &[ArtifactKind::Prompts]),
-            InputSlot::one("model", &[ArtifactKind::Model]),
+            InputSlot::one("model", &[ArtifactKind::Model, ArtifactKind::Trained]),
             InputSlot::optional("eval_input", &[ArtifactKind::Prompts]),
         ];
         SLOTS
@@ -107,11 +106,13 @@ impl Stage for Grpo {
         let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
         let data = ctx.input("input")?;
         let model = ctx.input("model")?;
+        // A trained stage's merged or full model continues from where it ended (SFT, then GRPO).
+        let model_dir = super::evaluate::model_folder(model.kind, &model.dir)?;
         let records = read_records(&data.dir, data.output.as_deref().unwrap_or("train"))?;
         if records.is_empty() {
             return Err(StageError::msg("the prompt input has no training records"));
         }
-        let tokenizer = TextTokenizer::from_dir(&model.dir).map_err(|e| err(&e))?;
+        let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(|e| err(&e))?;
         let prompts = encode_prompts(&tokenizer, &records, &params.response_prefix)?;
         let eval_prompts = match ctx.optional_input("eval_input") {
             Some(eval) => {
@@ -129,7 +130,7 @@ impl Stage for Grpo {
         };
         let mut eos_ids = tokenizer.eos_ids();
         if eos_ids.is_empty() {
-            eos_ids = crate::model::config::ModelConfig::from_file(model.dir.join("config.json"))
+            eos_ids = crate::model::config::ModelConfig::from_file(model_dir.join("config.json"))
                 .map_err(|e| err(&e))?
                 .eos_token_ids;
         }
@@ -141,14 +142,14 @@ impl Stage for Grpo {
             .device
             .parse()
             .map_err(|e: crate::model::device::DeviceError| err(&e))?;
-        let work = resume_dir(ctx);
+        let work = ctx.work_dir.clone();
         std::fs::create_dir_all(&work).map_err(|e| StageError::io(&work, e))?;
         let mut cfg = params.clone();
         // Checkpoints of an interrupted run of this very stage are picked up automatically.
         cfg.resume = cfg.resume || work.join("metrics.jsonl").exists();
         let task = TrainTask {
             cfg: &cfg,
-            model_dir: &model.dir,
+            model_dir: &model_dir,
             prompts: &prompts,
             eval_prompts: &eval_prompts,
             tokenizer: &tokenizer,
@@ -175,7 +176,7 @@ impl Stage for Grpo {
                 }
             }
         }
-        super::sft::finish_training_artifact(ctx, &work, &model.dir)?;
+        super::sft::finish_training_artifact(ctx, &work, &model_dir)?;
         crate::util::write_json(
             &ctx.out("grpo.json"),
             &serde_json::json!({

@@ -13,7 +13,7 @@ use crate::trainer::sft::{train_sft, BaseModel};
 use crate::trainer::{Precision, SftConfig, TokenizedExample};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub struct Sft;
 
@@ -55,18 +55,6 @@ pub(super) fn finish_training_artifact(
         tracing::warn!("could not draw training charts: {e}");
     }
     Ok(())
-}
-
-/// Where the stage keeps resumable checkpoints: outside the temp folder, keyed by fingerprint, so
-/// a run killed mid-training resumes from its last checkpoint.
-pub(super) fn resume_dir(ctx: &StageContext) -> PathBuf {
-    let temp = &ctx.out_dir;
-    let store_tmp = temp.parent().unwrap_or(Path::new("."));
-    let name = temp
-        .file_name()
-        .map(|n| n.to_string_lossy().chars().take(64).collect::<String>())
-        .unwrap_or_default();
-    store_tmp.join(format!("{name}-checkpoints"))
 }
 
 struct TrainTask<'a> {
@@ -149,7 +137,7 @@ impl Stage for Sft {
     fn input_slots() -> &'static [InputSlot] {
         const SLOTS: &[InputSlot] = &[
             InputSlot::one("input", &[ArtifactKind::Tokens]),
-            InputSlot::one("model", &[ArtifactKind::Model]),
+            InputSlot::one("model", &[ArtifactKind::Model, ArtifactKind::Trained]),
         ];
         SLOTS
     }
@@ -167,6 +155,8 @@ impl Stage for Sft {
     fn run(params: &SftConfig, ctx: &StageContext) -> Result<(), StageError> {
         let data = ctx.input("input")?;
         let model = ctx.input("model")?;
+        // A trained stage's merged or full model continues from where it ended (SFT, then GRPO).
+        let model_dir = super::evaluate::model_folder(model.kind, &model.dir)?;
         let train = examples(read_tokens(
             &data.dir,
             data.output.as_deref().unwrap_or("train"),
@@ -185,14 +175,14 @@ impl Stage for Sft {
             .device
             .parse()
             .map_err(|e: crate::model::device::DeviceError| StageError::msg(e.to_string()))?;
-        let work = resume_dir(ctx);
+        let work = ctx.work_dir.clone();
         std::fs::create_dir_all(&work).map_err(|e| StageError::io(&work, e))?;
         let mut cfg = params.clone();
         // Checkpoints of an interrupted run of this very stage are picked up automatically.
         cfg.resume = cfg.resume || work.join("metrics.jsonl").exists();
         let task = TrainTask {
             cfg: &cfg,
-            model_dir: &model.dir,
+            model_dir: &model_dir,
             train: &train,
             eval: &eval,
             out: &work,
@@ -201,7 +191,7 @@ impl Stage for Sft {
         let (report, bf16) = run_with_precision(device, cfg.precision, "sft", task)
             .map_err(|e| StageError::msg(e.to_string()))?;
         let report = report.map_err(|e| StageError::msg(e.to_string()))?;
-        finish_training_artifact(ctx, &work, &model.dir)?;
+        finish_training_artifact(ctx, &work, &model_dir)?;
         crate::util::write_json(
             &ctx.out("sft.json"),
             &serde_json::json!({

@@ -143,7 +143,7 @@ impl Stage for Tokenize {
     fn input_slots() -> &'static [InputSlot] {
         const SLOTS: &[InputSlot] = &[
             InputSlot::one("input", &[ArtifactKind::Prompts]),
-            InputSlot::one("model", &[ArtifactKind::Model]),
+            InputSlot::one("model", &[ArtifactKind::Model, ArtifactKind::Trained]),
         ];
         SLOTS
     }
@@ -165,8 +165,10 @@ impl Stage for Tokenize {
     fn run(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
         let input = ctx.input("input")?;
         let model = ctx.input("model")?;
+        // A trained stage's merged or full model continues from where it ended (SFT, then GRPO).
+        let model_dir = super::evaluate::model_folder(model.kind, &model.dir)?;
         let tokenizer =
-            TextTokenizer::from_dir(&model.dir).map_err(|e| StageError::msg(e.to_string()))?;
+            TextTokenizer::from_dir(&model_dir).map_err(|e| StageError::msg(e.to_string()))?;
         let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
         let chat = match params.template.as_str() {
             "chat" => true,
