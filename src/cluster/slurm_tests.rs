@@ -39,7 +39,7 @@ fn local_cluster() -> Option<SlurmCommands> {
             panic!("RUNNER_SLURM_TESTS=1 but no cluster: {why}")
         }
         Err(why) => {
-            eprintln!("skipping Slurm integration test: {why}");
+            crate::util::test_skip(&format!("Slurm integration test: {why}"));
             None
         }
     }

@@ -283,7 +283,9 @@ fn screenshot_dir() -> PathBuf {
 #[test]
 fn report_loads_in_chromium_without_errors_or_requests() {
     if !Path::new(CHROMIUM).exists() {
-        println!("skipped: {CHROMIUM} not installed (apt-get install -y chromium)");
+        crate::util::test_skip(&format!(
+            "{CHROMIUM} not installed (apt-get install -y chromium)"
+        ));
         return;
     }
     let project = tempfile::tempdir().expect("temp dir");

@@ -625,8 +625,8 @@ fn smollm2_gsm8k_recipe_smoke() {
         .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
         .is_file()
     {
-        eprintln!(
-            "skipping: models/SmolLM2-135M-Instruct.Q4_1.gguf is absent (scripts/fetch-smollm2.sh)"
+        crate::util::test_skip(
+            "models/SmolLM2-135M-Instruct.Q4_1.gguf is absent (scripts/fetch-smollm2.sh)",
         );
         return;
     }
