@@ -12,8 +12,7 @@ use crate::text::train_byte_level_bpe;
 use crate::train::schedule::Schedule;
 use crate::trainer::config::{Method, SftConfig};
 use crate::trainer::data::TokenizedExample;
-use crate::trainer::sft::{train_sft, BaseModel};
-use crate::trainer::tests::{losses, rng_lock, AD};
+use crate::trainer::tests::{losses, rng_lock, train_loaded};
 
 /// The GBK medical CSV shipped in data/ (a slice of ../shared/data/medical, MIT).
 const MEDICAL_CSV: &str = concat!(
@@ -104,20 +103,7 @@ fn the_main_recipes_tiny_model_halves_its_loss_on_real_dialogues_in_60_steps() {
         ..SftConfig::default()
     };
     let dir = tempfile::tempdir().unwrap();
-    let base = BaseModel::Loaded {
-        config: &config,
-        tensors: &tensors,
-    };
-    train_sft::<AD>(
-        &cfg,
-        base,
-        &data,
-        &[],
-        dir.path(),
-        &Default::default(),
-        None,
-    )
-    .unwrap();
+    train_loaded(&cfg, &config, &tensors, &data, &[], dir.path()).unwrap();
     let l = losses(dir.path());
     assert_eq!(l.len(), 60);
     let (first, last) = (l[0].1, l[59].1);

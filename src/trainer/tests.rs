@@ -89,6 +89,19 @@ pub(super) fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// Trains `config`/`tensors` on `train` (CPU, no progress bar), writing into `dir`.
+pub(super) fn train_loaded(
+    cfg: &SftConfig,
+    config: &ModelConfig,
+    tensors: &BTreeMap<String, HostTensor>,
+    train: &[TokenizedExample],
+    eval: &[TokenizedExample],
+    dir: &Path,
+) -> Result<crate::trainer::SftReport, crate::trainer::Error> {
+    let base = BaseModel::Loaded { config, tensors };
+    train_sft::<AD>(cfg, base, train, eval, dir, &Default::default(), None)
+}
+
 pub(super) fn train(cfg: &SftConfig, dir: &Path) -> crate::trainer::SftReport {
     train_on::<AD>(cfg, dir)
 }
@@ -474,20 +487,7 @@ fn a_diverging_run_fails_at_the_step_that_shows_it_and_checkpoints_nothing_after
         save_steps: 1,
         ..lora_cfg(10)
     };
-    let base = BaseModel::Loaded {
-        config: &config,
-        tensors: &tensors,
-    };
-    let err = train_sft::<AD>(
-        &cfg,
-        base,
-        &data,
-        &[],
-        dir.path(),
-        &Default::default(),
-        None,
-    )
-    .unwrap_err();
+    let err = train_loaded(&cfg, &config, &tensors, &data, &[], dir.path()).unwrap_err();
     let crate::trainer::Error::NonFinite { step, lr, .. } = err else {
         panic!("expected a non-finite loss, got {err}");
     };
