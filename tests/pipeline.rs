@@ -346,4 +346,25 @@ fn a_trained_stage_is_the_base_of_the_next_one() {
         path("full").display()
     );
     assert!(path("lora").join("merged/config.json").is_file());
+
+    // Checkpoint and logging intervals are not part of what a stage computes: still cached.
+    let plan = stdout(runner(dir.path()).args([
+        "plan",
+        "r.toml",
+        "--set",
+        "stages.full.save_steps=1",
+        "--set",
+        "stages.full.logging_steps=1",
+        "--set",
+        "stages.full.resume=true",
+    ]));
+    assert!(plan.contains("cached  full"), "{plan}");
+    assert!(plan.contains("cached  lora"), "{plan}");
+    let plan = stdout(runner(dir.path()).args([
+        "plan",
+        "r.toml",
+        "--set",
+        "stages.full.learning_rate=1e-3",
+    ]));
+    assert!(plan.contains("run     full"), "{plan}");
 }

@@ -402,13 +402,19 @@ impl Plan {
                     .expect("slot entries are arrays")
                     .push(json!(entry));
             }
+            let mut params = stages[i].params.clone();
+            if let Some(map) = params.as_object_mut() {
+                for key in stages[i].stage.operational_keys() {
+                    map.remove(*key);
+                }
+            }
             let doc = json!({
                 "kind": stages[i].kind,
                 "version": stages[i].stage.version(),
                 // A new runner may compute a stage differently even when the stage's own
                 // VERSION was not bumped: its artifacts are not reused across releases.
                 "runner": env!("CARGO_PKG_VERSION"),
-                "params": stages[i].params,
+                "params": params,
                 "inputs": input_fps,
                 "external": external.iter().map(|f| json!({
                     "name": f.path.file_name().map(|n| n.to_string_lossy().to_string()),

@@ -82,6 +82,15 @@ impl Stage for Grpo {
     const SUMMARY: &'static str =
         "GRPO reinforcement learning with reward functions (LoRA or full)";
 
+    fn operational_keys() -> &'static [&'static str] {
+        &[
+            "resume",
+            "save_steps",
+            "logging_steps",
+            "log_completions_steps",
+        ]
+    }
+
     fn input_slots() -> &'static [InputSlot] {
         const SLOTS: &[InputSlot] = &[
             InputSlot::one("input", &[ArtifactKind::Prompts]),

@@ -140,6 +140,13 @@ pub trait Stage: Send + Sync + 'static {
         false
     }
 
+    /// Parameters that change how a run is watched or saved, not what it computes (logging and
+    /// checkpoint intervals): left out of the fingerprint, so turning checkpoints on after a
+    /// crash resumes the same work instead of starting a new artifact.
+    fn operational_keys() -> &'static [&'static str] {
+        &[]
+    }
+
     fn run(params: &Self::Params, ctx: &StageContext) -> Result<(), StageError>;
 }
 
@@ -158,6 +165,7 @@ pub trait DynStage: Send + Sync {
     fn summary(&self) -> &'static str;
     fn input_slots(&self) -> &'static [InputSlot];
     fn heavy(&self) -> bool;
+    fn operational_keys(&self) -> &'static [&'static str];
     /// Parses and canonicalizes parameters (defaults filled in).
     fn parse(&self, params: &toml::Table) -> Result<serde_json::Value, ParamError>;
     fn named_outputs(&self, params: &serde_json::Value) -> Vec<String>;
@@ -196,6 +204,9 @@ impl<S: Stage> DynStage for Erased<S> {
     }
     fn heavy(&self) -> bool {
         S::heavy()
+    }
+    fn operational_keys(&self) -> &'static [&'static str] {
+        S::operational_keys()
     }
 
     fn parse(&self, params: &toml::Table) -> Result<serde_json::Value, ParamError> {

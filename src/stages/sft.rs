@@ -134,6 +134,10 @@ impl Stage for Sft {
     const OUTPUT: ArtifactKind = ArtifactKind::Trained;
     const SUMMARY: &'static str = "supervised fine-tuning: LoRA, QLoRA, full or P-Tuning v2";
 
+    fn operational_keys() -> &'static [&'static str] {
+        &["resume", "save_steps", "logging_steps"]
+    }
+
     fn input_slots() -> &'static [InputSlot] {
         const SLOTS: &[InputSlot] = &[
             InputSlot::one("input", &[ArtifactKind::Tokens]),

@@ -136,7 +136,7 @@ pub struct SftConfig {
     pub encoder_num_layers: usize,
     /// Evaluate every N optimizer steps (0: only at the end when an eval set is given).
     pub eval_steps: u64,
-    /// Checkpoint every N optimizer steps (0: never).
+    /// Checkpoint every N optimizer steps (0: never; default 500).
     pub save_steps: u64,
     pub logging_steps: u64,
     /// Continue from the last `checkpoint-N` in the output folder.
@@ -198,7 +198,8 @@ impl Default for SftConfig {
             encoder_hidden_size: None,
             encoder_num_layers: 2,
             eval_steps: 0,
-            save_steps: 0,
+            // As transformers' Trainer: a killed run loses at most 500 steps.
+            save_steps: 500,
             logging_steps: 10,
             resume: false,
             gradient_checkpointing: GradientCheckpointing::Off,

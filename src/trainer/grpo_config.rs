@@ -97,7 +97,7 @@ pub struct GrpoConfig {
     /// Completions sampled per eval prompt (0: `num_generations`).
     #[serde(skip_serializing_if = "is_zero")]
     pub eval_generations: usize,
-    /// Checkpoint every N optimizer steps (0: never); a multiple of `num_iterations`.
+    /// Checkpoint every N optimizer steps (0: never; default 60); a multiple of `num_iterations`.
     pub save_steps: u64,
     pub resume: bool,
     pub dtype: SaveDtype,
@@ -171,7 +171,8 @@ impl Default for GrpoConfig {
             eval_steps: 0,
             eval_prompts: 0,
             eval_generations: 0,
-            save_steps: 0,
+            // GRPO steps are slow (seconds to minutes each); 60 divides num_iterations 1 to 6.
+            save_steps: 60,
             resume: false,
             dtype: SaveDtype::Float32,
             precision: Precision::F32,
