@@ -327,6 +327,10 @@ fn a_run_killed_after_a_checkpoint_resumes_from_it_unless_forced() {
     let store = root.path().join("store");
 
     run_and_kill_after_a_checkpoint(&store);
+    // Its record was left `running`; its process is gone.
+    let runs = runner(&store).args(["runs"]).output().unwrap();
+    let runs = String::from_utf8_lossy(&runs.stdout);
+    assert!(runs.contains(" interrupted "), "{runs}");
     let (err, sft) = rerun(&store, &[]);
     // The kill may land after a later checkpoint than the one seen.
     assert!(err.contains("resuming sft from checkpoint-"), "{err}");

@@ -238,6 +238,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), Failure> {
         device: plan.device.clone(),
         store: store_root.to_string_lossy().to_string(),
         executor: "slurm".into(),
+        pid: None,
         stages,
     };
     record.save(&runs_dir)?;

@@ -412,7 +412,7 @@ pub fn runs(args: RunsArgs) -> Result<(), Failure> {
             "{}  {:<10} {:<10} {ran} ran, {cached} cached, {failed} failed  {}{}",
             r.run_id,
             r.recipe_name,
-            r.status,
+            r.status_now(),
             r.recipe_path,
             if r.overrides.is_empty() {
                 String::new()

@@ -54,7 +54,34 @@ pub struct RunRecord {
     pub store: String,
     #[serde(default)]
     pub executor: String,
+    /// The process of a local run, so a record left `running` by a killed one reads `interrupted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
     pub stages: Vec<StageRecord>,
+}
+
+/// The status to show for a record: a local run still recorded as `running` whose process is
+/// gone from this host (killed, crashed, rebooted) was interrupted.
+pub fn shown_status(status: &str, executor: &str, host: &str, pid: Option<u32>) -> String {
+    let gone = status == "running"
+        && executor == "local"
+        && host == crate::util::host_name()
+        && pid.is_some_and(|pid| !process_alive(pid));
+    if gone {
+        "interrupted".into()
+    } else {
+        status.to_string()
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_alive(_pid: u32) -> bool {
+    true
 }
 
 pub fn default_runs_dir(store_root: &Path) -> PathBuf {
@@ -84,6 +111,11 @@ pub fn new_run_id() -> String {
 }
 
 impl RunRecord {
+    /// `status`, or `interrupted` for a local run whose process is gone.
+    pub fn status_now(&self) -> String {
+        shown_status(&self.status, &self.executor, &self.host, self.pid)
+    }
+
     pub fn path(runs_dir: &Path, run_id: &str) -> PathBuf {
         runs_dir.join(run_id).join("run.json")
     }

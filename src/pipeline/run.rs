@@ -145,6 +145,7 @@ pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecor
             .to_string_lossy()
             .to_string(),
         executor: "local".into(),
+        pid: Some(std::process::id()),
         stages: plan
             .stages
             .iter()

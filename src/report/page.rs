@@ -73,6 +73,7 @@ pub(crate) fn state_class(state: &str) -> &'static str {
         "cached" => "s-cached",
         "failed" => "s-failed",
         "skipped" => "s-skipped",
+        "interrupted" => "s-failed",
         "running" => "s-running",
         _ => "s-unknown",
     }

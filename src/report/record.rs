@@ -28,6 +28,8 @@ pub struct RunRecord {
     pub git_revision: Option<String>,
     pub host: Option<String>,
     pub device: Option<String>,
+    pub executor: String,
+    pub pid: Option<u32>,
     pub stages: Vec<StageRecord>,
 }
 
@@ -117,6 +119,12 @@ pub fn load_run(runs_dir: &Path, run_id: &str) -> Result<RunRecord, Error> {
     if record.run_id.is_empty() {
         record.run_id = run_id.to_string();
     }
+    record.status = crate::pipeline::record::shown_status(
+        &record.status,
+        &record.executor,
+        record.host.as_deref().unwrap_or_default(),
+        record.pid,
+    );
     Ok(record)
 }
 
