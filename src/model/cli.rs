@@ -111,6 +111,41 @@ pub struct ModelSource {
     pub tensors: BTreeMap<String, HostTensor>,
     /// Folder holding tokenizer.json / tokenizer_config.json / generation_config.json.
     pub tokenizer_dir: PathBuf,
+    /// For a GGUF: the private folder its tokenizer was written to, removed on drop.
+    _tokenizer_scratch: Option<ScratchDir>,
+}
+
+/// A folder only this user can enter, under a name nobody can predict (another user cannot plant
+/// a tokenizer there first), removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(prefix: &str) -> std::io::Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        for attempt in 0..16u32 {
+            let salt = blake3::hash(format!("{}|{nanos}|{attempt}", std::process::id()).as_bytes())
+                .to_hex();
+            let dir = std::env::temp_dir().join(format!("{prefix}{}", &salt[..16]));
+            let mut builder = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            match builder.create(&dir) {
+                Ok(()) => return Ok(Self(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other("no free temporary folder name"))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Resolves a model path: an HF folder, or a `.gguf` file (its tokenizer is rebuilt from the
@@ -121,10 +156,9 @@ pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
         let (config, tensors, tokenizer) = crate::gguf::model::load_gguf_model(path)?;
-        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        let key = blake3::hash(canonical.to_string_lossy().as_bytes()).to_hex();
-        let dir = std::env::temp_dir().join(format!("runner-gguf-tokenizer-{}", &key[..16]));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let scratch = ScratchDir::create("runner-gguf-tokenizer-")
+            .context("creating a temporary folder for the GGUF's tokenizer")?;
+        let dir = scratch.0.clone();
         tokenizer.write_hf(&dir, path)?;
         let gen = serde_json::json!({ "eos_token_id": config.eos_token_ids, "bos_token_id": config.bos_token_id });
         std::fs::write(dir.join("generation_config.json"), gen.to_string())?;
@@ -132,6 +166,7 @@ pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
             config,
             tensors,
             tokenizer_dir: dir,
+            _tokenizer_scratch: Some(scratch),
         });
     }
     if !path.is_dir() {
@@ -146,6 +181,7 @@ pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
         config,
         tensors,
         tokenizer_dir: path.to_path_buf(),
+        _tokenizer_scratch: None,
     })
 }
 
@@ -500,4 +536,28 @@ pub fn run_with_tokenizer(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod scratch_tests {
+    use super::ScratchDir;
+
+    #[test]
+    fn scratch_folders_are_private_unpredictable_and_removed() {
+        let (a, b) = (
+            ScratchDir::create("runner-test-").unwrap(),
+            ScratchDir::create("runner-test-").unwrap(),
+        );
+        assert_ne!(a.0, b.0);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&a.0).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        }
+        std::fs::write(a.0.join("tokenizer.json"), "{}").unwrap();
+        let path = a.0.clone();
+        drop(a);
+        assert!(!path.exists());
+    }
 }
