@@ -392,7 +392,10 @@ fn squeue_records_of_finished_jobs() {
     let done = status_of(&records, "1");
     assert_eq!(
         (done.state, done.log_path),
-        (JobState::Done, Some(PathBuf::from("/tmp/slt/a-1.log")))
+        (
+            JobState::Done,
+            Some(PathBuf::from("/cluster/home/slt/a-1.log"))
+        )
     );
     let failed = status_of(&records, "2_1");
     assert_eq!(
@@ -402,7 +405,10 @@ fn squeue_records_of_finished_jobs() {
             reason: Some("NonZeroExitCode".into())
         }
     );
-    assert_eq!(failed.log_path, Some(PathBuf::from("/tmp/slt/b-2_1.log")));
+    assert_eq!(
+        failed.log_path,
+        Some(PathBuf::from("/cluster/home/slt/b-2_1.log"))
+    );
     let cancelled = status_of(&records, "3");
     assert_eq!(
         cancelled.state,
@@ -412,7 +418,7 @@ fn squeue_records_of_finished_jobs() {
     );
     assert_eq!(
         cancelled.log_path,
-        Some(PathBuf::from("/tmp/slt/slurm-3.out"))
+        Some(PathBuf::from("/cluster/home/slt/slurm-3.out"))
     );
     // The whole array: one task completed, two failed.
     let array = status_of(&records, "2");
@@ -427,10 +433,13 @@ fn squeue_records_of_finished_jobs() {
     // Killed by scancel while running: SIGTERM, no exit code; the path keeps its space.
     let killed = status_of(&records, "7");
     assert_eq!(killed.state, JobState::Cancelled { reason: None });
-    assert_eq!(killed.log_path, Some(PathBuf::from("/tmp/slt/x y-7.log")));
+    assert_eq!(
+        killed.log_path,
+        Some(PathBuf::from("/cluster/home/slt/x y-7.log"))
+    );
     assert_eq!(
         status_of(&records, "8_0").log_path,
-        Some(PathBuf::from("/tmp/slt/y-8_0.log"))
+        Some(PathBuf::from("/cluster/home/slt/y-8_0.log"))
     );
     assert_eq!(status_of(&records, "99").state, JobState::Unknown);
 }
@@ -447,7 +456,7 @@ fn squeue_records_of_live_jobs_with_bracketed_tasks() {
     );
     assert_eq!(
         throttled.log_path,
-        Some(PathBuf::from("/tmp/slt/y-11_3.log"))
+        Some(PathBuf::from("/cluster/home/slt/y-11_3.log"))
     );
     assert_eq!(status_of(&records, "11").state, JobState::Running);
     let waiting = status_of(&records, "12");
@@ -473,7 +482,10 @@ fn scontrol_records() {
             reason: Some("DependencyNeverSatisfied".into())
         }
     );
-    assert_eq!(dep.log_path, Some(PathBuf::from("/tmp/slt/slurm-3.out")));
+    assert_eq!(
+        dep.log_path,
+        Some(PathBuf::from("/cluster/home/slt/slurm-3.out"))
+    );
     let task = status_of(&records[1..2], "2_1");
     assert_eq!(
         task.state,
@@ -482,7 +494,10 @@ fn scontrol_records() {
             reason: Some("NonZeroExitCode".into())
         }
     );
-    assert_eq!(task.log_path, Some(PathBuf::from("/tmp/slt/b-2_1.log")));
+    assert_eq!(
+        task.log_path,
+        Some(PathBuf::from("/cluster/home/slt/b-2_1.log"))
+    );
     // The pending remainder of a throttled array: "ArrayTaskId=1-3%1".
     assert!(records[5].matches(&JobRef::parse("8_2").unwrap()));
     let kv = key_values("JobId=1 WorkDir=/a b/c StdOut=/a b/c/x.log Power= ");

@@ -57,7 +57,7 @@ impl Stage for Export {
             // The GGUF goes inside this stage's artifact: no folders, no `..`.
             let plain = !name.is_empty()
                 && !name.starts_with('.')
-                && !name.contains(['/', '\\', '\0'])
+                && !name.contains(['/', '\\'])
                 && !name.chars().any(char::is_control);
             if !plain {
                 return Err((
