@@ -526,6 +526,7 @@ fn bench_export_qwen2_0_5b() {
         eos_token_ids: vec![259],
         pad_token_id: None,
         dtype: None,
+        variant: Default::default(),
     };
     let tok = tiny_tokenizer();
     let dir = tempfile::tempdir().unwrap();

@@ -60,6 +60,8 @@ pub enum Error {
     Quant { ty: String, what: String },
     #[error("{path}: unsupported architecture `{arch}` (supported: llama, qwen2)")]
     Arch { path: PathBuf, arch: String },
+    #[error("GGUF export of a `{model_type}` model is not supported yet (supported: llama without a sliding window, qwen2); export it as safetensors (`merged`) instead")]
+    ArchExport { model_type: String },
     #[error("tokenizer ({path}): {what}")]
     Tokenizer { path: PathBuf, what: String },
     #[error("{path}: {what}")]

@@ -20,11 +20,13 @@ fn f32_as_f64(v: f64) -> f64 {
     format!("{}", v as f32).parse().unwrap_or(v)
 }
 
-/// GGUF architecture name for a config.
-pub fn gguf_arch(cfg: &ModelConfig) -> &'static str {
+/// GGUF architecture name for a config; `None` for families this module does not write yet.
+pub fn gguf_arch(cfg: &ModelConfig) -> Option<&'static str> {
     match cfg.architecture {
-        Architecture::Qwen2 => "qwen2",
-        Architecture::Llama => "llama",
+        Architecture::Qwen2 => Some("qwen2"),
+        // Mistral's window has no llama.cpp key under `llama`: a sliding model is refused.
+        Architecture::Llama if cfg.variant.sliding_window.is_none() => Some("llama"),
+        _ => None,
     }
 }
 
@@ -92,6 +94,7 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
         eos_token_ids: tok.eos_id.into_iter().collect(),
         pad_token_id: tok.pad_id,
         dtype: Some("bfloat16".into()),
+        variant: Default::default(),
     })
 }
 
@@ -152,7 +155,7 @@ pub fn config_metadata(
     model_name: &str,
     et: ExportType,
 ) -> Vec<(String, MetaValue)> {
-    let arch = gguf_arch(cfg);
+    let arch = gguf_arch(cfg).unwrap_or("llama");
     let mut m: Vec<(String, MetaValue)> = vec![
         (
             "general.architecture".into(),
@@ -252,6 +255,11 @@ pub fn write_gguf_model(
     et: ExportType,
     model_name: &str,
 ) -> Result<Vec<(String, GgmlType)>> {
+    if gguf_arch(cfg).is_none() {
+        return Err(Error::ArchExport {
+            model_type: cfg.model_type.clone(),
+        });
+    }
     let mut named: Vec<(String, &String, &HostTensor)> = Vec::new();
     for (hf_name, t) in tensors {
         if hf_name.ends_with("rotary_emb.inv_freq") {

@@ -1,9 +1,12 @@
-//! The Qwen2 / Llama decoder-only transformer in burn, generic over `B: Backend`.
+//! The decoder-only transformer in burn, generic over `B: Backend`.
 //!
-//! One decoder serves both families: Qwen2 is Llama with q/k/v biases (see
-//! [`ModelConfig::qkv_bias`]). Module fields spell the HF safetensors keys
-//! (`model.layers.N.self_attn.q_proj.weight`), so [`CausalLm::from_hf_tensors`] and
-//! [`CausalLm::to_hf_tensors`] need no renaming. The KV cache is passed explicitly to
+//! One decoder serves every family, grown by configuration ([`ModelConfig`]): Qwen2 is Llama
+//! with q/k/v biases, Qwen3 adds per-head q/k norms, Mistral a sliding window, Gemma 2/3
+//! (1 + w) norms, scaled embeddings, GeGLU, norms on the attention and MLP outputs, soft-capping
+//! and alternating local/global layers, GLM partial interleaved rotary embeddings and a fused
+//! gate/up projection. Module fields mostly spell the HF safetensors keys
+//! (`model.layers.N.self_attn.q_proj.weight`); [`HfLayerNames`] maps the norms whose HF names
+//! differ between families, and GLM's `gate_up_proj` is split on load and joined on save. The KV cache is passed explicitly to
 //! `forward(&self, ...)` (as candle's `llama.rs`), so training and sampling share one model.
 //! Reference: transformers `models/llama/modeling_llama.py`, `models/qwen2/modeling_qwen2.py`.
 
@@ -17,11 +20,11 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use crate::backend::checkpoint::{
     first_trainable, with_stand_ins, LayerReplay, ReplayMode, Replayed,
 };
-use crate::model::config::ModelConfig;
+use crate::model::config::{Activation, Architecture, ModelConfig};
 use crate::model::hf::HostTensor;
 use crate::model::lora::LoraLinear;
 use crate::model::nf4_linear::{BaseWeight, Nf4Weight};
-use crate::model::rope::{apply_rotary, RotaryEmbedding};
+use crate::model::rope::{apply_rotary_variant, RotaryEmbedding};
 
 /// Errors building a model from named tensors.
 #[derive(Debug, thiserror::Error)]
@@ -42,20 +45,41 @@ pub enum ModelError {
 /// bf16 and f16, and fully masked (padding) rows stay finite instead of NaN.
 const MASKED_SCORE: f32 = -1.0e4;
 
-/// Root-mean-square layer norm: `weight * x / sqrt(mean(x^2) + eps)`.
+/// Root-mean-square layer norm: `(weight + offset) * x / sqrt(mean(x^2) + eps)`.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
     pub eps: f64,
+    /// Gemma's norms scale by `1 + weight` (the stored weight stays as HF stores it).
+    pub offset: f64,
 }
 
 impl<B: Backend> RmsNorm<B> {
     /// # Shapes
-    /// - x: `[batch, seq, hidden]` -> same
+    /// - x: `[batch, seq, hidden]` -> same (any leading axes: the norm is over the last one)
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, h] = x.dims();
-        crate::backend::rms_norm(x.reshape([b * t, h]), self.weight.val(), self.eps)
-            .reshape([b, t, h])
+        let weight = if self.offset == 0.0 {
+            self.weight.val()
+        } else {
+            self.weight.val().add_scalar(self.offset)
+        };
+        crate::backend::rms_norm(x.reshape([b * t, h]), weight, self.eps).reshape([b, t, h])
+    }
+
+    /// The norm over the last axis of a `[batch, seq, heads, head_dim]` tensor (Qwen3's and
+    /// Gemma 3's per-head q/k norms).
+    fn forward_heads(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, t, h, d] = x.dims();
+        self.forward(x.reshape([b * t, h, d])).reshape([b, t, h, d])
+    }
+}
+
+/// `x` unchanged, or through `norm` when there is one.
+fn maybe_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    match norm {
+        Some(n) => n.forward(x),
+        None => x,
     }
 }
 
@@ -73,12 +97,14 @@ impl<B: Backend> Embedding<B> {
     }
 }
 
-/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+/// Gated feed-forward: `down(act(gate(x)) * up(x))` (SwiGLU, or GeGLU for Gemma).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     pub gate_proj: LoraLinear<B>,
     pub up_proj: LoraLinear<B>,
     pub down_proj: LoraLinear<B>,
+    #[module(skip)]
+    pub activation: Activation,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -87,10 +113,26 @@ impl<B: Backend> Mlp<B> {
         let gate = self.gate_proj.forward(x.clone());
         let up = self.up_proj.forward(x);
         let inter = gate.dims()[2];
-        let hidden =
-            crate::backend::swiglu(gate.reshape([b * t, inter]), up.reshape([b * t, inter]));
-        self.down_proj.forward(hidden.reshape([b, t, inter]))
+        let hidden = match self.activation {
+            Activation::Silu => {
+                crate::backend::swiglu(gate.reshape([b * t, inter]), up.reshape([b * t, inter]))
+                    .reshape([b, t, inter])
+            }
+            Activation::GeluTanh => gelu_tanh(gate).mul(up),
+            Activation::Gelu => burn::tensor::activation::gelu(gate).mul(up),
+        };
+        self.down_proj.forward(hidden)
     }
+}
+
+/// GELU with the tanh approximation (torch's `gelu(approximate="tanh")`):
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+fn gelu_tanh<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let inner = x
+        .clone()
+        .add(x.clone().powi_scalar(3).mul_scalar(0.044715))
+        .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+    x.mul(inner.tanh().add_scalar(1.0)).mul_scalar(0.5)
 }
 
 /// Per-layer keys and values plus the key padding mask, grown by each forward.
@@ -316,9 +358,22 @@ pub struct Attention<B: Backend> {
     pub k_proj: LoraLinear<B>,
     pub v_proj: LoraLinear<B>,
     pub o_proj: LoraLinear<B>,
+    /// Per-head RMSNorm of queries and keys before the rotary embedding (Qwen3, Gemma 3).
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Scale of the scores (`head_dim^-0.5`, Gemma's `query_pre_attn_scalar^-0.5`).
+    pub scale: f64,
+    /// Gemma 2's `tanh(s / cap) * cap` on the scaled scores.
+    pub softcap: Option<f64>,
+    /// Keys more than this many positions back are not attended (sliding-window layers).
+    pub window: Option<usize>,
+    /// Leading dimensions of each head that rotate (GLM rotates half).
+    pub rotary_dim: usize,
+    /// Rotary pairs are adjacent dimensions (GLM) rather than the two halves.
+    pub rope_interleaved: bool,
 }
 
 impl<B: Backend> Attention<B> {
@@ -344,23 +399,28 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, t, h, d])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, t, kvh, d])
-            .swap_dims(1, 2);
+        let head_norm = |norm: &Option<RmsNorm<B>>, y: Tensor<B, 4>| match norm {
+            Some(n) => n.forward_heads(y),
+            None => y,
+        };
+        let q = head_norm(
+            &self.q_norm,
+            self.q_proj.forward(x.clone()).reshape([b, t, h, d]),
+        )
+        .swap_dims(1, 2);
+        let k = head_norm(
+            &self.k_norm,
+            self.k_proj.forward(x.clone()).reshape([b, t, kvh, d]),
+        )
+        .swap_dims(1, 2);
         let v = self
             .v_proj
             .forward(x)
             .reshape([b, t, kvh, d])
             .swap_dims(1, 2);
-        let q = apply_rotary(q, cos, sin);
-        let k = apply_rotary(k, cos, sin);
+        let rotate = |y| apply_rotary_variant(y, cos, sin, self.rotary_dim, self.rope_interleaved);
+        let q = rotate(q);
+        let k = rotate(k);
         let kv = match cache {
             Some(slot) => {
                 let (k, v) = slot.append(merge_heads(k), merge_heads(v));
@@ -368,7 +428,7 @@ impl<B: Backend> Attention<B> {
             }
             None => KeysValues::Fresh(k, v),
         };
-        let scale = 1.0 / (d as f64).sqrt();
+        let scale = self.scale;
         let mask = match mask {
             LayerMask::Fused(key_valid) => {
                 let spec = crate::backend::FusedAttentionSpec {
@@ -388,6 +448,10 @@ impl<B: Backend> Attention<B> {
         let q = q.reshape([b * kvh, rep * t, d]);
         let s = k.dims()[1];
         let scores = crate::backend::matmul(q, k.swap_dims(1, 2)).reshape([b, kvh, rep * t, s]);
+        let (scores, scale) = match self.softcap {
+            Some(cap) => (scores.mul_scalar(scale / cap).tanh().mul_scalar(cap), 1.0),
+            None => (scores, scale),
+        };
         let probs =
             crate::backend::masked_softmax(scores, mask.clone(), scale, MASKED_SCORE as f64);
         let out =
@@ -402,8 +466,14 @@ impl<B: Backend> Attention<B> {
 pub struct DecoderLayer<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
     pub post_attention_layernorm: RmsNorm<B>,
     pub mlp: Mlp<B>,
+    /// Norm of the attention output before its residual add (Gemma, GLM-4).
+    pub attn_output_norm: Option<RmsNorm<B>>,
+    /// Norm of the MLP output before its residual add (Gemma, GLM-4).
+    pub mlp_output_norm: Option<RmsNorm<B>>,
 }
 
 impl<B: Backend> DecoderLayer<B> {
@@ -426,11 +496,11 @@ impl<B: Backend> DecoderLayer<B> {
             mask,
             cache,
         );
-        let x = x.add(h);
+        let x = x.add(maybe_norm(&self.attn_output_norm, h));
         let h = self
             .mlp
             .forward(self.post_attention_layernorm.forward(x.clone()));
-        x.add(h)
+        x.add(maybe_norm(&self.mlp_output_norm, h))
     }
 }
 
@@ -600,6 +670,9 @@ pub struct CausalLm<B: Backend> {
     pub config: ModelConfig,
     #[module(skip)]
     pub rope: RotaryEmbedding,
+    /// The sliding layers' own rotary embedding (Gemma 3's local base); `None`: they use `rope`.
+    #[module(skip)]
+    pub rope_local: Option<RotaryEmbedding>,
     /// Activation checkpointing of the decoder layers in passes that record a graph (no
     /// effect elsewhere, nor on passes that fill a KV cache).
     #[module(skip)]
@@ -623,8 +696,21 @@ impl<B: Backend> CausalLm<B> {
         attention_mask: Option<Tensor<B, 2, Bool>>,
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let x = self.model.embed_tokens.forward(input_ids);
+        let x = self.embed(input_ids);
         self.hidden_states_from_embeds(x, positions, attention_mask, cache)
+    }
+
+    /// Token embeddings as the model's input layer gives them (Gemma scales them by
+    /// `sqrt(hidden_size)`).
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let x = self.model.embed_tokens.forward(input_ids);
+        match self.config.embed_scale() {
+            Some(scale) => x.mul_scalar(scale),
+            None => x,
+        }
     }
 
     /// [`Self::hidden_states`] from input embeddings instead of token ids (transformers'
@@ -660,14 +746,34 @@ impl<B: Backend> CausalLm<B> {
             (None, Some(new)) => Some(new),
             (Some(old), Some(new)) => Some(Tensor::cat(vec![old, new], 1)),
         };
-        let fused =
-            crate::backend::fused_attention_supported::<B>(embeds.dtype(), self.config.head_dim);
-        let mask = if fused {
-            LayerMask::Fused(key_mask.clone().map(|m| m.int()))
-        } else {
-            // Query i (absolute past + i) sees key j iff j <= past + i.
+        // The fused kernel knows neither soft-capping nor windows; a window no query reaches
+        // past (s <= window) masks nothing.
+        let windows: Vec<Option<usize>> = self
+            .model
+            .layers
+            .iter()
+            .map(|l| l.self_attn.window.filter(|&w| s > w))
+            .collect();
+        let plain = windows.iter().all(Option::is_none)
+            && self
+                .model
+                .layers
+                .iter()
+                .all(|l| l.self_attn.softcap.is_none());
+        let fused = plain
+            && crate::backend::fused_attention_supported::<B>(embeds.dtype(), self.config.head_dim);
+        let score_mask = |window: Option<usize>| -> LayerMask<B> {
+            // Query i (absolute past + i) sees key j iff j <= past + i, and with a window w
+            // iff also j > past + i - w (transformers' sliding_window_overlay).
             let causal =
                 (t > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([t, s], past as i64, &device));
+            let outside = window.map(|w| {
+                Tensor::<B, 2, Bool>::triu_mask([t, s], past as i64 - w as i64 + 1, &device)
+            });
+            let causal = match (causal, outside) {
+                (Some(c), Some(o)) => Some(c.bool_or(o)),
+                (c, o) => c.or(o),
+            };
             let mask = match (causal, &key_mask) {
                 (None, None) => None,
                 (Some(c), None) => Some(c.reshape([1, 1, t, s])),
@@ -689,14 +795,41 @@ impl<B: Backend> CausalLm<B> {
                 _ => None,
             })
         };
-        let (cos, sin) = self.rope.cos_sin(positions);
+        let full_mask = if fused {
+            LayerMask::Fused(key_mask.clone().map(|m| m.int()))
+        } else {
+            score_mask(None)
+        };
+        // One mask per distinct window (Gemma and Mistral have one).
+        let mut window_masks: Vec<(usize, LayerMask<B>)> = Vec::new();
+        for w in windows.iter().flatten() {
+            if !window_masks.iter().any(|(seen, _)| seen == w) {
+                window_masks.push((*w, score_mask(Some(*w))));
+            }
+        }
+        let (cos, sin) = self.rope.cos_sin(positions.clone());
+        let local = self.rope_local.as_ref().map(|r| r.cos_sin(positions));
         let mut x = embeds;
         let checkpoint = self.checkpointing != GradientCheckpointing::Off
             && cache.is_none()
             && B::ad_enabled(&device);
         for (i, layer) in self.model.layers.iter().enumerate() {
+            let mask = match windows[i] {
+                Some(w) => {
+                    &window_masks
+                        .iter()
+                        .find(|(seen, _)| *seen == w)
+                        .expect("a mask was built for every window")
+                        .1
+                }
+                None => &full_mask,
+            };
+            let (cos, sin) = match (&local, layer.self_attn.window) {
+                (Some((lc, ls)), Some(_)) => (lc, ls),
+                _ => (&cos, &sin),
+            };
             if checkpoint {
-                let call = LayerCall::new(layer, &cos, &sin, &mask);
+                let call = LayerCall::new(layer, cos, sin, mask);
                 let offload = self.checkpointing == GradientCheckpointing::Offload;
                 x = crate::backend::checkpoint::checkpointed(vec![x], Box::new(call), offload);
                 continue;
@@ -705,7 +838,7 @@ impl<B: Backend> CausalLm<B> {
                 layer: &mut c.layers[i],
                 past,
             });
-            x = layer.forward(x, &cos, &sin, &mask, slot);
+            x = layer.forward(x, cos, sin, mask, slot);
         }
         if let Some(c) = cache {
             c.len = s;
@@ -719,7 +852,7 @@ impl<B: Backend> CausalLm<B> {
     /// # Shapes
     /// - hidden: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
     pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, t, h] = hidden.dims();
@@ -727,6 +860,10 @@ impl<B: Backend> CausalLm<B> {
                 let v = w.dims()[0];
                 crate::backend::linear(hidden.reshape([b * t, h]), w).reshape([b, t, v])
             }
+        };
+        match self.config.variant.final_logit_softcapping {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
         }
     }
 
@@ -850,11 +987,56 @@ impl<B: Backend> CausalLm<B> {
                 };
                 Ok(LoraLinear::with_base(BaseWeight::Nf4(weight), b))
             };
-        let norm = |name: &str| -> Result<RmsNorm<B>, ModelError> {
+        let sized_norm = |name: &str, n: usize| -> Result<RmsNorm<B>, ModelError> {
             Ok(RmsNorm {
-                weight: Param::from_tensor(t1(name, c.hidden_size)?),
+                weight: Param::from_tensor(t1(name, n)?),
                 eps: c.rms_norm_eps,
+                offset: c.norm_offset(),
             })
+        };
+        let norm = |name: &str| sized_norm(name, c.hidden_size);
+        let names = HfLayerNames::of(c);
+        // GLM's fused `gate_up_proj` [2 * inter, hidden]: its first half is the gate.
+        let gate_up = |p: &str| -> Result<(LoraLinear<B>, LoraLinear<B>), ModelError> {
+            if !c.fused_gate_up() {
+                let gate = linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    c.intermediate_size,
+                    c.hidden_size,
+                    c.mlp_bias,
+                )?;
+                let up = linear(
+                    &format!("{p}.mlp.up_proj"),
+                    c.intermediate_size,
+                    c.hidden_size,
+                    c.mlp_bias,
+                )?;
+                return Ok((gate, up));
+            }
+            let name = format!("{p}.mlp.gate_up_proj.weight");
+            let (i, h) = (c.intermediate_size, c.hidden_size);
+            let fused = get(&name, &[2 * i, h])?;
+            let values = fused.as_slice::<f32>().map_err(|e| ModelError::Quantize {
+                tensor: name.clone(),
+                message: format!("{e:?}"),
+            })?;
+            let half = |k: usize| {
+                let part = values[k * i * h..(k + 1) * i * h].to_vec();
+                if nf4_projections {
+                    Nf4Weight::quantize_host(&part, &[i, h], device)
+                        .map(|w| LoraLinear::with_base(BaseWeight::Nf4(w), None))
+                        .map_err(|e| ModelError::Quantize {
+                            tensor: name.clone(),
+                            message: e.to_string(),
+                        })
+                } else {
+                    Ok(LoraLinear::new(
+                        Tensor::from_data(TensorData::new(part, [i, h]), device),
+                        None,
+                    ))
+                }
+            };
+            Ok((half(0)?, half(1)?))
         };
         let (hd, q_out, kv_out) = (
             c.hidden_size,
@@ -864,6 +1046,15 @@ impl<B: Backend> CausalLm<B> {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let head_norm = |n: &str| -> Result<Option<RmsNorm<B>>, ModelError> {
+                c.qk_norm()
+                    .then(|| sized_norm(&format!("{p}.self_attn.{n}.weight"), c.head_dim))
+                    .transpose()
+            };
+            let output_norm = |n: Option<&str>| -> Result<Option<RmsNorm<B>>, ModelError> {
+                n.map(|n| norm(&format!("{p}.{n}.weight"))).transpose()
+            };
+            let (gate_proj, up_proj) = gate_up(&p)?;
             layers.push(DecoderLayer {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
@@ -871,31 +1062,31 @@ impl<B: Backend> CausalLm<B> {
                     k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_out, hd, c.qkv_bias())?,
                     v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_out, hd, c.qkv_bias())?,
                     o_proj: linear(&format!("{p}.self_attn.o_proj"), hd, q_out, c.o_bias())?,
+                    q_norm: head_norm("q_norm")?,
+                    k_norm: head_norm("k_norm")?,
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
+                    scale: c.attention_scale(),
+                    softcap: c.variant.attn_logit_softcapping,
+                    window: c.layer_window(i),
+                    rotary_dim: c.rotary_dim(),
+                    rope_interleaved: c.rope_interleaved(),
                 },
-                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: norm(&format!("{p}.{}.weight", names.pre_mlp))?,
                 mlp: Mlp {
-                    gate_proj: linear(
-                        &format!("{p}.mlp.gate_proj"),
-                        c.intermediate_size,
-                        hd,
-                        c.mlp_bias,
-                    )?,
-                    up_proj: linear(
-                        &format!("{p}.mlp.up_proj"),
-                        c.intermediate_size,
-                        hd,
-                        c.mlp_bias,
-                    )?,
+                    gate_proj,
+                    up_proj,
                     down_proj: linear(
                         &format!("{p}.mlp.down_proj"),
                         hd,
                         c.intermediate_size,
                         c.mlp_bias,
                     )?,
+                    activation: c.variant.hidden_act,
                 },
+                attn_output_norm: output_norm(names.attn_output)?,
+                mlp_output_norm: output_norm(names.mlp_output)?,
             });
         }
         let lm_head = if c.tie_word_embeddings {
@@ -915,6 +1106,7 @@ impl<B: Backend> CausalLm<B> {
             lm_head,
             config: config.clone(),
             rope: RotaryEmbedding::new(config),
+            rope_local: RotaryEmbedding::local(config),
             checkpointing: GradientCheckpointing::Off,
         })
     }
@@ -945,17 +1137,29 @@ impl<B: Backend> CausalLm<B> {
         if let Some(h) = &self.lm_head {
             linear(&mut put, "lm_head".into(), h);
         }
+        let names = HfLayerNames::of(&self.config);
         for (i, l) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            put(
-                format!("{p}.input_layernorm.weight"),
-                l.input_layernorm.weight.val().into_data(),
+            let mut norm = |name: String, n: &RmsNorm<B>| put(name, n.weight.val().into_data());
+            norm(format!("{p}.input_layernorm.weight"), &l.input_layernorm);
+            norm(
+                format!("{p}.{}.weight", names.pre_mlp),
+                &l.post_attention_layernorm,
             );
-            put(
-                format!("{p}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.weight.val().into_data(),
-            );
+            for (name, n) in [
+                (names.attn_output, &l.attn_output_norm),
+                (names.mlp_output, &l.mlp_output_norm),
+            ] {
+                if let (Some(name), Some(n)) = (name, n) {
+                    norm(format!("{p}.{name}.weight"), n);
+                }
+            }
             let a = &l.self_attn;
+            for (name, n) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+                if let Some(n) = n {
+                    norm(format!("{p}.self_attn.{name}.weight"), n);
+                }
+            }
             for (n, lin) in [
                 ("q_proj", &a.q_proj),
                 ("k_proj", &a.k_proj),
@@ -965,6 +1169,12 @@ impl<B: Backend> CausalLm<B> {
                 linear(&mut put, format!("{p}.self_attn.{n}"), lin);
             }
             let m = &l.mlp;
+            if self.config.fused_gate_up() {
+                let fused = Tensor::cat(vec![m.gate_proj.weight.val(), m.up_proj.weight.val()], 0);
+                put(format!("{p}.mlp.gate_up_proj.weight"), fused.into_data());
+                linear(&mut put, format!("{p}.mlp.down_proj"), &m.down_proj);
+                continue;
+            }
             for (n, lin) in [
                 ("gate_proj", &m.gate_proj),
                 ("up_proj", &m.up_proj),
@@ -974,6 +1184,38 @@ impl<B: Backend> CausalLm<B> {
             }
         }
         out
+    }
+}
+
+/// HF names of a layer's norms where the families differ (relative to `model.layers.N`).
+pub struct HfLayerNames {
+    /// The norm before the MLP.
+    pub pre_mlp: &'static str,
+    /// The norm of the attention output, where there is one.
+    pub attn_output: Option<&'static str>,
+    /// The norm of the MLP output, where there is one.
+    pub mlp_output: Option<&'static str>,
+}
+
+impl HfLayerNames {
+    pub fn of(config: &ModelConfig) -> Self {
+        match config.architecture {
+            Architecture::Gemma2 | Architecture::Gemma3 => Self {
+                pre_mlp: "pre_feedforward_layernorm",
+                attn_output: Some("post_attention_layernorm"),
+                mlp_output: Some("post_feedforward_layernorm"),
+            },
+            Architecture::Glm4 => Self {
+                pre_mlp: "post_attention_layernorm",
+                attn_output: Some("post_self_attn_layernorm"),
+                mlp_output: Some("post_mlp_layernorm"),
+            },
+            _ => Self {
+                pre_mlp: "post_attention_layernorm",
+                attn_output: None,
+                mlp_output: None,
+            },
+        }
     }
 }
 

@@ -63,6 +63,7 @@ pub fn tiny_qwen2_config(shape: TinyShape) -> ModelConfig {
         eos_token_ids: Vec::new(),
         pad_token_id: None,
         dtype: Some("float32".into()),
+        variant: Default::default(),
     }
 }
 

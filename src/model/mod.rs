@@ -1,4 +1,4 @@
-//! The decoder model: HF config and checkpoint I/O, Qwen2/Llama in burn, LoRA linear,
+//! The decoder model: HF config and checkpoint I/O, the decoder families in burn, LoRA linear,
 //! KV-cached generation with s1 budget forcing, tiny random init and the `generate` CLI.
 
 pub mod cli;
@@ -13,5 +13,7 @@ pub mod nf4_linear;
 pub mod prompt;
 pub mod rope;
 
+#[cfg(test)]
+mod family_tests;
 #[cfg(test)]
 mod tests;

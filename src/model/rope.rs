@@ -10,20 +10,34 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::config::{ModelConfig, RopeScaling};
 
-/// Inverse frequencies `[head_dim / 2]`, scaling applied, computed once on the host.
+/// Inverse frequencies `[rotary_dim / 2]`, scaling applied, computed once on the host.
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
     pub inv_freq: Vec<f32>,
+    /// Tables for adjacent pairs (`[f0, f0, f1, f1, ..]`, GLM) instead of halves.
+    pub interleaved: bool,
 }
 
 impl RotaryEmbedding {
     pub fn new(config: &ModelConfig) -> Self {
-        let dim = config.head_dim;
+        Self::with_base(config, config.rope_theta, config.rope_scaling.as_ref())
+    }
+
+    /// The sliding layers' embedding when they have a base of their own (Gemma 3).
+    pub fn local(config: &ModelConfig) -> Option<Self> {
+        config
+            .variant
+            .rope_local_theta
+            .map(|theta| Self::with_base(config, theta, None))
+    }
+
+    fn with_base(config: &ModelConfig, theta: f64, scaling: Option<&RopeScaling>) -> Self {
+        let dim = config.rotary_dim();
         // HF computes base ** (2i / dim) in f32; f64 here differs by < 1 ulp after rounding.
         let mut inv: Vec<f64> = (0..dim / 2)
-            .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64))
             .collect();
-        match &config.rope_scaling {
+        match scaling {
             None => {}
             Some(RopeScaling::Linear { factor }) => inv.iter_mut().for_each(|f| *f /= factor),
             Some(RopeScaling::Llama3 {
@@ -49,6 +63,7 @@ impl RotaryEmbedding {
         }
         Self {
             inv_freq: inv.into_iter().map(|f| f as f32).collect(),
+            interleaved: config.rope_interleaved(),
         }
     }
 
@@ -56,7 +71,7 @@ impl RotaryEmbedding {
     ///
     /// # Shapes
     /// - positions: `[batch, seq]`
-    /// - output: two `[batch, 1, seq, head_dim]` tensors
+    /// - output: two `[batch, 1, seq, rotary_dim]` tensors
     pub fn cos_sin<B: Backend>(
         &self,
         positions: Tensor<B, 2, Int>,
@@ -70,7 +85,12 @@ impl RotaryEmbedding {
             .float()
             .reshape([b, t, 1])
             .mul(inv.reshape([1, 1, half]));
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([b, 1, t, 2 * half]);
+        let emb = if self.interleaved {
+            let pairs = freqs.reshape([b, t, half, 1]);
+            Tensor::cat(vec![pairs.clone(), pairs], 3).reshape([b, 1, t, 2 * half])
+        } else {
+            Tensor::cat(vec![freqs.clone(), freqs], 2).reshape([b, 1, t, 2 * half])
+        };
         (emb.clone().cos(), emb.sin())
     }
 }
@@ -85,6 +105,49 @@ pub fn apply_rotary<B: Backend>(
     sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     crate::backend::rope(x, cos.clone(), sin.clone())
+}
+
+/// The rotary embedding on the first `rotary_dim` dimensions of each head, the rest passed
+/// through (GLM's partial rotary); `interleaved` rotates adjacent pairs, transformers' GLM
+/// `rotate_half(x) = stack(-x[1::2], x[0::2])`. Whole heads in halves take the fused kernel.
+///
+/// # Shapes
+/// - x: `[batch, heads, seq, head_dim]`; cos, sin: `[batch, 1, seq, rotary_dim]`
+pub fn apply_rotary_variant<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    rotary_dim: usize,
+    interleaved: bool,
+) -> Tensor<B, 4> {
+    let [b, h, t, d] = x.dims();
+    if rotary_dim == d && !interleaved {
+        return apply_rotary(x, cos, sin);
+    }
+    let (rot, pass) = if rotary_dim == d {
+        (x, None)
+    } else {
+        (
+            x.clone().slice([0..b, 0..h, 0..t, 0..rotary_dim]),
+            Some(x.slice([0..b, 0..h, 0..t, rotary_dim..d])),
+        )
+    };
+    let half = rotary_dim / 2;
+    let rotated = if interleaved {
+        let pairs = rot.clone().reshape([b, h, t, half, 2]);
+        let even = pairs.clone().slice([0..b, 0..h, 0..t, 0..half, 0..1]);
+        let odd = pairs.slice([0..b, 0..h, 0..t, 0..half, 1..2]);
+        Tensor::cat(vec![odd.neg(), even], 4).reshape([b, h, t, rotary_dim])
+    } else {
+        let x1 = rot.clone().slice([0..b, 0..h, 0..t, 0..half]);
+        let x2 = rot.clone().slice([0..b, 0..h, 0..t, half..rotary_dim]);
+        Tensor::cat(vec![x2.neg(), x1], 3)
+    };
+    let out = rot.mul(cos.clone()).add(rotated.mul(sin.clone()));
+    match pass {
+        Some(pass) => Tensor::cat(vec![out, pass], 3),
+        None => out,
+    }
 }
 
 #[cfg(test)]
@@ -115,6 +178,7 @@ mod tests {
             eos_token_ids: vec![],
             pad_token_id: None,
             dtype: None,
+            variant: Default::default(),
         }
     }
 

@@ -432,3 +432,33 @@ fn from_dir_reads_configs_and_llama_bos_policy() {
         "{err}"
     );
 }
+
+#[test]
+fn chat_template_jinja_beside_the_config_is_the_default_template() {
+    // transformers >= 4.43 writes the template to chat_template.jinja, not tokenizer_config.json.
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families/qwen3");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(format!("{fixture}/{f}"), dir.path().join(f)).unwrap();
+    }
+    let without = TextTokenizer::from_dir(dir.path()).unwrap();
+    assert!(without.chat_template_names().is_empty());
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    let with = TextTokenizer::from_dir(dir.path()).unwrap();
+    let rendered = with
+        .chat_template(None)
+        .unwrap()
+        .render(
+            &[ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            false,
+        )
+        .unwrap();
+    assert_eq!(rendered, "<user>hi");
+}

@@ -231,11 +231,20 @@ impl TextTokenizer {
             message: e.to_string(),
         })?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let config = if cfg_path.exists() {
+        let mut config = if cfg_path.exists() {
             TokenizerConfig::from_json(&read_json(&cfg_path)?, &cfg_path)?
         } else {
             TokenizerConfig::default()
         };
+        // transformers >= 4.43 saves the template beside the config as chat_template.jinja.
+        let jinja = dir.join("chat_template.jinja");
+        if config.chat_templates.is_empty() && jinja.is_file() {
+            let text = std::fs::read_to_string(&jinja).map_err(|source| Error::Io {
+                path: jinja.clone(),
+                source,
+            })?;
+            config.chat_templates.insert("default".into(), text);
+        }
         let gen_path = dir.join("generation_config.json");
         let generation_eos = if gen_path.exists() {
             generation_eos_ids(&read_json(&gen_path)?, &gen_path)?

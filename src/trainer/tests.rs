@@ -341,8 +341,45 @@ fn lora_loss_and_gradients_match_peft() {
         .collect();
     let mut config = tiny_qwen2_config(SHAPE);
     config.rope_theta = 10_000.0;
+    let examples = fixture_examples(&ints);
+    check_lora_against_peft(&config, &base, &floats, &examples, 28);
+}
+
+#[test]
+fn gemma2_lora_loss_and_gradients_match_peft() {
+    // scripts/make_family_lora_fixture.py: peft LoRA r4 on the seven projections of the Gemma 2
+    // family fixture (soft-capping, GeGLU, (1 + w) norms, output norms, 12 tokens over a window
+    // of 8); row 1 is right-padded after 9 tokens.
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/families/gemma2"
+    );
+    let config = ModelConfig::from_file(Path::new(dir).join("config.json")).unwrap();
+    let base = load_hf_folder_tensors(dir).unwrap();
+    let (floats, ints) = fixture_tensors("gemma2_lora_grads.safetensors");
+    let (ids, labels) = (&ints["input_ids"], &ints["labels"]);
+    let examples: Vec<TokenizedExample> = [(0, 12), (1, 9)]
+        .iter()
+        .map(|&(r, n)| TokenizedExample {
+            input_ids: ids[r * 12..r * 12 + n].iter().map(|&t| t as u32).collect(),
+            labels: labels[r * 12..r * 12 + n].to_vec(),
+        })
+        .collect();
+    check_lora_against_peft(&config, &base, &floats, &examples, 4 * 14);
+}
+
+/// Puts the fixture's `init.*` LoRA factors (scaling 2: alpha 8, r 4) on every projection of
+/// `base`, and checks one batch's mean loss (1e-4 relative) and every factor's gradient (1e-4 of
+/// its largest entry) against the fixture's `loss` and `grad.*`.
+fn check_lora_against_peft(
+    config: &ModelConfig,
+    base: &BTreeMap<String, HostTensor>,
+    floats: &BTreeMap<String, HostTensor>,
+    examples: &[TokenizedExample],
+    factors: usize,
+) {
     let device = Default::default();
-    let mut model = CausalLm::<AD>::from_hf_tensors(&config, &base, &device)
+    let mut model = CausalLm::<AD>::from_hf_tensors(config, base, &device)
         .unwrap()
         .no_grad();
     let dev2 = |t: &HostTensor| {
@@ -368,8 +405,8 @@ fn lora_loss_and_gradients_match_peft() {
             2.0,
         );
     }
-    let examples = fixture_examples(&ints);
-    let batch = make_batch::<AD>(&examples, &[0, 1], 0, &device);
+    let rows: Vec<usize> = (0..examples.len()).collect();
+    let batch = make_batch::<AD>(examples, &rows, 0, &device);
     let loss = summed_cross_entropy(model.logits(batch.input_ids.clone()), &batch)
         .div_scalar(batch.num_items as f64);
     let got: f32 = loss.clone().into_data().to_vec::<f32>().unwrap()[0];
@@ -405,7 +442,7 @@ fn lora_loss_and_gradients_match_peft() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 28);
+    assert_eq!(checked, factors);
 }
 
 /// The fixture batch: row 1 is right-padded after 5 tokens (attention_mask 0, labels -100).
