@@ -3,7 +3,11 @@
 
 use assert_cmd::Command;
 use runner::data::Table;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+#[path = "support/fake_hub.rs"]
+mod fake_hub;
 
 fn runner(dir: &Path) -> Command {
     let mut cmd = Command::cargo_bin("runner").unwrap();
@@ -367,4 +371,160 @@ fn a_trained_stage_is_the_base_of_the_next_one() {
         "stages.full.learning_rate=1e-3",
     ]));
     assert!(plan.contains("run     full"), "{plan}");
+}
+
+const SHA_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const SHA_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+/// The Qwen3 family fixture as a repository's files.
+fn tiny_repo_files() -> BTreeMap<String, Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/qwen3");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.ends_with("expected.json"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+const HUB_RECIPE: &str = r#"
+[recipe]
+name = "hub"
+seed = 1
+
+[stages.base]
+kind = "model"
+source = "hf://tiny-org/tiny-qwen3"
+"#;
+
+#[test]
+fn hub_models_download_into_the_shared_cache_and_are_fingerprinted_by_commit() {
+    let hub = fake_hub::FakeHub::start("tiny-org/tiny-qwen3");
+    hub.commit(SHA_A, "main", tiny_repo_files());
+    let dir = tempfile::tempdir().unwrap();
+    let hf_home = dir.path().join("hf-home");
+    let cmd = |offline: bool| {
+        let mut c = runner(dir.path());
+        c.env("HF_ENDPOINT", &hub.endpoint)
+            .env("HF_HOME", &hf_home)
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN");
+        if offline {
+            c.env("HF_HUB_OFFLINE", "1");
+        } else {
+            c.env_remove("HF_HUB_OFFLINE");
+        }
+        c
+    };
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/families/qwen3/expected.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let prompt = &expected["prompts"][0];
+
+    // `--model hf://...` downloads into the Python library's cache layout and generates.
+    let out = stdout(cmd(false).args([
+        "generate",
+        "--model",
+        "hf://tiny-org/tiny-qwen3",
+        "--prompt",
+        prompt["text"].as_str().unwrap(),
+        "--max-new-tokens",
+        "16",
+        "--greedy",
+        "--device",
+        "cpu",
+        "--json",
+    ]));
+    let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(line["token_ids"], prompt["tokens"], "{out}");
+    let repo = hf_home.join("hub/models--tiny-org--tiny-qwen3");
+    assert!(repo
+        .join(format!("snapshots/{SHA_A}/model.safetensors"))
+        .is_file());
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main"))
+            .unwrap()
+            .trim(),
+        SHA_A
+    );
+    let downloads = hub.downloads.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        downloads, 5,
+        "config, generation config, tokenizer (2), weights"
+    );
+
+    // A recipe's model stage: cached on the second run, nothing downloaded again.
+    write(dir.path().join("r.toml"), HUB_RECIPE);
+    write(
+        dir.path().join("pinned.toml"),
+        HUB_RECIPE.replace("tiny-qwen3\"", &format!("tiny-qwen3@{SHA_A}\"")),
+    );
+    for recipe in ["r.toml", "pinned.toml", "r.toml"] {
+        let out = cmd(false).args(["run", recipe]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let err = |out: std::process::Output| String::from_utf8_lossy(&out.stderr).to_string();
+    let again = err(cmd(false).args(["run", "r.toml"]).output().unwrap());
+    assert!(again.contains("0 ran, 1 cached"), "{again}");
+    assert_eq!(
+        hub.downloads.load(std::sync::atomic::Ordering::SeqCst),
+        downloads
+    );
+
+    // main moves: the branch's recipe reruns, the pinned one stays cached.
+    let mut moved = tiny_repo_files();
+    moved.insert(
+        "generation_config.json".into(),
+        br#"{"eos_token_id": 2, "bos_token_id": 1}"#.to_vec(),
+    );
+    hub.commit(SHA_B, "main", moved);
+    let branch = err(cmd(false).args(["run", "r.toml"]).output().unwrap());
+    assert!(branch.contains("1 ran, 0 cached"), "{branch}");
+    let pinned = err(cmd(false).args(["run", "pinned.toml"]).output().unwrap());
+    assert!(pinned.contains("0 ran, 1 cached"), "{pinned}");
+
+    // Offline: the cached commit of main serves; an uncached repository is a clear error.
+    let offline = err(cmd(true).args(["run", "r.toml"]).output().unwrap());
+    assert!(offline.contains("0 ran, 1 cached"), "{offline}");
+    let missing = cmd(true)
+        .args([
+            "run",
+            "r.toml",
+            "--set",
+            "stages.base.source=hf://tiny-org/other",
+        ])
+        .output()
+        .unwrap();
+    let text = err(missing.clone());
+    assert!(!missing.status.success());
+    assert!(
+        text.contains("tiny-org/other") && text.contains("HF_HUB_OFFLINE"),
+        "{text}"
+    );
+    // A malformed reference names the key.
+    let bad = err(cmd(false)
+        .args([
+            "run",
+            "r.toml",
+            "--set",
+            "stages.base.source=hf://just-a-name",
+        ])
+        .output()
+        .unwrap());
+    assert!(
+        bad.contains("source") && bad.contains("hf://Org/Name"),
+        "{bad}"
+    );
 }

@@ -629,3 +629,58 @@ fn export_type_is_spelt_as_llama_cpp_spells_it() {
     let err = parse("q5_k").unwrap_err().to_string();
     assert!(err.contains("q8_0") && err.contains("q4_k_m"), "{err}");
 }
+
+#[test]
+fn qwen3_exports_to_gguf_reads_back_and_llama_cpp_agrees() {
+    // The Qwen3 family fixture (per-head q/k norms, head_dim 16 != hidden / heads): F32 GGUF
+    // under llama.cpp's `qwen3` names, read back bit for bit, greedy tokens as transformers'.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/qwen3");
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("expected.json")).unwrap()).unwrap();
+    let prompt = &expected["prompts"][0];
+    let ids: Vec<u32> = serde_json::from_value(prompt["ids"].clone()).unwrap();
+    let want: Vec<u32> = serde_json::from_value(prompt["tokens"].clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qwen3-f32.gguf");
+    export_gguf(&src, None, &out, ExportType::F32).unwrap();
+    let (config, tensors, _) = crate::gguf::model::load_gguf_model(&out).unwrap();
+    assert_eq!(config.model_type, "qwen3");
+    assert_eq!(config.head_dim, 16);
+    let original = crate::model::hf::load_hf_folder_tensors(&src).unwrap();
+    for (name, t) in &original {
+        assert_eq!(tensors[name].data, t.data, "{name}");
+    }
+    let model = crate::model::decoder::CausalLm::<burn::backend::NdArray<f32>>::from_hf_tensors(
+        &config,
+        &tensors,
+        &Default::default(),
+    )
+    .unwrap();
+    let opts = crate::model::generate::GenerateOptions {
+        max_new_tokens: 16,
+        stop_token_ids: vec![2],
+        ..Default::default()
+    };
+    let got =
+        crate::model::generate::generate(&model, std::slice::from_ref(&ids), &opts, None).unwrap();
+    assert_eq!(got[0].token_ids, want, "runner on its own GGUF");
+    if !python_has("llama_cpp") {
+        crate::util::test_skip("llama_cpp (llama-cpp-python) not installed");
+        return;
+    }
+    let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let o = std::process::Command::new("python3")
+        .arg(script("llama_cpp_greedy.py"))
+        .arg(&out)
+        .arg(format!("ids:{}", list.join(",")))
+        .arg(want.len().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "llama.cpp failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let theirs: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(theirs, want, "llama.cpp on the exported qwen3 GGUF");
+}

@@ -58,9 +58,9 @@ pub enum Error {
     Shape { tensor: String, what: String },
     #[error("cannot quantize to {ty}: {what}")]
     Quant { ty: String, what: String },
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama, qwen2)")]
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama, qwen2, qwen3)")]
     Arch { path: PathBuf, arch: String },
-    #[error("GGUF export of a `{model_type}` model is not supported yet (supported: llama without a sliding window, qwen2); export it as safetensors (`merged`) instead")]
+    #[error("GGUF export of a `{model_type}` model is not supported yet (supported: llama without a sliding window, qwen2, qwen3); export it as safetensors (`merged`) instead")]
     ArchExport { model_type: String },
     #[error("tokenizer ({path}): {what}")]
     Tokenizer { path: PathBuf, what: String },

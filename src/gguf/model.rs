@@ -1,4 +1,4 @@
-//! Whole-model GGUF I/O for dense llama/qwen2 decoders: `ModelConfig` from/to `{arch}.*`
+//! Whole-model GGUF I/O for dense llama/qwen2/qwen3 decoders: `ModelConfig` from/to `{arch}.*`
 //! metadata (keys as gguf-py/gguf/constants.py `Keys`, values as convert_hf_to_gguf.py
 //! `set_gguf_parameters`), HF tensor names, and Llama's q/k permutation
 //! (conversion/llama.py `LlamaModel.permute`).
@@ -24,6 +24,7 @@ fn f32_as_f64(v: f64) -> f64 {
 pub fn gguf_arch(cfg: &ModelConfig) -> Option<&'static str> {
     match cfg.architecture {
         Architecture::Qwen2 => Some("qwen2"),
+        Architecture::Qwen3 if cfg.variant.sliding_window.is_none() => Some("qwen3"),
         // Mistral's window has no llama.cpp key under `llama`: a sliding model is refused.
         Architecture::Llama if cfg.variant.sliding_window.is_none() => Some("llama"),
         _ => None,
@@ -36,6 +37,7 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
     let architecture = match arch_name {
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
         other => {
             return Err(Error::Arch {
                 path: f.path.clone(),
@@ -87,7 +89,7 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
         rope_scaling,
         max_position_embeddings: n("context_length")?,
         tie_word_embeddings: !has("output.weight"),
-        attention_bias: architecture == Architecture::Llama && has("blk.0.attn_q.bias"),
+        attention_bias: architecture != Architecture::Qwen2 && has("blk.0.attn_q.bias"),
         mlp_bias: false,
         initializer_range: 0.02,
         bos_token_id: tok.bos_id,

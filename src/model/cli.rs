@@ -148,9 +148,14 @@ impl Drop for ScratchDir {
     }
 }
 
-/// Resolves a model path: an HF folder, or a `.gguf` file (its tokenizer is rebuilt from the
-/// GGUF metadata into a cache folder).
+/// Resolves a model path: an HF folder, `hf://Org/Name[@revision]` (downloaded into the Hub
+/// cache), or a `.gguf` file (its tokenizer is rebuilt from the GGUF metadata into a cache folder).
 pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
+    if let Some(fetched) = crate::model::hub::fetch_model(&path.to_string_lossy()) {
+        let (dir, commit) = fetched?;
+        tracing::info!("{} is commit {commit} ({})", path.display(), dir.display());
+        return load_model_source(&dir);
+    }
     if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))

@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod device;
 pub mod generate;
 pub mod hf;
+pub mod hub;
 pub mod init;
 pub mod lora;
 pub mod nf4_linear;

@@ -388,6 +388,15 @@ impl Plan {
                 })?;
                 external.push(ExternalFile { path, blake3 });
             }
+            let revision = stages[i]
+                .stage
+                .source_revision(&stages[i].params, &recipe.dir)
+                .map_err(|e| {
+                    RecipeError::invalid(
+                        recipe.locate(&format!("stages.{}", stages[i].name)),
+                        format!("stage `{}`: {e}", stages[i].name),
+                    )
+                })?;
             let mut input_fps = serde_json::Map::new();
             for input in &stages[i].inputs {
                 let upstream = &stages[position[index[&input.stage]]];
@@ -422,6 +431,11 @@ impl Plan {
                 })).collect::<Vec<_>>(),
                 "seed": seed,
             });
+            let mut doc = doc;
+            if let Some(revision) = revision {
+                // Only stages with such a source carry the key: other fingerprints are unchanged.
+                doc["source_revision"] = json!(revision);
+            }
             stages[i].fingerprint = fingerprint(&doc);
             stages[i].fingerprint_doc = doc;
             stages[i].external = external;

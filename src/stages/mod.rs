@@ -130,6 +130,15 @@ pub trait Stage: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// An identity of an external source that is not a local file (a Hub repository's resolved
+    /// commit); it enters the fingerprint.
+    fn source_revision(
+        _params: &Self::Params,
+        _recipe_dir: &Path,
+    ) -> Result<Option<String>, StageError> {
+        Ok(None)
+    }
+
     /// Cross-field checks that serde cannot express; the message names the key.
     fn validate(_params: &Self::Params) -> Result<(), (String, String)> {
         Ok(())
@@ -174,6 +183,11 @@ pub trait DynStage: Send + Sync {
         params: &serde_json::Value,
         recipe_dir: &Path,
     ) -> Result<Vec<PathBuf>, StageError>;
+    fn source_revision(
+        &self,
+        params: &serde_json::Value,
+        recipe_dir: &Path,
+    ) -> Result<Option<String>, StageError>;
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> Result<(), StageError>;
 }
 
@@ -237,6 +251,14 @@ impl<S: Stage> DynStage for Erased<S> {
         recipe_dir: &Path,
     ) -> Result<Vec<PathBuf>, StageError> {
         S::external_files(&Self::typed(params)?, recipe_dir)
+    }
+
+    fn source_revision(
+        &self,
+        params: &serde_json::Value,
+        recipe_dir: &Path,
+    ) -> Result<Option<String>, StageError> {
+        S::source_revision(&Self::typed(params)?, recipe_dir)
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> Result<(), StageError> {

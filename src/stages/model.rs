@@ -1,4 +1,5 @@
-//! `model`: the base model as an HF folder in the store, from an HF folder, a `.gguf` file, or
+//! `model`: the base model as an HF folder in the store, from an HF folder, a `.gguf` file,
+//! `hf://Org/Name[@revision]` (the Hub; the resolved commit is in the fingerprint), or
 //! `init:tiny` (a byte-level BPE tokenizer trained on the input dataset and a small random Qwen2,
 //! so the default recipe runs on a fresh machine with nothing downloaded).
 
@@ -40,7 +41,7 @@ impl Default for TinyParams {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
-    /// An HF folder, a `.gguf` file, or `init:tiny`.
+    /// An HF folder, a `.gguf` file, `hf://Org/Name[@revision]`, or `init:tiny`.
     pub source: String,
     #[serde(default)]
     pub tiny: TinyParams,
@@ -86,6 +87,7 @@ const HF_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
 ];
 
 fn hf_folder_files(dir: &Path) -> Result<Vec<PathBuf>, StageError> {
@@ -128,7 +130,7 @@ impl Stage for Model {
     }
 
     fn external_files(params: &Params, recipe_dir: &Path) -> Result<Vec<PathBuf>, StageError> {
-        if is_tiny(&params.source) {
+        if is_tiny(&params.source) || params.source.starts_with(crate::model::hub::SCHEME) {
             return Ok(Vec::new());
         }
         let path = resolve(&params.source, recipe_dir);
@@ -145,7 +147,25 @@ impl Stage for Model {
         }
     }
 
+    /// A Hub source enters the fingerprint as the commit its revision names now (nothing is
+    /// downloaded to plan: the commit comes from the API, or from the cache when offline).
+    fn source_revision(params: &Params, _recipe_dir: &Path) -> Result<Option<String>, StageError> {
+        match crate::model::hub::HubModel::parse(&params.source) {
+            None => Ok(None),
+            Some(model) => {
+                let model = model.map_err(|e| StageError::msg(e.to_string()))?;
+                let commit = model
+                    .resolve_commit()
+                    .map_err(|e| StageError::msg(e.to_string()))?;
+                Ok(Some(format!("{}@{commit}", model.repo)))
+            }
+        }
+    }
+
     fn validate(params: &Params) -> Result<(), (String, String)> {
+        if let Some(Err(e)) = crate::model::hub::HubModel::parse(&params.source) {
+            return Err(("source".into(), e.to_string()));
+        }
         if params.source.starts_with("init:") && !is_tiny(&params.source) {
             return Err((
                 "source".into(),
@@ -171,7 +191,10 @@ impl Stage for Model {
         if is_tiny(&params.source) {
             return init_tiny(params, ctx);
         }
-        let path = resolve(&params.source, &ctx.recipe_dir);
+        let path = match crate::model::hub::fetch_model(&params.source) {
+            Some(fetched) => fetched.map_err(|e| err(&e))?.0,
+            None => resolve(&params.source, &ctx.recipe_dir),
+        };
         if path.is_dir() {
             for file in hf_folder_files(&path)? {
                 let target = ctx.out(&file.file_name().unwrap_or_default().to_string_lossy());
