@@ -43,6 +43,17 @@ pub enum HfError {
     Write { path: PathBuf, message: String },
 }
 
+/// The files of a model folder besides its weights (`model.safetensors`, or
+/// `model.safetensors.index.json` and its shards): what copying or downloading a model takes.
+pub const MODEL_METADATA_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
 /// Floating-point storage types handled for model weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {

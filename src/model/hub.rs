@@ -14,18 +14,10 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Repo, RepoType};
 
+use crate::model::hf::MODEL_METADATA_FILES;
+
 /// The scheme of a Hub model reference.
 pub const SCHEME: &str = "hf://";
-
-/// Files a model folder may need besides its weights.
-const MODEL_FILES: &[&str] = &[
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -148,7 +140,7 @@ impl HubModel {
         let available: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
         let mut wanted: Vec<String> = available
             .iter()
-            .filter(|f| MODEL_FILES.contains(&f.as_str()))
+            .filter(|f| MODEL_METADATA_FILES.contains(&f.as_str()))
             .cloned()
             .collect();
         let has = |name: &str| available.iter().any(|f| f == name);

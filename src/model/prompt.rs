@@ -359,8 +359,5 @@ pub fn with_virtual_tokens<B: Backend>(
     let [b, _] = input_ids.dims();
     let [n, h] = virtual_tokens.dims();
     let prompts = virtual_tokens.unsqueeze_dim::<3>(0).expand([b, n, h]);
-    Tensor::cat(
-        vec![prompts, model.model.embed_tokens.forward(input_ids)],
-        1,
-    )
+    Tensor::cat(vec![prompts, model.embed(input_ids)], 1)
 }

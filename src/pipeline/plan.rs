@@ -369,34 +369,27 @@ impl Plan {
 
         // Fingerprints in dependency order.
         for i in 0..stages.len() {
+            let stage_error = |message: String| {
+                RecipeError::invalid(
+                    recipe.locate(&format!("stages.{}", stages[i].name)),
+                    message,
+                )
+            };
+            let name = &stages[i].name;
             let files = stages[i]
                 .stage
                 .external_files(&stages[i].params, &recipe.dir)
-                .map_err(|e| {
-                    RecipeError::invalid(
-                        recipe.locate(&format!("stages.{}", stages[i].name)),
-                        format!("stage `{}`: {e}", stages[i].name),
-                    )
-                })?;
+                .map_err(|e| stage_error(format!("stage `{name}`: {e}")))?;
             let mut external = Vec::new();
             for path in files {
-                let blake3 = crate::util::hash_file(&path).map_err(|e| {
-                    RecipeError::invalid(
-                        recipe.locate(&format!("stages.{}", stages[i].name)),
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
+                let blake3 = crate::util::hash_file(&path)
+                    .map_err(|e| stage_error(format!("cannot read {}: {e}", path.display())))?;
                 external.push(ExternalFile { path, blake3 });
             }
             let revision = stages[i]
                 .stage
                 .source_revision(&stages[i].params, &recipe.dir)
-                .map_err(|e| {
-                    RecipeError::invalid(
-                        recipe.locate(&format!("stages.{}", stages[i].name)),
-                        format!("stage `{}`: {e}", stages[i].name),
-                    )
-                })?;
+                .map_err(|e| stage_error(format!("stage `{name}`: {e}")))?;
             let mut input_fps = serde_json::Map::new();
             for input in &stages[i].inputs {
                 let upstream = &stages[position[index[&input.stage]]];

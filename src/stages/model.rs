@@ -81,15 +81,6 @@ fn resolve(source: &str, recipe_dir: &Path) -> PathBuf {
     }
 }
 
-const HF_FILES: &[&str] = &[
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-];
-
 fn hf_folder_files(dir: &Path) -> Result<Vec<PathBuf>, StageError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| StageError::io(dir, e))?
@@ -99,7 +90,7 @@ fn hf_folder_files(dir: &Path) -> Result<Vec<PathBuf>, StageError> {
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
-            HF_FILES.contains(&name.as_str())
+            crate::model::hf::MODEL_METADATA_FILES.contains(&name.as_str())
                 || name.ends_with(".safetensors")
                 || name == "model.safetensors.index.json"
         })

@@ -246,8 +246,9 @@ impl<B: Backend> PromptLm<B> {
         let embedding = match init_ids {
             Some(ids) => {
                 let ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
-                let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device);
-                let rows = base.model.embed_tokens.weight.val().select(0, ids);
+                let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), device);
+                // As peft's `word_embeddings(ids)`: the input layer's (scaled for Gemma).
+                let rows = base.embed(ids).reshape([n, d]);
                 Tensor::from_data(rows.into_data(), device)
             }
             None => Tensor::random([n, d], Distribution::Normal(0.0, 1.0), device),

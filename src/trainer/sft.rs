@@ -126,8 +126,11 @@ impl<B: Backend> CausalModel<B> for CausalLm<B> {
     /// Through the LM head in chunks of tokens ([`crate::backend::linear_cross_entropy`]), so
     /// the `[tokens, vocab]` logits (5 GB in f32 for 8 x 1024 tokens of Qwen2.5) never exist at
     /// once, in the forward or the backward pass. A head with an adapter or a bias takes the
-    /// default path.
+    /// default path, as do soft-capped logits (Gemma 2), which the chunked loss does not cap.
     fn summed_loss(&self, batch: &Batch<B>) -> Tensor<B, 1> {
+        if self.config.variant.final_logit_softcapping.is_some() {
+            return summed_cross_entropy(self.logits(batch.input_ids.clone()), batch);
+        }
         let weight = match &self.lm_head {
             None => self.model.embed_tokens.weight.val(),
             Some(head) if head.lora_a.is_none() && head.bias.is_none() => head.weight.val(),

@@ -415,6 +415,17 @@ fn check_lora_against_peft(
         ((got - want) / want).abs() < 1e-4,
         "loss {got} vs peft {want}"
     );
+    // The loss training computes (through the chunked LM head where it applies) is the same.
+    let trained: f32 = model
+        .summed_loss(&batch)
+        .div_scalar(batch.num_items as f64)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()[0];
+    assert!(
+        ((trained - want) / want).abs() < 1e-4,
+        "training loss {trained} vs peft {want}"
+    );
     let grads = loss.backward();
     let mut checked = 0;
     for (layer, module, slot) in projections_mut(&mut model) {
