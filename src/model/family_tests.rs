@@ -58,6 +58,16 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// The fixture's prompts as token ids.
+fn prompt_ids(f: &Family) -> Vec<Vec<u32>> {
+    f.expected["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["ids"]))
+        .collect()
+}
+
 fn greedy(f: &Family) -> GenerateOptions {
     GenerateOptions {
         max_new_tokens: 16,
@@ -104,12 +114,7 @@ fn every_family_generates_a_left_padded_batch_as_transformers() {
     // Sliding windows count padding positions as transformers does (cache positions).
     for (name, _) in NAMES {
         let f = family(name);
-        let prompts: Vec<Vec<u32>> = f.expected["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| ids(&p["ids"]))
-            .collect();
+        let prompts = prompt_ids(&f);
         let got = generate(&f.model, &prompts, &greedy(&f), None).unwrap();
         let want = f.expected["batch"]["tokens"].as_array().unwrap();
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -181,5 +186,21 @@ fn every_family_writes_back_what_it_read() {
         for (k, t) in &tensors {
             assert_eq!(back[k].data, t.data, "{name}: {k}");
         }
+    }
+}
+
+#[test]
+fn a_pad_id_outside_the_vocabulary_still_pads() {
+    // GLM's configs name pad id 151329; a smaller vocabulary must not make padding fail.
+    let f = family("glm");
+    let prompts = prompt_ids(&f);
+    let opts = GenerateOptions {
+        pad_token_id: 151_329,
+        ..greedy(&f)
+    };
+    let got = generate(&f.model, &prompts, &opts, None).unwrap();
+    let want = f.expected["batch"]["tokens"].as_array().unwrap();
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.token_ids, ids(w));
     }
 }

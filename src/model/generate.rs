@@ -173,6 +173,13 @@ pub fn generate_prompted<B: Backend>(
     }
     let device = model.model.embed_tokens.weight.device();
     let b = prompts.len();
+    // Padding is masked, so any id in the vocabulary serves; configs may name one outside it
+    // (GLM's 151329 in a model with a smaller vocabulary).
+    let pad_id = if (opts.pad_token_id as usize) < model.config.vocab_size {
+        opts.pad_token_id
+    } else {
+        0
+    };
     // Rows with the same prompt (GRPO's group of completions) share one prefill.
     let (distinct, row_source) = distinct_prompts(prompts);
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -180,7 +187,7 @@ pub fn generate_prompted<B: Backend>(
     let mut mask = Vec::with_capacity(distinct.len());
     for p in &distinct {
         let pad = longest - p.len();
-        ids.extend(std::iter::repeat_n(opts.pad_token_id as i64, pad));
+        ids.extend(std::iter::repeat_n(pad_id as i64, pad));
         ids.extend(p.iter().map(|&t| t as i64));
         mask.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
     }
@@ -223,7 +230,7 @@ pub fn generate_prompted<B: Backend>(
         let mut next = Vec::with_capacity(b);
         for (row, sampled) in rows.iter_mut().zip(choice) {
             if row.finish.is_some() {
-                next.push(opts.pad_token_id);
+                next.push(pad_id);
                 continue;
             }
             let token = advance(row, sampled, opts.budget.as_ref());
