@@ -25,7 +25,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("{path}: unsupported architecture {value:?} (key `{key}`); expected one of {SUPPORTED_MODEL_TYPES}")]
+    #[error(
+        "{path}: unsupported architecture {value:?} (key `{key}`); expected one of {}",
+        supported_model_types()
+    )]
     UnsupportedArchitecture {
         path: PathBuf,
         key: &'static str,
@@ -41,9 +44,27 @@ pub enum ConfigError {
     },
 }
 
-/// `model_type`s this decoder reads, for error messages.
-pub const SUPPORTED_MODEL_TYPES: &str =
-    "qwen2, qwen3, llama, mistral, gemma2, gemma3_text, glm, glm4";
+/// Every `model_type` this decoder reads, with the class transformers saves it as
+/// (`architectures[0]`) and the decoder it runs as (Mistral runs as Llama with its window).
+const FAMILIES: &[(&str, &str, Architecture)] = &[
+    ("qwen2", "Qwen2ForCausalLM", Architecture::Qwen2),
+    ("qwen3", "Qwen3ForCausalLM", Architecture::Qwen3),
+    ("llama", "LlamaForCausalLM", Architecture::Llama),
+    ("mistral", "MistralForCausalLM", Architecture::Llama),
+    ("gemma2", "Gemma2ForCausalLM", Architecture::Gemma2),
+    ("gemma3_text", "Gemma3ForCausalLM", Architecture::Gemma3),
+    ("glm", "GlmForCausalLM", Architecture::Glm),
+    ("glm4", "Glm4ForCausalLM", Architecture::Glm4),
+];
+
+/// The `model_type`s of [`FAMILIES`], for error messages.
+fn supported_model_types() -> String {
+    FAMILIES
+        .iter()
+        .map(|(t, _, _)| *t)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The decoder family; Mistral-style configs resolve to [`Architecture::Llama`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,16 +311,13 @@ impl ModelConfig {
     /// A config.json that transformers 4 and 5 load (legacy `rope_theta`/`rope_scaling` keys,
     /// which transformers 5 converts into `rope_parameters`).
     pub fn to_hf_json(&self) -> Value {
-        let (arch, model_type) = match (self.architecture, self.model_type.as_str()) {
-            (Architecture::Qwen2, _) => ("Qwen2ForCausalLM", "qwen2"),
-            (Architecture::Qwen3, _) => ("Qwen3ForCausalLM", "qwen3"),
-            (Architecture::Llama, "mistral") => ("MistralForCausalLM", "mistral"),
-            (Architecture::Llama, _) => ("LlamaForCausalLM", "llama"),
-            (Architecture::Gemma2, _) => ("Gemma2ForCausalLM", "gemma2"),
-            (Architecture::Gemma3, _) => ("Gemma3ForCausalLM", "gemma3_text"),
-            (Architecture::Glm, _) => ("GlmForCausalLM", "glm"),
-            (Architecture::Glm4, _) => ("Glm4ForCausalLM", "glm4"),
-        };
+        // The family read (Mistral and Llama share a decoder), else the decoder's first.
+        let (model_type, arch, _) = FAMILIES
+            .iter()
+            .find(|(t, _, a)| *a == self.architecture && *t == self.model_type)
+            .or_else(|| FAMILIES.iter().find(|(_, _, a)| *a == self.architecture))
+            .expect("every architecture has a family");
+        let (arch, model_type) = (*arch, *model_type);
         let v = &self.variant;
         let mut m = Map::new();
         m.insert("architectures".into(), json!([arch]));
@@ -722,54 +740,31 @@ fn resolve_architecture(
     raw: &RawModelConfig,
     path: &Path,
 ) -> Result<(Architecture, String), ConfigError> {
-    let from_type = |t: &str| match t {
-        "qwen2" => Some(Architecture::Qwen2),
-        "qwen3" => Some(Architecture::Qwen3),
-        "llama" | "mistral" => Some(Architecture::Llama),
-        "gemma2" => Some(Architecture::Gemma2),
-        "gemma3_text" => Some(Architecture::Gemma3),
-        "glm" => Some(Architecture::Glm),
-        "glm4" => Some(Architecture::Glm4),
-        _ => None,
+    let unsupported = |key: &'static str, value: &str| ConfigError::UnsupportedArchitecture {
+        path: path.to_path_buf(),
+        key,
+        value: value.to_string(),
     };
-    if let Some(t) = &raw.model_type {
-        return from_type(t).map(|a| (a, t.clone())).ok_or_else(|| {
-            ConfigError::UnsupportedArchitecture {
+    let family = match (
+        &raw.model_type,
+        raw.architectures.as_ref().and_then(|a| a.first()),
+    ) {
+        (Some(t), _) => FAMILIES
+            .iter()
+            .find(|(ty, _, _)| ty == t)
+            .ok_or_else(|| unsupported("model_type", t))?,
+        (None, Some(class)) => FAMILIES
+            .iter()
+            .find(|(_, c, _)| c == class)
+            .ok_or_else(|| unsupported("architectures", class))?,
+        (None, None) => {
+            return Err(ConfigError::MissingKey {
                 path: path.to_path_buf(),
                 key: "model_type",
-                value: t.clone(),
-            }
-        });
-    }
-    let first =
-        raw.architectures
-            .as_ref()
-            .and_then(|a| a.first())
-            .ok_or(ConfigError::MissingKey {
-                path: path.to_path_buf(),
-                key: "model_type",
-            })?;
-    let model_type = match first.as_str() {
-        "Qwen2ForCausalLM" => "qwen2",
-        "Qwen3ForCausalLM" => "qwen3",
-        "LlamaForCausalLM" => "llama",
-        "MistralForCausalLM" => "mistral",
-        "Gemma2ForCausalLM" => "gemma2",
-        "Gemma3ForCausalLM" => "gemma3_text",
-        "GlmForCausalLM" => "glm",
-        "Glm4ForCausalLM" => "glm4",
-        _ => {
-            return Err(ConfigError::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                key: "architectures",
-                value: first.clone(),
             })
         }
     };
-    Ok((
-        from_type(model_type).unwrap_or(Architecture::Llama),
-        model_type.to_string(),
-    ))
+    Ok((family.2, family.0.to_string()))
 }
 
 /// Serde helper: a key present (even as null) is `Some`, an absent one `None` (with `default`).

@@ -122,16 +122,16 @@ impl HubModel {
     pub fn download(&self, commit: &str) -> Result<PathBuf, HubError> {
         let cache = cache_dir();
         let dir = snapshot_dir(&cache, self, commit);
+        // A commit never changes: a complete snapshot needs no request (nor a network).
+        if snapshot_complete(&dir) {
+            return Ok(dir);
+        }
         if offline() {
-            return if dir.join("config.json").is_file() {
-                Ok(dir)
-            } else {
-                Err(HubError::NotCached {
-                    repo: self.repo.clone(),
-                    revision: commit.to_string(),
-                    cache,
-                })
-            };
+            return Err(HubError::NotCached {
+                repo: self.repo.clone(),
+                revision: commit.to_string(),
+                cache,
+            });
         }
         let repo = self.api_repo(commit)?;
         let info = repo
@@ -291,6 +291,20 @@ fn cached_commit(cache: &Path, model: &HubModel) -> Option<String> {
     snapshot_dir(cache, model, &commit)
         .is_dir()
         .then_some(commit)
+}
+
+/// Whether `dir` holds a model's config and all its weights (fetched last, so the metadata files
+/// came before them).
+fn snapshot_complete(dir: &Path) -> bool {
+    if !dir.join("config.json").is_file() {
+        return false;
+    }
+    if dir.join("model.safetensors").is_file() {
+        return true;
+    }
+    let index = dir.join("model.safetensors.index.json");
+    index.is_file()
+        && shard_names(&index).is_ok_and(|shards| shards.iter().all(|s| dir.join(s).is_file()))
 }
 
 fn is_commit(revision: &str) -> bool {

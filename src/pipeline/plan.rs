@@ -410,7 +410,7 @@ impl Plan {
                     map.remove(*key);
                 }
             }
-            let doc = json!({
+            let mut doc = json!({
                 "kind": stages[i].kind,
                 "version": stages[i].stage.version(),
                 // A new runner may compute a stage differently even when the stage's own
@@ -424,7 +424,6 @@ impl Plan {
                 })).collect::<Vec<_>>(),
                 "seed": seed,
             });
-            let mut doc = doc;
             if let Some(revision) = revision {
                 // Only stages with such a source carry the key: other fingerprints are unchanged.
                 doc["source_revision"] = json!(revision);
