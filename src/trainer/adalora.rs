@@ -32,6 +32,7 @@ use crate::train::adalora::{
 use crate::train::peft_io::{self, DenseTensor, LoraAdapterConfig, LoraModule};
 use crate::trainer::adapters::{projections_mut, save_merged};
 use crate::trainer::data::plan_steps;
+use crate::trainer::objective::Objective;
 use crate::trainer::sft::{train_loop, CausalModel, LoopCtx, SftReport, StepHook};
 use crate::trainer::Error;
 
@@ -497,9 +498,9 @@ impl<AB: AutodiffBackend> StepHook<AB, AdaLoraLm<AB>> for RankAllocator<AB::Inne
 }
 
 /// The optimizer steps `train_loop` will plan for this run.
-fn planned_steps(ctx: &LoopCtx<'_>) -> u64 {
+fn planned_steps<O: Objective + ?Sized>(ctx: &LoopCtx<'_, O>) -> u64 {
     let cfg = ctx.cfg;
-    let lengths: Vec<usize> = ctx.train.iter().map(|e| e.input_ids.len()).collect();
+    let lengths: Vec<usize> = (0..ctx.train.len()).map(|i| ctx.train.tokens(i)).collect();
     plan_steps(
         &lengths,
         cfg.seed,
@@ -514,8 +515,8 @@ fn planned_steps(ctx: &LoopCtx<'_>) -> u64 {
 
 /// The adapter settings of a run: the stage's LoRA keys, its `adalora` table, and
 /// `total_step` defaulting to the planned steps.
-pub(crate) fn adapter_config(
-    ctx: &LoopCtx<'_>,
+pub(crate) fn adapter_config<O: Objective + ?Sized>(
+    ctx: &LoopCtx<'_, O>,
     base_name: Option<String>,
 ) -> Result<AdaLoraAdapterConfig, Error> {
     let cfg = ctx.cfg;
@@ -537,8 +538,8 @@ pub(crate) fn adapter_config(
 }
 
 /// The `method = "adalora"` branch of the SFT stage.
-pub(crate) fn run<B: AutodiffBackend>(
-    ctx: &LoopCtx<'_>,
+pub(crate) fn run<B: AutodiffBackend, O: Objective + ?Sized>(
+    ctx: &LoopCtx<'_, O>,
     config: &ModelConfig,
     tensors: BTreeMap<String, HostTensor>,
     base_name: Option<String>,
@@ -561,8 +562,8 @@ pub(crate) fn run<B: AutodiffBackend>(
 
 /// Trains an AdaLoRA model and writes `adapter/` (peft format, cut to the rank pattern) and
 /// `merged/` (base + the same masked adapter).
-pub(crate) fn train_and_save<B: AutodiffBackend>(
-    ctx: &LoopCtx<'_>,
+pub(crate) fn train_and_save<B: AutodiffBackend, O: Objective + ?Sized>(
+    ctx: &LoopCtx<'_, O>,
     model: AdaLoraLm<B>,
     adapter: AdaLoraAdapterConfig,
     config: &ModelConfig,
@@ -570,7 +571,8 @@ pub(crate) fn train_and_save<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<SftReport, Error> {
     let mut alloc = RankAllocator::<B::InnerBackend>::new(&model.lm, adapter);
-    let (model, mut report) = train_loop::<B, _>(ctx, model, device, &|_, _| Ok(()), &mut alloc)?;
+    let (model, mut report) =
+        train_loop::<B, _, O>(ctx, model, device, &|_, _| Ok(()), &mut alloc)?;
     let model = alloc.masked(model).valid();
     let adapter_dir = ctx.out_dir.join("adapter");
     alloc.write_adapter(&model.lm, &adapter_dir)?;

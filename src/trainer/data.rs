@@ -181,6 +181,8 @@ pub struct Batch<B: Backend> {
     pub num_items: usize,
     /// Real (unpadded) tokens.
     pub num_tokens: usize,
+    /// Non-ignored targets of each row.
+    pub row_items: Vec<usize>,
 }
 
 /// Right-pads the rows and shifts labels left by one. Right padding needs no attention mask:
@@ -201,9 +203,11 @@ pub fn make_batch<B: Backend>(
     let mut targets = Vec::with_capacity(rows * len);
     let mut weights = Vec::with_capacity(rows * len);
     let (mut num_items, mut num_tokens) = (0, 0);
+    let mut row_items = Vec::with_capacity(rows);
     for &i in indices {
         let ex = &examples[i];
         num_tokens += ex.input_ids.len();
+        let before = num_items;
         for t in 0..len {
             ids.push(i64::from(ex.input_ids.get(t).copied().unwrap_or(pad_id)));
             let label = ex.labels.get(t + 1).copied().unwrap_or(IGNORE_INDEX);
@@ -216,6 +220,7 @@ pub fn make_batch<B: Backend>(
                 num_items += 1;
             }
         }
+        row_items.push(num_items - before);
     }
     Batch {
         input_ids: Tensor::from_data(TensorData::new(ids, [rows, len]), device),
@@ -225,6 +230,7 @@ pub fn make_batch<B: Backend>(
         len,
         num_items,
         num_tokens,
+        row_items,
     }
 }
 
@@ -250,6 +256,22 @@ pub fn summed_cross_entropy<B: Backend>(logits: Tensor<B, 3>, batch: &Batch<B>) 
     let logp = log_softmax(logits.reshape([rows * len, vocab]), 1);
     let picked = logp.gather(1, batch.targets.clone()).reshape([rows * len]);
     picked.mul(batch.weights.clone()).sum().neg()
+}
+
+/// Summed log-probability of each row's counted targets, `[rows]` (the sequence log-likelihood
+/// of the labelled part: a response's log-prob under the model).
+///
+/// # Shapes
+/// - logits: `[rows, len, vocab]`
+pub fn row_log_probs<B: Backend>(logits: Tensor<B, 3>, batch: &Batch<B>) -> Tensor<B, 1> {
+    let [rows, len, vocab] = logits.dims();
+    let logp = log_softmax(logits.reshape([rows * len, vocab]), 1);
+    let picked = logp.gather(1, batch.targets.clone()).reshape([rows * len]);
+    picked
+        .mul(batch.weights.clone())
+        .reshape([rows, len])
+        .sum_dim(1)
+        .reshape([rows])
 }
 
 #[cfg(test)]

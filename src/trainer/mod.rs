@@ -16,6 +16,7 @@ pub mod grpo;
 pub mod grpo_config;
 pub mod grpo_loss;
 pub mod grpo_rollout;
+pub mod objective;
 pub mod optim;
 pub mod params;
 pub mod prefix;

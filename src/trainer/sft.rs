@@ -30,9 +30,9 @@ use crate::trainer::checkpoint::{
 };
 use crate::trainer::config::{Method, SaveDtype, SftConfig};
 use crate::trainer::data::{
-    make_batch, micro_batches, plan_steps, positions, summed_cross_entropy, validate_examples,
-    Batch, TokenizedExample,
+    plan_steps, positions, row_log_probs, summed_cross_entropy, Batch, TokenizedExample,
 };
+use crate::trainer::objective::{evaluate_objective, totals, Objective, Stat, StatWindow};
 use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW, AdamWParams};
 use crate::trainer::params::{assign_values, trainable_params, trainable_values};
 use crate::trainer::prefix::{write_prefix_adapter, PrefixLm};
@@ -79,6 +79,12 @@ pub trait CausalModel<B: Backend> {
     /// through the full logits; a model may compute it without holding them.
     fn summed_loss(&self, batch: &Batch<B>) -> Tensor<B, 1> {
         summed_cross_entropy(self.logits(batch.input_ids.clone()), batch)
+    }
+
+    /// Summed log-probability of each row's counted targets, `[rows]` (preference losses). The
+    /// default goes through the full logits.
+    fn row_log_probs(&self, batch: &Batch<B>) -> Tensor<B, 1> {
+        row_log_probs(self.logits(batch.input_ids.clone()), batch)
     }
 
     /// A term added to each optimizer step's loss (AdaLoRA's orthogonality penalty).
@@ -160,6 +166,51 @@ impl<B: Backend> CausalModel<B> for CausalLm<B> {
         );
         mean.mul_scalar(batch.num_items.max(1) as f64)
     }
+
+    /// Row by row through the chunked LM-head loss (the hidden states of all rows come from one
+    /// forward pass), so no `[rows, len, vocab]` logits are held; the same fallbacks as
+    /// [`CausalModel::summed_loss`].
+    fn row_log_probs(&self, batch: &Batch<B>) -> Tensor<B, 1> {
+        let weight = match &self.lm_head {
+            _ if self.config.variant.final_logit_softcapping.is_some() => None,
+            None => Some(self.model.embed_tokens.weight.val()),
+            Some(head) if head.lora_a.is_none() && head.bias.is_none() => Some(head.weight.val()),
+            Some(_) => None,
+        };
+        let Some(weight) = weight else {
+            return row_log_probs(self.logits(batch.input_ids.clone()), batch);
+        };
+        let (rows, len) = (batch.rows, batch.len);
+        let device = batch.input_ids.device();
+        let hidden = self.hidden_states(
+            batch.input_ids.clone(),
+            positions(rows, len, 0, &device),
+            None,
+            None,
+        );
+        let hidden_size = hidden.dims()[2];
+        let ignored = batch.weights.clone().equal_elem(0.0);
+        let labels = batch
+            .targets
+            .clone()
+            .reshape([rows * len])
+            .mask_fill(ignored, crate::backend::cross_entropy::IGNORE_INDEX);
+        let hidden = hidden.reshape([rows * len, hidden_size]);
+        let vocab = weight.dims()[0].max(1);
+        let per_row: Vec<Tensor<B, 1>> = (0..rows)
+            .map(|r| {
+                let span = r * len..(r + 1) * len;
+                crate::backend::linear_cross_entropy(
+                    hidden.clone().slice([span.clone(), 0..hidden_size]),
+                    weight.clone(),
+                    labels.clone().slice([span]),
+                    (LOSS_CHUNK_LOGITS / vocab).max(1),
+                )
+                .mul_scalar(-(batch.row_items[r] as f64))
+            })
+            .collect();
+        Tensor::cat(per_row, 0)
+    }
 }
 
 /// Fine-tunes `base` on `train` and writes checkpoints, `metrics.jsonl` and the method's
@@ -173,7 +224,7 @@ pub fn train_sft<B: AutodiffBackend>(
     device: &B::Device,
     progress: Option<&MultiProgress>,
 ) -> Result<SftReport, Error> {
-    run_sft::<B>(cfg, base, train, eval, out_dir, device, progress, None)
+    run_sft::<B, [TokenizedExample]>(cfg, base, train, eval, out_dir, device, progress, None)
 }
 
 /// [`train_sft`] that stops after optimizer step `stop_after` (tests: an interrupted run).
@@ -194,12 +245,14 @@ pub(crate) fn training_base<B: AutodiffBackend>(
     Ok(model)
 }
 
+/// Trains `base` with `cfg`'s method on the objective of `train` (SFT examples, preference
+/// pairs), evaluating on `eval`, and writes the method's outputs.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn run_sft<B: AutodiffBackend>(
+pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
     cfg: &SftConfig,
     base: BaseModel<'_>,
-    train: &[TokenizedExample],
-    eval: &[TokenizedExample],
+    train: &O,
+    eval: &O,
     out_dir: &Path,
     device: &B::Device,
     progress: Option<&MultiProgress>,
@@ -221,8 +274,8 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
     if train.is_empty() {
         return Err(Error::NoExamples);
     }
-    validate_examples("train", train, config.vocab_size)?;
-    validate_examples("eval", eval, config.vocab_size)?;
+    train.validate("train", config.vocab_size)?;
+    eval.validate("eval", config.vocab_size)?;
     std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
         path: out_dir.to_path_buf(),
         source,
@@ -268,7 +321,7 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
                 )?)
             };
             let (model, mut report) =
-                train_loop::<B, _>(&ctx, model, device, &save_adapter, &mut ())?;
+                train_loop::<B, _, O>(&ctx, model, device, &save_adapter, &mut ())?;
             let adapter_dir = out_dir.join("adapter");
             save_adapter(&model, &adapter_dir)?;
             report.adapter_dir = Some(adapter_dir);
@@ -281,7 +334,7 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
             let model = training_base::<B>(cfg, &config, &tensors, device)?;
             drop(tensors);
             let (model, mut report) =
-                train_loop::<B, _>(&ctx, model, device, &|_, _| Ok(()), &mut ())?;
+                train_loop::<B, _, O>(&ctx, model, device, &|_, _| Ok(()), &mut ())?;
             let model_dir = out_dir.join("model");
             save_hf_folder(&model_dir, &config, &model.valid().to_hf_tensors(), dtype)?;
             report.model_dir = Some(model_dir);
@@ -302,14 +355,14 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
             let save = |m: &PrefixLm<B>, dir: &Path| {
                 write_prefix_adapter(&m.valid(), cfg, base_name.as_deref(), dir)
             };
-            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &save, &mut ())?;
+            let (model, mut report) = train_loop::<B, _, O>(&ctx, model, device, &save, &mut ())?;
             let adapter_dir = out_dir.join("adapter");
             save(&model, &adapter_dir)?;
             report.adapter_dir = Some(adapter_dir);
             Ok(report)
         }
         Method::Adalora => {
-            crate::trainer::adalora::run::<B>(&ctx, &config, tensors, base_name, dtype, device)
+            crate::trainer::adalora::run::<B, O>(&ctx, &config, tensors, base_name, dtype, device)
         }
         Method::PromptTuning | Method::PTuning => {
             let init_ids = prompt_init_ids(cfg, base_dir.as_deref())?;
@@ -319,7 +372,7 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
             let save = |m: &PromptLm<B>, dir: &Path| {
                 write_virtual_adapter(&m.valid(), cfg, base_name.as_deref(), dir)
             };
-            let (model, mut report) = train_loop::<B, _>(&ctx, model, device, &save, &mut ())?;
+            let (model, mut report) = train_loop::<B, _, O>(&ctx, model, device, &save, &mut ())?;
             let adapter_dir = out_dir.join("adapter");
             save(&model, &adapter_dir)?;
             report.adapter_dir = Some(adapter_dir);
@@ -328,10 +381,12 @@ pub(crate) fn run_sft<B: AutodiffBackend>(
     }
 }
 
-pub(crate) struct LoopCtx<'a> {
+/// What one training run works on: the settings, the data sets and their objective
+/// ([`Objective`]: SFT examples by default, preference pairs, ...), where outputs go.
+pub(crate) struct LoopCtx<'a, O: Objective + ?Sized = [TokenizedExample]> {
     pub cfg: &'a SftConfig,
-    pub train: &'a [TokenizedExample],
-    pub eval: &'a [TokenizedExample],
+    pub train: &'a O,
+    pub eval: &'a O,
     pub out_dir: &'a Path,
     pub pad_id: u32,
     pub stop_after: Option<u64>,
@@ -386,21 +441,10 @@ pub fn evaluate<B: Backend, M: CausalModel<B>>(
     pad_id: u32,
     device: &B::Device,
 ) -> Option<f64> {
-    let order: Vec<usize> = (0..examples.len()).collect();
-    let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
-    let mut sum: Option<Tensor<B, 1>> = None;
-    let mut items = 0usize;
-    for mb in micro_batches(&order, &lengths, batch_size, max_tokens) {
-        let batch = make_batch::<B>(examples, &mb, pad_id, device);
-        items += batch.num_items;
-        let s = model.summed_loss(&batch);
-        sum = Some(match sum {
-            Some(acc) => acc.add(s),
-            None => s,
-        });
+    if examples.iter().all(|e| e.num_items() == 0) {
+        return None;
     }
-    let total: f64 = sum?.into_scalar().elem();
-    (items > 0).then(|| total / items as f64)
+    evaluate_objective(model, examples, batch_size, max_tokens, pad_id, device).map(|(l, _)| l)
 }
 
 pub(crate) fn resident_memory_mb() -> Option<f64> {
@@ -412,8 +456,8 @@ pub(crate) fn resident_memory_mb() -> Option<f64> {
 
 pub(crate) type SaveHook<'a, M> = dyn Fn(&M, &Path) -> Result<(), Error> + 'a;
 
-pub(crate) fn train_loop<B, M>(
-    ctx: &LoopCtx<'_>,
+pub(crate) fn train_loop<B, M, O>(
+    ctx: &LoopCtx<'_, O>,
     mut model: M,
     device: &B::Device,
     save_extra: &SaveHook<'_, M>,
@@ -423,11 +467,12 @@ where
     B: AutodiffBackend,
     M: AutodiffModule<B> + CausalModel<B>,
     M::InnerModule: CausalModel<B::InnerBackend>,
+    O: Objective + ?Sized,
 {
     let cfg = ctx.cfg;
     // `gpu_peak_mb` in the metrics counts from here (the model's weights included).
     crate::backend::reset_accelerator_peak::<B>();
-    let lengths: Vec<usize> = ctx.train.iter().map(|e| e.input_ids.len()).collect();
+    let lengths: Vec<usize> = (0..ctx.train.len()).map(|i| ctx.train.tokens(i)).collect();
     let plan = plan_steps(
         &lengths,
         cfg.seed,
@@ -522,6 +567,7 @@ where
     let mut window_tokens = 0u64;
     let mut window_start = Instant::now();
     let mut phases = PhaseClock::default();
+    let mut stat_window = StatWindow::<B::InnerBackend>::default();
     for index in start..total {
         let planned = &plan[index as usize];
         // Dropout masks depend on (seed, step) only, so a resumed run draws the same ones.
@@ -531,11 +577,7 @@ where
                 .wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 .wrapping_add(index + 1),
         );
-        let items: usize = planned
-            .micro_batches
-            .iter()
-            .flat_map(|mb| mb.iter().map(|&i| ctx.train[i].num_items()))
-            .sum();
+        let step_totals = totals(ctx.train, planned.micro_batches.iter().flatten().copied());
         let profiled = crate::backend::profiled_step() == Some(index + 1);
         if profiled {
             let _ = B::sync(device);
@@ -545,9 +587,22 @@ where
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
         for mb in &planned.micro_batches {
             let forward_start = Instant::now();
-            let batch = make_batch::<B>(ctx.train, mb, ctx.pad_id, device);
-            window_tokens += batch.num_tokens as u64;
-            let mut loss = model.summed_loss(&batch).div_scalar(items.max(1) as f64);
+            let micro = ctx
+                .train
+                .micro_loss(&model, mb, step_totals, ctx.pad_id, device);
+            window_tokens += micro.tokens as u64;
+            stat_window.add(
+                micro
+                    .stats
+                    .into_iter()
+                    .map(|s| Stat {
+                        name: s.name,
+                        sum: s.sum.inner(),
+                        count: s.count,
+                    })
+                    .collect(),
+            );
+            let mut loss = micro.loss;
             if let Some(reg) = model.regularizer() {
                 // Once per optimizer step in total, spread over its micro-batches.
                 loss = loss.add(reg.div_scalar(planned.micro_batches.len() as f64));
@@ -624,6 +679,9 @@ where
             r.grad_norm = norm_value;
             r.tokens_per_s = tokens_per_s;
             r = phases.take_into(r, secs);
+            for (name, value) in stat_window.take() {
+                r = r.with(name, value);
+            }
             r.memory_mb = resident_memory_mb();
             if let Some(gpu) = crate::backend::accelerator_memory_mb::<B>() {
                 r = r.with("gpu_memory_mb", gpu);
@@ -643,7 +701,7 @@ where
         if !ctx.eval.is_empty()
             && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || step == total)
         {
-            last_eval = evaluate(
+            let evaluated = evaluate_objective(
                 &model.valid(),
                 ctx.eval,
                 cfg.batch_size,
@@ -651,11 +709,15 @@ where
                 ctx.pad_id,
                 device,
             );
-            let r = row.take().unwrap_or_else(|| MetricsRow::new(step));
-            row = Some(MetricsRow {
-                eval_loss: last_eval,
-                ..r
-            });
+            let mut r = row.take().unwrap_or_else(|| MetricsRow::new(step));
+            if let Some((loss, stats)) = evaluated {
+                last_eval = Some(loss);
+                r.eval_loss = Some(loss);
+                for (name, value) in stats {
+                    r = r.with(&format!("eval_{name}"), value);
+                }
+            }
+            row = Some(r);
         }
         if let Some(r) = row {
             metrics.append(&r)?;

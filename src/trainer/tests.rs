@@ -231,7 +231,7 @@ fn resume_continues_exactly() {
     };
     let device = Default::default();
     let _guard = rng_lock();
-    run_sft::<AD>(
+    run_sft::<AD, [TokenizedExample]>(
         &cfg,
         base(),
         &data,

@@ -172,7 +172,7 @@ fn rank_budget_and_adapter_match_peft_after_ten_steps() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = LoopCtx {
         cfg: &cfg,
-        train: &examples,
+        train: examples.as_slice(),
         eval: &[],
         out_dir: dir.path(),
         pad_id: 0,
