@@ -350,3 +350,97 @@ fn skip(why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIP: {why}");
 }
+
+/// recipes/dpo.toml, shortened: pairs made from the dialogues, SFT, DPO and evaluation of the DPO
+/// model through the binary; the dpo stage logs TRL's reward metrics; a misspelt key is refused
+/// with the nearest one.
+#[test]
+fn dpo_recipe_runs_pairs_through_sft_dpo_and_evaluate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path();
+    let sets = [
+        "stages.base.tokenizer_rows=500",
+        "stages.sft.max_steps=10",
+        "stages.dpo.max_steps=6",
+        "stages.dpo.logging_steps=2",
+        "stages.dpo.eval_steps=3",
+        "stages.eval_sft.limit=2",
+        "stages.eval_dpo.limit=2",
+        "stages.eval_dpo.max_new_tokens=8",
+        "stages.eval_sft.max_new_tokens=8",
+    ];
+    let mut cmd = runner(store);
+    cmd.args(["run", "recipes/dpo.toml"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = |stage: &str| {
+        let mut path = runner(store);
+        path.args(["path", "recipes/dpo.toml", stage]);
+        for s in sets {
+            path.args(["--set", s]);
+        }
+        let out = path.output().unwrap();
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    };
+    let dpo = dir("dpo");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dpo.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Logged at steps 2, 4 and 6; the evaluation at step 3 has a row of its own.
+    let logged: Vec<&serde_json::Value> = rows.iter().filter(|r| r["loss"].is_f64()).collect();
+    assert_eq!(logged.len(), 3);
+    for key in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "loss",
+    ] {
+        assert!(logged.iter().all(|r| r[key].is_f64()), "{key} in {rows:?}");
+    }
+    assert!(rows.iter().any(|r| r["eval_rewards/accuracies"].is_f64()));
+    assert!(dpo.join("model/config.json").is_file());
+    assert!(dpo.join("accuracies.svg").is_file());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dpo.join("dpo.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 6);
+    let predictions = std::fs::read_to_string(dir("eval_dpo").join("predictions.jsonl")).unwrap();
+    assert_eq!(predictions.lines().count(), 2);
+    // Every pair has a chosen and a different rejected answer.
+    let tokens = std::fs::read_to_string(dir("pair_tokens").join("train.jsonl")).unwrap();
+    for line in tokens.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(row["rejected_input_ids"].is_array());
+        assert_ne!(row["input_ids"], row["rejected_input_ids"]);
+    }
+
+    let mut typo = runner(store);
+    typo.args(["plan", "recipes/dpo.toml", "--set", "stages.dpo.bta=0.2"]);
+    let out = typo.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("unknown key `bta`") && stderr.contains("did you mean `beta`"),
+        "{stderr}"
+    );
+    let mut wrong_kind = runner(store);
+    wrong_kind.args(["plan", "recipes/dpo.toml", "--set", "stages.dpo.gamma=1.0"]);
+    let out = wrong_kind.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("gamma") && stderr.contains("simpo"),
+        "{stderr}"
+    );
+}

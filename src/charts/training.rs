@@ -105,6 +105,15 @@ fn chart_for_key(key: &str) -> (String, String, String) {
             known("eval_rewards", "Rewards on the eval prompts", "reward")
         }
         "clip_ratio" => known("clip_ratio", "Clip ratio", "fraction"),
+        // Preference training (TRL's names): accuracy and margin on scales of their own.
+        "rewards/accuracies" | "eval_rewards/accuracies" => known(
+            "accuracies",
+            "Preference accuracy (chosen reward > rejected)",
+            "fraction of pairs",
+        ),
+        "rewards/margins" | "eval_rewards/margins" => {
+            known("margins", "Reward margin (chosen − rejected)", "reward")
+        }
         _ if key.starts_with("rewards/") => known("rewards", "Rewards", "reward"),
         _ if key.ends_with("_per_s") => known("throughput", "Throughput", "per second"),
         _ if key.ends_with("_loss") => known("loss", "Loss", "loss"),

@@ -40,16 +40,52 @@ pub struct Params {
     /// Column names the built-in templates read, e.g. `{ instruction = "question" }`
     /// (alpaca: instruction/input/output; chatglm: prompt/response/prefix; chat:
     /// messages/user/assistant/system).
+    ///
+    /// Preference data: `rejected` names the column of the rejected response (the template's
+    /// response column holds the chosen one); `label` names KTO's column saying whether a
+    /// response is desirable (true/false, 1/0, yes/no).
     #[serde(default)]
     pub fields: BTreeMap<String, String>,
+    /// `"other_rows"`: make preference pairs from plain prompt/response data, each record's
+    /// rejected response being the response of another record of the same split (a seeded
+    /// shuffle; never one with the same text): an answer to a different question.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_from: Option<RejectedFrom>,
+    /// Seed of `rejected_from`'s shuffle.
+    #[serde(default = "default_seed", skip_serializing_if = "is_default_seed")]
+    pub seed: u64,
 }
+
+fn default_seed() -> u64 {
+    42
+}
+
+// Left out of the fingerprint at its default, so format stages cached before the key existed
+// stay cached.
+fn is_default_seed(seed: &u64) -> bool {
+    *seed == default_seed()
+}
+
+/// Where synthetic rejected responses come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectedFrom {
+    OtherRows,
+}
+
+/// The preference columns of `fields`, which the prompt templates do not read.
+const PREFERENCE_FIELDS: [&str; 2] = ["rejected", "label"];
 
 impl Params {
     fn prompt_format(&self) -> Result<PromptFormat, String> {
         let mut table = serde_json::Map::new();
         let kind = serde_json::to_value(self.template).map_err(|e| e.to_string())?;
         table.insert("kind".into(), kind);
-        for (k, v) in &self.fields {
+        for (k, v) in self
+            .fields
+            .iter()
+            .filter(|(k, _)| !PREFERENCE_FIELDS.contains(&k.as_str()))
+        {
             table.insert(k.clone(), serde_json::Value::String(v.clone()));
         }
         if self.template == Template::Custom {
@@ -99,6 +135,12 @@ impl Stage for Format {
     }
 
     fn validate(params: &Params) -> Result<(), (String, String)> {
+        if params.rejected_from.is_some() && params.fields.contains_key("rejected") {
+            return Err((
+                "rejected_from".into(),
+                "give either `fields.rejected` (a column) or `rejected_from`, not both".into(),
+            ));
+        }
         params
             .prompt_format()
             .map(|_| ())
@@ -113,7 +155,16 @@ impl Stage for Format {
         for split in &splits {
             let table = Table::read_parquet(&input.dir.join(format!("{split}.parquet")))
                 .map_err(|e| StageError::msg(e.to_string()))?;
-            let columns = ["prompt", "response", "system", "messages"];
+            let mut columns = vec!["prompt", "response", "system", "messages"];
+            let rejected_column = params.fields.get("rejected");
+            let label_column = params.fields.get("label");
+            let pairs = rejected_column.is_some() || params.rejected_from.is_some();
+            if pairs {
+                columns.push("rejected");
+            }
+            if label_column.is_some() {
+                columns.push("label");
+            }
             let mut out = Table::new(columns.iter().map(|c| c.to_string()).collect());
             for (i, values) in table.rows.iter().enumerate() {
                 let row: Row = table
@@ -122,8 +173,9 @@ impl Stage for Format {
                     .zip(values)
                     .filter_map(|(c, v)| v.as_ref().map(|v| (c.clone(), v.clone())))
                     .collect();
-                let mut record = format_row(&format, &row)
-                    .map_err(|e| StageError::msg(format!("{split} row {}: {e}", i + 1)))?;
+                let located =
+                    |message: String| StageError::msg(format!("{split} row {}: {message}", i + 1));
+                let mut record = format_row(&format, &row).map_err(|e| located(e.to_string()))?;
                 if let Some(system) = &params.system {
                     if params.template == Template::Alpaca {
                         record.prompt = with_system(record.prompt, system);
@@ -134,12 +186,36 @@ impl Stage for Format {
                     .messages
                     .as_ref()
                     .map(|m| serde_json::to_string(m).unwrap_or_default());
-                out.rows.push(vec![
+                let mut cells = vec![
                     Some(record.prompt),
                     Some(record.response),
                     record.system,
                     messages,
-                ]);
+                ];
+                if let Some(column) = rejected_column {
+                    let text = row.get(column).ok_or_else(|| {
+                        located(format!("no value in column `{column}` (fields.rejected)"))
+                    })?;
+                    cells.push(Some(text.clone()));
+                } else if pairs {
+                    cells.push(None); // filled below from other rows
+                }
+                if let Some(column) = label_column {
+                    let text = row.get(column).ok_or_else(|| {
+                        located(format!("no value in column `{column}` (fields.label)"))
+                    })?;
+                    let label = parse_label(text).ok_or_else(|| {
+                        located(format!(
+                            "column `{column}` (fields.label): `{text}` is not true/false, 1/0 or yes/no"
+                        ))
+                    })?;
+                    cells.push(Some(label.to_string()));
+                }
+                out.rows.push(cells);
+            }
+            if params.rejected_from == Some(RejectedFrom::OtherRows) {
+                fill_rejected_from_other_rows(&mut out, params.seed)
+                    .map_err(|m| StageError::msg(format!("{split}: {m}")))?;
             }
             out.write_parquet(&ctx.out(&format!("{split}.parquet")))
                 .map_err(|e| StageError::msg(e.to_string()))?;
@@ -148,15 +224,61 @@ impl Stage for Format {
                 serde_json::json!({ "file": format!("{split}.parquet"), "rows": out.len() }),
             );
         }
+        let mut columns = vec!["prompt", "response", "system", "messages"];
+        if params.fields.contains_key("rejected") || params.rejected_from.is_some() {
+            columns.push("rejected");
+        }
+        if params.fields.contains_key("label") {
+            columns.push("label");
+        }
         crate::util::write_json(
             &ctx.out("dataset.json"),
             &serde_json::json!({
-                "columns": ["prompt", "response", "system", "messages"],
+                "columns": columns,
                 "splits": counts,
                 "template": params.template,
             }),
         )
     }
+}
+
+/// KTO's desirability label.
+fn parse_label(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "1.0" => Some(true),
+        "false" | "0" | "no" | "0.0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Gives each record of `table` (columns prompt, response, ..., rejected) the response of
+/// another record as its rejected one: a seeded permutation, moved on past responses with the
+/// same text as the record's own.
+fn fill_rejected_from_other_rows(table: &mut Table, seed: u64) -> Result<(), String> {
+    let n = table.rows.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let (response, rejected) = (1, 4);
+    let distinct: std::collections::BTreeSet<&str> = table
+        .rows
+        .iter()
+        .filter_map(|r| r[response].as_deref())
+        .collect();
+    if distinct.len() < 2 {
+        return Err("rejected_from = \"other_rows\" needs at least two different responses".into());
+    }
+    let order = crate::trainer::data::epoch_order(n, seed, 0);
+    let responses: Vec<Option<String>> = table.rows.iter().map(|r| r[response].clone()).collect();
+    for (i, row) in table.rows.iter_mut().enumerate() {
+        // The record after i in the shuffled order, or a later one if its text is the same.
+        let at = order.iter().position(|&j| j == i).unwrap_or(0);
+        let other = (1..n)
+            .map(|step| order[(at + step) % n])
+            .find(|&j| responses[j] != responses[i]);
+        row[rejected] = other.and_then(|j| responses[j].clone());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -181,6 +303,8 @@ mod tests {
             prompt: None,
             response: None,
             fields: BTreeMap::new(),
+            rejected_from: None,
+            seed: 42,
         };
         assert!(p.prompt_format().unwrap_err().contains("needs `prompt`"));
         let p = Params {
@@ -188,10 +312,47 @@ mod tests {
             system: None,
             prompt: None,
             response: None,
-            fields: [("instruction".to_string(), "ask".to_string())].into(),
+            fields: [
+                ("instruction".to_string(), "ask".to_string()),
+                ("rejected".to_string(), "worse".to_string()),
+            ]
+            .into(),
+            rejected_from: None,
+            seed: 42,
         };
         assert!(
             matches!(p.prompt_format().unwrap(), PromptFormat::Alpaca { instruction, .. } if instruction == "ask")
         );
+    }
+
+    #[test]
+    fn rejected_from_other_rows_takes_a_different_response_of_the_split() {
+        let mut table = Table::new(
+            ["prompt", "response", "system", "messages", "rejected"]
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+        );
+        for (p, r) in [("a", "x"), ("b", "y"), ("c", "x"), ("d", "z")] {
+            table
+                .rows
+                .push(vec![Some(p.into()), Some(r.into()), None, None, None]);
+        }
+        fill_rejected_from_other_rows(&mut table, 7).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for row in &table.rows {
+            let rejected = row[4].as_deref().unwrap();
+            assert_ne!(Some(rejected), row[1].as_deref());
+            seen.insert(rejected.to_string());
+        }
+        assert!(seen.len() >= 2, "{seen:?}");
+        let mut same = Table::new(table.columns.clone());
+        same.rows = vec![vec![Some("a".into()), Some("x".into()), None, None, None]; 2];
+        assert!(fill_rejected_from_other_rows(&mut same, 7)
+            .unwrap_err()
+            .contains("two different responses"));
+        assert_eq!(parse_label(" Yes"), Some(true));
+        assert_eq!(parse_label("0"), Some(false));
+        assert_eq!(parse_label("maybe"), None);
     }
 }

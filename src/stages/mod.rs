@@ -9,6 +9,7 @@ mod format;
 mod grpo;
 mod ingest;
 mod model;
+mod preference;
 mod sft;
 pub mod tokenize;
 
@@ -279,6 +280,10 @@ pub fn registry() -> Vec<Box<dyn DynStage>> {
         erase::<tokenize::Tokenize>(),
         erase::<sft::Sft>(),
         erase::<grpo::Grpo>(),
+        erase::<preference::Preference<preference::DpoKind>>(),
+        erase::<preference::Preference<preference::OrpoKind>>(),
+        erase::<preference::Preference<preference::SimpoKind>>(),
+        erase::<preference::Preference<preference::KtoKind>>(),
         erase::<evaluate::Evaluate>(),
         erase::<export::Export>(),
     ]

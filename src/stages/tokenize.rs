@@ -9,8 +9,8 @@ use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::data::Table;
 use crate::text::format::Record;
 use crate::text::{
-    pack_examples, tokenize_example, ChatMessage, ChatTemplate, TemplateKind, TextTokenizer,
-    TokenizeOptions,
+    pack_examples, tokenize_example, tokenize_pair, ChatMessage, ChatTemplate, TemplateKind,
+    TextTokenizer, TokenizeOptions,
 };
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -21,8 +21,13 @@ pub struct Tokenize;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
-    #[serde(default = "default_max_seq_len")]
+    /// Tokens per example at most (TRL's `max_length` is accepted as an alias).
+    #[serde(default = "default_max_seq_len", alias = "max_length")]
     pub max_seq_len: usize,
+    /// Preference pairs: prompt tokens kept at most (the last ones), before `max_seq_len`
+    /// shares the rest between prompt and responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_prompt_length: Option<usize>,
     /// Keep the loss on prompt tokens too.
     #[serde(default)]
     pub train_on_prompt: bool,
@@ -53,6 +58,50 @@ fn default_template() -> String {
 pub struct TokenRow {
     pub input_ids: Vec<u32>,
     pub labels: Vec<i64>,
+    /// Preference pairs: the same prompt with the rejected response (`input_ids` holds the
+    /// chosen one, so SFT on pair data trains on the chosen responses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_input_ids: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_labels: Option<Vec<i64>>,
+    /// KTO: whether the response is desirable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<bool>,
+}
+
+impl TokenRow {
+    fn plain(input_ids: Vec<u32>, labels: Vec<i64>) -> Self {
+        Self {
+            input_ids,
+            labels,
+            rejected_input_ids: None,
+            rejected_labels: None,
+            label: None,
+        }
+    }
+}
+
+/// A record's rejected response and KTO label.
+pub type PreferenceColumns = (Option<String>, Option<bool>);
+
+/// The preference columns of one split of a `format` artifact: each record's rejected response
+/// and KTO label, where the artifact has those columns.
+pub fn read_preference_columns(
+    dir: &Path,
+    split: &str,
+) -> Result<Vec<PreferenceColumns>, StageError> {
+    let table = Table::read_parquet(&dir.join(format!("{split}.parquet")))
+        .map_err(|e| StageError::msg(e.to_string()))?;
+    Ok(table
+        .rows
+        .iter()
+        .map(|row| {
+            (
+                table.get(row, "rejected").map(str::to_string),
+                table.get(row, "label").map(|l| l == "true"),
+            )
+        })
+        .collect())
 }
 
 /// Reads `<dir>/<split>.jsonl` written by this stage.
@@ -193,37 +242,78 @@ impl Stage for Tokenize {
         let mut summary = serde_json::Map::new();
         for split in &splits {
             let records = read_records(&input.dir, split)?;
-            let bar = ctx.progress_bar(records.len() as u64, &format!("{split} examples"));
-            let mut examples = Vec::with_capacity(records.len());
-            for (i, record) in records.iter().enumerate() {
-                let kind = match &template {
-                    Some(t) => TemplateKind::Chat(t),
-                    None => TemplateKind::Plain,
-                };
-                let ex = tokenize_example(&tokenizer, kind, record, &opts)
-                    .map_err(|e| StageError::msg(format!("{split} record {}: {e}", i + 1)))?;
-                examples.push(ex);
-                bar.inc(1);
-            }
-            bar.finish_and_clear();
-            let rows: Vec<TokenRow> = if params.packing {
-                pack_examples(&examples, params.max_seq_len)
-                    .into_iter()
-                    .map(|p| TokenRow {
-                        input_ids: p.input_ids,
-                        labels: p.labels,
-                    })
-                    .collect()
-            } else {
-                examples
-                    .into_iter()
-                    .filter(|e| e.labels.iter().any(|&l| l != crate::text::IGNORE_INDEX))
-                    .map(|e| TokenRow {
-                        input_ids: e.input_ids,
-                        labels: e.labels,
-                    })
-                    .collect()
+            let preference = read_preference_columns(&input.dir, split)?;
+            let kind = match &template {
+                Some(t) => TemplateKind::Chat(t),
+                None => TemplateKind::Plain,
             };
+            let paired = preference.iter().any(|(rejected, _)| rejected.is_some());
+            if paired && params.packing {
+                return Err(StageError::msg(
+                    "packing = true does not apply to preference pairs (each pair is one row)",
+                ));
+            }
+            let bar = ctx.progress_bar(records.len() as u64, &format!("{split} examples"));
+            let rows: Vec<TokenRow> = if paired {
+                let mut rows = Vec::with_capacity(records.len());
+                for (i, (record, (rejected, label))) in records.iter().zip(&preference).enumerate()
+                {
+                    let located =
+                        |m: String| StageError::msg(format!("{split} record {}: {m}", i + 1));
+                    let rejected = rejected
+                        .as_deref()
+                        .ok_or_else(|| located("no rejected response".into()))?;
+                    let (chosen, rejected) = tokenize_pair(
+                        &tokenizer,
+                        kind,
+                        record,
+                        rejected,
+                        &opts,
+                        params.max_prompt_length,
+                    )
+                    .map_err(|e| located(e.to_string()))?;
+                    bar.inc(1);
+                    let scored = |e: &crate::text::TokenizedExample| {
+                        e.labels.iter().any(|&l| l != crate::text::IGNORE_INDEX)
+                    };
+                    if !scored(&chosen) || !scored(&rejected) {
+                        continue; // the prompt took the whole budget
+                    }
+                    rows.push(TokenRow {
+                        input_ids: chosen.input_ids,
+                        labels: chosen.labels,
+                        rejected_input_ids: Some(rejected.input_ids),
+                        rejected_labels: Some(rejected.labels),
+                        label: *label,
+                    });
+                }
+                rows
+            } else {
+                let mut examples = Vec::with_capacity(records.len());
+                for (i, record) in records.iter().enumerate() {
+                    let ex = tokenize_example(&tokenizer, kind, record, &opts)
+                        .map_err(|e| StageError::msg(format!("{split} record {}: {e}", i + 1)))?;
+                    examples.push(ex);
+                    bar.inc(1);
+                }
+                if params.packing {
+                    pack_examples(&examples, params.max_seq_len)
+                        .into_iter()
+                        .map(|p| TokenRow::plain(p.input_ids, p.labels))
+                        .collect()
+                } else {
+                    examples
+                        .into_iter()
+                        .zip(&preference)
+                        .filter(|(e, _)| e.labels.iter().any(|&l| l != crate::text::IGNORE_INDEX))
+                        .map(|(e, (_, label))| TokenRow {
+                            label: *label,
+                            ..TokenRow::plain(e.input_ids, e.labels)
+                        })
+                        .collect()
+                }
+            };
+            bar.finish_and_clear();
             let path = ctx.out(&format!("{split}.jsonl"));
             let mut file = std::io::BufWriter::new(
                 std::fs::File::create(&path).map_err(|e| StageError::io(&path, e))?,
@@ -253,6 +343,7 @@ impl Stage for Tokenize {
                 "splits": summary,
                 "tokenizer_fingerprint": tokenizer.fingerprint(),
                 "max_seq_len": params.max_seq_len,
+                "max_prompt_length": params.max_prompt_length,
                 "chat_template": chat,
             }),
         )

@@ -20,7 +20,7 @@ pub use chat_template::{ChatMessage, ChatTemplate, SpecialTokens};
 pub use format::{format_row, PromptFormat, Record, Row};
 pub use stream::IncrementalDecoder;
 pub use tokenize::{
-    pack_examples, tokenize_example, PackedSequence, TemplateKind, TokenizeOptions,
+    pack_examples, tokenize_example, tokenize_pair, PackedSequence, TemplateKind, TokenizeOptions,
     TokenizedExample, IGNORE_INDEX,
 };
 pub use tokenizer::{TextTokenizer, TokenizerConfig};
@@ -63,6 +63,8 @@ pub enum Error {
     Template { name: String, message: String },
     #[error("chat template output for the first {turns} message(s) is not a prefix of the output for the next message; cannot find the assistant span")]
     TemplateNotIncremental { turns: usize },
+    #[error("the prompt renders differently with the chosen and the rejected response (the chat template reads the answer before it?); a pair needs one prompt")]
+    PairPromptsDiffer,
     #[error("row has no column `{column}` needed by {format} format (columns: {available:?})")]
     MissingColumn {
         format: String,

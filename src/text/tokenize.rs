@@ -104,6 +104,78 @@ pub fn tokenize_example(
     })
 }
 
+/// A preference pair's rows: the prompt, shared by both, then the chosen response (`record`'s)
+/// or the `rejected` one. Labels cover the responses only. Truncation follows TRL's DPO: the
+/// prompt keeps its last `max_prompt_length` tokens; when prompt and the longer response still
+/// exceed `max_seq_len`, `infer_seqlen` splits that budget, the prompt keeping its end and both
+/// responses their start. Chat records have the rejected text in place of the last assistant
+/// turn; earlier turns are part of the prompt.
+pub fn tokenize_pair(
+    tok: &TextTokenizer,
+    kind: TemplateKind<'_>,
+    record: &Record,
+    rejected: &str,
+    opts: &TokenizeOptions,
+    max_prompt_length: Option<usize>,
+) -> Result<(TokenizedExample, TokenizedExample)> {
+    let mut other = record.clone();
+    other.response = rejected.to_string();
+    if let Some(messages) = &mut other.messages {
+        match messages.iter_mut().rev().find(|m| m.role == "assistant") {
+            Some(last) => last.content = rejected.to_string(),
+            None => {
+                return Err(Error::MissingRecordField {
+                    kind: "chat".into(),
+                    what: "assistant message",
+                })
+            }
+        }
+    }
+    let split = |r: &Record| -> Result<(Vec<u32>, Vec<u32>)> {
+        let pairs = match kind {
+            TemplateKind::Plain => plain_pairs(tok, r, opts)?,
+            TemplateKind::Chat(template) => chat_pairs(tok, template, r, opts)?,
+        };
+        let last = pairs.len() - 1;
+        let mut prompt = Vec::new();
+        let mut response = Vec::new();
+        for (i, (source, target)) in pairs.into_iter().enumerate() {
+            prompt.extend(source);
+            if i == last {
+                response = target;
+            } else {
+                prompt.extend(target);
+            }
+        }
+        Ok((prompt, response))
+    };
+    let (mut prompt, chosen) = split(record)?;
+    let (other_prompt, rejected) = split(&other)?;
+    if other_prompt != prompt {
+        return Err(Error::PairPromptsDiffer);
+    }
+    if let Some(keep) = max_prompt_length {
+        prompt.drain(..prompt.len().saturating_sub(keep));
+    }
+    let longer = chosen.len().max(rejected.len());
+    let (s, t) = infer_seqlen(prompt.len(), longer, opts.max_seq_len);
+    prompt.drain(..prompt.len() - s);
+    let row = |response: &[u32]| {
+        let response = &response[..t.min(response.len())];
+        let mut input_ids = prompt.clone();
+        input_ids.extend_from_slice(response);
+        let mut labels = vec![IGNORE_INDEX; prompt.len()];
+        labels.extend(response.iter().map(|&id| i64::from(id)));
+        let length = input_ids.len();
+        TokenizedExample {
+            input_ids,
+            labels,
+            length,
+        }
+    };
+    Ok((row(&chosen), row(&rejected)))
+}
+
 fn plain_pairs(
     tok: &TextTokenizer,
     record: &Record,

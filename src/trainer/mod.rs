@@ -19,6 +19,7 @@ pub mod grpo_rollout;
 pub mod objective;
 pub mod optim;
 pub mod params;
+pub mod preference;
 pub mod prefix;
 pub mod prompt;
 pub mod sft;
