@@ -134,36 +134,10 @@ impl<B: Backend> CausalModel<B> for CausalLm<B> {
     /// once, in the forward or the backward pass. A head with an adapter or a bias takes the
     /// default path, as do soft-capped logits (Gemma 2), which the chunked loss does not cap.
     fn summed_loss(&self, batch: &Batch<B>) -> Tensor<B, 1> {
-        if self.config.variant.final_logit_softcapping.is_some() {
+        let Some((hidden, weight, labels, chunk)) = self.chunked_head_inputs(batch) else {
             return summed_cross_entropy(self.logits(batch.input_ids.clone()), batch);
-        }
-        let weight = match &self.lm_head {
-            None => self.model.embed_tokens.weight.val(),
-            Some(head) if head.lora_a.is_none() && head.bias.is_none() => head.weight.val(),
-            Some(_) => return summed_cross_entropy(self.logits(batch.input_ids.clone()), batch),
         };
-        let (rows, len) = (batch.rows, batch.len);
-        let device = batch.input_ids.device();
-        let hidden = self.hidden_states(
-            batch.input_ids.clone(),
-            positions(rows, len, 0, &device),
-            None,
-            None,
-        );
-        let hidden_size = hidden.dims()[2];
-        let ignored = batch.weights.clone().equal_elem(0.0);
-        let labels = batch
-            .targets
-            .clone()
-            .reshape([rows * len])
-            .mask_fill(ignored, crate::backend::cross_entropy::IGNORE_INDEX);
-        let vocab = weight.dims()[0].max(1);
-        let mean = crate::backend::linear_cross_entropy(
-            hidden.reshape([rows * len, hidden_size]),
-            weight,
-            labels,
-            (LOSS_CHUNK_LOGITS / vocab).max(1),
-        );
+        let mean = crate::backend::linear_cross_entropy(hidden, weight, labels, chunk);
         mean.mul_scalar(batch.num_items.max(1) as f64)
     }
 
@@ -171,14 +145,43 @@ impl<B: Backend> CausalModel<B> for CausalLm<B> {
     /// forward pass), so no `[rows, len, vocab]` logits are held; the same fallbacks as
     /// [`CausalModel::summed_loss`].
     fn row_log_probs(&self, batch: &Batch<B>) -> Tensor<B, 1> {
-        let weight = match &self.lm_head {
-            _ if self.config.variant.final_logit_softcapping.is_some() => None,
-            None => Some(self.model.embed_tokens.weight.val()),
-            Some(head) if head.lora_a.is_none() && head.bias.is_none() => Some(head.weight.val()),
-            Some(_) => None,
-        };
-        let Some(weight) = weight else {
+        let Some((hidden, weight, labels, chunk)) = self.chunked_head_inputs(batch) else {
             return row_log_probs(self.logits(batch.input_ids.clone()), batch);
+        };
+        let (len, hidden_size) = (batch.len, hidden.dims()[1]);
+        let per_row: Vec<Tensor<B, 1>> = (0..batch.rows)
+            .map(|r| {
+                let span = r * len..(r + 1) * len;
+                crate::backend::linear_cross_entropy(
+                    hidden.clone().slice([span.clone(), 0..hidden_size]),
+                    weight.clone(),
+                    labels.clone().slice([span]),
+                    chunk,
+                )
+                .mul_scalar(-(batch.row_items[r] as f64))
+            })
+            .collect();
+        Tensor::cat(per_row, 0)
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// What the chunked LM-head loss takes for `batch`: hidden states `[rows * len, hidden]`, the
+    /// head's weight, labels with ignored targets at -100, and the chunk length. `None` where the
+    /// logits need more than a plain matmul: a head with an adapter or a bias, or soft-capped
+    /// logits (Gemma 2), which the chunked loss does not cap.
+    #[allow(clippy::type_complexity)]
+    fn chunked_head_inputs(
+        &self,
+        batch: &Batch<B>,
+    ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>, usize)> {
+        if self.config.variant.final_logit_softcapping.is_some() {
+            return None;
+        }
+        let weight = match &self.lm_head {
+            None => self.model.embed_tokens.weight.val(),
+            Some(head) if head.lora_a.is_none() && head.bias.is_none() => head.weight.val(),
+            Some(_) => return None,
         };
         let (rows, len) = (batch.rows, batch.len);
         let device = batch.input_ids.device();
@@ -195,21 +198,13 @@ impl<B: Backend> CausalModel<B> for CausalLm<B> {
             .clone()
             .reshape([rows * len])
             .mask_fill(ignored, crate::backend::cross_entropy::IGNORE_INDEX);
-        let hidden = hidden.reshape([rows * len, hidden_size]);
         let vocab = weight.dims()[0].max(1);
-        let per_row: Vec<Tensor<B, 1>> = (0..rows)
-            .map(|r| {
-                let span = r * len..(r + 1) * len;
-                crate::backend::linear_cross_entropy(
-                    hidden.clone().slice([span.clone(), 0..hidden_size]),
-                    weight.clone(),
-                    labels.clone().slice([span]),
-                    (LOSS_CHUNK_LOGITS / vocab).max(1),
-                )
-                .mul_scalar(-(batch.row_items[r] as f64))
-            })
-            .collect();
-        Tensor::cat(per_row, 0)
+        Some((
+            hidden.reshape([rows * len, hidden_size]),
+            weight,
+            labels,
+            (LOSS_CHUNK_LOGITS / vocab).max(1),
+        ))
     }
 }
 
