@@ -14,9 +14,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use runner::trainer::data::{Batch, TokenizedExample, IGNORE_INDEX};
-use runner::trainer::objective::{totals, Objective};
+use runner::trainer::objective::{totals, Objective, Stat};
 use runner::trainer::preference::{
-    KtoSet, PairSet, PreferenceConfig, PreferenceKind, PREFERENCE_KEYS,
+    KtoSet, PairSet, PreferenceConfig, PreferenceKind, PreferenceSet, PREFERENCE_KEYS,
 };
 use runner::trainer::sft::CausalModel;
 
@@ -91,6 +91,37 @@ fn config_of(case: &Value) -> (PreferenceKind, PreferenceConfig) {
     )
 }
 
+/// The loss of one step of `set`'s units (one micro-batch) with the model's row log-probs set to
+/// `values`, its gradient with respect to them, and the logged statistics.
+fn step_of<O: Objective>(
+    set: &O,
+    values: Vec<f64>,
+    device: &burn::backend::ndarray::NdArrayDevice,
+) -> (f64, Vec<f64>, Vec<Stat<F64>>) {
+    let n = values.len();
+    let values = Tensor::<F64, 1>::from_data(TensorData::new(values, [n]), device).require_grad();
+    let model = FixedLogProbs {
+        values: values.clone(),
+    };
+    let units: Vec<usize> = (0..set.len()).collect();
+    let micro = set.micro_loss(
+        &model,
+        &units,
+        totals(set, units.iter().copied()),
+        0,
+        device,
+    );
+    let grads = micro.loss.backward();
+    let g = values
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .to_vec::<f64>()
+        .unwrap();
+    let l = micro.loss.into_data().to_vec::<f64>().unwrap()[0];
+    (l, g, micro.stats)
+}
+
 #[test]
 fn losses_gradients_and_rewards_match_trl() {
     let device = Default::default();
@@ -112,26 +143,11 @@ fn losses_gradients_and_rewards_match_trl() {
             set.set_reference(floats(&case, "reference"), floats(&case, "reference_kl"));
             let mut values = policy;
             values.extend(floats(&case, "policy_kl"));
-            let values = Tensor::<F64, 1>::from_data(TensorData::new(values, [2 * k]), &device)
-                .require_grad();
-            let model = FixedLogProbs {
-                values: values.clone(),
-            };
-            let units: Vec<usize> = (0..k).collect();
-            let micro = set.micro_loss(&model, &units, totals(&set, 0..k), 0, &device);
-            let grads = micro.loss.backward();
-            let g = values
-                .grad(&grads)
-                .unwrap()
-                .into_data()
-                .to_vec::<f64>()
-                .unwrap();
-            let l = micro.loss.into_data().to_vec::<f64>().unwrap()[0];
-            (l, g[..k].to_vec(), micro.stats)
+            let (l, g, stats) = step_of(&set, values, &device);
+            (l, g[..k].to_vec(), stats)
         } else {
             let chosen: Vec<_> = floats(&case, "len_chosen").into_iter().map(row).collect();
             let rejected: Vec<_> = floats(&case, "len_rejected").into_iter().map(row).collect();
-            let k = chosen.len();
             let mut set = PairSet::new(chosen, rejected, loss);
             if kind == PreferenceKind::Dpo {
                 set.set_reference(
@@ -141,22 +157,7 @@ fn losses_gradients_and_rewards_match_trl() {
             }
             let mut values = floats(&case, "policy_chosen");
             values.extend(floats(&case, "policy_rejected"));
-            let values = Tensor::<F64, 1>::from_data(TensorData::new(values, [2 * k]), &device)
-                .require_grad();
-            let model = FixedLogProbs {
-                values: values.clone(),
-            };
-            let units: Vec<usize> = (0..k).collect();
-            let micro = set.micro_loss(&model, &units, totals(&set, 0..k), 0, &device);
-            let grads = micro.loss.backward();
-            let g = values
-                .grad(&grads)
-                .unwrap()
-                .into_data()
-                .to_vec::<f64>()
-                .unwrap();
-            let l = micro.loss.into_data().to_vec::<f64>().unwrap()[0];
-            (l, g, micro.stats)
+            step_of(&set, values, &device)
         };
         close(
             step_loss,

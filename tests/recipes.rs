@@ -9,6 +9,17 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The artifact folder of `stage` of `recipe` run with `sets` overrides.
+fn artifact(store: &Path, recipe: &str, sets: &[&str], stage: &str) -> PathBuf {
+    let mut path = runner(store);
+    path.args(["path", recipe, stage]);
+    for s in sets {
+        path.args(["--set", s]);
+    }
+    let out = path.output().unwrap();
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
 fn runner(store: &Path) -> Command {
     let mut cmd = Command::cargo_bin("runner").unwrap();
     cmd.current_dir(repo()).env("RUNNER_STORE", store);
@@ -196,15 +207,7 @@ fn medical_recipe_with_prefix_tuning_evaluates_on_the_base_and_exports_the_adapt
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let dir = |stage: &str| {
-        let mut path = runner(store);
-        path.args(["path", "recipes/medical.toml", stage]);
-        for s in sets {
-            path.args(["--set", s]);
-        }
-        let out = path.output().unwrap();
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    };
+    let dir = |stage: &str| artifact(store, "recipes/medical.toml", &sets, stage);
     // The sft artifact holds only the adapter; evaluate ran it beside the base model.
     let sft = dir("sft");
     assert!(!sft.join("merged").exists());
@@ -380,15 +383,7 @@ fn dpo_recipe_runs_pairs_through_sft_dpo_and_evaluate() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let dir = |stage: &str| {
-        let mut path = runner(store);
-        path.args(["path", "recipes/dpo.toml", stage]);
-        for s in sets {
-            path.args(["--set", s]);
-        }
-        let out = path.output().unwrap();
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    };
+    let dir = |stage: &str| artifact(store, "recipes/dpo.toml", &sets, stage);
     let dpo = dir("dpo");
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(dpo.join("metrics.jsonl"))
         .unwrap()

@@ -2,7 +2,8 @@
 //!
 //! Output: `<split>.parquet` per input split with columns `prompt`, `response`, `system` and
 //! `messages` (a JSON list for chat records, rendered later with the model's own chat template),
-//! plus `dataset.json` naming the format.
+//! for preference data also `rejected` (the rejected response) and `label` (KTO's desirable
+//! flag), plus `dataset.json` naming the format and its columns.
 
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::data::Table;
@@ -107,6 +108,20 @@ impl Params {
     }
 }
 
+impl Params {
+    /// The columns of the records written: the preference columns only for preference data.
+    fn output_columns(&self) -> Vec<&'static str> {
+        let mut columns = vec!["prompt", "response", "system", "messages"];
+        if self.fields.contains_key("rejected") || self.rejected_from.is_some() {
+            columns.push("rejected");
+        }
+        if self.fields.contains_key("label") {
+            columns.push("label");
+        }
+        columns
+    }
+}
+
 /// Swaps Alpaca's preamble sentence for the recipe's system prompt.
 fn with_system(prompt: String, system: &str) -> String {
     for template in [ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT] {
@@ -151,20 +166,14 @@ impl Stage for Format {
         let format = params.prompt_format().map_err(StageError::msg)?;
         let input = ctx.input("input")?;
         let splits = input.splits()?;
+        let columns = params.output_columns();
         let mut counts = serde_json::Map::new();
         for split in &splits {
             let table = Table::read_parquet(&input.dir.join(format!("{split}.parquet")))
                 .map_err(|e| StageError::msg(e.to_string()))?;
-            let mut columns = vec!["prompt", "response", "system", "messages"];
             let rejected_column = params.fields.get("rejected");
             let label_column = params.fields.get("label");
             let pairs = rejected_column.is_some() || params.rejected_from.is_some();
-            if pairs {
-                columns.push("rejected");
-            }
-            if label_column.is_some() {
-                columns.push("label");
-            }
             let mut out = Table::new(columns.iter().map(|c| c.to_string()).collect());
             for (i, values) in table.rows.iter().enumerate() {
                 let row: Row = table
@@ -224,13 +233,6 @@ impl Stage for Format {
                 serde_json::json!({ "file": format!("{split}.parquet"), "rows": out.len() }),
             );
         }
-        let mut columns = vec!["prompt", "response", "system", "messages"];
-        if params.fields.contains_key("rejected") || params.rejected_from.is_some() {
-            columns.push("rejected");
-        }
-        if params.fields.contains_key("label") {
-            columns.push("label");
-        }
         crate::util::write_json(
             &ctx.out("dataset.json"),
             &serde_json::json!({
@@ -269,10 +271,14 @@ fn fill_rejected_from_other_rows(table: &mut Table, seed: u64) -> Result<(), Str
         return Err("rejected_from = \"other_rows\" needs at least two different responses".into());
     }
     let order = crate::trainer::data::epoch_order(n, seed, 0);
+    let mut position = vec![0; n];
+    for (at, &i) in order.iter().enumerate() {
+        position[i] = at;
+    }
     let responses: Vec<Option<String>> = table.rows.iter().map(|r| r[response].clone()).collect();
     for (i, row) in table.rows.iter_mut().enumerate() {
         // The record after i in the shuffled order, or a later one if its text is the same.
-        let at = order.iter().position(|&j| j == i).unwrap_or(0);
+        let at = position[i];
         let other = (1..n)
             .map(|step| order[(at + step) % n])
             .find(|&j| responses[j] != responses[i]);

@@ -15,7 +15,7 @@
 
 use super::tokenize::{encode_generation_prompt, read_records};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
-use crate::model::device::{BackendTask, DeviceChoice};
+use crate::model::device::BackendTask;
 use crate::text::TextTokenizer;
 use crate::trainer::grpo::{train_grpo, GrpoError, GrpoPrompt, GrpoReport, GrpoTokens};
 use crate::trainer::grpo_config::GrpoConfig;
@@ -147,15 +147,10 @@ impl Stage for Grpo {
             pad_id: tokenizer.pad_id().or(eos_ids.first().copied()).unwrap_or(0),
             eos_ids,
         };
-        let device: DeviceChoice = ctx
-            .device
-            .parse()
-            .map_err(|e: crate::model::device::DeviceError| err(&e))?;
-        let work = ctx.work_dir.clone();
-        std::fs::create_dir_all(&work).map_err(|e| StageError::io(&work, e))?;
+        let device = super::sft::stage_device(ctx)?;
+        let (work, interrupted) = super::sft::training_work_dir(ctx)?;
         let mut cfg = params.clone();
-        // Checkpoints of an interrupted run of this very stage are picked up automatically.
-        cfg.resume = cfg.resume || work.join("metrics.jsonl").exists();
+        cfg.resume = cfg.resume || interrupted;
         let task = TrainTask {
             cfg: &cfg,
             model_dir: &model_dir,
@@ -166,9 +161,7 @@ impl Stage for Grpo {
             out: &work,
             progress: &ctx.progress,
         };
-        let (report, bf16) = super::sft::run_with_precision(device, cfg.precision, "grpo", task)
-            .map_err(|e| err(&e))?;
-        let report = report.map_err(|e| err(&e))?;
+        let (report, bf16) = super::sft::train_with_precision(device, cfg.precision, "grpo", task)?;
         for (key, before) in &report.eval_before {
             if let Some(after) = report.eval_after.get(key) {
                 tracing::info!("grpo eval {key}: {before:.4} before training, {after:.4} after");

@@ -10,10 +10,10 @@
 //! Output: as `sft` (`adapter/`, `merged/` or `model/`, `metrics.jsonl` with `rewards/*` and
 //! `logps/*`, charts, `checkpoint-N/`) and `<kind>.json`.
 
-use super::sft::{finish_training_artifact, run_with_precision};
+use super::sft::{finish_training_artifact, stage_device, train_with_precision, training_work_dir};
 use super::tokenize::{read_tokens, TokenRow};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
-use crate::model::device::{BackendTask, DeviceChoice};
+use crate::model::device::BackendTask;
 use crate::train::metrics_log::read_metrics;
 use crate::trainer::data::TokenizedExample;
 use crate::trainer::preference::{
@@ -206,14 +206,13 @@ impl<K: KindMarker> Stage for Preference<K> {
                 "the tokenized input has no training examples",
             ));
         }
-        let device: DeviceChoice = ctx
-            .device
-            .parse()
-            .map_err(|e: crate::model::device::DeviceError| StageError::msg(e.to_string()))?;
-        let work = ctx.work_dir.clone();
-        std::fs::create_dir_all(&work).map_err(|e| StageError::io(&work, e))?;
+        let device = stage_device(ctx)?;
+        let (work, interrupted) = training_work_dir(ctx)?;
         let mut cfg = params.clone();
-        cfg.train.resume = cfg.train.resume || work.join("metrics.jsonl").exists();
+        cfg.train.resume = cfg.train.resume || interrupted;
+        let loss = cfg
+            .loss(K::KIND)
+            .map_err(|e| StageError::msg(e.to_string()))?;
         let task = TrainTask {
             cfg: &cfg,
             kind: K::KIND,
@@ -223,9 +222,7 @@ impl<K: KindMarker> Stage for Preference<K> {
             out: &work,
             progress: &ctx.progress,
         };
-        let (report, bf16) = run_with_precision(device, cfg.train.precision, K::NAME, task)
-            .map_err(|e| StageError::msg(e.to_string()))?;
-        let report = report.map_err(|e| StageError::msg(e.to_string()))?;
+        let (report, bf16) = train_with_precision(device, cfg.train.precision, K::NAME, task)?;
         finish_training_artifact(ctx, &work, &model_dir)?;
         let metrics = ctx.out("metrics.jsonl");
         let trend = |key: &str| {
@@ -237,7 +234,7 @@ impl<K: KindMarker> Stage for Preference<K> {
             &serde_json::json!({
                 "kind": K::NAME,
                 "method": cfg.train.method,
-                "loss": format!("{:?}", cfg.loss(K::KIND).map_err(|e| StageError::msg(e.to_string()))?),
+                "loss": loss,
                 "steps": report.steps,
                 "resumed_from": report.resumed_from,
                 "last_loss": report.last_loss,

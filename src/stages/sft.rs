@@ -13,7 +13,7 @@ use crate::trainer::sft::{train_sft, BaseModel};
 use crate::trainer::{Precision, SftConfig, TokenizedExample};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub struct Sft;
 
@@ -118,6 +118,38 @@ pub(super) fn run_with_precision<T: BackendTask>(
     Ok((output, bf16))
 }
 
+/// The stage's work folder, created, and whether it holds an interrupted run of this very stage
+/// (whose checkpoints the run then picks up).
+pub(super) fn training_work_dir(ctx: &StageContext) -> Result<(PathBuf, bool), StageError> {
+    let work = ctx.work_dir.clone();
+    std::fs::create_dir_all(&work).map_err(|e| StageError::io(&work, e))?;
+    let interrupted = work.join("metrics.jsonl").exists();
+    Ok((work, interrupted))
+}
+
+/// The recipe's device.
+pub(super) fn stage_device(ctx: &StageContext) -> Result<DeviceChoice, StageError> {
+    ctx.device
+        .parse()
+        .map_err(|e: crate::model::device::DeviceError| StageError::msg(e.to_string()))
+}
+
+/// [`run_with_precision`] with the device's and the training's errors as stage errors.
+pub(super) fn train_with_precision<T, R, E>(
+    device: DeviceChoice,
+    precision: Precision,
+    stage: &str,
+    task: T,
+) -> Result<(R, bool), StageError>
+where
+    T: BackendTask<Output = Result<R, E>>,
+    E: std::fmt::Display,
+{
+    let (report, bf16) = run_with_precision(device, precision, stage, task)
+        .map_err(|e| StageError::msg(e.to_string()))?;
+    Ok((report.map_err(|e| StageError::msg(e.to_string()))?, bf16))
+}
+
 fn examples(rows: Vec<super::tokenize::TokenRow>) -> Vec<TokenizedExample> {
     rows.into_iter()
         .map(|r| TokenizedExample {
@@ -175,15 +207,10 @@ impl Stage for Sft {
                 "the tokenized input has no training examples",
             ));
         }
-        let device: DeviceChoice = ctx
-            .device
-            .parse()
-            .map_err(|e: crate::model::device::DeviceError| StageError::msg(e.to_string()))?;
-        let work = ctx.work_dir.clone();
-        std::fs::create_dir_all(&work).map_err(|e| StageError::io(&work, e))?;
+        let device = stage_device(ctx)?;
+        let (work, interrupted) = training_work_dir(ctx)?;
         let mut cfg = params.clone();
-        // Checkpoints of an interrupted run of this very stage are picked up automatically.
-        cfg.resume = cfg.resume || work.join("metrics.jsonl").exists();
+        cfg.resume = cfg.resume || interrupted;
         let task = TrainTask {
             cfg: &cfg,
             model_dir: &model_dir,
@@ -192,9 +219,7 @@ impl Stage for Sft {
             out: &work,
             progress: &ctx.progress,
         };
-        let (report, bf16) = run_with_precision(device, cfg.precision, "sft", task)
-            .map_err(|e| StageError::msg(e.to_string()))?;
-        let report = report.map_err(|e| StageError::msg(e.to_string()))?;
+        let (report, bf16) = train_with_precision(device, cfg.precision, "sft", task)?;
         finish_training_artifact(ctx, &work, &model_dir)?;
         crate::util::write_json(
             &ctx.out("sft.json"),

@@ -84,26 +84,6 @@ impl TokenRow {
 /// A record's rejected response and KTO label.
 pub type PreferenceColumns = (Option<String>, Option<bool>);
 
-/// The preference columns of one split of a `format` artifact: each record's rejected response
-/// and KTO label, where the artifact has those columns.
-pub fn read_preference_columns(
-    dir: &Path,
-    split: &str,
-) -> Result<Vec<PreferenceColumns>, StageError> {
-    let table = Table::read_parquet(&dir.join(format!("{split}.parquet")))
-        .map_err(|e| StageError::msg(e.to_string()))?;
-    Ok(table
-        .rows
-        .iter()
-        .map(|row| {
-            (
-                table.get(row, "rejected").map(str::to_string),
-                table.get(row, "label").map(|l| l == "true"),
-            )
-        })
-        .collect())
-}
-
 /// Reads `<dir>/<split>.jsonl` written by this stage.
 pub fn read_tokens(dir: &Path, split: &str) -> Result<Vec<TokenRow>, StageError> {
     let path = dir.join(format!("{split}.jsonl"));
@@ -123,6 +103,18 @@ pub fn read_tokens(dir: &Path, split: &str) -> Result<Vec<TokenRow>, StageError>
 
 /// Prompt records of one split of a `format` artifact.
 pub fn read_records(dir: &Path, split: &str) -> Result<Vec<Record>, StageError> {
+    Ok(read_records_with_preferences(dir, split)?
+        .into_iter()
+        .map(|(record, _)| record)
+        .collect())
+}
+
+/// [`read_records`] with each record's preference columns: its rejected response and KTO label,
+/// where the artifact has those columns.
+pub fn read_records_with_preferences(
+    dir: &Path,
+    split: &str,
+) -> Result<Vec<(Record, PreferenceColumns)>, StageError> {
     let table = Table::read_parquet(&dir.join(format!("{split}.parquet")))
         .map_err(|e| StageError::msg(e.to_string()))?;
     table
@@ -136,12 +128,17 @@ pub fn read_records(dir: &Path, split: &str) -> Result<Vec<Record>, StageError> 
                 ),
                 None => None,
             };
-            Ok(Record {
+            let record = Record {
                 prompt: table.get(row, "prompt").unwrap_or("").to_string(),
                 response: table.get(row, "response").unwrap_or("").to_string(),
                 system: table.get(row, "system").map(str::to_string),
                 messages,
-            })
+            };
+            let preference = (
+                table.get(row, "rejected").map(str::to_string),
+                table.get(row, "label").map(|l| l == "true"),
+            );
+            Ok((record, preference))
         })
         .collect()
 }
@@ -241,8 +238,10 @@ impl Stage for Tokenize {
         let splits = input.splits()?;
         let mut summary = serde_json::Map::new();
         for split in &splits {
-            let records = read_records(&input.dir, split)?;
-            let preference = read_preference_columns(&input.dir, split)?;
+            let (records, preference): (Vec<Record>, Vec<PreferenceColumns>) =
+                read_records_with_preferences(&input.dir, split)?
+                    .into_iter()
+                    .unzip();
             let kind = match &template {
                 Some(t) => TemplateKind::Chat(t),
                 None => TemplateKind::Plain,

@@ -193,10 +193,20 @@ pub fn make_batch<B: Backend>(
     pad_id: u32,
     device: &B::Device,
 ) -> Batch<B> {
-    let rows = indices.len();
-    let len = indices
+    let rows: Vec<&TokenizedExample> = indices.iter().map(|&i| &examples[i]).collect();
+    make_batch_rows(&rows, pad_id, device)
+}
+
+/// [`make_batch`] of the given rows, in order.
+pub fn make_batch_rows<B: Backend>(
+    examples: &[&TokenizedExample],
+    pad_id: u32,
+    device: &B::Device,
+) -> Batch<B> {
+    let rows = examples.len();
+    let len = examples
         .iter()
-        .map(|&i| examples[i].input_ids.len())
+        .map(|e| e.input_ids.len())
         .max()
         .unwrap_or(1);
     let mut ids = Vec::with_capacity(rows * len);
@@ -204,8 +214,7 @@ pub fn make_batch<B: Backend>(
     let mut weights = Vec::with_capacity(rows * len);
     let (mut num_items, mut num_tokens) = (0, 0);
     let mut row_items = Vec::with_capacity(rows);
-    for &i in indices {
-        let ex = &examples[i];
+    for ex in examples {
         num_tokens += ex.input_ids.len();
         let before = num_items;
         for t in 0..len {

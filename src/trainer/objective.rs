@@ -64,12 +64,6 @@ pub trait Objective: Sync {
 
     /// Checks the units against the model's vocabulary; `set` names the data set in errors.
     fn validate(&self, set: &'static str, vocab: usize) -> Result<(), Error>;
-
-    /// Statistics to log for the step besides the loss, named as the objective's trainer names
-    /// them (TRL: `rewards/chosen`); none for plain SFT.
-    fn stat_names(&self) -> &'static [&'static str] {
-        &[]
-    }
 }
 
 /// Supervised fine-tuning: the token-mean cross-entropy over the step's label tokens

@@ -26,7 +26,9 @@ use crate::model::decoder::CausalLm;
 use crate::model::hf::load_hf_folder_tensors;
 use crate::trainer::adapters::quantize_base_nf4;
 use crate::trainer::config::{Method, SftConfig};
-use crate::trainer::data::{make_batch, validate_examples, TokenizedExample, IGNORE_INDEX};
+use crate::trainer::data::{
+    make_batch, make_batch_rows, validate_examples, Batch, TokenizedExample, IGNORE_INDEX,
+};
 use crate::trainer::objective::{MicroLoss, Objective, Stat, StepTotals};
 use crate::trainer::sft::{run_sft, BaseModel, CausalModel, SftReport};
 use crate::trainer::Error;
@@ -205,7 +207,8 @@ impl Serialize for PreferenceConfig {
 }
 
 /// The loss of a preference stage with its settings resolved.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PreferenceLoss {
     Dpo {
         loss_type: DpoLossType,
@@ -528,17 +531,93 @@ fn host_vector<B: Backend>(values: Vec<f64>, device: &B::Device) -> Tensor<B, 1>
     )
 }
 
-/// The rows of `set` at `units`, then those of `other` at the same units: one batched forward.
-fn stacked(
-    a: &[TokenizedExample],
-    b: &[TokenizedExample],
-    units: &[usize],
-) -> Vec<TokenizedExample> {
-    units
-        .iter()
-        .map(|&i| a[i].clone())
-        .chain(units.iter().map(|&i| b[i].clone()))
-        .collect()
+/// Two rows per unit — chosen and rejected, or a KTO completion and its mismatched KL row —
+/// read through one batched forward, with their reference log-probs.
+pub struct RowPairs {
+    first: Vec<TokenizedExample>,
+    second: Vec<TokenizedExample>,
+    /// Summed reference log-probs of every first and second row, once computed.
+    reference: Option<(Vec<f64>, Vec<f64>)>,
+}
+
+impl RowPairs {
+    fn new(first: Vec<TokenizedExample>, second: Vec<TokenizedExample>) -> Self {
+        Self {
+            first,
+            second,
+            reference: None,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.first.len()
+    }
+
+    /// Tokens unit `i` puts through the model (both rows padded to the longer).
+    fn tokens(&self, i: usize) -> usize {
+        2 * self.first[i]
+            .input_ids
+            .len()
+            .max(self.second[i].input_ids.len())
+    }
+
+    fn compute_reference<B: Backend, M: CausalModel<B>>(
+        &mut self,
+        model: &M,
+        batch_rows: usize,
+        pad_id: u32,
+        device: &B::Device,
+    ) {
+        let first = sequence_log_probs(model, &self.first, batch_rows, pad_id, device);
+        let second = sequence_log_probs(model, &self.second, batch_rows, pad_id, device);
+        self.reference = Some((first, second));
+    }
+
+    /// The first rows of `units`, then their second rows, through `model` at once: the row
+    /// log-probs `[2 * units]` and the batch (its per-row label counts).
+    fn forward<B: Backend, M: CausalModel<B>>(
+        &self,
+        model: &M,
+        units: &[usize],
+        pad_id: u32,
+        device: &B::Device,
+    ) -> (Tensor<B, 1>, Batch<B>) {
+        let rows: Vec<&TokenizedExample> = units
+            .iter()
+            .map(|&i| &self.first[i])
+            .chain(units.iter().map(|&i| &self.second[i]))
+            .collect();
+        let batch = make_batch_rows::<B>(&rows, pad_id, device);
+        (model.row_log_probs(&batch), batch)
+    }
+
+    /// The reference log-probs of `units`' first (`side` 0) or second rows; zeros before any
+    /// were computed (the kinds without a reference never read them).
+    fn reference<B: Backend>(
+        &self,
+        side: usize,
+        units: &[usize],
+        device: &B::Device,
+    ) -> Tensor<B, 1> {
+        let values = match &self.reference {
+            Some(sides) => {
+                let side = if side == 0 { &sides.0 } else { &sides.1 };
+                units.iter().map(|&i| side[i]).collect()
+            }
+            None => vec![0.0; units.len()],
+        };
+        host_vector::<B>(values, device)
+    }
+}
+
+/// A preference objective: its rows and their reference log-probs.
+pub trait PreferenceSet: Objective {
+    fn rows_mut(&mut self) -> &mut RowPairs;
+
+    /// Sets the summed reference log-probs of every first and second row (computed elsewhere).
+    fn set_reference(&mut self, first: Vec<f64>, second: Vec<f64>) {
+        self.rows_mut().reference = Some((first, second));
+    }
 }
 
 fn stat<B: Backend>(name: &'static str, values: Tensor<B, 1>, count: usize) -> Stat<B> {
@@ -551,10 +630,7 @@ fn stat<B: Backend>(name: &'static str, values: Tensor<B, 1>, count: usize) -> S
 
 /// DPO, ORPO and SimPO over chosen/rejected pairs.
 pub struct PairSet {
-    chosen: Vec<TokenizedExample>,
-    rejected: Vec<TokenizedExample>,
-    /// Summed reference log-probs (DPO), filled by [`PairSet::compute_reference`].
-    reference: Option<(Vec<f64>, Vec<f64>)>,
+    rows: RowPairs,
     loss: PreferenceLoss,
 }
 
@@ -565,82 +641,42 @@ impl PairSet {
         loss: PreferenceLoss,
     ) -> Self {
         Self {
-            chosen,
-            rejected,
-            reference: None,
+            rows: RowPairs::new(chosen, rejected),
             loss,
         }
     }
+}
 
-    pub fn compute_reference<B: Backend, M: CausalModel<B>>(
-        &mut self,
-        model: &M,
-        batch_rows: usize,
-        pad_id: u32,
-        device: &B::Device,
-    ) {
-        let chosen = sequence_log_probs(model, &self.chosen, batch_rows, pad_id, device);
-        let rejected = sequence_log_probs(model, &self.rejected, batch_rows, pad_id, device);
-        self.reference = Some((chosen, rejected));
-    }
-
-    /// Sets the summed reference log-probs of every chosen and rejected row (computed elsewhere).
-    pub fn set_reference(&mut self, chosen: Vec<f64>, rejected: Vec<f64>) {
-        self.reference = Some((chosen, rejected));
+impl PreferenceSet for PairSet {
+    fn rows_mut(&mut self) -> &mut RowPairs {
+        &mut self.rows
     }
 }
 
 impl Objective for PairSet {
     fn len(&self) -> usize {
-        self.chosen.len()
+        self.rows.len()
     }
 
     fn tokens(&self, i: usize) -> usize {
-        2 * self.chosen[i]
-            .input_ids
-            .len()
-            .max(self.rejected[i].input_ids.len())
+        self.rows.tokens(i)
     }
 
     /// ORPO's NLL is the token mean over the chosen responses of the step.
     fn label_tokens(&self, i: usize) -> usize {
-        self.chosen[i].num_items()
+        self.rows.first[i].num_items()
     }
 
     fn validate(&self, set: &'static str, vocab: usize) -> Result<(), Error> {
-        if self.chosen.len() != self.rejected.len() {
+        if self.rows.first.len() != self.rows.second.len() {
             return Err(Error::Example {
                 set,
-                index: self.chosen.len().min(self.rejected.len()),
+                index: self.rows.first.len().min(self.rows.second.len()),
                 message: "chosen and rejected rows differ in number".into(),
             });
         }
-        validate_rows(set, &self.chosen, vocab)?;
-        validate_rows(set, &self.rejected, vocab)
-    }
-
-    fn stat_names(&self) -> &'static [&'static str] {
-        match self.loss {
-            PreferenceLoss::Orpo { .. } => &[
-                "rewards/chosen",
-                "rewards/rejected",
-                "rewards/accuracies",
-                "rewards/margins",
-                "logps/chosen",
-                "logps/rejected",
-                "nll_loss",
-                "log_odds_ratio",
-                "log_odds_chosen",
-            ],
-            _ => &[
-                "rewards/chosen",
-                "rewards/rejected",
-                "rewards/accuracies",
-                "rewards/margins",
-                "logps/chosen",
-                "logps/rejected",
-            ],
-        }
+        validate_rows(set, &self.rows.first, vocab)?;
+        validate_rows(set, &self.rows.second, vocab)
     }
 
     fn micro_loss<B: Backend, M: CausalModel<B>>(
@@ -652,10 +688,7 @@ impl Objective for PairSet {
         device: &B::Device,
     ) -> MicroLoss<B> {
         let k = units.len();
-        let rows = stacked(&self.chosen, &self.rejected, units);
-        let all: Vec<usize> = (0..rows.len()).collect();
-        let batch = make_batch::<B>(&rows, &all, pad_id, device);
-        let logps = model.row_log_probs(&batch);
+        let (logps, batch) = self.rows.forward(model, units, pad_id, device);
         let lengths: Vec<f64> = batch.row_items.iter().map(|&n| n.max(1) as f64).collect();
         let (len_c, len_r) = (
             host_vector::<B>(lengths[..k].to_vec(), device),
@@ -663,13 +696,7 @@ impl Objective for PairSet {
         );
         let pc = logps.clone().narrow(0, 0, k);
         let pr = logps.narrow(0, k, k);
-        let reference = |side: usize| -> Tensor<B, 1> {
-            let values = match &self.reference {
-                Some((c, r)) => units.iter().map(|&i| [c, r][side][i]).collect(),
-                None => vec![0.0; k],
-            };
-            host_vector::<B>(values, device)
-        };
+        let reference = |side: usize| self.rows.reference::<B>(side, units, device);
         let mut extra = Vec::new();
         let (terms, pc, pr, loss) = match self.loss {
             PreferenceLoss::Dpo {
@@ -786,15 +813,13 @@ impl Objective for PairSet {
 /// the next completion's response) whose log-prob ratio estimates the KL term, as TRL pairs
 /// them; the estimate is taken over each micro-batch, detached and clamped at 0.
 pub struct KtoSet {
-    completions: Vec<TokenizedExample>,
-    mismatched: Vec<TokenizedExample>,
+    /// Completions and their mismatched rows.
+    rows: RowPairs,
     desirable: Vec<bool>,
-    /// Summed reference log-probs of the completions and of the mismatched rows.
-    reference: Option<(Vec<f64>, Vec<f64>)>,
     loss: PreferenceLoss,
 }
 
-/// The prompt part of a row (its leading unlabelled tokens) and the rest.
+/// Where a row's prompt ends: the length of its leading unlabelled tokens.
 fn split_prompt(row: &TokenizedExample) -> usize {
     row.labels
         .iter()
@@ -826,61 +851,35 @@ impl KtoSet {
             })
             .collect();
         Self {
-            completions,
-            mismatched,
+            rows: RowPairs::new(completions, mismatched),
             desirable,
-            reference: None,
             loss,
         }
     }
+}
 
-    pub fn compute_reference<B: Backend, M: CausalModel<B>>(
-        &mut self,
-        model: &M,
-        batch_rows: usize,
-        pad_id: u32,
-        device: &B::Device,
-    ) {
-        let own = sequence_log_probs(model, &self.completions, batch_rows, pad_id, device);
-        let kl = sequence_log_probs(model, &self.mismatched, batch_rows, pad_id, device);
-        self.reference = Some((own, kl));
-    }
-
-    /// Sets the summed reference log-probs of the completions and of their mismatched rows.
-    pub fn set_reference(&mut self, completions: Vec<f64>, mismatched: Vec<f64>) {
-        self.reference = Some((completions, mismatched));
+impl PreferenceSet for KtoSet {
+    fn rows_mut(&mut self) -> &mut RowPairs {
+        &mut self.rows
     }
 }
 
 impl Objective for KtoSet {
     fn len(&self) -> usize {
-        self.completions.len()
+        self.rows.len()
     }
 
     fn tokens(&self, i: usize) -> usize {
-        2 * self.completions[i]
-            .input_ids
-            .len()
-            .max(self.mismatched[i].input_ids.len())
+        self.rows.tokens(i)
     }
 
     fn label_tokens(&self, i: usize) -> usize {
-        self.completions[i].num_items()
+        self.rows.first[i].num_items()
     }
 
     fn validate(&self, set: &'static str, vocab: usize) -> Result<(), Error> {
-        validate_rows(set, &self.completions, vocab)?;
-        validate_examples(set, &self.mismatched, vocab)
-    }
-
-    fn stat_names(&self) -> &'static [&'static str] {
-        &[
-            "rewards/chosen",
-            "rewards/rejected",
-            "logps/chosen",
-            "logps/rejected",
-            "kl",
-        ]
+        validate_rows(set, &self.rows.first, vocab)?;
+        validate_examples(set, &self.rows.second, vocab)
     }
 
     fn micro_loss<B: Backend, M: CausalModel<B>>(
@@ -900,19 +899,12 @@ impl Objective for KtoSet {
             unreachable!("a KtoSet trains with the KTO loss")
         };
         let k = units.len();
-        let rows = stacked(&self.completions, &self.mismatched, units);
-        let all: Vec<usize> = (0..rows.len()).collect();
-        let batch = make_batch::<B>(&rows, &all, pad_id, device);
-        let logps = model.row_log_probs(&batch);
+        let (logps, batch) = self.rows.forward(model, units, pad_id, device);
         let policy = logps.clone().narrow(0, 0, k);
         let policy_kl = logps.narrow(0, k, k).detach();
-        let (ref_own, ref_kl): (Vec<f64>, Vec<f64>) = match &self.reference {
-            Some((own, kl)) => units.iter().map(|&i| (own[i], kl[i])).unzip(),
-            None => (vec![0.0; k], vec![0.0; k]),
-        };
-        let reference = host_vector::<B>(ref_own, device);
+        let reference = self.rows.reference::<B>(0, units, device);
         let kl = policy_kl
-            .sub(host_vector::<B>(ref_kl, device))
+            .sub(self.rows.reference::<B>(1, units, device))
             .mean()
             .clamp_min(0.0)
             .detach();
@@ -989,9 +981,50 @@ pub fn train_preference<B: AutodiffBackend>(
     if train.is_empty() {
         return Err(Error::NoExamples);
     }
-    // The host copy of the weights read here serves the reference pass only; the training run
-    // reads its own.
-    let sets = {
+    match kind {
+        PreferenceKind::Kto => {
+            let (completions, desirable) = train.unpaired();
+            let (eval_rows, eval_flags) = eval.unpaired();
+            train_set::<B, _>(
+                cfg,
+                kind,
+                base,
+                KtoSet::new(completions, desirable, loss),
+                KtoSet::new(eval_rows, eval_flags, loss),
+                out_dir,
+                device,
+                progress,
+            )
+        }
+        _ => train_set::<B, _>(
+            cfg,
+            kind,
+            base,
+            pair_set(train, "train", kind, loss)?,
+            pair_set(eval, "eval", kind, loss)?,
+            out_dir,
+            device,
+            progress,
+        ),
+    }
+}
+
+/// Checks the sets, computes their reference log-probs where the kind has a reference, and
+/// trains on them.
+#[allow(clippy::too_many_arguments)]
+fn train_set<B: AutodiffBackend, O: PreferenceSet>(
+    cfg: &PreferenceConfig,
+    kind: PreferenceKind,
+    base: BaseModel<'_>,
+    mut train: O,
+    mut eval: O,
+    out_dir: &Path,
+    device: &B::Device,
+    progress: Option<&MultiProgress>,
+) -> Result<SftReport, Error> {
+    {
+        // The host copy of the weights read here serves the reference pass only; the training
+        // run reads its own.
         let loaded;
         let (config, tensors) = match &base {
             BaseModel::Dir(dir) => {
@@ -1003,62 +1036,22 @@ pub fn train_preference<B: AutodiffBackend>(
             }
             BaseModel::Loaded { config, tensors } => (*config, *tensors),
         };
-        let vocab = config.vocab_size;
-        let mut sets = match kind {
-            PreferenceKind::Kto => {
-                let (completions, desirable) = train.unpaired();
-                let (eval_rows, eval_flags) = eval.unpaired();
-                Sets::Unpaired(
-                    KtoSet::new(completions, desirable, loss),
-                    KtoSet::new(eval_rows, eval_flags, loss),
-                )
-            }
-            _ => Sets::Pairs(
-                pair_set(train, "train", kind, loss)?,
-                pair_set(eval, "eval", kind, loss)?,
-            ),
-        };
-        match &sets {
-            Sets::Pairs(t, e) => {
-                t.validate("train", vocab)?;
-                e.validate("eval", vocab)?;
-            }
-            Sets::Unpaired(t, e) => {
-                t.validate("train", vocab)?;
-                e.validate("eval", vocab)?;
-            }
-        }
+        train.validate("train", config.vocab_size)?;
+        eval.validate("eval", config.vocab_size)?;
         if kind.needs_reference() {
             let pad_id = config.pad_token_id.unwrap_or(0);
             let rows = 2 * cfg.train.batch_size;
             let model = reference_model::<B::InnerBackend>(&cfg.train, config, tensors, device)?;
-            match &mut sets {
-                Sets::Pairs(t, e) => {
-                    t.compute_reference(&model, rows, pad_id, device);
-                    e.compute_reference(&model, rows, pad_id, device);
-                }
-                Sets::Unpaired(t, e) => {
-                    t.compute_reference(&model, rows, pad_id, device);
-                    e.compute_reference(&model, rows, pad_id, device);
-                }
-            }
-        }
-        sets
-    };
-    match &sets {
-        Sets::Pairs(t, e) => {
-            run_sft::<B, PairSet>(&cfg.train, base, t, e, out_dir, device, progress, None)
-        }
-        Sets::Unpaired(t, e) => {
-            run_sft::<B, KtoSet>(&cfg.train, base, t, e, out_dir, device, progress, None)
+            train
+                .rows_mut()
+                .compute_reference(&model, rows, pad_id, device);
+            eval.rows_mut()
+                .compute_reference(&model, rows, pad_id, device);
         }
     }
-}
-
-/// The train and eval sets of a run.
-enum Sets {
-    Pairs(PairSet, PairSet),
-    Unpaired(KtoSet, KtoSet),
+    run_sft::<B, O>(
+        &cfg.train, base, &train, &eval, out_dir, device, progress, None,
+    )
 }
 
 fn pair_set(
