@@ -135,6 +135,10 @@ pub struct SftBench {
     pub gradient_checkpointing: crate::model::decoder::GradientCheckpointing,
     /// lora, dora, qlora, adalora, prompt_tuning, p_tuning, prefix or full.
     pub method: String,
+    /// `sft` (`batch` rows a step) or `dpo` (`batch` pairs a step: chosen and rejected rows with
+    /// a shared prompt of a quarter of the row, DPO's sigmoid loss against reference log-probs
+    /// computed before the first step).
+    pub objective: String,
 }
 
 /// The trainer settings of one method in the benchmark: LoRA r=16, alpha=16 on the seven
@@ -167,6 +171,31 @@ fn bench_method(name: &str, cfg: &mut crate::trainer::SftConfig) -> anyhow::Resu
     Ok(())
 }
 
+/// Preference pairs from random rows: pair i's chosen row is row i, its rejected row row i + n
+/// with the first `prompt` tokens of the chosen one; labels on the responses only. Keeps the
+/// first half of `rows` as chosen, so a step of `batch` pairs reads `2 * batch` rows.
+fn preference_pairs(
+    rows: Vec<crate::trainer::TokenizedExample>,
+    prompt: usize,
+) -> (
+    Vec<crate::trainer::TokenizedExample>,
+    Vec<crate::trainer::TokenizedExample>,
+) {
+    let n = rows.len() / 2;
+    let mut chosen: Vec<_> = rows;
+    let mut rejected = chosen.split_off(n);
+    rejected.truncate(n);
+    for (c, r) in chosen.iter_mut().zip(&mut rejected) {
+        let p = prompt.min(c.input_ids.len()).min(r.input_ids.len());
+        r.input_ids[..p].copy_from_slice(&c.input_ids[..p]);
+        for row in [c, r] {
+            row.labels = row.input_ids.iter().map(|&t| i64::from(t)).collect();
+            row.labels[..p].fill(crate::trainer::data::IGNORE_INDEX);
+        }
+    }
+    (chosen, rejected)
+}
+
 /// Runs `steps` SFT steps through the real trainer (r=16, alpha=16, all seven
 /// projections, AdamW) on random weights and tokens; returns tokens/s over the steps after the
 /// warm-up ones, read back from the trainer's own metrics.jsonl.
@@ -188,8 +217,9 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     let tensors = bench_weights(&config);
     let init_s = t0.elapsed().as_secs_f64();
     let total = bench.steps + bench.warmup_steps;
+    let rows_per_unit = if bench.objective == "dpo" { 2 } else { 1 };
     let examples: Vec<TokenizedExample> = token_rows(
-        bench.batch * total as usize,
+        rows_per_unit * bench.batch * total as usize,
         bench.seq,
         config.vocab_size,
         7,
@@ -226,18 +256,41 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     let t1 = Instant::now();
     #[cfg(feature = "profile")]
     let profile = crate::backend::host_profile::HostProfile::from_env();
-    let report = crate::trainer::train_sft::<AB>(
-        &cfg,
-        crate::trainer::BaseModel::Loaded {
-            config: &config,
-            tensors: &tensors,
-        },
-        &examples,
-        &[],
-        out_dir,
-        device,
-        None,
-    )?;
+    let base = crate::trainer::BaseModel::Loaded {
+        config: &config,
+        tensors: &tensors,
+    };
+    let report = match bench.objective.as_str() {
+        "sft" => {
+            crate::trainer::train_sft::<AB>(&cfg, base, &examples, &[], out_dir, device, None)?
+        }
+        "dpo" => {
+            use crate::trainer::preference::{
+                train_preference, PreferenceConfig, PreferenceData, PreferenceKind,
+            };
+            let (chosen, rejected) = preference_pairs(examples, bench.seq / 4);
+            let none = PreferenceData::Pairs {
+                chosen: Vec::new(),
+                rejected: Vec::new(),
+            };
+            let cfg = PreferenceConfig {
+                train: cfg,
+                keys: Default::default(),
+            };
+            let pairs = PreferenceData::Pairs { chosen, rejected };
+            train_preference::<AB>(
+                &cfg,
+                PreferenceKind::Dpo,
+                base,
+                pairs,
+                none,
+                out_dir,
+                device,
+                None,
+            )?
+        }
+        other => anyhow::bail!("unknown objective {other:?}; expected sft or dpo"),
+    };
     #[cfg(feature = "profile")]
     drop(profile);
     let wall_s = t1.elapsed().as_secs_f64();
@@ -261,6 +314,10 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
             .collect();
         values.iter().sum::<f64>() / values.len().max(1) as f64
     };
+    let phases_total = ["forward_s", "backward_s", "update_s", "other_s"]
+        .iter()
+        .map(|k| phase_mean(k))
+        .sum::<f64>();
     let phases = json!({
         "forward_s": phase_mean("forward_s"),
         "backward_s": phase_mean("backward_s"),
@@ -276,6 +333,8 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
         .map(|mb| mb / 1024.0);
     Ok(json!({
         "method": bench.method,
+        "objective": bench.objective,
+        "step_s": phases_total,
         "tokens_per_s": tokens_per_s,
         "gpu_peak_gib": peak_gib,
         "phases": phases,
@@ -436,6 +495,23 @@ mod tests {
         let std = (q.iter().map(|v| v * v).sum::<f32>() / q.len() as f32).sqrt();
         assert!((std - 0.02).abs() < 0.002, "std {std}");
         assert!(fast["model.norm.weight"].data.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn bench_pairs_share_their_prompt_and_score_only_responses() {
+        let rows: Vec<_> = token_rows(4, 12, 50, 3)
+            .into_iter()
+            .map(crate::trainer::TokenizedExample::all_tokens)
+            .collect();
+        let (chosen, rejected) = preference_pairs(rows.clone(), 3);
+        assert_eq!((chosen.len(), rejected.len()), (2, 2));
+        for (c, r) in chosen.iter().zip(&rejected) {
+            assert_eq!(c.input_ids[..3], r.input_ids[..3]);
+            assert_ne!(c.input_ids[3..], r.input_ids[3..]);
+            assert_eq!(c.num_items(), 9);
+            assert_eq!(r.num_items(), 9);
+        }
+        assert_eq!(chosen[0].input_ids, rows[0].input_ids);
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// own: cubecl keeps its pool, so later lines show the process's high-water mark.
     #[arg(long, default_value = "lora")]
     pub method: String,
+    /// sft: `sft` (`--batch` rows a step) or `dpo` (`--batch` preference pairs a step, both rows
+    /// through one forward, against precomputed reference log-probs).
+    #[arg(long, default_value = "sft", value_parser = ["sft", "dpo"])]
+    pub objective: String,
     /// sft: activation checkpointing of the decoder layers: `false`, `true` (recompute each
     /// layer in the backward pass) or `offload` (the same, layer inputs in host memory).
     /// `--gradient-checkpointing` alone means `true`.
@@ -194,6 +198,7 @@ mod run_cuda {
                     warmup_steps: args.warmup,
                     gradient_checkpointing: checkpointing(args)?,
                     method: method.to_string(),
+                    objective: args.objective.clone(),
                 };
                 let dir = scratch_dir("sft");
                 let v = run_sft::<Autodiff<B>>(&bench, &device, &dir);
