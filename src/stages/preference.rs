@@ -10,7 +10,10 @@
 //! Output: as `sft` (`adapter/`, `merged/` or `model/`, `metrics.jsonl` with `rewards/*` and
 //! `logps/*`, charts, `checkpoint-N/`) and `<kind>.json`.
 
-use super::sft::{finish_training_artifact, stage_device, train_with_precision, training_work_dir};
+use super::sft::{
+    finish_training_artifact, stage_device, train_with_precision, training_work_dir,
+    TRAINING_INPUTS, TRAINING_OPERATIONAL_KEYS,
+};
 use super::tokenize::{read_tokens, TokenRow};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::model::device::BackendTask;
@@ -163,15 +166,11 @@ impl<K: KindMarker> Stage for Preference<K> {
     const SUMMARY: &'static str = K::SUMMARY;
 
     fn operational_keys() -> &'static [&'static str] {
-        &["resume", "save_steps", "logging_steps"]
+        TRAINING_OPERATIONAL_KEYS
     }
 
     fn input_slots() -> &'static [InputSlot] {
-        const SLOTS: &[InputSlot] = &[
-            InputSlot::one("input", &[ArtifactKind::Tokens]),
-            InputSlot::one("model", &[ArtifactKind::Model, ArtifactKind::Trained]),
-        ];
-        SLOTS
+        TRAINING_INPUTS
     }
 
     fn validate(params: &PreferenceConfig) -> Result<(), (String, String)> {

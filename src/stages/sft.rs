@@ -118,6 +118,16 @@ pub(super) fn run_with_precision<T: BackendTask>(
     Ok((output, bf16))
 }
 
+/// The inputs of a stage that trains on tokens: the data and the model it starts from (a model,
+/// or a trained stage whose merged or full model it continues).
+pub(super) const TRAINING_INPUTS: &[InputSlot] = &[
+    InputSlot::one("input", &[ArtifactKind::Tokens]),
+    InputSlot::one("model", &[ArtifactKind::Model, ArtifactKind::Trained]),
+];
+
+/// Keys of a training stage that change how it is logged and checkpointed, not what it computes.
+pub(super) const TRAINING_OPERATIONAL_KEYS: &[&str] = &["resume", "save_steps", "logging_steps"];
+
 /// The stage's work folder, created, and whether it holds an interrupted run of this very stage
 /// (whose checkpoints the run then picks up).
 pub(super) fn training_work_dir(ctx: &StageContext) -> Result<(PathBuf, bool), StageError> {
@@ -167,15 +177,11 @@ impl Stage for Sft {
     const SUMMARY: &'static str = "supervised fine-tuning: LoRA, QLoRA, full or P-Tuning v2";
 
     fn operational_keys() -> &'static [&'static str] {
-        &["resume", "save_steps", "logging_steps"]
+        TRAINING_OPERATIONAL_KEYS
     }
 
     fn input_slots() -> &'static [InputSlot] {
-        const SLOTS: &[InputSlot] = &[
-            InputSlot::one("input", &[ArtifactKind::Tokens]),
-            InputSlot::one("model", &[ArtifactKind::Model, ArtifactKind::Trained]),
-        ];
-        SLOTS
+        TRAINING_INPUTS
     }
 
     fn validate(params: &SftConfig) -> Result<(), (String, String)> {
