@@ -523,11 +523,13 @@ fn sequence_log_probs<B: Backend, M: CausalModel<B>>(
     out
 }
 
-fn host_vector<B: Backend>(values: Vec<f64>, device: &B::Device) -> Tensor<B, 1> {
+/// `values` on the device in the float type of `like` (the row log-probs: f32 from the chunked
+/// LM-head loss even when the model runs in bf16).
+fn host_vector<B: Backend>(values: Vec<f64>, like: &Tensor<B, 1>) -> Tensor<B, 1> {
     let n = values.len();
     Tensor::from_data(
-        TensorData::new(values, [n]).convert::<B::FloatElem>(),
-        device,
+        TensorData::new(values, [n]).convert_dtype(like.dtype()),
+        &like.device(),
     )
 }
 
@@ -597,7 +599,7 @@ impl RowPairs {
         &self,
         side: usize,
         units: &[usize],
-        device: &B::Device,
+        like: &Tensor<B, 1>,
     ) -> Tensor<B, 1> {
         let values = match &self.reference {
             Some(sides) => {
@@ -606,7 +608,7 @@ impl RowPairs {
             }
             None => vec![0.0; units.len()],
         };
-        host_vector::<B>(values, device)
+        host_vector(values, like)
     }
 }
 
@@ -691,12 +693,12 @@ impl Objective for PairSet {
         let (logps, batch) = self.rows.forward(model, units, pad_id, device);
         let lengths: Vec<f64> = batch.row_items.iter().map(|&n| n.max(1) as f64).collect();
         let (len_c, len_r) = (
-            host_vector::<B>(lengths[..k].to_vec(), device),
-            host_vector::<B>(lengths[k..].to_vec(), device),
+            host_vector(lengths[..k].to_vec(), &logps),
+            host_vector(lengths[k..].to_vec(), &logps),
         );
         let pc = logps.clone().narrow(0, 0, k);
-        let pr = logps.narrow(0, k, k);
-        let reference = |side: usize| self.rows.reference::<B>(side, units, device);
+        let pr = logps.clone().narrow(0, k, k);
+        let reference = |side: usize| self.rows.reference(side, units, &logps);
         let mut extra = Vec::new();
         let (terms, pc, pr, loss) = match self.loss {
             PreferenceLoss::Dpo {
@@ -901,10 +903,10 @@ impl Objective for KtoSet {
         let k = units.len();
         let (logps, batch) = self.rows.forward(model, units, pad_id, device);
         let policy = logps.clone().narrow(0, 0, k);
-        let policy_kl = logps.narrow(0, k, k).detach();
-        let reference = self.rows.reference::<B>(0, units, device);
+        let policy_kl = logps.clone().narrow(0, k, k).detach();
+        let reference = self.rows.reference(0, units, &logps);
         let kl = policy_kl
-            .sub(self.rows.reference::<B>(1, units, device))
+            .sub(self.rows.reference(1, units, &logps))
             .mean()
             .clamp_min(0.0)
             .detach();
@@ -913,7 +915,7 @@ impl Objective for KtoSet {
             .map(|&i| f64::from(u8::from(self.desirable[i])))
             .collect();
         let good = flags.iter().filter(|&&f| f > 0.0).count();
-        let desirable = host_vector::<B>(flags, device);
+        let desirable = host_vector(flags, &logps);
         let undesirable = desirable.clone().neg().add_scalar(1.0);
         let losses = kto_losses(
             beta,
