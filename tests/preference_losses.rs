@@ -240,3 +240,86 @@ fn losses_gradients_and_rewards_match_trl() {
         }
     }
 }
+
+/// Under mixed precision the model's row log-probs come in f32 (the chunked LM-head loss) while
+/// the device's default float type is bf16; the reference log-probs, lengths and labels the
+/// objectives build on the host must follow the log-probs' type. Here the default is f64 and the
+/// log-probs f32: every kind must run and agree with TRL to f32 precision.
+#[test]
+fn log_probs_in_another_float_type_than_the_default_train() {
+    use burn::tensor::DType;
+    let device = Default::default();
+    for case in fixture() {
+        let (kind, cfg) = config_of(&case);
+        let loss = cfg.loss(kind).unwrap();
+        let (values, micro_loss) = if kind == PreferenceKind::Kto {
+            let rows: Vec<_> = floats(&case, "length").into_iter().map(row).collect();
+            let desirable = case["desirable"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_bool().unwrap())
+                .collect();
+            let mut set = KtoSet::new(rows, desirable, loss);
+            set.set_reference(floats(&case, "reference"), floats(&case, "reference_kl"));
+            let mut values = floats(&case, "policy");
+            values.extend(floats(&case, "policy_kl"));
+            (values.clone(), f32_step(&set, values, &device))
+        } else {
+            let chosen: Vec<_> = floats(&case, "len_chosen").into_iter().map(row).collect();
+            let rejected: Vec<_> = floats(&case, "len_rejected").into_iter().map(row).collect();
+            let mut set = PairSet::new(chosen, rejected, loss);
+            if kind == PreferenceKind::Dpo {
+                set.set_reference(
+                    floats(&case, "reference_chosen"),
+                    floats(&case, "reference_rejected"),
+                );
+            }
+            let mut values = floats(&case, "policy_chosen");
+            values.extend(floats(&case, "policy_rejected"));
+            (values.clone(), f32_step(&set, values, &device))
+        };
+        assert!(!values.is_empty());
+        assert_eq!(micro_loss.dtype(), DType::F32, "{}", kind.name());
+        let got = micro_loss
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .unwrap()[0];
+        let want = case["loss"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "{}: f32 loss {got} vs TRL {want}",
+            kind.name()
+        );
+    }
+}
+
+/// One step's loss with the row log-probs given as f32 on the f64 backend.
+fn f32_step<O: Objective>(
+    set: &O,
+    values: Vec<f64>,
+    device: &burn::backend::ndarray::NdArrayDevice,
+) -> Tensor<F64, 1> {
+    let n = values.len();
+    let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    let values = Tensor::<F64, 1>::from_data(
+        TensorData::new(values, [n]),
+        (device, burn::tensor::DType::F32),
+    )
+    .require_grad();
+    let model = FixedLogProbs {
+        values: values.clone(),
+    };
+    let units: Vec<usize> = (0..set.len()).collect();
+    let micro = set.micro_loss(
+        &model,
+        &units,
+        totals(set, units.iter().copied()),
+        0,
+        device,
+    );
+    let grads = micro.loss.backward();
+    assert!(values.grad(&grads).is_some());
+    micro.loss
+}

@@ -527,10 +527,9 @@ fn sequence_log_probs<B: Backend, M: CausalModel<B>>(
 /// LM-head loss even when the model runs in bf16).
 fn host_vector<B: Backend>(values: Vec<f64>, like: &Tensor<B, 1>) -> Tensor<B, 1> {
     let n = values.len();
-    Tensor::from_data(
-        TensorData::new(values, [n]).convert_dtype(like.dtype()),
-        &like.device(),
-    )
+    // The dtype must be given: `from_data` otherwise makes the device's default float type
+    // (bf16 under mixed precision), whatever the data's own type.
+    Tensor::from_data(TensorData::new(values, [n]), (&like.device(), like.dtype()))
 }
 
 /// Two rows per unit — chosen and rejected, or a KTO completion and its mismatched KL row —
