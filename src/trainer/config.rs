@@ -136,6 +136,11 @@ pub struct SftConfig {
     pub encoder_num_layers: usize,
     /// Evaluate every N optimizer steps (0: only at the end when an eval set is given).
     pub eval_steps: u64,
+    /// Also evaluate before the first step (transformers' `eval_on_start`): the starting
+    /// model's figures as the step-0 row of `metrics.jsonl`. Left out of the fingerprint when
+    /// false, so stages cached before the key existed stay cached.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub eval_on_start: bool,
     /// Checkpoint every N optimizer steps (0: never; default 500).
     pub save_steps: u64,
     pub logging_steps: u64,
@@ -198,6 +203,7 @@ impl Default for SftConfig {
             encoder_hidden_size: None,
             encoder_num_layers: 2,
             eval_steps: 0,
+            eval_on_start: false,
             // As transformers' Trainer: a killed run loses at most 500 steps.
             save_steps: 500,
             logging_steps: 10,

@@ -451,6 +451,39 @@ pub(crate) fn resident_memory_mb() -> Option<f64> {
 
 pub(crate) type SaveHook<'a, M> = dyn Fn(&M, &Path) -> Result<(), Error> + 'a;
 
+/// `row` with the evaluation set's loss and statistics (as `eval_*`), `last_eval` set to the loss.
+fn eval_row<B, M, O>(
+    model: &M,
+    ctx: &LoopCtx<'_, O>,
+    mut row: MetricsRow,
+    device: &B::Device,
+    last_eval: &mut Option<f64>,
+) -> MetricsRow
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    M::InnerModule: CausalModel<B::InnerBackend>,
+    O: Objective + ?Sized,
+{
+    let cfg = ctx.cfg;
+    let evaluated = evaluate_objective(
+        &model.valid(),
+        ctx.eval,
+        cfg.batch_size,
+        cfg.max_tokens_per_batch,
+        ctx.pad_id,
+        device,
+    );
+    if let Some((loss, stats)) = evaluated {
+        *last_eval = Some(loss);
+        row.eval_loss = Some(loss);
+        for (name, value) in stats {
+            row = row.with(&format!("eval_{name}"), value);
+        }
+    }
+    row
+}
+
 pub(crate) fn train_loop<B, M, O>(
     ctx: &LoopCtx<'_, O>,
     mut model: M,
@@ -559,6 +592,10 @@ where
     let mut loss_acc: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut last_loss = None;
     let mut last_eval = None;
+    if start == 0 && cfg.eval_on_start && !ctx.eval.is_empty() {
+        let r = eval_row(&model, ctx, MetricsRow::new(0), device, &mut last_eval);
+        metrics.append(&r)?;
+    }
     let mut window_tokens = 0u64;
     let mut window_start = Instant::now();
     let mut phases = PhaseClock::default();
@@ -696,22 +733,8 @@ where
         if !ctx.eval.is_empty()
             && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || step == total)
         {
-            let evaluated = evaluate_objective(
-                &model.valid(),
-                ctx.eval,
-                cfg.batch_size,
-                cfg.max_tokens_per_batch,
-                ctx.pad_id,
-                device,
-            );
-            let mut r = row.take().unwrap_or_else(|| MetricsRow::new(step));
-            if let Some((loss, stats)) = evaluated {
-                last_eval = Some(loss);
-                r.eval_loss = Some(loss);
-                for (name, value) in stats {
-                    r = r.with(&format!("eval_{name}"), value);
-                }
-            }
+            let r = row.take().unwrap_or_else(|| MetricsRow::new(step));
+            let r = eval_row(&model, ctx, r, device, &mut last_eval);
             row = Some(r);
         }
         if let Some(r) = row {

@@ -172,6 +172,40 @@ fn lora_loss_falls_and_base_stays_frozen() {
 }
 
 #[test]
+fn eval_on_start_logs_the_starting_model_as_step_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = lora_cfg(2);
+    cfg.eval_on_start = true;
+    train(&cfg, dir.path());
+    let rows = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        rows[0].step, 0,
+        "the first row is the evaluation before training"
+    );
+    assert!(rows[0].loss.is_none());
+    // LoRA starts with B = 0: the starting model is the base, whose token-mean loss on the
+    // eval set (the first two examples) the row must carry.
+    let (config, tensors) = tiny();
+    let base = CausalLm::<TB>::from_hf_tensors(&config, &tensors, &Default::default()).unwrap();
+    let data = memorization_set();
+    let batch = make_batch::<TB>(&data, &[0, 1], 0, &Default::default());
+    let summed: f32 =
+        summed_cross_entropy(base.logits(batch.input_ids.clone()), &batch).into_scalar();
+    let tokens = (data[0].num_items() + data[1].num_items()) as f64;
+    let want = summed as f64 / tokens;
+    let got = rows[0].eval_loss.unwrap();
+    assert!(
+        (got - want).abs() < 1e-5,
+        "step-0 eval loss {got}, base model {want}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    train(&lora_cfg(2), dir.path());
+    let rows = read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(rows[0].step, 1, "no step-0 row without eval_on_start");
+}
+
+#[test]
 fn merged_logits_equal_base_plus_lora_logits() {
     let dir = tempfile::tempdir().unwrap();
     let report = train(&lora_cfg(4), dir.path());
