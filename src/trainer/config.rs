@@ -217,15 +217,74 @@ impl Default for SftConfig {
     }
 }
 
+/// The optimizer and schedule keys every training stage (sft, the preference kinds, grpo) shares,
+/// checked in one place.
+pub(crate) struct OptimizerKeys {
+    pub learning_rate: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub weight_decay: f64,
+    pub schedule: ScheduleConfig,
+}
+
+impl OptimizerKeys {
+    /// The first key out of range, with what is wrong with it.
+    pub(crate) fn check(&self) -> Result<(), (&'static str, String)> {
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            let lr = self.learning_rate;
+            return Err(("learning_rate", format!("must be >= 0, got {lr}")));
+        }
+        for (key, beta) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err((key, format!("must be in [0, 1), got {beta}")));
+            }
+        }
+        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
+            let eps = self.adam_epsilon;
+            return Err(("adam_epsilon", format!("must be > 0, got {eps}")));
+        }
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
+            let wd = self.weight_decay;
+            return Err(("weight_decay", format!("must be >= 0, got {wd}")));
+        }
+        if let Err(e) = self.schedule.warmup_steps_for(1) {
+            return Err(("warmup_steps", e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// AdamW's hyper-parameters.
+    pub(crate) fn adamw(&self) -> crate::trainer::optim::AdamWParams {
+        crate::trainer::optim::AdamWParams {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_epsilon,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// LoRA's rank and dropout, checked the same way for every stage that trains adapters.
+pub(crate) fn check_lora(r: usize, dropout: f64) -> Result<(), (&'static str, String)> {
+    if r == 0 {
+        return Err(("lora_r", "must be >= 1".into()));
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(("lora_dropout", format!("must be in [0, 1), got {dropout}")));
+    }
+    Ok(())
+}
+
 impl SftConfig {
     /// Checks ranges and combinations before any work starts.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |key: &'static str, message: String| Err(Error::Config { key, message });
-        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return bad(
-                "learning_rate",
-                format!("must be >= 0, got {}", self.learning_rate),
-            );
+        if let Err((key, message)) = self.optimizer_keys().check() {
+            return bad(key, message);
         }
         if self.batch_size == 0 {
             return bad("batch_size", "must be >= 1".into());
@@ -242,26 +301,6 @@ impl SftConfig {
         if self.logging_steps == 0 {
             return bad("logging_steps", "must be >= 1".into());
         }
-        for (key, beta) in [
-            ("adam_beta1", self.adam_beta1),
-            ("adam_beta2", self.adam_beta2),
-        ] {
-            if !(0.0..1.0).contains(&beta) {
-                return bad(key, format!("must be in [0, 1), got {beta}"));
-            }
-        }
-        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
-            return bad(
-                "adam_epsilon",
-                format!("must be > 0, got {}", self.adam_epsilon),
-            );
-        }
-        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            return bad(
-                "weight_decay",
-                format!("must be >= 0, got {}", self.weight_decay),
-            );
-        }
         if self.method == Method::Adalora {
             let planned = self.adalora.total_step.or(self.max_steps);
             if let Err((key, message)) = self.adalora.check(planned.unwrap_or(u64::MAX)) {
@@ -269,14 +308,8 @@ impl SftConfig {
             }
         }
         if matches!(self.method, Method::Lora | Method::Qlora | Method::Adalora) {
-            if self.lora_r == 0 {
-                return bad("lora_r", "must be >= 1".into());
-            }
-            if !(0.0..1.0).contains(&self.lora_dropout) {
-                return bad(
-                    "lora_dropout",
-                    format!("must be in [0, 1), got {}", self.lora_dropout),
-                );
+            if let Err((key, message)) = check_lora(self.lora_r, self.lora_dropout) {
+                return bad(key, message);
             }
         }
         if self.use_dora && !matches!(self.method, Method::Lora | Method::Qlora) {
@@ -312,13 +345,19 @@ impl SftConfig {
                 "needed (non-empty) when prompt_tuning_init = \"text\"".into(),
             );
         }
-        self.schedule_config()
-            .warmup_steps_for(1)
-            .map_err(|e| Error::Config {
-                key: "warmup_steps",
-                message: e.to_string(),
-            })?;
         Ok(())
+    }
+
+    /// The optimizer and schedule keys.
+    pub(crate) fn optimizer_keys(&self) -> OptimizerKeys {
+        OptimizerKeys {
+            learning_rate: self.learning_rate,
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_epsilon: self.adam_epsilon,
+            weight_decay: self.weight_decay,
+            schedule: self.schedule_config(),
+        }
     }
 
     /// The schedule keys as `train::schedule` takes them.

@@ -37,7 +37,7 @@ use crate::trainer::grpo_config::{GrpoConfig, LossType};
 use crate::trainer::grpo_loss::{completion_logps, grpo_loss, row_batch, LossParams};
 pub use crate::trainer::grpo_rollout::without_adapters;
 use crate::trainer::grpo_rollout::{evaluate_rewards, reward_keys, rollout, Reference, Rollout};
-use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW, AdamWParams};
+use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW};
 use crate::trainer::params::{assign_values, trainable_params, trainable_values};
 use crate::trainer::sft::BaseModel;
 
@@ -347,12 +347,7 @@ fn train_loop<B: AutodiffBackend>(
         .iter()
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
-    let mut opt = AdamW::<B::InnerBackend>::new(AdamWParams {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_epsilon,
-        weight_decay: cfg.weight_decay,
-    });
+    let mut opt = AdamW::<B::InnerBackend>::new(cfg.optimizer_keys().adamw());
     let metrics_path = ctx.out_dir.join("metrics.jsonl");
     let completions_path = ctx.out_dir.join("completions.jsonl");
     let (mut start, mut resumed_from) = (0u64, None);

@@ -12,7 +12,7 @@ use crate::model::decoder::GradientCheckpointing;
 use crate::train::peft_io::{LoraAdapterConfig, TargetModules};
 use crate::train::rewards::{RewardKind, RewardSpec};
 use crate::train::schedule::{Schedule, ScheduleConfig};
-use crate::trainer::config::{Method, Precision, SaveDtype};
+use crate::trainer::config::{check_lora, Method, OptimizerKeys, Precision, SaveDtype};
 
 /// How per-token losses become the step's loss (TRL `loss_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -188,12 +188,7 @@ impl GrpoConfig {
     /// Checks ranges and combinations before any work starts.
     pub fn validate(&self) -> Result<(), ConfigProblem> {
         let bad = |key: &'static str, message: String| Err((key, message));
-        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return bad(
-                "learning_rate",
-                format!("must be >= 0, got {}", self.learning_rate),
-            );
-        }
+        self.optimizer_keys().check()?;
         for (key, v) in [
             ("batch_size", self.batch_size),
             (
@@ -261,47 +256,26 @@ impl GrpoConfig {
         if self.rewards.is_empty() {
             return bad("rewards", "give at least one reward function".into());
         }
-        for (key, beta) in [
-            ("adam_beta1", self.adam_beta1),
-            ("adam_beta2", self.adam_beta2),
-        ] {
-            if !(0.0..1.0).contains(&beta) {
-                return bad(key, format!("must be in [0, 1), got {beta}"));
-            }
-        }
-        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
-            return bad(
-                "adam_epsilon",
-                format!("must be > 0, got {}", self.adam_epsilon),
-            );
-        }
-        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            return bad(
-                "weight_decay",
-                format!("must be >= 0, got {}", self.weight_decay),
-            );
-        }
         match self.method {
-            Method::Lora | Method::Qlora => {
-                if self.lora_r == 0 {
-                    return bad("lora_r", "must be >= 1".into());
-                }
-                if !(0.0..1.0).contains(&self.lora_dropout) {
-                    return bad(
-                        "lora_dropout",
-                        format!("must be in [0, 1), got {}", self.lora_dropout),
-                    );
-                }
-            }
+            Method::Lora | Method::Qlora => check_lora(self.lora_r, self.lora_dropout)?,
             Method::Full => {}
             Method::Prefix | Method::Adalora | Method::PromptTuning | Method::PTuning => {
                 return bad("method", "grpo trains `lora`, `qlora` or `full`".into());
             }
         }
-        if let Err(e) = self.schedule_config().warmup_steps_for(1) {
-            return bad("warmup_steps", e.to_string());
-        }
         Ok(())
+    }
+
+    /// The optimizer and schedule keys.
+    pub(crate) fn optimizer_keys(&self) -> OptimizerKeys {
+        OptimizerKeys {
+            learning_rate: self.learning_rate,
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_epsilon: self.adam_epsilon,
+            weight_decay: self.weight_decay,
+            schedule: self.schedule_config(),
+        }
     }
 
     pub fn schedule_config(&self) -> ScheduleConfig {

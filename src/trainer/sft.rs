@@ -33,7 +33,7 @@ use crate::trainer::data::{
     plan_steps, positions, row_log_probs, summed_cross_entropy, Batch, TokenizedExample,
 };
 use crate::trainer::objective::{evaluate_objective, totals, Objective, Stat, StatWindow};
-use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW, AdamWParams};
+use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW};
 use crate::trainer::params::{assign_values, trainable_params, trainable_values};
 use crate::trainer::prefix::{write_prefix_adapter, PrefixLm};
 use crate::trainer::prompt::{prompt_init_ids, write_virtual_adapter, PromptLm};
@@ -517,12 +517,7 @@ where
         .iter()
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
-    let mut opt = AdamW::<B::InnerBackend>::new(AdamWParams {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        eps: cfg.adam_epsilon,
-        weight_decay: cfg.weight_decay,
-    });
+    let mut opt = AdamW::<B::InnerBackend>::new(cfg.optimizer_keys().adamw());
     let metrics_path = ctx.out_dir.join("metrics.jsonl");
     let (mut start, mut pending_sum, mut pending_steps, mut tokens_seen) = (0u64, 0f64, 0u64, 0u64);
     let mut resumed_from = None;
