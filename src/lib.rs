@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod data;
 pub mod export;
 pub mod gguf;
+pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

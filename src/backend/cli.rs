@@ -9,9 +9,22 @@ use std::path::PathBuf;
 /// Benchmark or check the GPU paths.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// matmul, attention, ce, all (the three kernels), check, sft, decode or parity.
-    #[arg(value_parser = ["matmul", "attention", "ce", "all", "check", "sft", "decode", "parity"])]
+    /// matmul, attention, ce, all (the three kernels), check, sft, decode or parity (GPU); or
+    /// cpu-decode (the CPU engine on `--model`: prompt and decode tokens/s, peak memory).
+    #[arg(value_parser = ["matmul", "attention", "ce", "all", "check", "sft", "decode", "parity", "cpu-decode"])]
     pub what: String,
+    /// cpu-decode: a GGUF file or an HF model folder.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// cpu-decode: threads (default: RAYON_NUM_THREADS, else every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// cpu-decode: prompt length (synthetic ids, see `infer::bench`).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// cpu-decode: greedy tokens decoded after the prompt.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
     /// Also time burn's own matmul on each shape.
     #[arg(long)]
     pub with_burn: bool,
@@ -304,14 +317,39 @@ mod run_cuda {
     }
 }
 
-/// Runs the selected benchmark or check on CUDA device 0.
-#[cfg(feature = "cuda")]
+/// Runs the selected benchmark or check: `cpu-decode` on the CPU, the rest on CUDA device 0.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.what == "cpu-decode" {
+        return cpu_decode(args);
+    }
+    run_gpu(args)
+}
+
+/// `runner bench cpu-decode`: one JSON line.
+fn cpu_decode(args: &BenchArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let path = args
+        .model
+        .as_ref()
+        .context("`bench cpu-decode` needs --model (a GGUF file or an HF folder)")?;
+    let t0 = std::time::Instant::now();
+    let mut model = crate::infer::open_model(path)?;
+    if args.threads.is_some() {
+        model.set_thread_pool(crate::infer::thread_pool(args.threads)?);
+    }
+    let load_s = t0.elapsed().as_secs_f64();
+    let v = crate::infer::bench::run(path, &model, load_s, args.prompt_tokens, args.new_tokens)?;
+    println!("{v}");
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn run_gpu(args: &BenchArgs) -> anyhow::Result<()> {
     run_cuda::run(args)
 }
 
-/// Without the `cuda` feature there is nothing to benchmark.
+/// Without the `cuda` feature there is nothing to benchmark on a GPU.
 #[cfg(not(feature = "cuda"))]
-pub fn run(_args: &BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`runner bench` needs a build with the `cuda` feature")
+fn run_gpu(_args: &BenchArgs) -> anyhow::Result<()> {
+    anyhow::bail!("`runner bench` needs a build with the `cuda` feature (except `cpu-decode`)")
 }

@@ -306,6 +306,11 @@ impl GgufFile {
             })
     }
 
+    /// The whole mapped file (tensor bytes sit at `data_offset + offset`).
+    pub fn mapped(&self) -> &[u8] {
+        &self.mmap
+    }
+
     /// The raw (possibly quantized) bytes of a tensor, checked against the file size.
     pub fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
         let unsupported = || Error::UnsupportedType {

@@ -80,9 +80,13 @@ pub struct GenerateArgs {
     /// Prompts per batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// cpu, cuda, cuda:N or auto.
+    /// cpu, cuda, cuda:N or auto. On the CPU a model without an adapter runs on the quantized
+    /// engine (`infer`): a GGUF's blocks are read in place; an HF folder's weights stay f32.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Threads of the CPU engine (default: RAYON_NUM_THREADS, else every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// One JSON object per prompt per line: text, token_ids (generated), prompt_ids.
     #[arg(long)]
     pub json: bool,
@@ -108,7 +112,11 @@ pub trait GenTokenizer {
 /// Model files resolved from `--model`.
 pub struct ModelSource {
     pub config: ModelConfig,
+    /// HF-named f32 tensors; for a GGUF empty until [`ModelSource::load_tensors`] (the CPU engine
+    /// reads the file's blocks in place instead).
     pub tensors: BTreeMap<String, HostTensor>,
+    /// The `.gguf` file, when the model is one.
+    pub gguf: Option<PathBuf>,
     /// Folder holding tokenizer.json / tokenizer_config.json / generation_config.json.
     pub tokenizer_dir: PathBuf,
     /// For a GGUF: the private folder its tokenizer was written to, removed on drop.
@@ -160,7 +168,11 @@ pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        let (config, tensors, tokenizer) = crate::gguf::model::load_gguf_model(path)?;
+        // Metadata only: the tensors are dequantized when the burn decoder needs them.
+        let file = crate::gguf::reader::GgufFile::open(path)?;
+        let tokenizer = crate::gguf::tokenizer::GgufTokenizer::from_gguf(&file)?;
+        let config = crate::gguf::model::config_from_gguf(&file, &tokenizer)?;
+        drop(file);
         let scratch = ScratchDir::create("runner-gguf-tokenizer-")
             .context("creating a temporary folder for the GGUF's tokenizer")?;
         let dir = scratch.0.clone();
@@ -169,7 +181,8 @@ pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
         std::fs::write(dir.join("generation_config.json"), gen.to_string())?;
         return Ok(ModelSource {
             config,
-            tensors,
+            tensors: BTreeMap::new(),
+            gguf: Some(path.to_path_buf()),
             tokenizer_dir: dir,
             _tokenizer_scratch: Some(scratch),
         });
@@ -185,9 +198,21 @@ pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
     Ok(ModelSource {
         config,
         tensors,
+        gguf: None,
         tokenizer_dir: path.to_path_buf(),
         _tokenizer_scratch: None,
     })
+}
+
+impl ModelSource {
+    /// Dequantizes a GGUF's tensors into [`ModelSource::tensors`] (no-op for an HF folder or
+    /// when already loaded).
+    pub fn load_tensors(&mut self) -> anyhow::Result<()> {
+        if let (Some(path), true) = (&self.gguf, self.tensors.is_empty()) {
+            self.tensors = crate::gguf::model::load_gguf_model(path)?.1;
+        }
+        Ok(())
+    }
 }
 
 /// The `text` module's tokenizer and chat template behind [`GenTokenizer`].
@@ -447,7 +472,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
 /// `run` with any tokenizer (the integration point for the `text` module's tokenizer).
 pub fn run_with_tokenizer(
     args: &GenerateArgs,
-    source: ModelSource,
+    mut source: ModelSource,
     tok: &dyn GenTokenizer,
 ) -> anyhow::Result<()> {
     let gen_config = read_json(&source.tokenizer_dir.join("generation_config.json"))?;
@@ -492,6 +517,7 @@ pub fn run_with_tokenizer(
     let logits = match &args.logits {
         None => Vec::new(),
         Some(_) => {
+            source.load_tensors()?;
             let task = LogitsTask {
                 source: &source,
                 prompt_adapter: prompt_adapter.as_ref(),
@@ -507,16 +533,63 @@ pub fn run_with_tokenizer(
             }
         }
     };
-    let task = GenerateTask {
-        source,
-        prompt_adapter,
-        lora_adapter,
-        prompts: prompts.clone(),
-        opts,
-        batch_size: args.batch_size,
-        decode: &decode,
+    // Without an adapter, on the CPU, the families the quantized engine knows run on it.
+    let engine_reason = if args.adapter.is_some() {
+        Some("an adapter".to_string())
+    } else if !crate::model::device::resolves_to_cpu(args.device) {
+        Some("a GPU device".to_string())
+    } else {
+        crate::infer::unsupported_reason(&source.config)
     };
-    let results = run_on_device(args.device, task)??;
+    let results = match engine_reason {
+        None => {
+            let mut model = match &source.gguf {
+                Some(path) => crate::infer::open_gguf(path)?.0,
+                None => crate::infer::QuantModel::from_hf_tensors(
+                    source.config.clone(),
+                    std::mem::take(&mut source.tensors),
+                )?,
+            };
+            if args.threads.is_some() {
+                model.set_thread_pool(crate::infer::thread_pool(args.threads)?);
+            }
+            tracing::info!(
+                "CPU engine, {} threads (SIMD kernels: {})",
+                model.threads(),
+                crate::infer::quant::simd_available()
+            );
+            let device = Default::default();
+            let mut out = Vec::with_capacity(prompts.len());
+            for chunk in prompts.chunks(args.batch_size.max(1)) {
+                out.extend(crate::infer::generate::<crate::model::device::CpuBackend>(
+                    &model,
+                    chunk,
+                    &opts,
+                    Some(&decode),
+                    &device,
+                )?);
+            }
+            out
+        }
+        Some(reason) => {
+            if crate::model::device::resolves_to_cpu(args.device) {
+                tracing::info!(
+                    "burn decoder on the CPU: the quantized engine does not run {reason}"
+                );
+            }
+            source.load_tensors()?;
+            let task = GenerateTask {
+                source,
+                prompt_adapter,
+                lora_adapter,
+                prompts: prompts.clone(),
+                opts,
+                batch_size: args.batch_size,
+                decode: &decode,
+            };
+            run_on_device(args.device, task)??
+        }
+    };
     if let Some(path) = &args.logits {
         let mut text = String::new();
         for (ids, l) in prompts.iter().zip(&logits) {

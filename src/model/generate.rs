@@ -164,22 +164,13 @@ pub fn generate_prompted<B: Backend>(
     opts: &GenerateOptions,
     decode: Option<DecodeFn<'_>>,
 ) -> Result<Vec<Generation>, GenerateError> {
-    validate(model, prompts, opts)?;
-    if !opts.stop_strings.is_empty() && decode.is_none() {
-        return Err(GenerateError::NoDecoder);
-    }
+    validate(model.config.vocab_size, prompts, opts, decode.is_some())?;
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
     let device = model.model.embed_tokens.weight.device();
     let b = prompts.len();
-    // Padding is masked, so any id in the vocabulary serves; configs may name one outside it
-    // (GLM's 151329 in a model with a smaller vocabulary).
-    let pad_id = if (opts.pad_token_id as usize) < model.config.vocab_size {
-        opts.pad_token_id
-    } else {
-        0
-    };
+    let pad_id = pad_id(model.config.vocab_size, opts);
     // Rows with the same prompt (GRPO's group of completions) share one prefill.
     let (distinct, row_source) = distinct_prompts(prompts);
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -192,23 +183,6 @@ pub fn generate_prompted<B: Backend>(
         mask.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
     }
     let virtual_len = adapter.map_or(0, PromptAdapter::len);
-    let offset = virtual_len as i64;
-    let mut rows: Vec<Row> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Row {
-            seen: p.iter().copied().collect(),
-            out: Vec::new(),
-            forced: VecDeque::new(),
-            thinking: opts.budget.is_some(),
-            thinking_tokens: 0,
-            ignores_left: opts.budget.as_ref().map_or(0, |bf| bf.num_ignore),
-            finish: None,
-            rng: ChaCha20Rng::seed_from_u64(opts.sampling.seed.wrapping_add(i as u64)),
-            next_pos: p.len() as i64 + offset,
-        })
-        .collect();
-
     let int2 = |data: Vec<i64>, t: usize| {
         Tensor::<B, 2, Int>::from_data(TensorData::new(data, [b, t]), &device)
     };
@@ -224,10 +198,67 @@ pub fn generate_prompted<B: Backend>(
     }
     // Room for every token to come, so that each step writes its keys and values in place.
     cache.reserve(opts.max_new_tokens);
+    Ok(decode_loop(
+        prompts,
+        opts,
+        decode,
+        virtual_len as i64,
+        logits,
+        |next, pos| {
+            let ids: Vec<i64> = next.iter().map(|&t| t as i64).collect();
+            model.forward_last(int2(ids, 1), int2(pos.to_vec(), 1), None, Some(&mut cache))
+        },
+    ))
+}
 
+/// The id fed for left padding and for finished rows: `opts.pad_token_id` when it is in the
+/// vocabulary (padding is masked, so any id serves; configs may name one outside it, as GLM's
+/// 151329 in a model with a smaller vocabulary), else 0.
+pub(crate) fn pad_id(vocab: usize, opts: &GenerateOptions) -> u32 {
+    if (opts.pad_token_id as usize) < vocab {
+        opts.pad_token_id
+    } else {
+        0
+    }
+}
+
+/// The decoding steps every model shares: from the logits after the prompts (`[batch, vocab]`,
+/// one row per prompt), pick a token per row (repetition penalty, temperature, top-k/top-p,
+/// per-row seeded RNG), apply budget forcing, stop rows on stop tokens or strings, and ask
+/// `step` for the next logits given each row's next token and its position (finished rows
+/// get the pad id). Prompt positions start at `offset` (virtual tokens before them).
+pub(crate) fn decode_loop<B: Backend>(
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    decode: Option<DecodeFn<'_>>,
+    offset: i64,
+    first_logits: Tensor<B, 2>,
+    mut step: impl FnMut(&[u32], &[i64]) -> Tensor<B, 2>,
+) -> Vec<Generation> {
+    let vocab = first_logits.dims()[1];
+    let pad_id = pad_id(vocab, opts);
+    let b = prompts.len();
+    let mut rows: Vec<Row> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Row {
+            seen: p.iter().copied().collect(),
+            out: Vec::new(),
+            forced: VecDeque::new(),
+            thinking: opts.budget.is_some(),
+            thinking_tokens: 0,
+            ignores_left: opts.budget.as_ref().map_or(0, |bf| bf.num_ignore),
+            finish: None,
+            rng: ChaCha20Rng::seed_from_u64(opts.sampling.seed.wrapping_add(i as u64)),
+            next_pos: p.len() as i64 + offset,
+        })
+        .collect();
+    let mut logits = first_logits;
+    let mut next = Vec::with_capacity(b);
+    let mut pos = Vec::with_capacity(b);
     for _step in 0..opts.max_new_tokens {
         let choice = choose(logits, &mut rows, &opts.sampling);
-        let mut next = Vec::with_capacity(b);
+        next.clear();
         for (row, sampled) in rows.iter_mut().zip(choice) {
             if row.finish.is_some() {
                 next.push(pad_id);
@@ -248,23 +279,19 @@ pub fn generate_prompted<B: Backend>(
         if rows.iter().all(|r| r.finish.is_some()) {
             break;
         }
-        let pos: Vec<i64> = rows
-            .iter_mut()
-            .map(|r| {
-                r.next_pos += 1;
-                r.next_pos - 1
-            })
-            .collect();
-        let ids: Vec<i64> = next.iter().map(|&t| t as i64).collect();
-        logits = model.forward_last(int2(ids, 1), int2(pos, 1), None, Some(&mut cache));
+        pos.clear();
+        pos.extend(rows.iter_mut().map(|r| {
+            r.next_pos += 1;
+            r.next_pos - 1
+        }));
+        logits = step(&next, &pos);
     }
-    Ok(rows
-        .into_iter()
+    rows.into_iter()
         .map(|r| Generation {
             token_ids: r.out,
             finish: r.finish.unwrap_or(FinishReason::Length),
         })
-        .collect())
+        .collect()
 }
 
 /// Runs the prompts through the model with a prompt-learning adapter in effect, as peft does:
@@ -351,7 +378,7 @@ pub fn prompted_logits<B: Backend>(
 
 /// The distinct prompts in order of first appearance, and for each row the index of its prompt
 /// among them.
-fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<&[u32]>, Vec<usize>) {
+pub(crate) fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<&[u32]>, Vec<usize>) {
     let mut seen: HashMap<&[u32], usize> = HashMap::new();
     let mut distinct = Vec::new();
     let source = prompts
@@ -374,12 +401,14 @@ fn last_logits<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>) -> Tensor<
     logits.reshape([b, v])
 }
 
-fn validate<B: Backend>(
-    model: &CausalLm<B>,
+/// Checks prompts (non-empty, ids inside the vocabulary) and sampling parameters; stop strings
+/// need a decode function.
+pub(crate) fn validate(
+    vocab: usize,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
+    has_decoder: bool,
 ) -> Result<(), GenerateError> {
-    let vocab = model.config.vocab_size;
     for (index, p) in prompts.iter().enumerate() {
         if p.is_empty() {
             return Err(GenerateError::EmptyPrompt { index });
@@ -401,6 +430,9 @@ fn validate<B: Backend>(
             "repetition_penalty",
             format!("{} must be > 0", s.repetition_penalty),
         );
+    }
+    if !opts.stop_strings.is_empty() && !has_decoder {
+        return Err(GenerateError::NoDecoder);
     }
     Ok(())
 }
