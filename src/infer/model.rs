@@ -109,9 +109,9 @@ pub fn unsupported_reason(c: &ModelConfig) -> Option<String> {
     if c.mlp_bias || c.embed_scale().is_some() || c.norm_offset() != 0.0 || c.output_norms() {
         return Some("MLP biases, scaled embeddings or extra norms".into());
     }
-    if c.head_dim % 2 != 0
+    if !c.head_dim.is_multiple_of(2)
         || c.num_key_value_heads == 0
-        || c.num_attention_heads % c.num_key_value_heads != 0
+        || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
     {
         return Some("an odd head size or uneven query groups".into());
     }
@@ -250,7 +250,9 @@ impl QuantModel {
                 });
             }
             let (bs, _) = m.ty.block();
-            if cols % bs != 0 || (m.ty.act_kind() == quant::ActKind::Q8 && cols % 32 != 0) {
+            if !cols.is_multiple_of(bs)
+                || (m.ty.act_kind() == quant::ActKind::Q8 && !cols.is_multiple_of(32))
+            {
                 return Err(InferError::Weight {
                     tensor: n,
                     what: format!("{cols} columns do not fill {:?} blocks", m.ty),

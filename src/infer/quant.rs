@@ -265,35 +265,97 @@ pub fn matmul_into(ws: &[WeightView<'_>], acts: &Activations, out: &mut [f32], s
         assert_eq!(w.cols, acts.k, "matmul inner dimension");
         assert_eq!(Some(w.ty.act_kind()), acts.kind, "activation encoding");
     }
-    // Rows per task: enough work per task to hide rayon's overhead, enough tasks to balance.
+    // Rows per task (a multiple of the 4-row tiles): enough work per task to hide rayon's
+    // overhead, enough tasks to balance.
     let threads = rayon::current_num_threads().max(1);
-    let chunk_rows = (total / (threads * 8)).clamp(4, 256);
-    let starts: [usize; 4] = {
-        let mut s = [usize::MAX; 4];
-        let mut acc = 0;
-        for (i, w) in ws.iter().enumerate().take(4) {
-            s[i] = acc;
-            acc += w.rows;
-        }
-        s
-    };
+    let chunk_rows = (total / (threads * 8)).clamp(4, 256) / 4 * 4;
     assert!(ws.len() <= 4, "at most four weights share a pass");
+    let mut starts = [usize::MAX; 4];
+    let mut acc = 0;
+    for (i, w) in ws.iter().enumerate() {
+        starts[i] = acc;
+        acc += w.rows;
+    }
     let fns: [Option<DotFn>; 4] = std::array::from_fn(|i| ws.get(i).map(|w| dot_fn(w.ty, simd)));
+    let tiles: [Option<Tiles>; 4] =
+        std::array::from_fn(|i| ws.get(i).and_then(|w| tile_fns(w.ty, simd)));
     out.par_chunks_mut(chunk_rows * t)
         .enumerate()
         .for_each(|(ci, chunk)| {
             let first = ci * chunk_rows;
-            for (i, row_out) in chunk.chunks_mut(t).enumerate() {
+            let n = chunk.len() / t;
+            let mut i = 0;
+            while i < n {
                 let r = first + i;
                 let wi = (0..ws.len()).rev().find(|&wi| starts[wi] <= r).unwrap_or(0);
                 let w = &ws[wi];
+                let local = r - starts[wi];
+                let rb = w.row_bytes();
                 let f = fns[wi].unwrap_or(scalar::dot_f32_row);
-                let bytes = w.row(r - starts[wi]);
-                for (j, o) in row_out.iter_mut().enumerate() {
+                if let Some(tile) = &tiles[wi] {
+                    // One token: four rows share each activation block.
+                    if t == 1 && (w.rows - local).min(n - i) >= 4 {
+                        let bytes = &w.bytes[local * rb..(local + 4) * rb];
+                        (tile.rows4)(bytes, rb, acts, 0, &mut chunk[i..i + 4]);
+                        i += 4;
+                        continue;
+                    }
+                    // Several tokens: each weight block is unpacked once for four of them.
+                    if t >= 4 {
+                        let bytes = w.row(local);
+                        let row_out = &mut chunk[i * t..(i + 1) * t];
+                        let mut j = 0;
+                        while j + 4 <= t {
+                            (tile.cols4)(bytes, rb, acts, j, &mut row_out[j..j + 4]);
+                            j += 4;
+                        }
+                        for (jj, o) in row_out.iter_mut().enumerate().skip(j) {
+                            *o = f(bytes, acts, jj);
+                        }
+                        i += 1;
+                        continue;
+                    }
+                }
+                let bytes = w.row(local);
+                for (j, o) in chunk[i * t..(i + 1) * t].iter_mut().enumerate() {
                     *o = f(bytes, acts, j);
                 }
+                i += 1;
             }
         });
+}
+
+/// A tile kernel: `rows4` computes four consecutive weight rows (their bytes, `row_bytes`
+/// apart) against activation row 0; `cols4` one weight row against activation rows
+/// `j0..j0 + 4`. Both write four outputs.
+type TileFn = fn(&[u8], usize, &Activations, usize, &mut [f32]);
+
+struct Tiles {
+    rows4: TileFn,
+    cols4: TileFn,
+}
+
+fn tile_fns(ty: WeightType, simd: bool) -> Option<Tiles> {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        return match ty {
+            WeightType::Q4_0 => Some(Tiles {
+                rows4: avx2::q4_0_rows4,
+                cols4: avx2::q4_0_cols4,
+            }),
+            WeightType::Q4_1 => Some(Tiles {
+                rows4: avx2::q4_1_rows4,
+                cols4: avx2::q4_1_cols4,
+            }),
+            WeightType::Q8_0 => Some(Tiles {
+                rows4: avx2::q8_0_rows4,
+                cols4: avx2::q8_0_cols4,
+            }),
+            _ => None,
+        };
+    }
+    let _ = (ty, simd);
+    None
 }
 
 /// Dequantizes one row of a weight (embedding lookups) into `out` (`cols` long).
@@ -591,6 +653,8 @@ pub(crate) mod scalar {
 /// AVX2 + FMA + F16C kernels (x86-64). Each `*_row` wrapper is only handed out by `dot_fn`
 /// when [`simd_available`] is true.
 #[cfg(target_arch = "x86_64")]
+// The tile kernels index their `R x C` accumulators by row and column on purpose.
+#[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::{Activations, BlockQ8, BlockQ8K, QK_K};
     use std::arch::x86_64::*;
@@ -889,6 +953,125 @@ mod avx2 {
             }
         }
         hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    macro_rules! tile_wrapper {
+        ($name:ident, $($inner:tt)*) => {
+            pub fn $name(w: &[u8], rb: usize, acts: &Activations, j0: usize, out: &mut [f32]) {
+                // SAFETY: `tile_fns` returns this wrapper only when `simd_available()` found
+                // AVX2, FMA and F16C on this CPU; the kernel checks its bounds.
+                unsafe { $($inner)*(w, rb, acts, j0, out) }
+            }
+        };
+    }
+    tile_wrapper!(q4_0_rows4, q4_tile::<4, 1, false>);
+    tile_wrapper!(q4_0_cols4, q4_tile::<1, 4, false>);
+    tile_wrapper!(q4_1_rows4, q4_tile::<4, 1, true>);
+    tile_wrapper!(q4_1_cols4, q4_tile::<1, 4, true>);
+    tile_wrapper!(q8_0_rows4, q8_tile::<4, 1>);
+    tile_wrapper!(q8_0_cols4, q8_tile::<1, 4>);
+
+    /// `R` Q4_0/Q4_1 rows (`rb` bytes apart) against activation rows `j0..j0 + C`:
+    /// `out[r * C + c]`. Each weight block is unpacked once for the `C` columns and each
+    /// activation block loaded once for the `R` rows; the `R * C` chains run side by side.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_tile<const R: usize, const C: usize, const MIN: bool>(
+        w: &[u8],
+        rb: usize,
+        acts: &Activations,
+        j0: usize,
+        out: &mut [f32],
+    ) {
+        let nb = acts.k / 32;
+        let bs = if MIN { 20 } else { 18 };
+        assert!(nb * bs <= rb && w.len() >= (R - 1) * rb + nb * bs);
+        assert!(acts.q8.len() >= (j0 + C) * nb && out.len() >= R * C);
+        let a = &acts.q8;
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut off = [[0f32; C]; R];
+        for b in 0..nb {
+            let mut y = [_mm256_setzero_si256(); C];
+            let mut ad = [0f32; C];
+            let mut asum = [0f32; C];
+            for c in 0..C {
+                let blk = &a[(j0 + c) * nb + b];
+                // SAFETY: `blk.qs` is 32 bytes.
+                y[c] = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
+                ad[c] = blk.d;
+                asum[c] = blk.s;
+            }
+            for r in 0..R {
+                // SAFETY: block b of row r spans [r rb + b bs, r rb + (b + 1) bs), inside `w`
+                // (checked above).
+                let (d, m, q) = unsafe {
+                    let p = w.as_ptr().add(r * rb + b * bs);
+                    let (d, m) = fp16_pair(p);
+                    (d, m, nibbles(p.add(if MIN { 4 } else { 2 })))
+                };
+                for c in 0..C {
+                    acc[r][c] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * ad[c]),
+                        mul_sum_u8_i8(q, y[c]),
+                        acc[r][c],
+                    );
+                    off[r][c] += if MIN { m * asum[c] } else { -8.0 * d * asum[c] };
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                out[r * C + c] = hsum(acc[r][c]) + off[r][c];
+            }
+        }
+    }
+
+    /// [`q4_tile`] for Q8_0 rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_tile<const R: usize, const C: usize>(
+        w: &[u8],
+        rb: usize,
+        acts: &Activations,
+        j0: usize,
+        out: &mut [f32],
+    ) {
+        let nb = acts.k / 32;
+        assert!(nb * 34 <= rb && w.len() >= (R - 1) * rb + nb * 34);
+        assert!(acts.q8.len() >= (j0 + C) * nb && out.len() >= R * C);
+        let a = &acts.q8;
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for b in 0..nb {
+            let mut y = [_mm256_setzero_si256(); C];
+            let mut ad = [0f32; C];
+            for c in 0..C {
+                let blk = &a[(j0 + c) * nb + b];
+                // SAFETY: `blk.qs` is 32 bytes.
+                y[c] = unsafe { _mm256_loadu_si256(blk.qs.as_ptr() as *const __m256i) };
+                ad[c] = blk.d;
+            }
+            for r in 0..R {
+                // SAFETY: block b of row r spans [r rb + 34 b, r rb + 34 b + 34), inside `w`
+                // (checked above).
+                let (d, x) = unsafe {
+                    let p = w.as_ptr().add(r * rb + b * 34);
+                    (
+                        fp16_pair(p).0,
+                        _mm256_loadu_si256(p.add(2) as *const __m256i),
+                    )
+                };
+                let ax = _mm256_sign_epi8(x, x);
+                for c in 0..C {
+                    let prod = mul_sum_u8_i8(ax, _mm256_sign_epi8(y[c], x));
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * ad[c]), prod, acc[r][c]);
+                }
+            }
+        }
+        for r in 0..R {
+            for c in 0..C {
+                out[r * C + c] = hsum(acc[r][c]);
+            }
+        }
     }
 
     /// Horizontal i32 sum of 4 lanes.

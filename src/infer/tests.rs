@@ -43,10 +43,11 @@ const ALL_TYPES: [WeightType; 8] = [
 /// so `|err| <= sum_i |w_i| * amax_block(i) / 254` (plus f32 summation, 1e-5 relative).
 #[test]
 fn kernels_match_dequantized_dot_within_activation_rounding() {
-    let (rows, k) = (7, 512);
+    let (rows, k) = (9, 512);
     let w = rand_vec(rows * k, 1, 1.0);
-    // Activations with a few outliers, as hidden states have.
-    let mut x = rand_vec(3 * k, 2, 1.0);
+    // Activations with a few outliers, as hidden states have; 1 row (the 4-row tiles) and 6
+    // (the 4-column tiles and the rest).
+    let mut x = rand_vec(6 * k, 2, 1.0);
     x[5] = 9.0;
     x[700] = -6.0;
     for ty in ALL_TYPES {
@@ -58,38 +59,41 @@ fn kernels_match_dequantized_dot_within_activation_rounding() {
             cols: k,
             bytes: &bytes,
         };
-        let mut acts = Activations::default();
-        acts.encode(&x, 3, k, ty.act_kind());
         let block = match ty.act_kind() {
             quant::ActKind::F32 => 0,
             quant::ActKind::Q8 => 32,
             quant::ActKind::Q8K => 256,
         };
-        for simd in [false, true] {
-            let mut out = vec![0f32; rows * 3];
-            quant::matmul_into(&[view], &acts, &mut out, simd);
-            for r in 0..rows {
-                for j in 0..3 {
-                    let (wr, xj) = (&deq[r * k..(r + 1) * k], &x[j * k..(j + 1) * k]);
-                    let exact: f64 = wr.iter().zip(xj).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    let mag: f64 = wr
-                        .iter()
-                        .zip(xj)
-                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                        .sum();
-                    let mut bound = 1e-5 * mag + 1e-6;
-                    if block > 0 {
-                        for (bw, bx) in wr.chunks(block).zip(xj.chunks(block)) {
-                            let amax = bx.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-                            let sw: f64 = bw.iter().map(|v| v.abs() as f64).sum();
-                            bound += sw * amax / 254.0;
+        for t in [1, 6] {
+            let mut acts = Activations::default();
+            acts.encode(&x[..t * k], t, k, ty.act_kind());
+            for simd in [false, true] {
+                let mut out = vec![0f32; rows * t];
+                quant::matmul_into(&[view], &acts, &mut out, simd);
+                for r in 0..rows {
+                    for j in 0..t {
+                        let (wr, xj) = (&deq[r * k..(r + 1) * k], &x[j * k..(j + 1) * k]);
+                        let exact: f64 =
+                            wr.iter().zip(xj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let mag: f64 = wr
+                            .iter()
+                            .zip(xj)
+                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                            .sum();
+                        let mut bound = 1e-5 * mag + 1e-6;
+                        if block > 0 {
+                            for (bw, bx) in wr.chunks(block).zip(xj.chunks(block)) {
+                                let amax = bx.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                                let sw: f64 = bw.iter().map(|v| v.abs() as f64).sum();
+                                bound += sw * amax / 254.0;
+                            }
                         }
+                        let got = out[r * t + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{ty:?} t={t} simd={simd} row {r} act {j}: {got} vs {exact} (bound {bound})"
+                        );
                     }
-                    let got = out[r * 3 + j] as f64;
-                    assert!(
-                        (got - exact).abs() <= bound,
-                        "{ty:?} simd={simd} row {r} act {j}: {got} vs {exact} (bound {bound})"
-                    );
                 }
             }
         }
