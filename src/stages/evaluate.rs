@@ -167,6 +167,31 @@ impl BackendTask for GenerateTask<'_> {
     }
 }
 
+/// The generated ids of `prompts` through the CPU engine (f32 weights of the HF folder).
+fn generate_on_cpu_engine(
+    config: ModelConfig,
+    model_dir: &Path,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    batch_size: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<Vec<u32>>, StageError> {
+    let tensors = load_hf_folder_tensors(model_dir).map_err(|e| StageError::Other(Box::new(e)))?;
+    let model = crate::infer::QuantModel::from_hf_tensors(config, tensors)
+        .map_err(|e| StageError::Other(Box::new(e)))?;
+    let device = Default::default();
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        let gens = crate::infer::generate::<crate::model::device::CpuBackend>(
+            &model, chunk, opts, None, &device,
+        )
+        .map_err(|e| StageError::Other(Box::new(e)))?;
+        out.extend(gens.into_iter().map(|g| g.token_ids));
+        bar.inc(chunk.len() as u64);
+    }
+    Ok(out)
+}
+
 impl Stage for Evaluate {
     type Params = Params;
     const KIND: &'static str = "evaluate";
@@ -271,18 +296,27 @@ impl Stage for Evaluate {
             .parse()
             .map_err(|e: crate::model::device::DeviceError| err(&e))?;
         let bar = ctx.progress_bar(prompts.len() as u64, "predictions");
-        let task = GenerateTask {
-            config,
-            model_dir: &model_dir,
-            adapter: adapter.as_deref(),
-            prompts: &prompts,
-            opts,
-            batch_size: params.batch_size,
-            bar: bar.clone(),
+        // On the CPU, models without a prompt-learning adapter whose family the CPU engine
+        // runs decode there (the same sampling loop, SIMD kernels, an in-place cache).
+        let engine = crate::model::device::resolves_to_cpu(device)
+            && adapter.is_none()
+            && crate::infer::unsupported_reason(&config).is_none();
+        let outputs = if engine {
+            generate_on_cpu_engine(config, &model_dir, &prompts, &opts, params.batch_size, &bar)?
+        } else {
+            let task = GenerateTask {
+                config,
+                model_dir: &model_dir,
+                adapter: adapter.as_deref(),
+                prompts: &prompts,
+                opts,
+                batch_size: params.batch_size,
+                bar: bar.clone(),
+            };
+            run_on_device(device, task)
+                .map_err(|e| err(&e))?
+                .map_err(StageError::msg)?
         };
-        let outputs = run_on_device(device, task)
-            .map_err(|e| err(&e))?
-            .map_err(StageError::msg)?;
         bar.finish_and_clear();
 
         let mut rows = Vec::with_capacity(records.len());
