@@ -27,15 +27,19 @@ def llama_cpp_bench(model, threads, p, k):
     vocab = llm.n_vocab()
     ids = [1 + (i * 7919) % (vocab - 1) for i in range(p)]
     llm.reset()
+    def last_logits():
+        # llama-cpp-python keeps no scores without logits_all: read the context's last row.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
     t = time.perf_counter()
     llm.eval(ids)
     pp = p / (time.perf_counter() - t)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits()))
     out = [tok]
     t = time.perf_counter()
     for _ in range(k):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         out.append(tok)
     dec = k / (time.perf_counter() - t)
     return {"prompt_tokens_per_s": round(pp, 1), "decode_tokens_per_s": round(dec, 1), "generated_ids": out}

@@ -31,6 +31,22 @@ pub enum InferError {
     Threads(String),
 }
 
+/// The CPU engine's copy of `model` (its f32 weights) when `B` is the f32 CPU backend, no
+/// projection carries an unmerged LoRA adapter and the engine runs the model's family; `None`
+/// otherwise, and the caller decodes through burn.
+pub fn engine_copy<B: burn::tensor::backend::Backend>(
+    model: &crate::model::decoder::CausalLm<B>,
+) -> Option<QuantModel> {
+    use std::any::TypeId;
+    if TypeId::of::<B>() != TypeId::of::<crate::model::device::CpuBackend>()
+        || unsupported_reason(&model.config).is_some()
+        || model.has_lora()
+    {
+        return None;
+    }
+    QuantModel::from_hf_tensors(model.config.clone(), model.to_hf_tensors()).ok()
+}
+
 /// A rayon pool of `threads` threads (None: RAYON_NUM_THREADS, else one per core).
 pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool, InferError> {
     let mut b = rayon::ThreadPoolBuilder::new();

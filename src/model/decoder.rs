@@ -1262,6 +1262,14 @@ impl<B: Backend> CausalLm<B> {
         (model, wrapped)
     }
 
+    /// Whether any projection carries a LoRA adapter (unmerged).
+    pub fn has_lora(&self) -> bool {
+        self.clone()
+            .linears_mut()
+            .iter()
+            .any(|(_, l)| l.lora_a.is_some())
+    }
+
     /// Adapter tensors under peft's names
     /// (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`).
     pub fn lora_tensors(&self) -> BTreeMap<String, HostTensor> {

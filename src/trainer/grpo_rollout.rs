@@ -102,7 +102,9 @@ pub(crate) fn rollout<B: Backend>(
         .wrapping_mul(0x2545_F491_4F6C_DD1D)
         .wrapping_add(generation.wrapping_mul(1 << 20));
     let merged = merged_sampler(ctx, policy);
-    let completions = sample_completions(ctx, merged.as_ref().unwrap_or(policy), &rows, seed)?;
+    let sampler = Sampler::new(merged.as_ref().unwrap_or(policy));
+    let completions = sample_completions(ctx, &sampler, &rows, seed)?;
+    drop(sampler);
     drop(merged);
     let references: Vec<&str> = prompt_index
         .iter()
@@ -177,11 +179,28 @@ fn merged_sampler<B: Backend>(ctx: &LoopCtx<'_>, policy: &CausalLm<B>) -> Option
     }
 }
 
+/// What completions are sampled from: on the f32 CPU backend the CPU engine's copy of the
+/// (merged) policy when it can run it (SIMD kernels, an in-place cache: rollouts are most of a
+/// CPU step), else the policy through burn.
+enum Sampler<'a, B: Backend> {
+    Burn(&'a CausalLm<B>),
+    Engine(Box<crate::infer::QuantModel>),
+}
+
+impl<'a, B: Backend> Sampler<'a, B> {
+    fn new(model: &'a CausalLm<B>) -> Self {
+        match crate::infer::engine_copy(model) {
+            Some(engine) => Self::Engine(Box::new(engine)),
+            None => Self::Burn(model),
+        }
+    }
+}
+
 /// Samples one completion per row of `rows` (prompt ids) from `sampler`; row i draws from
 /// `seed + i`.
 fn sample_completions<B: Backend>(
     ctx: &LoopCtx<'_>,
-    sampler: &CausalLm<B>,
+    sampler: &Sampler<'_, B>,
     rows: &[Vec<u32>],
     seed: u64,
 ) -> Result<Vec<Vec<u32>>, GrpoError> {
@@ -201,10 +220,17 @@ fn sample_completions<B: Backend>(
         budget: None,
         pad_token_id: ctx.tokens.pad_id,
     };
-    Ok(generate(sampler, rows, &opts, None)?
-        .into_iter()
-        .map(|g| g.token_ids)
-        .collect())
+    let generated = match sampler {
+        Sampler::Burn(model) => generate(model, rows, &opts, None)?,
+        Sampler::Engine(engine) => crate::infer::generate::<crate::model::device::CpuBackend>(
+            engine,
+            rows,
+            &opts,
+            None,
+            &Default::default(),
+        )?,
+    };
+    Ok(generated.into_iter().map(|g| g.token_ids).collect())
 }
 
 /// Completion texts (the response prefix and the decoded ids) with their scores.
@@ -273,7 +299,7 @@ pub(crate) fn evaluate_rewards<B: Backend>(
     let seed = ctx.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED_E7A1;
     // Merged once for all chunks.
     let merged = merged_sampler(ctx, policy);
-    let sampler = merged.as_ref().unwrap_or(policy);
+    let sampler = Sampler::new(merged.as_ref().unwrap_or(policy));
     let mut completions = Vec::with_capacity(index.len());
     for (c, chunk) in index.chunks(EVAL_CHUNK).enumerate() {
         let rows: Vec<Vec<u32>> = chunk
@@ -283,7 +309,7 @@ pub(crate) fn evaluate_rewards<B: Backend>(
         let offset = (c * EVAL_CHUNK) as u64;
         completions.extend(sample_completions(
             ctx,
-            sampler,
+            &sampler,
             &rows,
             seed.wrapping_add(offset),
         )?);
