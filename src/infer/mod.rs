@@ -31,20 +31,22 @@ pub enum InferError {
     Threads(String),
 }
 
-/// The CPU engine's copy of `model` (its f32 weights) when `B` is the f32 CPU backend, no
-/// projection carries an unmerged LoRA adapter and the engine runs the model's family; `None`
-/// otherwise, and the caller decodes through burn.
-pub fn engine_copy<B: burn::tensor::backend::Backend>(
+/// A Q8_0 copy of `model` on the CPU engine, to sample from (as vLLM-backed trainers sample from
+/// a bf16 copy), when `B` is the f32 CPU backend, no projection carries an unmerged LoRA adapter
+/// and the engine runs the model's family; `Ok(None)` otherwise, and the caller decodes through
+/// burn.
+pub fn sampling_copy<B: burn::tensor::backend::Backend>(
     model: &crate::model::decoder::CausalLm<B>,
-) -> Option<QuantModel> {
+) -> Result<Option<QuantModel>, InferError> {
     use std::any::TypeId;
     if TypeId::of::<B>() != TypeId::of::<crate::model::device::CpuBackend>()
         || unsupported_reason(&model.config).is_some()
         || model.has_lora()
     {
-        return None;
+        return Ok(None);
     }
-    QuantModel::from_hf_tensors(model.config.clone(), model.to_hf_tensors()).ok()
+    let f32_copy = QuantModel::from_hf_tensors(model.config.clone(), model.to_hf_tensors())?;
+    Ok(Some(f32_copy.into_q8_0()?))
 }
 
 /// A rayon pool of `threads` threads (None: RAYON_NUM_THREADS, else one per core).

@@ -353,3 +353,44 @@ fn unsupported_weight_types_and_families_are_named() {
     assert!(err.contains("gemma2"), "{err}");
     assert_eq!(WeightType::from_ggml(GgmlType::Q5_K), None);
 }
+
+/// GRPO's sampling copy: the CPU engine over Q8_0 weights of the (merged) policy, made only for
+/// the f32 CPU backend and a model without unmerged adapters. Its logits are those of the burn
+/// decoder over the Q8_0-rounded weights, up to the activations' 8-bit rounding (the 3% bound of
+/// the GGUF Q8_0 test).
+#[test]
+fn sampling_copy_is_q8_0_of_the_cpu_policy_and_only_of_it() {
+    use burn::backend::Autodiff;
+    let (c, t) = tiny_model(Architecture::Qwen2, 256);
+    let rounded: BTreeMap<String, HostTensor> = t
+        .iter()
+        .map(|(name, v)| {
+            let mut v = v.clone();
+            if v.shape.len() == 2 {
+                let bytes = quants::quantize(GgmlType::Q8_0, &v.data).unwrap();
+                v.data = quants::dequantize(GgmlType::Q8_0, &bytes, v.data.len()).unwrap();
+            }
+            (name.clone(), v)
+        })
+        .collect();
+    let want = burn_logits(&c, &rounded, &IDS);
+    let device = Default::default();
+    let model = CausalLm::<CpuBackend>::from_hf_tensors(&c, &t, &device).unwrap();
+    let copy = crate::infer::sampling_copy(&model)
+        .unwrap()
+        .expect("a copy on the CPU");
+    let got = engine::prompt_logits(&copy, &IDS);
+    let (d, scale) = max_abs_diff(&got, &want);
+    assert!(d <= 0.03 * scale.max(1.0), "Q8_0 copy: {d} (scale {scale})");
+    let unrounded = burn_logits(&c, &t, &IDS);
+    assert!(
+        max_abs_diff(&got, &unrounded).0 > 0.0,
+        "the weights were not requantized"
+    );
+
+    // An unmerged adapter, or another backend: the caller samples through burn.
+    let (with_lora, _) = model.clone().with_lora(&["q_proj"], 4, 8.0, 0.0);
+    assert!(crate::infer::sampling_copy(&with_lora).unwrap().is_none());
+    let tracked = CausalLm::<Autodiff<CpuBackend>>::from_hf_tensors(&c, &t, &device).unwrap();
+    assert!(crate::infer::sampling_copy(&tracked).unwrap().is_none());
+}

@@ -61,6 +61,8 @@ pub enum GrpoError {
     Rewards(#[from] crate::train::rewards::Error),
     #[error(transparent)]
     Train(#[from] crate::trainer::Error),
+    #[error("grpo: the CPU engine's sampling copy of the policy: {0}")]
+    Sampling(#[from] crate::infer::InferError),
 }
 
 impl GrpoError {

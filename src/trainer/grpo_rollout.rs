@@ -101,11 +101,13 @@ pub(crate) fn rollout<B: Backend>(
         .seed
         .wrapping_mul(0x2545_F491_4F6C_DD1D)
         .wrapping_add(generation.wrapping_mul(1 << 20));
+    let sample_start = std::time::Instant::now();
     let merged = merged_sampler(ctx, policy);
-    let sampler = Sampler::new(merged.as_ref().unwrap_or(policy));
+    let sampler = Sampler::new(merged.as_ref().unwrap_or(policy))?;
     let completions = sample_completions(ctx, &sampler, &rows, seed)?;
     drop(sampler);
     drop(merged);
+    let sample_s = sample_start.elapsed().as_secs_f64();
     let references: Vec<&str> = prompt_index
         .iter()
         .map(|&i| ctx.prompts[i].reference.as_str())
@@ -153,6 +155,9 @@ pub(crate) fn rollout<B: Backend>(
         "reward_std".into(),
         groups.iter().sum::<f64>() / groups.len() as f64,
     );
+    // Of the rollout's wall time, the part spent generating (the rest: scoring and the old and
+    // reference log-probs).
+    stats.insert("sample_s".into(), sample_s);
     Ok(Rollout {
         generation,
         epoch,
@@ -188,11 +193,12 @@ enum Sampler<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Sampler<'a, B> {
-    fn new(model: &'a CausalLm<B>) -> Self {
-        match crate::infer::engine_copy(model) {
+    fn new(model: &'a CausalLm<B>) -> Result<Self, GrpoError> {
+        let copy = crate::infer::sampling_copy(model)?;
+        Ok(match copy {
             Some(engine) => Self::Engine(Box::new(engine)),
             None => Self::Burn(model),
-        }
+        })
     }
 }
 
@@ -299,7 +305,7 @@ pub(crate) fn evaluate_rewards<B: Backend>(
     let seed = ctx.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED_E7A1;
     // Merged once for all chunks.
     let merged = merged_sampler(ctx, policy);
-    let sampler = Sampler::new(merged.as_ref().unwrap_or(policy));
+    let sampler = Sampler::new(merged.as_ref().unwrap_or(policy))?;
     let mut completions = Vec::with_capacity(index.len());
     for (c, chunk) in index.chunks(EVAL_CHUNK).enumerate() {
         let rows: Vec<Vec<u32>> = chunk

@@ -553,7 +553,7 @@ fn resumed_run_matches_uninterrupted_run() {
         for row in &mut rows {
             assert!(row.extra.contains_key("step_s"), "no step time in {row:?}");
             row.memory_mb = None;
-            for key in ["step_s", "rollout_s", "gpu_memory_mb"] {
+            for key in ["step_s", "rollout_s", "sample_s", "gpu_memory_mb"] {
                 row.extra.remove(key);
             }
         }
