@@ -122,42 +122,57 @@ fn step_of<O: Objective>(
     (l, g, micro.stats)
 }
 
+/// A fixture case's objective, with its reference log-probs set, and the model's row log-probs
+/// for one step over all its units.
+enum CaseSet {
+    Pairs(PairSet),
+    Kto(KtoSet),
+}
+
+fn case_set(case: &Value, kind: PreferenceKind, cfg: &PreferenceConfig) -> (CaseSet, Vec<f64>) {
+    let loss = cfg.loss(kind).unwrap();
+    if kind == PreferenceKind::Kto {
+        let rows: Vec<_> = floats(case, "length").into_iter().map(row).collect();
+        let desirable = case["desirable"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect();
+        let mut set = KtoSet::new(rows, desirable, loss);
+        set.set_reference(floats(case, "reference"), floats(case, "reference_kl"));
+        let mut values = floats(case, "policy");
+        values.extend(floats(case, "policy_kl"));
+        (CaseSet::Kto(set), values)
+    } else {
+        let chosen: Vec<_> = floats(case, "len_chosen").into_iter().map(row).collect();
+        let rejected: Vec<_> = floats(case, "len_rejected").into_iter().map(row).collect();
+        let mut set = PairSet::new(chosen, rejected, loss);
+        if kind == PreferenceKind::Dpo {
+            set.set_reference(
+                floats(case, "reference_chosen"),
+                floats(case, "reference_rejected"),
+            );
+        }
+        let mut values = floats(case, "policy_chosen");
+        values.extend(floats(case, "policy_rejected"));
+        (CaseSet::Pairs(set), values)
+    }
+}
+
 #[test]
 fn losses_gradients_and_rewards_match_trl() {
     let device = Default::default();
     for case in fixture() {
         let (kind, cfg) = config_of(&case);
-        let loss = cfg.loss(kind).unwrap();
-        let what = format!("{case_kind} {loss:?}", case_kind = kind.name());
-        let (step_loss, grads, stats) = if kind == PreferenceKind::Kto {
-            let policy = floats(&case, "policy");
-            let k = policy.len();
-            let rows: Vec<_> = floats(&case, "length").into_iter().map(row).collect();
-            let desirable: Vec<bool> = case["desirable"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_bool().unwrap())
-                .collect();
-            let mut set = KtoSet::new(rows, desirable, loss);
-            set.set_reference(floats(&case, "reference"), floats(&case, "reference_kl"));
-            let mut values = policy;
-            values.extend(floats(&case, "policy_kl"));
-            let (l, g, stats) = step_of(&set, values, &device);
-            (l, g[..k].to_vec(), stats)
-        } else {
-            let chosen: Vec<_> = floats(&case, "len_chosen").into_iter().map(row).collect();
-            let rejected: Vec<_> = floats(&case, "len_rejected").into_iter().map(row).collect();
-            let mut set = PairSet::new(chosen, rejected, loss);
-            if kind == PreferenceKind::Dpo {
-                set.set_reference(
-                    floats(&case, "reference_chosen"),
-                    floats(&case, "reference_rejected"),
-                );
+        let what = format!("{} {:?}", kind.name(), cfg.loss(kind).unwrap());
+        let (step_loss, grads, stats) = match case_set(&case, kind, &cfg) {
+            (CaseSet::Kto(set), values) => {
+                let k = floats(&case, "policy").len();
+                let (l, g, stats) = step_of(&set, values, &device);
+                (l, g[..k].to_vec(), stats)
             }
-            let mut values = floats(&case, "policy_chosen");
-            values.extend(floats(&case, "policy_rejected"));
-            step_of(&set, values, &device)
+            (CaseSet::Pairs(set), values) => step_of(&set, values, &device),
         };
         close(
             step_loss,
@@ -251,33 +266,9 @@ fn log_probs_in_another_float_type_than_the_default_train() {
     let device = Default::default();
     for case in fixture() {
         let (kind, cfg) = config_of(&case);
-        let loss = cfg.loss(kind).unwrap();
-        let (values, micro_loss) = if kind == PreferenceKind::Kto {
-            let rows: Vec<_> = floats(&case, "length").into_iter().map(row).collect();
-            let desirable = case["desirable"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_bool().unwrap())
-                .collect();
-            let mut set = KtoSet::new(rows, desirable, loss);
-            set.set_reference(floats(&case, "reference"), floats(&case, "reference_kl"));
-            let mut values = floats(&case, "policy");
-            values.extend(floats(&case, "policy_kl"));
-            (values.clone(), f32_step(&set, values, &device))
-        } else {
-            let chosen: Vec<_> = floats(&case, "len_chosen").into_iter().map(row).collect();
-            let rejected: Vec<_> = floats(&case, "len_rejected").into_iter().map(row).collect();
-            let mut set = PairSet::new(chosen, rejected, loss);
-            if kind == PreferenceKind::Dpo {
-                set.set_reference(
-                    floats(&case, "reference_chosen"),
-                    floats(&case, "reference_rejected"),
-                );
-            }
-            let mut values = floats(&case, "policy_chosen");
-            values.extend(floats(&case, "policy_rejected"));
-            (values.clone(), f32_step(&set, values, &device))
+        let (values, micro_loss) = match case_set(&case, kind, &cfg) {
+            (CaseSet::Kto(set), values) => (values.clone(), f32_step(&set, values, &device)),
+            (CaseSet::Pairs(set), values) => (values.clone(), f32_step(&set, values, &device)),
         };
         assert!(!values.is_empty());
         assert_eq!(micro_loss.dtype(), DType::F32, "{}", kind.name());
