@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use runner::trainer::data::{Batch, TokenizedExample, IGNORE_INDEX};
-use runner::trainer::objective::{totals, Objective, Stat};
+use runner::trainer::objective::{totals, MicroLoss, Objective, Stat};
 use runner::trainer::preference::{
     KtoSet, PairSet, PreferenceConfig, PreferenceKind, PreferenceSet, PREFERENCE_KEYS,
 };
@@ -99,25 +99,9 @@ fn step_of<O: Objective>(
     device: &burn::backend::ndarray::NdArrayDevice,
 ) -> (f64, Vec<f64>, Vec<Stat<F64>>) {
     let n = values.len();
-    let values = Tensor::<F64, 1>::from_data(TensorData::new(values, [n]), device).require_grad();
-    let model = FixedLogProbs {
-        values: values.clone(),
-    };
-    let units: Vec<usize> = (0..set.len()).collect();
-    let micro = set.micro_loss(
-        &model,
-        &units,
-        totals(set, units.iter().copied()),
-        0,
-        device,
-    );
-    let grads = micro.loss.backward();
-    let g = values
-        .grad(&grads)
-        .unwrap()
-        .into_data()
-        .to_vec::<f64>()
-        .unwrap();
+    let values = Tensor::<F64, 1>::from_data(TensorData::new(values, [n]), device);
+    let (micro, grad) = run_step(set, values, device);
+    let g = grad.unwrap().into_data().to_vec::<f64>().unwrap();
     let l = micro.loss.into_data().to_vec::<f64>().unwrap()[0];
     (l, g, micro.stats)
 }
@@ -297,8 +281,23 @@ fn f32_step<O: Objective>(
     let values = Tensor::<F64, 1>::from_data(
         TensorData::new(values, [n]),
         (device, burn::tensor::DType::F32),
-    )
-    .require_grad();
+    );
+    let (micro, grad) = run_step(set, values, device);
+    assert!(grad.is_some());
+    micro.loss
+}
+
+/// One micro-batch of all `set`'s units with the model's row log-probs set to `values`: its loss
+/// and statistics, and the gradient of the loss with respect to `values`.
+fn run_step<O: Objective>(
+    set: &O,
+    values: Tensor<F64, 1>,
+    device: &burn::backend::ndarray::NdArrayDevice,
+) -> (
+    MicroLoss<F64>,
+    Option<Tensor<<F64 as burn::tensor::backend::AutodiffBackend>::InnerBackend, 1>>,
+) {
+    let values = values.require_grad();
     let model = FixedLogProbs {
         values: values.clone(),
     };
@@ -311,6 +310,6 @@ fn f32_step<O: Objective>(
         device,
     );
     let grads = micro.loss.backward();
-    assert!(values.grad(&grads).is_some());
-    micro.loss
+    let grad = values.grad(&grads);
+    (micro, grad)
 }
