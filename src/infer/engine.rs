@@ -117,6 +117,27 @@ pub fn prompt_logits(model: &QuantModel, ids: &[u32]) -> Vec<f32> {
     logits
 }
 
+/// [`generate`] over `prompts` in batches of `batch_size` rows on the CPU backend, calling
+/// `done(n)` after each batch of `n` (a progress bar).
+pub fn generate_batched(
+    model: &QuantModel,
+    prompts: &[Vec<u32>],
+    batch_size: usize,
+    opts: &GenerateOptions,
+    decode: Option<DecodeFn<'_>>,
+    mut done: impl FnMut(usize),
+) -> Result<Vec<Generation>, GenerateError> {
+    let device = Default::default();
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        out.extend(generate::<crate::model::device::CpuBackend>(
+            model, chunk, opts, decode, &device,
+        )?);
+        done(chunk.len());
+    }
+    Ok(out)
+}
+
 /// [`crate::model::generate::generate`] on the quantized decoder; the logits reach the shared
 /// sampling code as `B` tensors (ndarray's on the CPU).
 pub fn generate<B: Backend>(

@@ -13,7 +13,7 @@ mod tests;
 
 use std::path::Path;
 
-pub use engine::{generate, prompt_logits, Session};
+pub use engine::{generate, generate_batched, prompt_logits, Session};
 pub use model::{unsupported_reason, QuantModel};
 
 /// Errors of the `infer` module.

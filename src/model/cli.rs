@@ -558,18 +558,14 @@ pub fn run_with_tokenizer(
                 model.threads(),
                 crate::infer::quant::simd_available()
             );
-            let device = Default::default();
-            let mut out = Vec::with_capacity(prompts.len());
-            for chunk in prompts.chunks(args.batch_size.max(1)) {
-                out.extend(crate::infer::generate::<crate::model::device::CpuBackend>(
-                    &model,
-                    chunk,
-                    &opts,
-                    Some(&decode),
-                    &device,
-                )?);
-            }
-            out
+            crate::infer::generate_batched(
+                &model,
+                &prompts,
+                args.batch_size,
+                &opts,
+                Some(&decode),
+                |_| {},
+            )?
         }
         Some(reason) => {
             if crate::model::device::resolves_to_cpu(args.device) {

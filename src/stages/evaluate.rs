@@ -179,17 +179,11 @@ fn generate_on_cpu_engine(
     let tensors = load_hf_folder_tensors(model_dir).map_err(|e| StageError::Other(Box::new(e)))?;
     let model = crate::infer::QuantModel::from_hf_tensors(config, tensors)
         .map_err(|e| StageError::Other(Box::new(e)))?;
-    let device = Default::default();
-    let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch_size.max(1)) {
-        let gens = crate::infer::generate::<crate::model::device::CpuBackend>(
-            &model, chunk, opts, None, &device,
-        )
-        .map_err(|e| StageError::Other(Box::new(e)))?;
-        out.extend(gens.into_iter().map(|g| g.token_ids));
-        bar.inc(chunk.len() as u64);
-    }
-    Ok(out)
+    let gens = crate::infer::generate_batched(&model, prompts, batch_size, opts, None, |n| {
+        bar.inc(n as u64)
+    })
+    .map_err(|e| StageError::Other(Box::new(e)))?;
+    Ok(gens.into_iter().map(|g| g.token_ids).collect())
 }
 
 impl Stage for Evaluate {
