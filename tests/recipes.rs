@@ -348,6 +348,117 @@ fn a_run_killed_after_a_checkpoint_resumes_from_it_unless_forced() {
     assert_eq!(sft["steps"], 40);
 }
 
+const CHAOS_SETS: [&str; 3] = [
+    "stages.sft.max_steps=40",
+    "stages.sft.save_steps=5",
+    "stages.eval.limit=2",
+];
+
+/// Every file of `dir` (recursively, by relative path) and its bytes.
+fn files_of(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().to_path_buf();
+                files.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// kill -9 at ten pseudo-random moments (seeded, so a failure can be replayed) of the medical
+/// recipe, most of them inside the training stage, then a run to the end: it completes, the
+/// store verifies clean, and the trained weights equal an uninterrupted run's bit for bit.
+#[test]
+fn ten_kills_at_random_moments_then_a_full_run_give_the_uninterrupted_weights() {
+    let root = tempfile::tempdir().unwrap();
+    let run = |store: &Path| {
+        let mut cmd = runner(store);
+        cmd.args(["run", "recipes/medical.toml"]);
+        for s in CHAOS_SETS {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let reference = root.path().join("reference");
+    run(&reference);
+
+    let store = root.path().join("chaos");
+    // xorshift64: moments between 1 and 10 s after the start; the stages before training are
+    // cached after the first kill that lands past them, so the later kills land in training.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut landed = 0;
+    for attempt in 0..10 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let delay_ms = 1_000 + state % 9_000;
+        let log =
+            std::fs::File::create(root.path().join(format!("attempt-{attempt}.log"))).unwrap();
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("runner"));
+        cmd.current_dir(repo())
+            .env("RUNNER_STORE", &store)
+            .args(["run", "recipes/medical.toml"])
+            .stderr(log);
+        for s in CHAOS_SETS {
+            cmd.args(["--set", s]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            landed += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(landed >= 5, "only {landed} of 10 kills found the run alive");
+    let logs: String = (0..10)
+        .map(|a| std::fs::read_to_string(root.path().join(format!("attempt-{a}.log"))).unwrap())
+        .collect();
+    let last = run(&store);
+    assert!(
+        logs.contains("resuming sft from checkpoint-")
+            || last.contains("resuming sft from checkpoint-"),
+        "no run resumed from a checkpoint:\n{logs}\n{last}"
+    );
+
+    let verify = runner(&store).args(["cache", "verify"]).output().unwrap();
+    let report = String::from_utf8_lossy(&verify.stdout).to_string()
+        + &String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success(), "{report}");
+    assert!(report.contains("none corrupt"), "{report}");
+
+    let weights = |store: &Path| {
+        files_of(&artifact(store, "recipes/medical.toml", &CHAOS_SETS, "sft").join("model"))
+    };
+    let (want, got) = (weights(&reference), weights(&store));
+    assert!(
+        want.contains_key(Path::new("model.safetensors")),
+        "{:?}",
+        want.keys()
+    );
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &want {
+        assert!(
+            got[name] == *bytes,
+            "{} differs from the uninterrupted run's",
+            name.display()
+        );
+    }
+}
+
 /// A skip on the real stderr (the harness captures `eprintln!`); `.ci/run` counts these lines.
 fn skip(why: &str) {
     use std::io::Write;
