@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// cpu-decode: greedy tokens decoded after the prompt.
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
+    /// cpu-decode: also decode this many rows of the prompt together (a GRPO group, an
+    /// evaluation batch), greedy and sampled; 1 skips.
+    #[arg(long, default_value_t = 1)]
+    pub rows: usize,
     /// Also time burn's own matmul on each shape.
     #[arg(long)]
     pub with_burn: bool,
@@ -338,7 +342,12 @@ fn cpu_decode(args: &BenchArgs) -> anyhow::Result<()> {
         model.set_thread_pool(crate::infer::thread_pool(args.threads)?);
     }
     let load_s = t0.elapsed().as_secs_f64();
-    let v = crate::infer::bench::run(path, &model, load_s, args.prompt_tokens, args.new_tokens)?;
+    let shape = crate::infer::bench::Shape {
+        prompt_tokens: args.prompt_tokens,
+        new_tokens: args.new_tokens,
+        rows: args.rows,
+    };
+    let v = crate::infer::bench::run(path, &model, load_s, &shape)?;
     println!("{v}");
     Ok(())
 }

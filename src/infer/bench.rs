@@ -3,7 +3,11 @@
 //!
 //! The prompt is synthetic so that other runtimes can replay it: token `i` is
 //! `1 + (i * 7919) % (vocab - 1)` (scripts/bench_cpu_decode.py feeds the same ids to
-//! llama.cpp). Decoding is greedy from the prompt's last logits, `new_tokens` steps.
+//! llama.cpp). Decoding is greedy from the prompt's last logits, `new_tokens` steps. With
+//! `rows` > 1 the same prompt is also decoded as that many rows at once, greedy (the engine's
+//! steps alone) and sampled through [`crate::infer::generate`] (the engine plus the shared
+//! sampling code, as GRPO's rollouts run), so the cost of choosing tokens shows beside the
+//! cost of computing logits.
 
 use std::path::Path;
 use std::time::Instant;
@@ -11,6 +15,15 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::infer::{InferError, QuantModel, Session};
+use crate::model::generate::{GenerateOptions, SamplingParams};
+
+/// What one `cpu-decode` run measures.
+pub struct Shape {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Rows decoded together in the batched figures (1: none).
+    pub rows: usize,
+}
 
 /// The synthetic prompt of `n` tokens for a vocabulary of `vocab`.
 pub fn bench_prompt(n: usize, vocab: usize) -> Vec<u32> {
@@ -41,11 +54,11 @@ pub fn run(
     path: &Path,
     model: &QuantModel,
     load_s: f64,
-    prompt_tokens: usize,
-    new_tokens: usize,
+    shape: &Shape,
 ) -> Result<serde_json::Value, InferError> {
+    let new_tokens = shape.new_tokens;
     let vocab = model.config.vocab_size;
-    let prompt = bench_prompt(prompt_tokens.max(1), vocab);
+    let prompt = bench_prompt(shape.prompt_tokens.max(1), vocab);
     let mut session = Session::new(model, 1, prompt.len() + new_tokens + 1);
     let mut logits = Vec::new();
     let t0 = Instant::now();
@@ -61,6 +74,10 @@ pub fn run(
         generated.push(next);
     }
     let decode_s = t1.elapsed().as_secs_f64();
+    let batched = match shape.rows {
+        0 | 1 => None,
+        rows => Some(batched(model, &prompt, rows, new_tokens)?),
+    };
     let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let peak_kib = peak_rss_kib();
     Ok(json!({
@@ -77,5 +94,60 @@ pub fn run(
         "model_file_mib": file_bytes as f64 / (1024.0 * 1024.0),
         "peak_rss_over_file": peak_kib.filter(|_| file_bytes > 0).map(|k| k as f64 * 1024.0 / file_bytes as f64),
         "generated_ids": generated,
+        "rows": shape.rows,
+        "batch_greedy_tokens_per_s": batched.map(|b| b.0),
+        "batch_sampled_tokens_per_s": batched.map(|b| b.1),
     }))
+}
+
+/// Tokens/s of `rows` copies of `prompt` decoded together: greedy through the engine's steps
+/// alone, then sampled (temperature 0.9, no top-k/top-p: GRPO's defaults) through `generate`.
+/// Only the decode steps are timed in the first; the second includes its one prefill.
+fn batched(
+    model: &QuantModel,
+    prompt: &[u32],
+    rows: usize,
+    new_tokens: usize,
+) -> Result<(f64, f64), InferError> {
+    let vocab = model.config.vocab_size;
+    let mut session = Session::new(model, rows, prompt.len() + new_tokens + 1);
+    let mut logits = Vec::new();
+    session.prefill(0, prompt, false, &mut logits);
+    for row in 1..rows {
+        session.copy_row(0, row);
+    }
+    let mut next = vec![argmax(&logits[..vocab]); rows];
+    let t0 = Instant::now();
+    for step in 0..new_tokens {
+        let pos = vec![(prompt.len() + step) as i64; rows];
+        session.step(&next, &pos, &mut logits);
+        for (row, id) in next.iter_mut().enumerate() {
+            *id = argmax(&logits[row * vocab..(row + 1) * vocab]);
+        }
+    }
+    let greedy = (rows * new_tokens) as f64 / t0.elapsed().as_secs_f64();
+
+    let opts = GenerateOptions {
+        max_new_tokens: new_tokens,
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 7,
+            greedy: false,
+            ..SamplingParams::default()
+        },
+        ..GenerateOptions::default()
+    };
+    let prompts = vec![prompt.to_vec(); rows];
+    let t1 = Instant::now();
+    let out = crate::infer::generate::<crate::model::device::CpuBackend>(
+        model,
+        &prompts,
+        &opts,
+        None,
+        &Default::default(),
+    )?;
+    let tokens: usize = out.iter().map(|g| g.token_ids.len()).sum();
+    Ok((greedy, tokens as f64 / t1.elapsed().as_secs_f64()))
 }

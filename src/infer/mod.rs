@@ -29,6 +29,8 @@ pub enum InferError {
     Load(String),
     #[error("cannot start the thread pool: {0}")]
     Threads(String),
+    #[error(transparent)]
+    Generate(#[from] crate::model::generate::GenerateError),
 }
 
 /// A Q8_0 copy of `model` on the CPU engine, to sample from (as vLLM-backed trainers sample from
