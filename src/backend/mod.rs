@@ -18,11 +18,8 @@ mod autodiff;
 #[cfg(feature = "cuda")]
 pub mod bench;
 #[cfg(feature = "cuda")]
-pub mod bench_model;
-#[cfg(feature = "cuda")]
 pub mod check;
 pub mod checkpoint;
-pub mod cli;
 mod cpu;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]

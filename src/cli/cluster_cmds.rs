@@ -4,10 +4,10 @@
 //! shared by several points becomes one job, and cached stages become no job at all. A job runs
 //! `runner run RECIPE --only STAGE --set ...` against the shared store.
 
+use super::jobs::SubmitFlags;
 use super::Failure;
 use anyhow::{anyhow, Context};
 use clap::Args;
-use runner::cluster::cli::SubmitFlags;
 use runner::cluster::{self, JobSpec, JobState, Resources, SlurmCommands};
 use runner::pipeline::record::{default_runs_dir, git_revision, new_run_id};
 use runner::pipeline::{Plan, RunRecord, StageRecord, StageState, Store};

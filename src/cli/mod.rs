@@ -1,8 +1,15 @@
 //! Command-line interface: parses arguments, sets up logging, and maps errors to exit codes
 //! (1: a stage failed or an artifact is missing; 2: the recipe or the arguments are wrong).
 
+mod bench;
+#[cfg(feature = "cuda")]
+mod bench_model;
 mod cluster_cmds;
+mod generate;
+mod jobs;
 mod pipeline_cmds;
+mod report;
+mod score;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -47,19 +54,19 @@ enum Command {
     /// Cancel a submitted run's unfinished jobs.
     Cancel(cluster_cmds::StatusArgs),
     /// Generate text with a model (HF folder or GGUF), greedy or sampled, with s1 budget forcing.
-    Generate(runner::model::cli::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Score a predictions file: BLEU-4/ROUGE as ChatGLM-6B's script, sacreBLEU, GSM8K, exact match.
-    Score(runner::metrics::cli::ScoreArgs),
+    Score(score::ScoreArgs),
     /// Export a model (merging a LoRA adapter first) as GGUF, safetensors or a PEFT adapter.
     Export(runner::export::cli::ExportArgs),
     /// Convert a GGUF file to an HF folder.
     Convert(runner::export::cli::ConvertArgs),
     /// Write a run's HTML report (latest run by default).
-    Report(runner::report::cli::ReportArgs),
+    Report(report::ReportArgs),
     /// State of Slurm jobs by submission folder or job id (or cancel them).
-    Jobs(runner::cluster::cli::JobsArgs),
+    Jobs(jobs::JobsArgs),
     /// GPU benchmarks (cuBLAS matmul, attention, chunked loss, LoRA SFT, decode) and on-device checks.
-    Bench(runner::backend::cli::BenchArgs),
+    Bench(bench::BenchArgs),
 }
 
 /// An error with the exit code it should produce.
@@ -117,13 +124,13 @@ pub fn main() -> ExitCode {
         Command::Submit(a) => cluster_cmds::submit(a),
         Command::Status(a) => cluster_cmds::status(a),
         Command::Cancel(a) => cluster_cmds::cancel(a),
-        Command::Generate(a) => runner::model::cli::run(&a).map_err(Failure::from),
-        Command::Score(a) => runner::metrics::cli::run(&a).map_err(Failure::from),
+        Command::Generate(a) => generate::run(&a).map_err(Failure::from),
+        Command::Score(a) => score::run(&a).map_err(Failure::from),
         Command::Export(a) => runner::export::cli::run(&a).map_err(Failure::from),
         Command::Convert(a) => runner::export::cli::run_convert(&a).map_err(Failure::from),
-        Command::Report(a) => runner::report::cli::run(&a).map_err(Failure::from),
-        Command::Jobs(a) => runner::cluster::cli::run(&a).map_err(Failure::from),
-        Command::Bench(a) => runner::backend::cli::run(&a).map_err(Failure::from),
+        Command::Report(a) => report::run(&a).map_err(Failure::from),
+        Command::Jobs(a) => jobs::run(&a).map_err(Failure::from),
+        Command::Bench(a) => bench::run(&a).map_err(Failure::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

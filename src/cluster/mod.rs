@@ -14,8 +14,6 @@ mod script;
 mod status;
 mod submit;
 
-pub mod cli;
-
 #[cfg(test)]
 mod fake_slurm_tests;
 #[cfg(test)]

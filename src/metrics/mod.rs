@@ -7,7 +7,6 @@
 //! rouge_chinese 1.0.3 rouge.py/rouge_score.py; sacrebleu 2.x metrics/bleu.py, tokenizers/.
 
 pub mod bleu;
-pub mod cli;
 pub mod gsm8k;
 pub mod predictions;
 pub mod rouge;

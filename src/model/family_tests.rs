@@ -7,12 +7,12 @@
 use burn::tensor::{Int, Tensor, TensorData};
 use serde_json::Value;
 
-use crate::model::cli::{GenTokenizer, TextGenTokenizer};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
 use crate::model::device::CpuBackend as TB;
 use crate::model::generate::{generate, GenerateOptions};
 use crate::model::hf::load_hf_folder_tensors;
+use crate::text::TextTokenizer;
 
 const FAMILIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families");
 
@@ -31,7 +31,7 @@ struct Family {
     name: &'static str,
     config: ModelConfig,
     model: CausalLm<TB>,
-    tokenizer: TextGenTokenizer,
+    tokenizer: TextTokenizer,
     expected: Value,
 }
 
@@ -45,7 +45,7 @@ fn family(name: &'static str) -> Family {
         name,
         config,
         model,
-        tokenizer: TextGenTokenizer::from_dir(&dir).unwrap(),
+        tokenizer: TextTokenizer::from_dir(&dir).unwrap(),
         expected: serde_json::from_str(&text).unwrap(),
     }
 }
@@ -101,7 +101,7 @@ fn every_family_tokenizes_and_decodes_greedily_as_transformers() {
         let f = family(name);
         for p in f.expected["prompts"].as_array().unwrap() {
             let text = p["text"].as_str().unwrap();
-            let prompt = f.tokenizer.encode(text, true).unwrap();
+            let prompt = f.tokenizer.encode(text).unwrap();
             assert_eq!(prompt, ids(&p["ids"]), "{name}: prompt ids of {text:?}");
             let got = generate(&f.model, &[prompt], &greedy(&f), None).unwrap();
             assert_eq!(got[0].token_ids, ids(&p["tokens"]), "{name}: {text:?}");

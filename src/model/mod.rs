@@ -1,7 +1,6 @@
 //! The decoder model: HF config and checkpoint I/O, the decoder families in burn, LoRA linear,
 //! KV-cached generation with s1 budget forcing, tiny random init and the `generate` CLI.
 
-pub mod cli;
 pub mod config;
 pub mod decoder;
 pub mod device;
@@ -13,6 +12,7 @@ pub mod lora;
 pub mod nf4_linear;
 pub mod prompt;
 pub mod rope;
+pub mod source;
 
 #[cfg(test)]
 mod family_tests;

@@ -3,7 +3,6 @@
 //! curves, evaluation metrics with sample predictions, and optionally a comparison with a second
 //! run (changed parameters, overlaid curves, metrics side by side).
 
-pub mod cli;
 pub mod dag;
 pub mod diff;
 mod page;

@@ -484,15 +484,11 @@ fn garbage_collected_store_still_renders() {
 }
 
 #[test]
-fn cli_reports_the_latest_run_by_default() {
+fn the_latest_run_is_reported_by_default() {
     let (dir, runs) = fake();
     let out = dir.path().join("latest.html");
-    let args = crate::report::cli::ReportArgs {
-        run_id: None,
-        compare: None,
-        out: Some(out.clone()),
-        runs_dir: runs,
-    };
-    crate::report::cli::run(&args).expect("cli");
+    let latest = crate::report::latest_run_id(&runs).expect("a run");
+    assert_eq!(latest, RUN_B);
+    crate::report::write_report(&runs, &latest, None, Some(&out)).expect("report");
     assert!(fs::read_to_string(out).expect("read").contains(RUN_B));
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use crate::cluster::{
+use runner::cluster::{
     cancel, read_manifest, status, GpuPolicy, JobState, SlurmCommands, SubmitOptions,
 };
 
@@ -35,7 +35,7 @@ pub enum GpuFlag {
 }
 
 impl SubmitFlags {
-    /// Options for [`crate::cluster::submit`], with Slurm programs from PATH / `RUNNER_<PROGRAM>`.
+    /// Options for [`runner::cluster::submit`], with Slurm programs from PATH / `RUNNER_<PROGRAM>`.
     pub fn options(&self, submission_name: &str) -> SubmitOptions {
         let mut opts = SubmitOptions::new(self.submit_dir.join(submission_name));
         opts.gpus = match self.gpus {

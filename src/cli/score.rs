@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::metrics::predictions::read_pairs;
-use crate::metrics::{chatglm_scores, exact_match, gsm8k_accuracy, sacrebleu, SacreTokenizer};
+use runner::metrics::predictions::read_pairs;
+use runner::metrics::{chatglm_scores, exact_match, gsm8k_accuracy, sacrebleu, SacreTokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum MetricName {

@@ -16,10 +16,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use serde_json::{json, Value};
 
-use crate::model::config::ModelConfig;
-use crate::model::decoder::CausalLm;
-use crate::model::hf::{load_hf_folder_tensors, HostTensor};
-use crate::model::init::{tiny_qwen2_config, TinyShape};
+use runner::model::config::ModelConfig;
+use runner::model::decoder::CausalLm;
+use runner::model::hf::{load_hf_folder_tensors, HostTensor};
+use runner::model::init::{tiny_qwen2_config, TinyShape};
 
 /// A named Qwen2.5 shape.
 pub fn qwen_shape(name: &str) -> Option<ModelConfig> {
@@ -48,12 +48,12 @@ pub fn qwen_shape(name: &str) -> Option<ModelConfig> {
     Some(config)
 }
 
-/// Random weights for a throughput benchmark: HF names and shapes as [`crate::model::init::init_weights`]
+/// Random weights for a throughput benchmark: HF names and shapes as [`runner::model::init::init_weights`]
 /// gives them, values uniform with std 0.02 (norms 1) from a per-tensor xorshift, filled in
 /// parallel: the 0.5B shape's 494 M values take under a second instead of half a minute.
 pub fn bench_weights(config: &ModelConfig) -> BTreeMap<String, HostTensor> {
     use rayon::prelude::*;
-    let shapes: Vec<(String, Vec<usize>)> = crate::model::init::init_weights(
+    let shapes: Vec<(String, Vec<usize>)> = runner::model::init::init_weights(
         &ModelConfig {
             // Shapes only: the same config at one layer and a tiny vocabulary is cheap to draw.
             num_hidden_layers: 1,
@@ -132,7 +132,7 @@ pub struct SftBench {
     pub seq: usize,
     pub steps: u64,
     pub warmup_steps: u64,
-    pub gradient_checkpointing: crate::model::decoder::GradientCheckpointing,
+    pub gradient_checkpointing: runner::model::decoder::GradientCheckpointing,
     /// lora, dora, qlora, adalora, prompt_tuning, p_tuning, prefix or full.
     pub method: String,
     /// `sft` (`batch` rows a step) or `dpo` (`batch` pairs a step: chosen and rejected rows with
@@ -144,8 +144,8 @@ pub struct SftBench {
 /// The trainer settings of one method in the benchmark: LoRA r=16, alpha=16 on the seven
 /// projections (AdaLoRA from rank 16 to 8), 20 virtual tokens for the prompt-learning methods;
 /// scripts/bench_peft_methods.py configures peft the same way.
-fn bench_method(name: &str, cfg: &mut crate::trainer::SftConfig) -> anyhow::Result<()> {
-    use crate::trainer::config::Method;
+fn bench_method(name: &str, cfg: &mut runner::trainer::SftConfig) -> anyhow::Result<()> {
+    use runner::trainer::config::Method;
     cfg.method = match name {
         "lora" => Method::Lora,
         "dora" => {
@@ -175,11 +175,11 @@ fn bench_method(name: &str, cfg: &mut crate::trainer::SftConfig) -> anyhow::Resu
 /// with the first `prompt` tokens of the chosen one; labels on the responses only. Keeps the
 /// first half of `rows` as chosen, so a step of `batch` pairs reads `2 * batch` rows.
 fn preference_pairs(
-    rows: Vec<crate::trainer::TokenizedExample>,
+    rows: Vec<runner::trainer::TokenizedExample>,
     prompt: usize,
 ) -> (
-    Vec<crate::trainer::TokenizedExample>,
-    Vec<crate::trainer::TokenizedExample>,
+    Vec<runner::trainer::TokenizedExample>,
+    Vec<runner::trainer::TokenizedExample>,
 ) {
     let n = rows.len() / 2;
     let mut chosen: Vec<_> = rows;
@@ -190,7 +190,7 @@ fn preference_pairs(
         r.input_ids[..p].copy_from_slice(&c.input_ids[..p]);
         for row in [c, r] {
             row.labels = row.input_ids.iter().map(|&t| i64::from(t)).collect();
-            row.labels[..p].fill(crate::trainer::data::IGNORE_INDEX);
+            row.labels[..p].fill(runner::trainer::data::IGNORE_INDEX);
         }
     }
     (chosen, rejected)
@@ -204,9 +204,9 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     device: &AB::Device,
     out_dir: &Path,
 ) -> anyhow::Result<Value> {
-    use crate::train::peft_io::TargetModules;
-    use crate::trainer::config::SaveDtype;
-    use crate::trainer::{SftConfig, TokenizedExample};
+    use runner::train::peft_io::TargetModules;
+    use runner::trainer::config::SaveDtype;
+    use runner::trainer::{SftConfig, TokenizedExample};
     let config = qwen_shape(&bench.shape).ok_or_else(|| {
         anyhow::anyhow!(
             "unknown shape {:?}; expected 0.5b, 1.5b, 7b or tiny",
@@ -255,17 +255,17 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     bench_method(&bench.method, &mut cfg)?;
     let t1 = Instant::now();
     #[cfg(feature = "profile")]
-    let profile = crate::backend::host_profile::HostProfile::from_env();
-    let base = crate::trainer::BaseModel::Loaded {
+    let profile = runner::backend::host_profile::HostProfile::from_env();
+    let base = runner::trainer::BaseModel::Loaded {
         config: &config,
         tensors: &tensors,
     };
     let report = match bench.objective.as_str() {
         "sft" => {
-            crate::trainer::train_sft::<AB>(&cfg, base, &examples, &[], out_dir, device, None)?
+            runner::trainer::train_sft::<AB>(&cfg, base, &examples, &[], out_dir, device, None)?
         }
         "dpo" => {
-            use crate::trainer::preference::{
+            use runner::trainer::preference::{
                 train_preference, PreferenceConfig, PreferenceData, PreferenceKind,
             };
             let (chosen, rejected) = preference_pairs(examples, bench.seq / 4);
@@ -460,11 +460,11 @@ pub fn run_parity<B: Backend>(dir: &Path, device: &B::Device) -> anyhow::Result<
                 .collect()
         })
         .unwrap_or_default();
-    let opts = crate::model::generate::GenerateOptions {
+    let opts = runner::model::generate::GenerateOptions {
         max_new_tokens: 16,
         ..Default::default()
     };
-    let greedy = crate::model::generate::generate(&model, &prompts, &opts, None)?;
+    let greedy = runner::model::generate::generate(&model, &prompts, &opts, None)?;
     Ok(json!({
         "fixture": dir.display().to_string(),
         "logits": logits,
@@ -486,7 +486,7 @@ mod tests {
     fn bench_weights_have_the_names_and_shapes_of_init_weights() {
         let config = qwen_shape("tiny").unwrap();
         let fast = bench_weights(&config);
-        let reference = crate::model::init::init_weights(&config, 0);
+        let reference = runner::model::init::init_weights(&config, 0);
         assert_eq!(fast.len(), reference.len());
         for (name, t) in &reference {
             assert_eq!(fast[name].shape, t.shape, "{name}");
@@ -501,7 +501,7 @@ mod tests {
     fn bench_pairs_share_their_prompt_and_score_only_responses() {
         let rows: Vec<_> = token_rows(4, 12, 50, 3)
             .into_iter()
-            .map(crate::trainer::TokenizedExample::all_tokens)
+            .map(runner::trainer::TokenizedExample::all_tokens)
             .collect();
         let (chosen, rejected) = preference_pairs(rows.clone(), 3);
         assert_eq!((chosen.len(), rejected.len()), (2, 2));

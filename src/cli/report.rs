@@ -25,14 +25,14 @@ pub struct ReportArgs {
 pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
     let run_id = match &args.run_id {
         Some(id) => id.clone(),
-        None => crate::report::latest_run_id(&args.runs_dir).with_context(|| {
+        None => runner::report::latest_run_id(&args.runs_dir).with_context(|| {
             format!(
                 "no run id given and none found in {}",
                 args.runs_dir.display()
             )
         })?,
     };
-    let path = crate::report::write_report(
+    let path = runner::report::write_report(
         &args.runs_dir,
         &run_id,
         args.compare.as_deref(),

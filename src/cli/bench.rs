@@ -88,11 +88,11 @@ pub struct BenchArgs {
 #[cfg(feature = "cuda")]
 mod run_cuda {
     use super::BenchArgs;
-    use crate::backend::bench_model::{run_decode, run_parity, run_sft, scratch_dir, SftBench};
-    use crate::backend::cuda::device_memory_used;
-    use crate::model::decoder::GradientCheckpointing;
+    use crate::cli::bench_model::{run_decode, run_parity, run_sft, scratch_dir, SftBench};
     use burn::backend::{Autodiff, Cuda};
     use burn::tensor::backend::Backend;
+    use runner::backend::cuda::device_memory_used;
+    use runner::model::decoder::GradientCheckpointing;
     use serde_json::Value;
 
     fn checkpointing(args: &BenchArgs) -> anyhow::Result<GradientCheckpointing> {
@@ -260,7 +260,7 @@ mod run_cuda {
     }
 
     pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-        use crate::backend::{bench, check};
+        use runner::backend::{bench, check};
         match args.what.as_str() {
             "check" => {
                 let (lines, ok) = check::run_checks(&args.dump_dir)?;
@@ -280,7 +280,7 @@ mod run_cuda {
                 };
                 let mut lines = Vec::new();
                 for (i, method) in methods.into_iter().enumerate() {
-                    let out = crate::backend::memory::catch_out_of_memory("cuda:0", || {
+                    let out = runner::backend::memory::catch_out_of_memory("cuda:0", || {
                         if args.dtype == "bf16" {
                             model_task::<Cuda<half::bf16, i32>>(args, method, i == 0)
                         } else {
@@ -337,17 +337,17 @@ fn cpu_decode(args: &BenchArgs) -> anyhow::Result<()> {
         .as_ref()
         .context("`bench cpu-decode` needs --model (a GGUF file or an HF folder)")?;
     let t0 = std::time::Instant::now();
-    let mut model = crate::infer::open_model(path)?;
+    let mut model = runner::infer::open_model(path)?;
     if args.threads.is_some() {
-        model.set_thread_pool(crate::infer::thread_pool(args.threads)?);
+        model.set_thread_pool(runner::infer::thread_pool(args.threads)?);
     }
     let load_s = t0.elapsed().as_secs_f64();
-    let shape = crate::infer::bench::Shape {
+    let shape = runner::infer::bench::Shape {
         prompt_tokens: args.prompt_tokens,
         new_tokens: args.new_tokens,
         rows: args.rows,
     };
-    let v = crate::infer::bench::run(path, &model, load_s, &shape)?;
+    let v = runner::infer::bench::run(path, &model, load_s, &shape)?;
     println!("{v}");
     Ok(())
 }

@@ -6,7 +6,6 @@
 //! [`load_model_source`].
 //! Sampling defaults follow the folder's generation_config.json as transformers does.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
@@ -14,16 +13,15 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use serde_json::{json, Value};
 
-use crate::model::config::ModelConfig;
-use crate::model::decoder::CausalLm;
-use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
-use crate::model::generate::{
+use runner::model::decoder::CausalLm;
+use runner::model::device::{run_on_device, BackendTask, DeviceChoice};
+use runner::model::generate::{
     generate_prompted, BudgetForcing, GenerateOptions, Generation, SamplingParams,
 };
-use crate::model::hf::{load_hf_folder_tensors, HostTensor};
-use crate::model::prompt::{
+use runner::model::prompt::{
     prompt_adapter_kind, read_prompt_adapter, PromptAdapter, PromptAdapterFile,
 };
+use runner::model::source::{load_model_source, ModelSource};
 
 /// Arguments of `runner generate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -109,121 +107,15 @@ pub trait GenTokenizer {
     fn render_chat(&self, system: Option<&str>, user: &str) -> anyhow::Result<String>;
 }
 
-/// Model files resolved from `--model`.
-pub struct ModelSource {
-    pub config: ModelConfig,
-    /// HF-named f32 tensors; for a GGUF empty until [`ModelSource::load_tensors`] (the CPU engine
-    /// reads the file's blocks in place instead).
-    pub tensors: BTreeMap<String, HostTensor>,
-    /// The `.gguf` file, when the model is one.
-    pub gguf: Option<PathBuf>,
-    /// Folder holding tokenizer.json / tokenizer_config.json / generation_config.json.
-    pub tokenizer_dir: PathBuf,
-    /// For a GGUF: the private folder its tokenizer was written to, removed on drop.
-    _tokenizer_scratch: Option<ScratchDir>,
-}
-
-/// A folder only this user can enter, under a name nobody can predict (another user cannot plant
-/// a tokenizer there first), removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn create(prefix: &str) -> std::io::Result<Self> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        for attempt in 0..16u32 {
-            let salt = blake3::hash(format!("{}|{nanos}|{attempt}", std::process::id()).as_bytes())
-                .to_hex();
-            let dir = std::env::temp_dir().join(format!("{prefix}{}", &salt[..16]));
-            let mut builder = std::fs::DirBuilder::new();
-            #[cfg(unix)]
-            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-            match builder.create(&dir) {
-                Ok(()) => return Ok(Self(dir)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(std::io::Error::other("no free temporary folder name"))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Resolves a model path: an HF folder, `hf://Org/Name[@revision]` (downloaded into the Hub
-/// cache), or a `.gguf` file (its tokenizer is rebuilt from the GGUF metadata into a cache folder).
-pub fn load_model_source(path: &Path) -> anyhow::Result<ModelSource> {
-    if let Some(fetched) = crate::model::hub::fetch_model(&path.to_string_lossy()) {
-        let (dir, commit) = fetched?;
-        tracing::info!("{} is commit {commit} ({})", path.display(), dir.display());
-        return load_model_source(&dir);
-    }
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
-        // Metadata only: the tensors are dequantized when the burn decoder needs them.
-        let file = crate::gguf::reader::GgufFile::open(path)?;
-        let tokenizer = crate::gguf::tokenizer::GgufTokenizer::from_gguf(&file)?;
-        let config = crate::gguf::model::config_from_gguf(&file, &tokenizer)?;
-        drop(file);
-        let scratch = ScratchDir::create("runner-gguf-tokenizer-")
-            .context("creating a temporary folder for the GGUF's tokenizer")?;
-        let dir = scratch.0.clone();
-        tokenizer.write_hf(&dir, path)?;
-        let gen = serde_json::json!({ "eos_token_id": config.eos_token_ids, "bos_token_id": config.bos_token_id });
-        std::fs::write(dir.join("generation_config.json"), gen.to_string())?;
-        return Ok(ModelSource {
-            config,
-            tensors: BTreeMap::new(),
-            gguf: Some(path.to_path_buf()),
-            tokenizer_dir: dir,
-            _tokenizer_scratch: Some(scratch),
-        });
-    }
-    if !path.is_dir() {
-        bail!(
-            "{}: expected an HF model folder (config.json + model.safetensors) or a .gguf file",
-            path.display()
-        );
-    }
-    let config = ModelConfig::from_file(path.join("config.json"))?;
-    let tensors = load_hf_folder_tensors(path)?;
-    Ok(ModelSource {
-        config,
-        tensors,
-        gguf: None,
-        tokenizer_dir: path.to_path_buf(),
-        _tokenizer_scratch: None,
-    })
-}
-
-impl ModelSource {
-    /// Dequantizes a GGUF's tensors into [`ModelSource::tensors`] (no-op for an HF folder or
-    /// when already loaded).
-    pub fn load_tensors(&mut self) -> anyhow::Result<()> {
-        if let (Some(path), true) = (&self.gguf, self.tensors.is_empty()) {
-            self.tensors = crate::gguf::model::load_gguf_model(path)?.1;
-        }
-        Ok(())
-    }
-}
-
 /// The `text` module's tokenizer and chat template behind [`GenTokenizer`].
 pub struct TextGenTokenizer {
-    inner: crate::text::TextTokenizer,
+    inner: runner::text::TextTokenizer,
 }
 
 impl TextGenTokenizer {
     pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
-            inner: crate::text::TextTokenizer::from_dir(dir)?,
+            inner: runner::text::TextTokenizer::from_dir(dir)?,
         })
     }
 }
@@ -249,12 +141,12 @@ impl GenTokenizer for TextGenTokenizer {
         let template = self.inner.chat_template(None)?;
         let mut messages = Vec::new();
         if let Some(s) = system {
-            messages.push(crate::text::ChatMessage {
+            messages.push(runner::text::ChatMessage {
                 role: "system".into(),
                 content: s.into(),
             });
         }
-        messages.push(crate::text::ChatMessage {
+        messages.push(runner::text::ChatMessage {
             role: "user".into(),
             content: user.into(),
         });
@@ -354,8 +246,8 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<PromptItem>> {
 
 /// An adapter that changes the model's weights: LoRA (with DoRA) or AdaLoRA.
 enum WeightAdapter {
-    Lora(crate::train::peft_io::LoraAdapter),
-    AdaLora(crate::train::adalora::AdaLoraAdapter),
+    Lora(runner::train::peft_io::LoraAdapter),
+    AdaLora(runner::train::adalora::AdaLoraAdapter),
 }
 
 /// Reads a LoRA/DoRA or AdaLoRA adapter folder, by its config's `peft_type`.
@@ -367,9 +259,9 @@ fn read_weight_adapter(dir: &Path) -> anyhow::Result<WeightAdapter> {
         .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
     Ok(match config.get("peft_type").and_then(|v| v.as_str()) {
         Some("ADALORA") => {
-            WeightAdapter::AdaLora(crate::train::adalora::read_adalora_adapter(dir)?)
+            WeightAdapter::AdaLora(runner::train::adalora::read_adalora_adapter(dir)?)
         }
-        _ => WeightAdapter::Lora(crate::train::peft_io::read_lora_adapter(dir)?),
+        _ => WeightAdapter::Lora(runner::train::peft_io::read_lora_adapter(dir)?),
     })
 }
 
@@ -392,10 +284,10 @@ fn build_model<B: Backend>(
     };
     match lora_adapter {
         Some(WeightAdapter::Lora(lora)) => {
-            model = crate::trainer::adapters::apply_adapter(model, lora, device)?;
+            model = runner::trainer::adapters::apply_adapter(model, lora, device)?;
         }
         Some(WeightAdapter::AdaLora(adalora)) => {
-            model = crate::trainer::adalora::apply_adalora_adapter(model, adalora, device)?;
+            model = runner::trainer::adalora::apply_adalora_adapter(model, adalora, device)?;
         }
         None => {}
     }
@@ -418,7 +310,7 @@ impl BackendTask for LogitsTask<'_> {
             build_model::<B>(self.source, self.prompt_adapter, self.lora_adapter, &device)?;
         let mut logits = Vec::with_capacity(self.prompts.len());
         for ids in self.prompts {
-            let l = crate::model::generate::prompted_logits(&model, adapter.as_ref(), ids)
+            let l = runner::model::generate::prompted_logits(&model, adapter.as_ref(), ids)
                 .into_data()
                 .convert::<f32>();
             logits.push(l.into_vec::<f32>().unwrap_or_default());
@@ -526,7 +418,7 @@ pub fn run_with_tokenizer(
             };
             // On the CPU the logits are computed in float64, so they hold no float32 rounding
             // of runner's own: any float32 implementation can be compared against them.
-            if crate::model::device::resolves_to_cpu(args.device) {
+            if runner::model::device::resolves_to_cpu(args.device) {
                 task.run::<burn::backend::NdArray<f64>>(Default::default())?
             } else {
                 run_on_device(args.device, task)??
@@ -536,29 +428,29 @@ pub fn run_with_tokenizer(
     // Without an adapter, on the CPU, the families the quantized engine knows run on it.
     let engine_reason = if args.adapter.is_some() {
         Some("an adapter".to_string())
-    } else if !crate::model::device::resolves_to_cpu(args.device) {
+    } else if !runner::model::device::resolves_to_cpu(args.device) {
         Some("a GPU device".to_string())
     } else {
-        crate::infer::unsupported_reason(&source.config)
+        runner::infer::unsupported_reason(&source.config)
     };
     let results = match engine_reason {
         None => {
             let mut model = match &source.gguf {
-                Some(path) => crate::infer::open_gguf(path)?.0,
-                None => crate::infer::QuantModel::from_hf_tensors(
+                Some(path) => runner::infer::open_gguf(path)?.0,
+                None => runner::infer::QuantModel::from_hf_tensors(
                     source.config.clone(),
                     std::mem::take(&mut source.tensors),
                 )?,
             };
             if args.threads.is_some() {
-                model.set_thread_pool(crate::infer::thread_pool(args.threads)?);
+                model.set_thread_pool(runner::infer::thread_pool(args.threads)?);
             }
             tracing::info!(
                 "CPU engine, {} threads (SIMD kernels: {})",
                 model.threads(),
-                crate::infer::quant::simd_available()
+                runner::infer::quant::simd_available()
             );
-            crate::infer::generate_batched(
+            runner::infer::generate_batched(
                 &model,
                 &prompts,
                 args.batch_size,
@@ -568,7 +460,7 @@ pub fn run_with_tokenizer(
             )?
         }
         Some(reason) => {
-            if crate::model::device::resolves_to_cpu(args.device) {
+            if runner::model::device::resolves_to_cpu(args.device) {
                 tracing::info!(
                     "burn decoder on the CPU: the quantized engine does not run {reason}"
                 );
@@ -610,28 +502,4 @@ pub fn run_with_tokenizer(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod scratch_tests {
-    use super::ScratchDir;
-
-    #[test]
-    fn scratch_folders_are_private_unpredictable_and_removed() {
-        let (a, b) = (
-            ScratchDir::create("runner-test-").unwrap(),
-            ScratchDir::create("runner-test-").unwrap(),
-        );
-        assert_ne!(a.0, b.0);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&a.0).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o700, "{mode:o}");
-        }
-        std::fs::write(a.0.join("tokenizer.json"), "{}").unwrap();
-        let path = a.0.clone();
-        drop(a);
-        assert!(!path.exists());
-    }
 }
