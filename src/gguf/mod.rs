@@ -58,10 +58,17 @@ pub enum Error {
     Shape { tensor: String, what: String },
     #[error("cannot quantize to {ty}: {what}")]
     Quant { ty: String, what: String },
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama, qwen2, qwen3)")]
+    #[error("{path}: metadata key `general.architecture`: unsupported architecture `{arch}` (expected one of llama, qwen2, qwen3, gemma2, gemma3, glm4, chatglm)")]
     Arch { path: PathBuf, arch: String },
-    #[error("GGUF export of a `{model_type}` model is not supported yet (supported: llama without a sliding window, qwen2, qwen3); export it as safetensors (`merged`) instead")]
-    ArchExport { model_type: String },
+    #[error("{path}: tensor `{tensor}` of architecture `{arch}`: {what}")]
+    ArchTensor {
+        path: PathBuf,
+        tensor: String,
+        arch: String,
+        what: String,
+    },
+    #[error("cannot export this `{model_type}` model as GGUF: {why}; export it as safetensors (`merged`) instead")]
+    ArchExport { model_type: String, why: String },
     #[error("tokenizer ({path}): {what}")]
     Tokenizer { path: PathBuf, what: String },
     #[error("{path}: {what}")]

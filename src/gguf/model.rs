@@ -1,18 +1,23 @@
-//! Whole-model GGUF I/O for dense llama/qwen2/qwen3 decoders: `ModelConfig` from/to `{arch}.*`
-//! metadata (keys as gguf-py/gguf/constants.py `Keys`, values as convert_hf_to_gguf.py
-//! `set_gguf_parameters`), HF tensor names, and Llama's q/k permutation
-//! (conversion/llama.py `LlamaModel.permute`).
+//! Whole-model GGUF I/O for the dense decoders: `ModelConfig` from/to `{arch}.*` metadata (keys
+//! as gguf-py/gguf/constants.py `Keys`, values as convert_hf_to_gguf.py `set_gguf_parameters`,
+//! defaults as llama.cpp's `load_arch_hparams`), HF tensor names per family, Llama's q/k
+//! permutation (conversion/llama.py `LlamaModel.permute`) and Gemma's norm weights, which
+//! llama.cpp stores as `1 + w` (convert_hf_to_gguf.py Gemma2Model/Gemma3Model `modify_tensors`).
+//!
+//! llama.cpp's architectures: llama (Llama, Mistral), qwen2, qwen3, gemma2, gemma3, glm4 (GLM-4,
+//! `Glm4ForCausalLM`) and chatglm (GLM, `GlmForCausalLM` of glm-4-9b-chat-hf: its converter
+//! registers that class under `chatglm`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::gguf::mix::{llama_cpp_order, tensor_type, ExportType, MixContext};
-use crate::gguf::names::{gguf_to_hf, hf_to_gguf, permute_rows, qk_role_hf, QkRole};
+use crate::gguf::names::{gguf_to_hf_arch, hf_to_gguf_arch, permute_rows, qk_role_hf, QkRole};
 use crate::gguf::reader::GgufFile;
 use crate::gguf::tokenizer::GgufTokenizer;
 use crate::gguf::writer::GgufWriter;
 use crate::gguf::{Error, GgmlType, MetaValue, Result};
-use crate::model::config::{Architecture, ModelConfig, RopeScaling};
+use crate::model::config::{Activation, Architecture, LayerType, ModelConfig, RopeScaling};
 use crate::model::hf::HostTensor;
 
 /// An f32 read from GGUF, shown as its shortest decimal (1e-5, not 9.99999974e-6).
@@ -20,34 +25,89 @@ fn f32_as_f64(v: f64) -> f64 {
     format!("{}", v as f32).parse().unwrap_or(v)
 }
 
-/// GGUF architecture name for a config; `None` for families this module does not write yet.
+/// llama.cpp's architecture names and the family each reads as.
+pub const GGUF_ARCHS: &[(&str, Architecture)] = &[
+    ("llama", Architecture::Llama),
+    ("qwen2", Architecture::Qwen2),
+    ("qwen3", Architecture::Qwen3),
+    ("gemma2", Architecture::Gemma2),
+    ("gemma3", Architecture::Gemma3),
+    ("glm4", Architecture::Glm4),
+    ("chatglm", Architecture::Glm),
+];
+
+/// GGUF architecture name for a config; `None` for configs this module cannot write.
 pub fn gguf_arch(cfg: &ModelConfig) -> Option<&'static str> {
     match cfg.architecture {
-        Architecture::Qwen2 => Some("qwen2"),
-        Architecture::Qwen3 if cfg.variant.sliding_window.is_none() => Some("qwen3"),
-        // Mistral's window has no llama.cpp key under `llama`: a sliding model is refused.
-        Architecture::Llama if cfg.variant.sliding_window.is_none() => Some("llama"),
+        Architecture::Qwen2 | Architecture::Qwen3 if cfg.variant.sliding_window.is_some() => None,
+        // Mistral's window is written as `llama.attention.sliding_window` (see config_metadata).
+        arch => GGUF_ARCHS.iter().find(|(_, a)| *a == arch).map(|(n, _)| *n),
+    }
+}
+
+/// Whether the family stores RMSNorm weights as `w` and scales by `1 + w` (Gemma): llama.cpp
+/// stores `1 + w`.
+fn norm_shift(cfg: &ModelConfig, hf_name: &str) -> bool {
+    cfg.norm_offset() != 0.0 && hf_name.ends_with("norm.weight")
+}
+
+/// llama.cpp's sliding-layer period for Gemma (`set_swa_pattern`: layer `i` slides unless
+/// `(i + 1) % period == 0`), overridable by `{arch}.attention.sliding_window_pattern`.
+fn default_swa_period(arch: Architecture) -> Option<usize> {
+    match arch {
+        Architecture::Gemma2 => Some(2),
+        Architecture::Gemma3 => Some(6),
         _ => None,
     }
 }
 
+fn swa_pattern(n_layers: usize, period: usize) -> Vec<LayerType> {
+    (0..n_layers)
+        .map(|i| {
+            if (i + 1).is_multiple_of(period) {
+                LayerType::Full
+            } else {
+                LayerType::Sliding
+            }
+        })
+        .collect()
+}
+
+/// The attention scale llama.cpp derives for Gemma (it reads no key): `1/sqrt(hidden/heads)`
+/// for the 27B sizes (46 layers for Gemma 2, 62 for Gemma 3), else `1/sqrt(head_dim)`; as a
+/// `query_pre_attn_scalar`.
+fn llama_cpp_gemma_scalar(cfg: &ModelConfig) -> f64 {
+    let big = matches!(
+        (cfg.architecture, cfg.num_hidden_layers),
+        (Architecture::Gemma2, 46) | (Architecture::Gemma3, 62)
+    );
+    if big {
+        (cfg.hidden_size / cfg.num_attention_heads.max(1)) as f64
+    } else {
+        cfg.head_dim as f64
+    }
+}
+
+/// `general.architecture` and the family it reads as; an error naming the file for others.
+pub fn file_arch(f: &GgufFile) -> Result<(&'static str, Architecture)> {
+    let arch_name = f.req_str("general.architecture")?;
+    GGUF_ARCHS
+        .iter()
+        .find(|(n, _)| *n == arch_name)
+        .copied()
+        .ok_or_else(|| Error::Arch {
+            path: f.path.clone(),
+            arch: arch_name.into(),
+        })
+}
+
 /// Resolves a `ModelConfig` from `{arch}.*` metadata and the tensor list.
 pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig> {
-    let arch_name = f.req_str("general.architecture")?;
-    let architecture = match arch_name {
-        "llama" => Architecture::Llama,
-        "qwen2" => Architecture::Qwen2,
-        "qwen3" => Architecture::Qwen3,
-        other => {
-            return Err(Error::Arch {
-                path: f.path.clone(),
-                arch: other.into(),
-            })
-        }
-    };
+    let (arch_name, architecture) = file_arch(f)?;
     let key = |k: &str| format!("{arch_name}.{k}");
     let n = |k: &str| -> Result<usize> { Ok(f.req_u64(&key(k))? as usize) };
     let hidden_size = n("embedding_length")?;
+    let num_hidden_layers = n("block_count")?;
     let num_attention_heads = n("attention.head_count")?;
     let num_key_value_heads = f
         .get_u64(&key("attention.head_count_kv"))?
@@ -71,13 +131,63 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
         _ => None,
     };
     let has = |name: &str| f.tensors.iter().any(|t| t.name == name);
-    Ok(ModelConfig {
+    let gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
+    let glm = matches!(architecture, Architecture::Glm | Architecture::Glm4);
+    // Rotary dimensions: GLM rotates half of each head (its converter writes the count).
+    let partial_rotary_factor = match f.get_u64(&key("rope.dimension_count"))? {
+        Some(d) if glm && head_dim > 0 => d as f64 / head_dim as f64,
+        _ if glm => 0.5,
+        _ => 1.0,
+    };
+    let softcap = |k: &str| -> Result<Option<f64>> {
+        Ok(f.get_f64(&key(k))?.map(f32_as_f64).filter(|v| *v > 0.0))
+    };
+    let mut sliding_window = f
+        .get_u64(&key("attention.sliding_window"))?
+        .map(|v| v as usize)
+        .filter(|v| *v > 0);
+    if architecture == Architecture::Gemma2 && sliding_window.is_none() {
+        sliding_window = Some(4096); // llama.cpp's default for Gemma 2
+    }
+    let layer_types = match (sliding_window, default_swa_period(architecture)) {
+        (None, _) => Vec::new(),
+        // Mistral: every layer slides.
+        (Some(_), None) => vec![LayerType::Sliding; num_hidden_layers],
+        (Some(_), Some(default)) => match f.get(&key("attention.sliding_window_pattern")) {
+            // Newer llama.cpp also accepts one bool per layer (true: sliding).
+            Some(MetaValue::Array(_, items)) if items.len() == num_hidden_layers => items
+                .iter()
+                .map(|b| match b.as_bool() {
+                    Some(true) => LayerType::Sliding,
+                    _ => LayerType::Full,
+                })
+                .collect(),
+            Some(p) => swa_pattern(
+                num_hidden_layers,
+                p.as_u64().unwrap_or(default as u64).max(1) as usize,
+            ),
+            None => swa_pattern(num_hidden_layers, default),
+        },
+    };
+    // Mistral: llama with a window on every layer (`llama.attention.sliding_window`).
+    let model_type = if architecture == Architecture::Llama && sliding_window.is_some() {
+        "mistral".to_string()
+    } else {
+        match architecture {
+            Architecture::Gemma3 => "gemma3_text",
+            Architecture::Glm => "glm",
+            _ => arch_name,
+        }
+        .to_string()
+    };
+    let rope_theta = f32_as_f64(f.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0));
+    let mut cfg = ModelConfig {
         architecture,
-        model_type: arch_name.to_string(),
+        model_type,
         vocab_size,
         hidden_size,
         intermediate_size: n("feed_forward_length")?,
-        num_hidden_layers: n("block_count")?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
@@ -85,7 +195,7 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
             f.get_f64(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
         ),
-        rope_theta: f32_as_f64(f.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0)),
+        rope_theta,
         rope_scaling,
         max_position_embeddings: n("context_length")?,
         tie_word_embeddings: !has("output.weight"),
@@ -97,34 +207,239 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
         pad_token_id: tok.pad_id,
         dtype: Some("bfloat16".into()),
         variant: Default::default(),
-    })
+    };
+    let v = &mut cfg.variant;
+    v.sliding_window = sliding_window;
+    v.layer_types = layer_types;
+    v.partial_rotary_factor = partial_rotary_factor;
+    if gemma {
+        v.hidden_act = Activation::GeluTanh;
+        // runner writes `attention.scale` when llama.cpp's derivation would differ.
+        let scalar = match f.get_f64(&key("attention.scale"))?.filter(|s| *s > 0.0) {
+            Some(s) => {
+                let q = 1.0 / (s * s);
+                if (q - q.round()).abs() < 1e-3 * q.max(1.0) {
+                    q.round()
+                } else {
+                    q
+                }
+            }
+            None => 0.0,
+        };
+        v.query_pre_attn_scalar = Some(if scalar > 0.0 { scalar } else { 0.0 });
+    }
+    match architecture {
+        Architecture::Gemma2 => {
+            v.attn_logit_softcapping = Some(softcap("attn_logit_softcapping")?.unwrap_or(50.0));
+            v.final_logit_softcapping = Some(softcap("final_logit_softcapping")?.unwrap_or(30.0));
+        }
+        Architecture::Gemma3 => {
+            v.final_logit_softcapping = softcap("final_logit_softcapping")?;
+            v.rope_local_theta = Some(f32_as_f64(
+                f.get_f64(&key("rope.freq_base_swa"))?.unwrap_or(10000.0),
+            ));
+        }
+        _ => {}
+    }
+    if cfg.variant.query_pre_attn_scalar == Some(0.0) {
+        cfg.variant.query_pre_attn_scalar = Some(llama_cpp_gemma_scalar(&cfg));
+    }
+    if architecture == Architecture::Llama && has("rope_freqs.weight") {
+        cfg.rope_scaling = llama3_scaling_from_gguf(f, &cfg)?;
+    }
+    Ok(cfg)
 }
 
-/// Loads a llama/qwen2 GGUF as an HF model: config, f32 tensors under HF names (Llama q/k
-/// permutation undone, tied lm_head left out), tokenizer metadata.
+/// Keys under which runner keeps llama3 rope scaling's parameters beside the `rope_freqs`
+/// factors llama.cpp reads (llama.cpp has no keys for them; it ignores these).
+const LLAMA3_KEYS: [&str; 4] = [
+    "runner.rope.llama3.factor",
+    "runner.rope.llama3.low_freq_factor",
+    "runner.rope.llama3.high_freq_factor",
+    "runner.rope.llama3.original_context_length",
+];
+
+/// Llama 3 rope scaling of a GGUF with `rope_freqs.weight`: runner's keys when present, else
+/// the Llama 3.1-3.3 parameters (low 1, high 4, original context 8192, factor the largest
+/// factor) when they reproduce the file's factors; else an error naming the tensor.
+fn llama3_scaling_from_gguf(f: &GgufFile, cfg: &ModelConfig) -> Result<Option<RopeScaling>> {
+    let mut params = [0f64; 4];
+    let mut found = 0;
+    for (p, k) in params.iter_mut().zip(LLAMA3_KEYS) {
+        if let Some(v) = f.get_f64(k)? {
+            *p = f32_as_f64(v);
+            found += 1;
+        }
+    }
+    let freqs = f.tensor_f32(f.tensor_info("rope_freqs.weight")?)?.data;
+    let scaling = |[factor, low, high, orig]: [f64; 4]| RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: orig as usize,
+    };
+    let candidate = if found == LLAMA3_KEYS.len() {
+        scaling(params)
+    } else {
+        let factor = freqs.iter().copied().fold(1.0f32, f32::max) as f64;
+        scaling([factor, 1.0, 4.0, 8192.0])
+    };
+    let mut c = cfg.clone();
+    c.rope_scaling = Some(candidate.clone());
+    let same = llama3_rope_freqs(&c).is_some_and(|mine| {
+        mine.len() == freqs.len()
+            && mine
+                .iter()
+                .zip(&freqs)
+                .all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1.0))
+    });
+    if !same {
+        return Err(Error::ArchTensor {
+            path: f.path.clone(),
+            tensor: "rope_freqs.weight".into(),
+            arch: "llama".into(),
+            what: format!(
+                "{} rope factors that no llama3 scaling reproduces (tried {candidate:?}; runner's keys {} absent)",
+                freqs.len(),
+                LLAMA3_KEYS.join(", ")
+            ),
+        });
+    }
+    Ok(Some(candidate))
+}
+
+/// The HF tensors (names and shapes) a decoder of `cfg` is built from, lm_head left out when tied.
+pub fn expected_hf_shapes(cfg: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let mut m = BTreeMap::new();
+    m.insert(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    );
+    m.insert("model.norm.weight".to_string(), vec![h]);
+    if !cfg.tie_word_embeddings {
+        m.insert("lm_head.weight".to_string(), vec![cfg.vocab_size, h]);
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let mut put = |k: &str, shape: Vec<usize>| {
+            m.insert(format!("model.layers.{i}.{k}"), shape);
+        };
+        put("input_layernorm.weight", vec![h]);
+        put("self_attn.q_proj.weight", vec![q, h]);
+        put("self_attn.k_proj.weight", vec![kv, h]);
+        put("self_attn.v_proj.weight", vec![kv, h]);
+        put("self_attn.o_proj.weight", vec![h, q]);
+        if cfg.qkv_bias() {
+            put("self_attn.q_proj.bias", vec![q]);
+            put("self_attn.k_proj.bias", vec![kv]);
+            put("self_attn.v_proj.bias", vec![kv]);
+        }
+        if cfg.o_bias() {
+            put("self_attn.o_proj.bias", vec![h]);
+        }
+        if cfg.qk_norm() {
+            put("self_attn.q_norm.weight", vec![hd]);
+            put("self_attn.k_norm.weight", vec![hd]);
+        }
+        put("post_attention_layernorm.weight", vec![h]);
+        match cfg.architecture {
+            Architecture::Gemma2 | Architecture::Gemma3 => {
+                put("pre_feedforward_layernorm.weight", vec![h]);
+                put("post_feedforward_layernorm.weight", vec![h]);
+            }
+            Architecture::Glm4 => {
+                put("post_self_attn_layernorm.weight", vec![h]);
+                put("post_mlp_layernorm.weight", vec![h]);
+            }
+            _ => {}
+        }
+        let inter = cfg.intermediate_size;
+        if cfg.fused_gate_up() {
+            put("mlp.gate_up_proj.weight", vec![2 * inter, h]);
+        } else {
+            put("mlp.gate_proj.weight", vec![inter, h]);
+            put("mlp.up_proj.weight", vec![inter, h]);
+        }
+        put("mlp.down_proj.weight", vec![h, inter]);
+    }
+    m
+}
+
+/// Loads a GGUF of any family in [`GGUF_ARCHS`] as an HF model: config, f32 tensors under HF
+/// names (Llama q/k permutation undone, Gemma's `1 + w` norms back to `w`, tied lm_head left
+/// out), tokenizer metadata. Every tensor must be one the architecture has, of the shape the
+/// metadata implies, and none may be missing: errors name the file, the tensor and what was
+/// expected.
 pub fn load_gguf_model(
     path: impl AsRef<Path>,
 ) -> Result<(ModelConfig, BTreeMap<String, HostTensor>, GgufTokenizer)> {
     let f = GgufFile::open(path.as_ref())?;
+    // The architecture first: an unknown one is the error, not its tokenizer or keys.
+    let arch = file_arch(&f)?.0;
     let tok = GgufTokenizer::from_gguf(&f)?;
     let cfg = config_from_gguf(&f, &tok)?;
+    let expected = expected_hf_shapes(&cfg);
+    let mismatch = |tensor: &str, what: String| Error::ArchTensor {
+        path: f.path.clone(),
+        tensor: tensor.to_string(),
+        arch: arch.to_string(),
+        what,
+    };
     let mut out = BTreeMap::new();
     for t in &f.tensors {
-        let Some(hf_name) = gguf_to_hf(&t.name) else {
-            tracing::warn!(
-                "{}: skipping tensor `{}` (no Hugging Face counterpart)",
-                f.path.display(),
-                t.name
-            );
+        // llama3 rope factors are recomputed from the config, not read as a weight.
+        if t.name == "rope_freqs.weight" {
             continue;
+        }
+        let Some(hf_name) =
+            gguf_to_hf_arch(&t.name, cfg.architecture).filter(|h| expected.contains_key(h))
+        else {
+            let mut names: Vec<String> = expected
+                .keys()
+                .filter(|k| !k.starts_with("model.layers.") || k.starts_with("model.layers.0."))
+                .filter_map(|k| hf_to_gguf_arch(k, cfg.architecture))
+                .collect();
+            names.sort();
+            return Err(mismatch(
+                &t.name,
+                format!(
+                    "not a tensor of this architecture and configuration (expected {} per layer `blk.N.*`, e.g. {})",
+                    names.len(),
+                    names.join(", ")
+                ),
+            ));
         };
+        let want = &expected[&hf_name];
+        if &t.hf_shape() != want {
+            return Err(mismatch(
+                &t.name,
+                format!(
+                    "shape {:?} (PyTorch order), expected {want:?} from the metadata",
+                    t.hf_shape()
+                ),
+            ));
+        }
         let mut ht = f.tensor_f32(t)?;
         if cfg.architecture == Architecture::Llama {
             if let Some(role) = qk_role_hf(&hf_name) {
                 ht.data = permute_qk(&hf_name, &ht, role, &cfg, true)?;
             }
         }
+        if norm_shift(&cfg, &hf_name) {
+            ht.data.iter_mut().for_each(|v| *v -= 1.0);
+        }
         out.insert(hf_name, ht);
+    }
+    if let Some(missing) = expected.keys().find(|k| !out.contains_key(*k)) {
+        let g = hf_to_gguf_arch(missing, cfg.architecture).unwrap_or_else(|| missing.clone());
+        return Err(mismatch(
+            &g,
+            format!(
+                "missing (expected shape {:?} for Hugging Face `{missing}`)",
+                expected[missing]
+            ),
+        ));
     }
     Ok((cfg, out, tok))
 }
@@ -151,7 +466,7 @@ fn permute_qk(
     })
 }
 
-/// `{arch}.*` and `general.*` metadata as convert_hf_to_gguf.py writes it for llama/qwen2.
+/// `{arch}.*` and `general.*` metadata as convert_hf_to_gguf.py writes it.
 pub fn config_metadata(
     cfg: &ModelConfig,
     model_name: &str,
@@ -205,11 +520,133 @@ pub fn config_metadata(
         put("vocab_size", MetaValue::U32(cfg.vocab_size as u32));
         put("rope.dimension_count", MetaValue::U32(cfg.head_dim as u32));
     }
+    if matches!(cfg.architecture, Architecture::Glm | Architecture::Glm4) {
+        put(
+            "rope.dimension_count",
+            MetaValue::U32(cfg.rotary_dim() as u32),
+        );
+    }
+    let v = &cfg.variant;
+    if let Some(w) = v.sliding_window {
+        // Gemma's key; for Mistral (`llama`) llama.cpp has the key but does not read it.
+        put("attention.sliding_window", MetaValue::U32(w as u32));
+        if let Some(p) =
+            swa_period_of(cfg).filter(|p| Some(*p) != default_swa_period(cfg.architecture))
+        {
+            put("attention.sliding_window_pattern", MetaValue::U32(p as u32));
+        }
+    }
+    if let Some(c) = v.attn_logit_softcapping {
+        put("attn_logit_softcapping", MetaValue::F32(c as f32));
+    }
+    if let Some(c) = v.final_logit_softcapping {
+        put("final_logit_softcapping", MetaValue::F32(c as f32));
+    }
+    if let Some(t) = v.rope_local_theta {
+        put("rope.freq_base_swa", MetaValue::F32(t as f32));
+    }
+    if let Some(q) = v.query_pre_attn_scalar {
+        if q != llama_cpp_gemma_scalar(cfg) {
+            put("attention.scale", MetaValue::F32((1.0 / q.sqrt()) as f32));
+        }
+    }
     m.push(("general.file_type".into(), MetaValue::U32(et.file_type())));
     if et.is_quantized() {
         m.push(("general.quantization_version".into(), MetaValue::U32(2)));
     }
     m
+}
+
+/// The period of a Gemma config's sliding layers as llama.cpp spells it, None when its
+/// `layer_types` follow no period.
+fn swa_period_of(cfg: &ModelConfig) -> Option<usize> {
+    let n = cfg.num_hidden_layers;
+    if cfg.variant.layer_types.is_empty() {
+        return None;
+    }
+    (1..=n.max(1)).find(|&p| swa_pattern(n, p) == cfg.variant.layer_types)
+}
+
+/// Why a config cannot be written as a GGUF that reads back as the same model, if it cannot.
+pub fn export_refusal(cfg: &ModelConfig) -> Option<String> {
+    if gguf_arch(cfg).is_none() {
+        return Some(format!(
+            "GGUF export of a `{}` model is not supported (sliding-window Qwen has no llama.cpp layout)",
+            cfg.model_type
+        ));
+    }
+    let v = &cfg.variant;
+    if default_swa_period(cfg.architecture).is_some()
+        && v.sliding_window.is_some()
+        && swa_period_of(cfg).is_none()
+    {
+        return Some(format!(
+            "`{}`: layer_types {:?} are not a periodic pattern of sliding layers, which is all llama.cpp can express",
+            cfg.model_type, v.layer_types
+        ));
+    }
+    if default_swa_period(cfg.architecture).is_none()
+        && v.layer_types.contains(&LayerType::Full)
+        && v.sliding_window.is_some()
+    {
+        return Some(format!(
+            "`{}` with some full-attention layers among sliding ones: llama.cpp's `{}` has no key for that",
+            cfg.model_type,
+            gguf_arch(cfg).unwrap_or("llama")
+        ));
+    }
+    if cfg.architecture == Architecture::Gemma2
+        && (v.attn_logit_softcapping.is_none() || v.final_logit_softcapping.is_none())
+    {
+        return Some(
+            "gemma2 without soft-capping: llama.cpp always caps Gemma 2's scores and logits".into(),
+        );
+    }
+    if cfg.mlp_bias {
+        return Some("MLP biases have no llama.cpp tensor in these architectures".into());
+    }
+    None
+}
+
+/// What llama.cpp will compute differently from runner for a GGUF of `cfg` (keys it does not
+/// read), for a warning at export.
+pub fn llama_cpp_caveats(cfg: &ModelConfig) -> Vec<String> {
+    let v = &cfg.variant;
+    let mut out = Vec::new();
+    if cfg.architecture == Architecture::Llama && v.sliding_window.is_some() {
+        out.push(format!(
+            "llama.cpp's `llama` architecture ignores `llama.attention.sliding_window` ({}): it attends to the whole context (same results while prompt + output fit in the window); runner reads the window back",
+            v.sliding_window.unwrap_or(0)
+        ));
+    }
+    if let Some(q) = v.query_pre_attn_scalar {
+        let theirs = llama_cpp_gemma_scalar(cfg);
+        if q != theirs {
+            out.push(format!(
+                "query_pre_attn_scalar {q} is not what llama.cpp derives for this `{}` ({theirs}): llama.cpp scales attention scores by 1/sqrt({theirs}); runner reads `attention.scale` back",
+                cfg.model_type
+            ));
+        }
+    }
+    if cfg.architecture == Architecture::Gemma3 && v.rope_local_theta.is_some_and(|t| t != 10000.0)
+    {
+        out.push(
+            "llama.cpp's gemma3 uses a local rope base of 10000 and ignores `rope.freq_base_swa`"
+                .into(),
+        );
+    }
+    if cfg.architecture == Architecture::Glm
+        && cfg.num_attention_heads * cfg.head_dim != cfg.hidden_size
+    {
+        out.push(format!(
+            "llama.cpp's chatglm needs heads x head_dim = hidden ({} x {} != {}): llama.cpp will refuse to load this file; runner reads it",
+            cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+        ));
+    }
+    if cfg.architecture == Architecture::Gemma2 && !cfg.tie_word_embeddings {
+        out.push("llama.cpp's gemma2 always uses the token embeddings as the output layer and ignores `output.weight`".into());
+    }
+    out
 }
 
 /// llama3 rope factors (conversion/llama.py `generate_extra_tensors`), written as rope_freqs.weight.
@@ -257,10 +694,14 @@ pub fn write_gguf_model(
     et: ExportType,
     model_name: &str,
 ) -> Result<Vec<(String, GgmlType)>> {
-    if gguf_arch(cfg).is_none() {
+    if let Some(why) = export_refusal(cfg) {
         return Err(Error::ArchExport {
             model_type: cfg.model_type.clone(),
+            why,
         });
+    }
+    for caveat in llama_cpp_caveats(cfg) {
+        tracing::warn!("{}: {caveat}", path.display());
     }
     let mut named: Vec<(String, &String, &HostTensor)> = Vec::new();
     for (hf_name, t) in tensors {
@@ -270,7 +711,7 @@ pub fn write_gguf_model(
         if hf_name == "lm_head.weight" && cfg.tie_word_embeddings {
             continue;
         }
-        let g = hf_to_gguf(hf_name).ok_or_else(|| Error::Shape {
+        let g = hf_to_gguf_arch(hf_name, cfg.architecture).ok_or_else(|| Error::Shape {
             tensor: hf_name.clone(),
             what: "no llama.cpp tensor name for this Hugging Face tensor".into(),
         })?;
@@ -291,16 +732,37 @@ pub fn write_gguf_model(
     let mut written = Vec::new();
     if let Some(freqs) = llama3_rope_freqs(cfg) {
         if cfg.architecture == Architecture::Llama {
+            if let Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) = &cfg.rope_scaling
+            {
+                let values = [
+                    *factor,
+                    *low_freq_factor,
+                    *high_freq_factor,
+                    *original_max_position_embeddings as f64,
+                ];
+                for (k, v) in LLAMA3_KEYS.iter().zip(values) {
+                    w.set(k, MetaValue::F32(v as f32));
+                }
+            }
             w.add_tensor_f32("rope_freqs.weight", &[freqs.len()], GgmlType::F32, &freqs)?;
             written.push(("rope_freqs.weight".to_string(), GgmlType::F32));
         }
     }
     for (g, hf_name, t) in named {
-        let permuted;
+        let changed;
         let data: &[f32] = match (cfg.architecture, qk_role_hf(hf_name)) {
             (Architecture::Llama, Some(role)) => {
-                permuted = permute_qk(hf_name, t, role, cfg, false)?;
-                &permuted
+                changed = permute_qk(hf_name, t, role, cfg, false)?;
+                &changed
+            }
+            _ if norm_shift(cfg, hf_name) => {
+                changed = t.data.iter().map(|v| v + 1.0).collect::<Vec<f32>>();
+                &changed
             }
             _ => &t.data,
         };

@@ -1,7 +1,9 @@
-//! Tensor names between Hugging Face (transformers Llama/Qwen2) and llama.cpp's GGUF
-//! (gguf-py/gguf/tensor_mapping.py, constants.py MODEL_TENSOR names), and the q/k row
-//! permutation llama.cpp's converter applies for Llama (convert_hf_to_gguf.py
+//! Tensor names between Hugging Face (transformers Llama/Qwen2/Qwen3, Gemma 2/3, GLM/GLM-4) and
+//! llama.cpp's GGUF (gguf-py/gguf/tensor_mapping.py, constants.py MODEL_TENSOR names), and the
+//! q/k row permutation llama.cpp's converter applies for Llama (convert_hf_to_gguf.py
 //! `LlamaModel.permute`), undone when reading back.
+
+use crate::model::config::Architecture;
 
 /// Per-layer HF suffix ↔ GGUF suffix.
 const LAYER_MAP: &[(&str, &str)] = &[
@@ -19,6 +21,27 @@ const LAYER_MAP: &[(&str, &str)] = &[
     ("mlp.down_proj", "ffn_down"),
 ];
 
+/// Per-family names that differ from [`LAYER_MAP`], looked up before it (tensor_mapping.py:
+/// Gemma's `post_attention_layernorm` is ATTN_POST_NORM and its `pre_feedforward_layernorm` the
+/// FFN_NORM; GLM-4's `post_self_attn_layernorm`/`post_mlp_layernorm`; GLM's fused
+/// `gate_up_proj` stays fused as `ffn_up`, gate rows first).
+fn arch_layer_map(arch: Architecture) -> &'static [(&'static str, &'static str)] {
+    match arch {
+        Architecture::Gemma2 | Architecture::Gemma3 => &[
+            ("post_attention_layernorm", "post_attention_norm"),
+            ("pre_feedforward_layernorm", "ffn_norm"),
+            ("post_feedforward_layernorm", "post_ffw_norm"),
+        ],
+        Architecture::Glm4 => &[
+            ("post_self_attn_layernorm", "post_attention_norm"),
+            ("post_mlp_layernorm", "post_ffw_norm"),
+            ("mlp.gate_up_proj", "ffn_up"),
+        ],
+        Architecture::Glm => &[("mlp.gate_up_proj", "ffn_up")],
+        _ => &[],
+    }
+}
+
 const GLOBAL_MAP: &[(&str, &str)] = &[
     ("model.embed_tokens", "token_embd"),
     ("model.norm", "output_norm"),
@@ -30,8 +53,20 @@ fn split_param(name: &str) -> Option<(&str, &str)> {
         .filter(|(_, p)| *p == "weight" || *p == "bias")
 }
 
-/// GGUF name for an HF tensor name; None for tensors llama.cpp does not store (rotary inv_freq).
+/// GGUF name for an HF tensor name of a Llama/Qwen model; None for tensors llama.cpp does not
+/// store (rotary inv_freq).
 pub fn hf_to_gguf(name: &str) -> Option<String> {
+    hf_to_gguf_arch(name, Architecture::Llama)
+}
+
+/// HF name for a GGUF tensor name of a Llama/Qwen model; None for tensors with no HF
+/// counterpart (e.g. rope_freqs).
+pub fn gguf_to_hf(name: &str) -> Option<String> {
+    gguf_to_hf_arch(name, Architecture::Llama)
+}
+
+/// GGUF name for an HF tensor name of a model of family `arch`.
+pub fn hf_to_gguf_arch(name: &str, arch: Architecture) -> Option<String> {
     let (stem, param) = split_param(name)?;
     if let Some((_, g)) = GLOBAL_MAP.iter().find(|(h, _)| *h == stem) {
         return Some(format!("{g}.{param}"));
@@ -39,12 +74,15 @@ pub fn hf_to_gguf(name: &str) -> Option<String> {
     let rest = stem.strip_prefix("model.layers.")?;
     let (layer, sub) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (_, g) = LAYER_MAP.iter().find(|(h, _)| *h == sub)?;
+    let (_, g) = arch_layer_map(arch)
+        .iter()
+        .chain(LAYER_MAP)
+        .find(|(h, _)| *h == sub)?;
     Some(format!("blk.{layer}.{g}.{param}"))
 }
 
-/// HF name for a GGUF tensor name; None for tensors with no HF counterpart (e.g. rope_freqs).
-pub fn gguf_to_hf(name: &str) -> Option<String> {
+/// HF name for a GGUF tensor name of a model of family `arch`.
+pub fn gguf_to_hf_arch(name: &str, arch: Architecture) -> Option<String> {
     let (stem, param) = split_param(name)?;
     if let Some((h, _)) = GLOBAL_MAP.iter().find(|(_, g)| *g == stem) {
         return Some(format!("{h}.{param}"));
@@ -52,7 +90,10 @@ pub fn gguf_to_hf(name: &str) -> Option<String> {
     let rest = stem.strip_prefix("blk.")?;
     let (layer, sub) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (h, _) = LAYER_MAP.iter().find(|(_, g)| *g == sub)?;
+    let (h, _) = arch_layer_map(arch)
+        .iter()
+        .chain(LAYER_MAP)
+        .find(|(_, g)| *g == sub)?;
     Some(format!("model.layers.{layer}.{h}.{param}"))
 }
 

@@ -427,3 +427,246 @@ fn smollm2_gguf_reexports_identically_at_f32() {
     assert_eq!(tok2, tok);
     assert_eq!(back, small);
 }
+
+/// A GGUF's metadata, and its tensors as (name, PyTorch shape, type, bytes).
+type Meta = Vec<(String, MetaValue)>;
+type RawTensors = Vec<(String, Vec<usize>, GgmlType, Vec<u8>)>;
+
+/// Rewrites `src` as `dst` with `edit` applied to its metadata and tensor list.
+fn rewrite_gguf(src: &Path, dst: &Path, edit: impl FnOnce(&mut Meta, &mut RawTensors)) {
+    let f = GgufFile::open(src).unwrap();
+    let mut meta = f.metadata.clone();
+    let mut tensors: Vec<_> = f
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.hf_shape(),
+                t.ty,
+                f.tensor_bytes(t).unwrap().to_vec(),
+            )
+        })
+        .collect();
+    edit(&mut meta, &mut tensors);
+    let mut w = GgufWriter::new();
+    for (k, v) in meta {
+        w.set(&k, v);
+    }
+    for (name, shape, ty, bytes) in tensors {
+        w.add_tensor_bytes(&name, &shape, ty, bytes).unwrap();
+    }
+    w.write(dst).unwrap();
+}
+
+#[test]
+fn bad_gguf_models_are_errors_naming_file_tensor_and_expectation() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/gemma2");
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("gemma2.gguf");
+    crate::export::export_gguf(&src, None, &good, ExportType::F32).unwrap();
+    let load = |name: &str, edit: &dyn Fn(&mut Meta, &mut RawTensors)| {
+        let path = dir.path().join(name);
+        rewrite_gguf(&good, &path, |m, t| edit(m, t));
+        crate::gguf::model::load_gguf_model(&path)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let set_arch = |m: &mut Vec<(String, MetaValue)>, arch: &str| {
+        for (k, v) in m.iter_mut() {
+            if k == "general.architecture" {
+                *v = MetaValue::String(arch.into());
+            }
+        }
+        let renamed: Vec<_> = m
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("gemma2.")
+                    .map(|rest| (format!("{arch}.{rest}"), v.clone()))
+            })
+            .collect();
+        m.extend(renamed);
+    };
+    let e = load("mamba.gguf", &|m, _| set_arch(m, "mamba"));
+    assert!(
+        e.contains("mamba.gguf")
+            && e.contains("general.architecture")
+            && e.contains("`mamba`")
+            && e.contains("gemma3"),
+        "{e}"
+    );
+    // Gemma 2's tensors under `llama`: its post-attention norm is not a llama tensor.
+    let e = load("as-llama.gguf", &|m, _| set_arch(m, "llama"));
+    assert!(
+        e.contains("as-llama.gguf")
+            && e.contains("`llama`")
+            && e.contains("post_attention_norm")
+            && e.contains("blk.0.attn_q.weight"),
+        "{e}"
+    );
+    let e = load("no-post-ffw.gguf", &|_, t| {
+        t.retain(|x| x.0 != "blk.1.post_ffw_norm.weight")
+    });
+    assert!(
+        e.contains("no-post-ffw.gguf")
+            && e.contains("blk.1.post_ffw_norm.weight")
+            && e.contains("missing")
+            && e.contains("[32]")
+            && e.contains("`gemma2`"),
+        "{e}"
+    );
+    let e = load("short-ffn.gguf", &|_, t| {
+        let x = t.iter_mut().find(|x| x.0 == "blk.0.ffn_up.weight").unwrap();
+        x.1 = vec![32, 64];
+    });
+    assert!(
+        e.contains("short-ffn.gguf")
+            && e.contains("blk.0.ffn_up.weight")
+            && e.contains("[32, 64]")
+            && e.contains("[64, 32]"),
+        "{e}"
+    );
+    let e = load("fused.gguf", &|_, t| {
+        t.push((
+            "blk.0.attn_qkv.weight".into(),
+            vec![2, 32],
+            GgmlType::F32,
+            vec![0u8; 256],
+        ))
+    });
+    assert!(
+        e.contains("fused.gguf")
+            && e.contains("blk.0.attn_qkv.weight")
+            && e.contains("not a tensor"),
+        "{e}"
+    );
+}
+
+#[test]
+fn family_tensor_names_follow_llama_cpp() {
+    use crate::gguf::names::{gguf_to_hf_arch, hf_to_gguf_arch};
+    use crate::model::config::Architecture::*;
+    for (arch, hf, g) in [
+        (
+            Gemma2,
+            "model.layers.1.post_attention_layernorm.weight",
+            "blk.1.post_attention_norm.weight",
+        ),
+        (
+            Gemma2,
+            "model.layers.1.pre_feedforward_layernorm.weight",
+            "blk.1.ffn_norm.weight",
+        ),
+        (
+            Gemma3,
+            "model.layers.1.post_feedforward_layernorm.weight",
+            "blk.1.post_ffw_norm.weight",
+        ),
+        (
+            Gemma3,
+            "model.layers.1.self_attn.q_norm.weight",
+            "blk.1.attn_q_norm.weight",
+        ),
+        (
+            Glm4,
+            "model.layers.0.post_self_attn_layernorm.weight",
+            "blk.0.post_attention_norm.weight",
+        ),
+        (
+            Glm4,
+            "model.layers.0.post_attention_layernorm.weight",
+            "blk.0.ffn_norm.weight",
+        ),
+        (
+            Glm4,
+            "model.layers.0.post_mlp_layernorm.weight",
+            "blk.0.post_ffw_norm.weight",
+        ),
+        (
+            Glm4,
+            "model.layers.0.mlp.gate_up_proj.weight",
+            "blk.0.ffn_up.weight",
+        ),
+        (
+            Glm,
+            "model.layers.0.mlp.gate_up_proj.weight",
+            "blk.0.ffn_up.weight",
+        ),
+        (
+            Glm,
+            "model.layers.0.self_attn.q_proj.bias",
+            "blk.0.attn_q.bias",
+        ),
+        (
+            Llama,
+            "model.layers.0.post_attention_layernorm.weight",
+            "blk.0.ffn_norm.weight",
+        ),
+    ] {
+        assert_eq!(hf_to_gguf_arch(hf, arch).as_deref(), Some(g), "{arch:?}");
+        assert_eq!(gguf_to_hf_arch(g, arch).as_deref(), Some(hf), "{arch:?}");
+    }
+}
+
+#[test]
+fn family_metadata_follows_llama_cpp_keys() {
+    // Gemma 2: llama.cpp's keys, norms stored as 1 + w; Mistral's window under `llama`.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("g2.gguf");
+    crate::export::export_gguf(&root.join("gemma2"), None, &out, ExportType::F16).unwrap();
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(f.get_str("general.architecture").unwrap(), Some("gemma2"));
+    assert_eq!(
+        f.get_u64("gemma2.attention.sliding_window").unwrap(),
+        Some(8)
+    );
+    assert_eq!(
+        f.get_f64("gemma2.attn_logit_softcapping").unwrap(),
+        Some(4.0)
+    );
+    assert_eq!(
+        f.get_f64("gemma2.final_logit_softcapping").unwrap(),
+        Some(6.0)
+    );
+    assert_eq!(f.get_u64("gemma2.attention.key_length").unwrap(), Some(16));
+    // query_pre_attn_scalar 24 is not llama.cpp's 1/sqrt(head_dim): kept as attention.scale.
+    let scale = f.get_f64("gemma2.attention.scale").unwrap().unwrap();
+    assert!((scale - 1.0 / 24f64.sqrt()).abs() < 1e-6, "{scale}");
+    assert!(f.tensor_info("output.weight").is_err(), "tied");
+    let hf = crate::model::hf::load_hf_folder_tensors(root.join("gemma2")).unwrap();
+    let norm = f
+        .tensor_f32(f.tensor_info("blk.0.post_attention_norm.weight").unwrap())
+        .unwrap();
+    let w = &hf["model.layers.0.post_attention_layernorm.weight"].data;
+    assert!(norm.data.iter().zip(w).all(|(g, h)| *g == h + 1.0));
+    assert_eq!(
+        f.tensor_info("blk.0.ffn_up.weight").unwrap().ty,
+        GgmlType::F16
+    );
+
+    let out = dir.path().join("glm.gguf");
+    crate::export::export_gguf(&root.join("glm"), None, &out, ExportType::F32).unwrap();
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(f.get_str("general.architecture").unwrap(), Some("chatglm"));
+    assert_eq!(f.get_u64("chatglm.rope.dimension_count").unwrap(), Some(8));
+    assert_eq!(
+        f.tensor_info("blk.0.ffn_up.weight").unwrap().hf_shape(),
+        vec![128, 32]
+    );
+
+    let out = dir.path().join("mistral.gguf");
+    crate::export::export_gguf(&root.join("mistral_sliding"), None, &out, ExportType::F32).unwrap();
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(f.get_str("general.architecture").unwrap(), Some("llama"));
+    assert_eq!(
+        f.get_u64("llama.attention.sliding_window").unwrap(),
+        Some(8)
+    );
+    let (cfg, _, _) = crate::gguf::model::load_gguf_model(&out).unwrap();
+    assert_eq!(
+        (cfg.model_type.as_str(), cfg.layer_window(1)),
+        ("mistral", Some(8))
+    );
+}
