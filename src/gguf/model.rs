@@ -214,19 +214,6 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
     v.partial_rotary_factor = partial_rotary_factor;
     if gemma {
         v.hidden_act = Activation::GeluTanh;
-        // runner writes `attention.scale` when llama.cpp's derivation would differ.
-        let scalar = match f.get_f64(&key("attention.scale"))?.filter(|s| *s > 0.0) {
-            Some(s) => {
-                let q = 1.0 / (s * s);
-                if (q - q.round()).abs() < 1e-3 * q.max(1.0) {
-                    q.round()
-                } else {
-                    q
-                }
-            }
-            None => 0.0,
-        };
-        v.query_pre_attn_scalar = Some(if scalar > 0.0 { scalar } else { 0.0 });
     }
     match architecture {
         Architecture::Gemma2 => {
@@ -241,8 +228,21 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
         }
         _ => {}
     }
-    if cfg.variant.query_pre_attn_scalar == Some(0.0) {
-        cfg.variant.query_pre_attn_scalar = Some(llama_cpp_gemma_scalar(&cfg));
+    if gemma {
+        // runner writes `attention.scale` where llama.cpp's derivation would differ.
+        let scalar = match f.get_f64(&key("attention.scale"))?.filter(|s| *s > 0.0) {
+            Some(s) => {
+                let q = 1.0 / (s * s);
+                // 1/sqrt(q) went through f32: an integer scalar comes back as one.
+                if (q - q.round()).abs() < 1e-3 * q.max(1.0) {
+                    q.round()
+                } else {
+                    q
+                }
+            }
+            None => llama_cpp_gemma_scalar(&cfg),
+        };
+        cfg.variant.query_pre_attn_scalar = Some(scalar);
     }
     if architecture == Architecture::Llama && has("rope_freqs.weight") {
         cfg.rope_scaling = llama3_scaling_from_gguf(f, &cfg)?;
@@ -404,9 +404,9 @@ pub fn load_gguf_model(
             return Err(mismatch(
                 &t.name,
                 format!(
-                    "not a tensor of this architecture and configuration (expected {} per layer `blk.N.*`, e.g. {})",
-                    names.len(),
-                    names.join(", ")
+                    "not a tensor of this architecture with this metadata; expected {} (`blk.0.*` standing for each of the {} layers)",
+                    names.join(", "),
+                    cfg.num_hidden_layers
                 ),
             ));
         };
