@@ -116,7 +116,7 @@ pub fn prompt_adapter_model(
     if let Some(b) = base {
         return Ok(Some((b.to_path_buf(), adapter)));
     }
-    let file = read_prompt_adapter(&adapter).map_err(|e| StageError::msg(e.to_string()))?;
+    let file = read_prompt_adapter(&adapter).map_err(StageError::wrap)?;
     match file.config["base_model_name_or_path"]
         .as_str()
         .map(PathBuf::from)
@@ -223,7 +223,6 @@ impl Stage for Evaluate {
     }
 
     fn run(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
-        let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
         let input = ctx.input("input")?;
         let model = ctx.input("model")?;
         let base = ctx.optional_input("base").map(|b| b.dir.as_path());
@@ -234,8 +233,9 @@ impl Stage for Evaluate {
             },
             _ => (model_folder(model.kind, &model.dir)?, None),
         };
-        let config = ModelConfig::from_file(model_dir.join("config.json")).map_err(|e| err(&e))?;
-        let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(|e| err(&e))?;
+        let config =
+            ModelConfig::from_file(model_dir.join("config.json")).map_err(StageError::wrap)?;
+        let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(StageError::wrap)?;
         let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
         let split = input.output.clone().unwrap_or_else(|| "test".into());
         let mut records = read_records(&input.dir, &split)?;
@@ -248,7 +248,7 @@ impl Stage for Evaluate {
             _ => manifest["template"].as_str() == Some("chat"),
         };
         let template = if chat {
-            Some(tokenizer.chat_template(None).map_err(|e| err(&e))?)
+            Some(tokenizer.chat_template(None).map_err(StageError::wrap)?)
         } else {
             None
         };
@@ -258,7 +258,7 @@ impl Stage for Evaluate {
                 encode_generation_prompt(&tokenizer, template.as_ref(), r, &params.response_prefix)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let encode = |s: &str| tokenizer.encode_plain(s).map_err(|e| err(&e));
+        let encode = |s: &str| tokenizer.encode_plain(s).map_err(StageError::wrap);
         let budget = if params.max_thinking_tokens.is_some() || params.num_ignore > 0 {
             Some(BudgetForcing {
                 max_thinking_tokens: params.max_thinking_tokens,
@@ -285,10 +285,7 @@ impl Stage for Evaluate {
             budget,
             pad_token_id: tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0),
         };
-        let device: DeviceChoice = ctx
-            .device
-            .parse()
-            .map_err(|e: crate::model::device::DeviceError| err(&e))?;
+        let device: DeviceChoice = ctx.device.parse().map_err(StageError::wrap)?;
         let bar = ctx.progress_bar(prompts.len() as u64, "predictions");
         // On the CPU, models without a prompt-learning adapter whose family the CPU engine
         // runs decode there (the same sampling loop, SIMD kernels, an in-place cache).
@@ -308,14 +305,14 @@ impl Stage for Evaluate {
                 bar: bar.clone(),
             };
             run_on_device(device, task)
-                .map_err(|e| err(&e))?
+                .map_err(StageError::wrap)?
                 .map_err(StageError::msg)?
         };
         bar.finish_and_clear();
 
         let mut rows = Vec::with_capacity(records.len());
         for (r, ids) in records.iter().zip(&outputs) {
-            let text = tokenizer.decode(ids, true).map_err(|e| err(&e))?;
+            let text = tokenizer.decode(ids, true).map_err(StageError::wrap)?;
             rows.push(PredictionRow {
                 prompt: r.prompt.clone(),
                 prediction: format!("{}{text}", params.response_prefix)
@@ -324,7 +321,8 @@ impl Stage for Evaluate {
                 reference: r.response.clone(),
             });
         }
-        metrics::write_predictions(&ctx.out("predictions.jsonl"), &rows).map_err(|e| err(&e))?;
+        metrics::write_predictions(&ctx.out("predictions.jsonl"), &rows)
+            .map_err(StageError::wrap)?;
         let predictions: Vec<String> = rows.iter().map(|r| r.prediction.clone()).collect();
         let references: Vec<String> = rows.iter().map(|r| r.reference.clone()).collect();
         let mut scores = serde_json::Map::new();
@@ -336,9 +334,9 @@ impl Stage for Evaluate {
                         .cloned()
                         .zip(references.iter().cloned())
                         .collect();
-                    let s = metrics::chatglm_scores(&pairs).map_err(|e| err(&e))?;
+                    let s = metrics::chatglm_scores(&pairs).map_err(StageError::wrap)?;
                     if let serde_json::Value::Object(o) =
-                        serde_json::to_value(s).map_err(|e| err(&e))?
+                        serde_json::to_value(s).map_err(StageError::wrap)?
                     {
                         scores.extend(o);
                     }
@@ -346,16 +344,17 @@ impl Stage for Evaluate {
                 "sacrebleu" => {
                     let s =
                         metrics::sacrebleu(&predictions, &references, metrics::SacreTokenizer::Zh)
-                            .map_err(|e| err(&e))?;
+                            .map_err(StageError::wrap)?;
                     scores.insert("sacrebleu".into(), s.into());
                 }
                 "gsm8k" => {
-                    let s =
-                        metrics::gsm8k_accuracy(&predictions, &references).map_err(|e| err(&e))?;
+                    let s = metrics::gsm8k_accuracy(&predictions, &references)
+                        .map_err(StageError::wrap)?;
                     scores.insert("gsm8k-accuracy".into(), s.into());
                 }
                 "exact" => {
-                    let s = metrics::exact_match(&predictions, &references).map_err(|e| err(&e))?;
+                    let s = metrics::exact_match(&predictions, &references)
+                        .map_err(StageError::wrap)?;
                     scores.insert("exact-match".into(), s.into());
                 }
                 _ => {}

@@ -74,7 +74,6 @@ impl Stage for Export {
     }
 
     fn run(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
-        let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
         let model = ctx.input("model")?;
         match params.format {
             ExportFormat::Peft => {
@@ -84,7 +83,8 @@ impl Stage for Export {
                         "format = \"peft\" needs a trained artifact with an adapter",
                     ));
                 }
-                crate::export::export_peft(&adapter, None, &ctx.out("adapter")).map_err(|e| err(&e))
+                crate::export::export_peft(&adapter, None, &ctx.out("adapter"))
+                    .map_err(StageError::wrap)
             }
             ExportFormat::Safetensors => {
                 let dir = model_folder(model.kind, &model.dir)?;
@@ -94,16 +94,17 @@ impl Stage for Export {
                     &ctx.out("model"),
                     crate::model::hf::DType::F32,
                 )
-                .map_err(|e| err(&e))
+                .map_err(StageError::wrap)
             }
             ExportFormat::Gguf => {
                 let dir = model_folder(model.kind, &model.dir)?;
-                let et: ExportType = params.qtype.parse().map_err(|e| err(&e))?;
+                let et: ExportType = params.qtype.parse().map_err(StageError::msg)?;
                 let out = match &params.name {
                     Some(n) => ctx.out(&format!("{n}.gguf")),
                     None => ctx.out_dir.clone(),
                 };
-                let done = crate::export::export_gguf(&dir, None, &out, et).map_err(|e| err(&e))?;
+                let done =
+                    crate::export::export_gguf(&dir, None, &out, et).map_err(StageError::wrap)?;
                 tracing::info!(gguf = %done.gguf.display(), "exported");
                 Ok(())
             }

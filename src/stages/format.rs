@@ -170,7 +170,7 @@ impl Stage for Format {
         let mut counts = serde_json::Map::new();
         for split in &splits {
             let table = Table::read_parquet(&input.dir.join(format!("{split}.parquet")))
-                .map_err(|e| StageError::msg(e.to_string()))?;
+                .map_err(StageError::wrap)?;
             let rejected_column = params.fields.get("rejected");
             let label_column = params.fields.get("label");
             let pairs = rejected_column.is_some() || params.rejected_from.is_some();
@@ -227,7 +227,7 @@ impl Stage for Format {
                     .map_err(|m| StageError::msg(format!("{split}: {m}")))?;
             }
             out.write_parquet(&ctx.out(&format!("{split}.parquet")))
-                .map_err(|e| StageError::msg(e.to_string()))?;
+                .map_err(StageError::wrap)?;
             counts.insert(
                 split.clone(),
                 serde_json::json!({ "file": format!("{split}.parquet"), "rows": out.len() }),

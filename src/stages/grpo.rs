@@ -112,7 +112,6 @@ impl Stage for Grpo {
     }
 
     fn run(params: &GrpoConfig, ctx: &StageContext) -> Result<(), StageError> {
-        let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
         let data = ctx.input("input")?;
         let model = ctx.input("model")?;
         // A trained stage's merged or full model continues from where it ended (SFT, then GRPO).
@@ -121,7 +120,7 @@ impl Stage for Grpo {
         if records.is_empty() {
             return Err(StageError::msg("the prompt input has no training records"));
         }
-        let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(|e| err(&e))?;
+        let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(StageError::wrap)?;
         let prompts = encode_prompts(&tokenizer, &records, &params.response_prefix)?;
         let eval_prompts = match ctx.optional_input("eval_input") {
             Some(eval) => {
@@ -140,7 +139,7 @@ impl Stage for Grpo {
         let mut eos_ids = tokenizer.eos_ids();
         if eos_ids.is_empty() {
             eos_ids = crate::model::config::ModelConfig::from_file(model_dir.join("config.json"))
-                .map_err(|e| err(&e))?
+                .map_err(StageError::wrap)?
                 .eos_token_ids;
         }
         let tokens = GrpoTokens {

@@ -169,7 +169,7 @@ impl Stage for Ingest {
                 })?;
             let report =
                 readers::read_file(file, format, params.encoding, params.on_bad_rows, delimiter)
-                    .map_err(|e| StageError::msg(e.to_string()))?;
+                    .map_err(StageError::wrap)?;
             let mut part = report.table;
             let name = file
                 .file_name()
@@ -199,21 +199,19 @@ impl Stage for Ingest {
         }
         bar.finish_and_clear();
         let rows_read = table.len();
-
-        let err = |e: crate::data::DataError| StageError::msg(e.to_string());
-        ops::rename_columns(&mut table, &params.columns).map_err(err)?;
+        ops::rename_columns(&mut table, &params.columns).map_err(StageError::wrap)?;
         let dropna: Vec<usize> = params
             .dropna
             .iter()
             .map(|c| ops::resolve_column(&table, c, &params.columns, "dropna"))
             .collect::<Result<_, _>>()
-            .map_err(err)?;
+            .map_err(StageError::wrap)?;
         let dropped_missing = ops::drop_missing(&mut table, &dropna);
         let mut filtered = 0;
         for filter in &params.filters {
             let col = ops::resolve_column(&table, &filter.column, &params.columns, "filters")
-                .map_err(err)?;
-            filtered += ops::apply_filter(&mut table, col, filter).map_err(err)?;
+                .map_err(StageError::wrap)?;
+            filtered += ops::apply_filter(&mut table, col, filter).map_err(StageError::wrap)?;
         }
         let dedup_columns: Vec<usize> = match &params.dedup {
             Some(Dedup::All(true)) => (0..table.columns.len())
@@ -224,7 +222,7 @@ impl Stage for Ingest {
                 .iter()
                 .map(|c| ops::resolve_column(&table, c, &params.columns, "dedup"))
                 .collect::<Result<_, _>>()
-                .map_err(err)?,
+                .map_err(StageError::wrap)?,
         };
         let duplicates = if dedup_columns.is_empty() {
             0
@@ -246,7 +244,8 @@ impl Stage for Ingest {
         };
         for (name, part) in &parts {
             let file = format!("{name}.parquet");
-            part.write_parquet(&ctx.out(&file)).map_err(err)?;
+            part.write_parquet(&ctx.out(&file))
+                .map_err(StageError::wrap)?;
             splits.insert(
                 name.to_string(),
                 serde_json::json!({ "file": file, "rows": part.len() }),

@@ -102,6 +102,11 @@ impl StageError {
     pub fn msg(message: impl Into<String>) -> Self {
         StageError::Failed(message.into())
     }
+
+    /// A library error as the stage's failure: its message as it prints, its source chain kept.
+    pub fn wrap(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StageError::Other(Box::new(e))
+    }
 }
 
 /// One kind of stage. Implementations are unit structs; parameters come in `Params`.

@@ -144,10 +144,8 @@ impl Stage for Model {
         match crate::model::hub::HubModel::parse(&params.source) {
             None => Ok(None),
             Some(model) => {
-                let model = model.map_err(|e| StageError::msg(e.to_string()))?;
-                let commit = model
-                    .resolve_commit()
-                    .map_err(|e| StageError::msg(e.to_string()))?;
+                let model = model.map_err(StageError::wrap)?;
+                let commit = model.resolve_commit().map_err(StageError::wrap)?;
                 Ok(Some(format!("{}@{commit}", model.repo)))
             }
         }
@@ -178,12 +176,11 @@ impl Stage for Model {
     }
 
     fn run(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
-        let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
         if is_tiny(&params.source) {
             return init_tiny(params, ctx);
         }
         let path = match crate::model::hub::fetch_model(&params.source) {
-            Some(fetched) => fetched.map_err(|e| err(&e))?.0,
+            Some(fetched) => fetched.map_err(StageError::wrap)?.0,
             None => resolve(&params.source, &ctx.recipe_dir),
         };
         if path.is_dir() {
@@ -193,10 +190,11 @@ impl Stage for Model {
             }
             // Fail here, not in a later stage, when the folder is not a model runner can load.
             crate::model::config::ModelConfig::from_file(path.join("config.json"))
-                .map_err(|e| err(&e))?;
+                .map_err(StageError::wrap)?;
             Ok(())
         } else {
-            crate::export::convert_gguf_to_hf(&path, &ctx.out_dir, DType::F32).map_err(|e| err(&e))
+            crate::export::convert_gguf_to_hf(&path, &ctx.out_dir, DType::F32)
+                .map_err(StageError::wrap)
         }
     }
 }
@@ -211,8 +209,7 @@ fn init_tiny(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| format!("{split}.parquet"));
-    let table =
-        Table::read_parquet(&input.dir.join(file)).map_err(|e| StageError::msg(e.to_string()))?;
+    let table = Table::read_parquet(&input.dir.join(file)).map_err(StageError::wrap)?;
     let columns: Vec<usize> = params
         .text_columns
         .iter()
@@ -233,7 +230,7 @@ fn init_tiny(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
         .collect();
     let tokenizer =
         crate::text::train_byte_level_bpe(texts.into_iter(), params.tiny.vocab_size, &[])
-            .map_err(|e| StageError::msg(e.to_string()))?;
+            .map_err(StageError::wrap)?;
     let t = &params.tiny;
     let mut config = tiny_qwen2_config(TinyShape {
         hidden: t.hidden_size,
@@ -247,11 +244,8 @@ fn init_tiny(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
     config.bos_token_id = tokenizer.bos_id();
     config.pad_token_id = tokenizer.pad_id();
     let tensors = init_weights(&config, params.seed.unwrap_or(ctx.seed));
-    save_hf_folder(&ctx.out_dir, &config, &tensors, DType::F32)
-        .map_err(|e| StageError::msg(e.to_string()))?;
-    tokenizer
-        .save(&ctx.out_dir)
-        .map_err(|e| StageError::msg(e.to_string()))?;
+    save_hf_folder(&ctx.out_dir, &config, &tensors, DType::F32).map_err(StageError::wrap)?;
+    tokenizer.save(&ctx.out_dir).map_err(StageError::wrap)?;
     tracing::info!(
         params = config.num_parameters(),
         vocab = config.vocab_size,

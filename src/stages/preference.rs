@@ -209,9 +209,7 @@ impl<K: KindMarker> Stage for Preference<K> {
         let (work, interrupted) = training_work_dir(ctx)?;
         let mut cfg = params.clone();
         cfg.train.resume = cfg.train.resume || interrupted;
-        let loss = cfg
-            .loss(K::KIND)
-            .map_err(|e| StageError::msg(e.to_string()))?;
+        let loss = cfg.loss(K::KIND).map_err(StageError::wrap)?;
         let task = TrainTask {
             cfg: &cfg,
             kind: K::KIND,

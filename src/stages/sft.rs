@@ -139,9 +139,7 @@ pub(super) fn training_work_dir(ctx: &StageContext) -> Result<(PathBuf, bool), S
 
 /// The recipe's device.
 pub(super) fn stage_device(ctx: &StageContext) -> Result<DeviceChoice, StageError> {
-    ctx.device
-        .parse()
-        .map_err(|e: crate::model::device::DeviceError| StageError::msg(e.to_string()))
+    ctx.device.parse().map_err(StageError::wrap)
 }
 
 /// [`run_with_precision`] with the device's and the training's errors as stage errors.
@@ -153,11 +151,11 @@ pub(super) fn train_with_precision<T, R, E>(
 ) -> Result<(R, bool), StageError>
 where
     T: BackendTask<Output = Result<R, E>>,
-    E: std::fmt::Display,
+    E: std::error::Error + Send + Sync + 'static,
 {
-    let (report, bf16) = run_with_precision(device, precision, stage, task)
-        .map_err(|e| StageError::msg(e.to_string()))?;
-    Ok((report.map_err(|e| StageError::msg(e.to_string()))?, bf16))
+    let (report, bf16) =
+        run_with_precision(device, precision, stage, task).map_err(StageError::wrap)?;
+    Ok((report.map_err(StageError::wrap)?, bf16))
 }
 
 fn examples(rows: Vec<super::tokenize::TokenRow>) -> Vec<TokenizedExample> {

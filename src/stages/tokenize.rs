@@ -115,8 +115,8 @@ pub fn read_records_with_preferences(
     dir: &Path,
     split: &str,
 ) -> Result<Vec<(Record, PreferenceColumns)>, StageError> {
-    let table = Table::read_parquet(&dir.join(format!("{split}.parquet")))
-        .map_err(|e| StageError::msg(e.to_string()))?;
+    let table =
+        Table::read_parquet(&dir.join(format!("{split}.parquet"))).map_err(StageError::wrap)?;
     table
         .rows
         .iter()
@@ -154,7 +154,6 @@ pub fn encode_generation_prompt(
     record: &Record,
     response_prefix: &str,
 ) -> Result<Vec<u32>, StageError> {
-    let err = |e: &dyn std::fmt::Display| StageError::msg(e.to_string());
     match template {
         Some(t) => {
             let mut messages = Vec::new();
@@ -162,10 +161,10 @@ pub fn encode_generation_prompt(
                 messages.push(ChatMessage::new("system", s));
             }
             messages.push(ChatMessage::new("user", &record.prompt));
-            let text = t.render(&messages, true).map_err(|e| err(&e))?;
+            let text = t.render(&messages, true).map_err(StageError::wrap)?;
             tokenizer
                 .encode_plain(&format!("{text}{response_prefix}"))
-                .map_err(|e| err(&e))
+                .map_err(StageError::wrap)
         }
         None => {
             let text = match (&record.system, &record.messages) {
@@ -174,7 +173,7 @@ pub fn encode_generation_prompt(
             };
             tokenizer
                 .encode(&format!("{text}{response_prefix}"))
-                .map_err(|e| err(&e))
+                .map_err(StageError::wrap)
         }
     }
 }
@@ -213,8 +212,7 @@ impl Stage for Tokenize {
         let model = ctx.input("model")?;
         // A trained stage's merged or full model continues from where it ended (SFT, then GRPO).
         let model_dir = super::evaluate::model_folder(model.kind, &model.dir)?;
-        let tokenizer =
-            TextTokenizer::from_dir(&model_dir).map_err(|e| StageError::msg(e.to_string()))?;
+        let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(StageError::wrap)?;
         let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
         let chat = match params.template.as_str() {
             "chat" => true,
@@ -326,8 +324,7 @@ impl Stage for Tokenize {
                     .iter()
                     .filter(|&&l| l != crate::text::IGNORE_INDEX)
                     .count();
-                let line =
-                    serde_json::to_string(row).map_err(|e| StageError::msg(e.to_string()))?;
+                let line = serde_json::to_string(row).map_err(StageError::wrap)?;
                 writeln!(file, "{line}").map_err(|e| StageError::io(&path, e))?;
             }
             file.flush().map_err(|e| StageError::io(&path, e))?;
