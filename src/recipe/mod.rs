@@ -63,9 +63,16 @@ pub struct RawRecipe {
 impl RawRecipe {
     /// Reads `path`, merges its includes, applies `--set k=v` overrides and substitutes `${vars}`.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = read_recipe(path)?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// [`RawRecipe::load`] on text already read from `path`: `path` names the recipe in errors and
+    /// its folder is where includes and relative paths are looked up.
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
         let mut spans = SpanMap::default();
         let mut stack = Vec::new();
-        let table = load_with_includes(path, &mut spans, &mut stack)?;
+        let table = merge_includes(path, text, &mut spans, &mut stack)?;
         let dir = path
             .parent()
             .map(Path::to_path_buf)
@@ -99,8 +106,26 @@ impl RawRecipe {
     }
 }
 
+fn read_recipe(path: &Path) -> Result<String, RecipeError> {
+    std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn load_with_includes(
     path: &Path,
+    spans: &mut SpanMap,
+    stack: &mut Vec<PathBuf>,
+) -> Result<toml::Table, RecipeError> {
+    let text = read_recipe(path)?;
+    merge_includes(path, &text, spans, stack)
+}
+
+/// Parses `text` (the contents of `path`) and merges the recipes it includes under it.
+fn merge_includes(
+    path: &Path,
+    text: &str,
     spans: &mut SpanMap,
     stack: &mut Vec<PathBuf>,
 ) -> Result<toml::Table, RecipeError> {
@@ -108,27 +133,22 @@ fn load_with_includes(
     if stack.contains(&canonical) {
         return Err(RecipeError::IncludeCycle(path.to_path_buf()));
     }
-    let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let doc = toml_edit::Document::parse(text.clone()).map_err(|e| {
-        let (line, column) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
+    let syntax = |span: Option<std::ops::Range<usize>>, message: &str| {
+        let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         RecipeError::Syntax {
             path: path.to_path_buf(),
             line,
             column,
-            message: e.message().trim().to_string(),
+            message: message.trim().to_string(),
         }
-    })?;
+    };
+    // `toml` first: toml_edit 0.23 panics ("all items have spans") on some invalid documents, e.g.
+    // a dotted key after a line of bare `=`s; it only records where valid keys are.
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| syntax(e.span(), e.message()))?;
+    let doc =
+        toml_edit::Document::parse(text.to_owned()).map_err(|e| syntax(e.span(), e.message()))?;
     let mut own_spans = SpanMap::default();
-    own_spans.record_document(path, &text, &doc);
-    let mut table: toml::Table = toml::from_str(&text).map_err(|e| RecipeError::Syntax {
-        path: path.to_path_buf(),
-        line: 1,
-        column: 1,
-        message: e.message().to_string(),
-    })?;
+    own_spans.record_document(path, text, &doc);
 
     let includes = match table.remove("include") {
         None => Vec::new(),
@@ -365,6 +385,37 @@ mod tests {
             r.locate("stages.raw.encoding"),
             Location::CommandLine("stages.raw.encoding=gb18030".into())
         );
+    }
+
+    #[test]
+    fn parse_from_text_matches_load() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.toml", "[vars]\nd = \"data\"\n");
+        let text =
+            "include = \"base.toml\"\n[stages.raw]\nkind = \"ingest\"\npath = \"${d}.csv\"\n";
+        let main = write(dir.path(), "main.toml", text);
+        let loaded = RawRecipe::load(&main, &[]).unwrap();
+        let parsed = RawRecipe::parse(text, &main, &[]).unwrap();
+        assert_eq!(parsed.table, loaded.table);
+        assert_eq!(
+            parsed.locate("stages.raw.path"),
+            loaded.locate("stages.raw.path")
+        );
+        let err = RawRecipe::parse("a = [1,\n", &main, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("main.toml:"), "{err}");
+    }
+
+    #[test]
+    fn invalid_toml_that_crashed_toml_edit_is_a_syntax_error() {
+        // Found by `cargo fuzz run recipe`: toml_edit's parser panicked on it.
+        let text =
+            "[recipe]\n= = faladam_beta2 = 099\n.wnum_ge;nerationsdedup= \"<rea\0adam_\0In\"\n";
+        let err = RawRecipe::parse(text, Path::new("fuzz.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("fuzz.toml:2:"), "{err}");
     }
 
     #[test]
