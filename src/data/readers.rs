@@ -62,12 +62,30 @@ pub fn read_file(
         path: path.to_path_buf(),
         source,
     })?;
-    let (text, used) = decode(&bytes, encoding, path)?;
+    read_text_bytes(&bytes, path, format, encoding, bad_rows, delimiter)
+}
+
+/// [`read_file`] on the bytes of a text file (CSV, JSON, JSONL) already read from `path`, which
+/// names the file in errors.
+pub fn read_text_bytes(
+    bytes: &[u8],
+    path: &Path,
+    format: FileFormat,
+    encoding: TextEncoding,
+    bad_rows: BadRows,
+    delimiter: u8,
+) -> Result<ReadReport, DataError> {
+    let (text, used) = decode(bytes, encoding, path)?;
     let (table, skipped_rows) = match format {
         FileFormat::Csv => read_csv(&text, path, bad_rows, delimiter)?,
         FileFormat::Json => (read_json(&text, path)?, Vec::new()),
         FileFormat::Jsonl => (read_jsonl(&text, path)?, Vec::new()),
-        FileFormat::Parquet => unreachable!("handled above"),
+        FileFormat::Parquet => {
+            return Err(DataError::InFile {
+                path: path.to_path_buf(),
+                message: "Parquet is binary; it is read from the file, not as text".into(),
+            })
+        }
     };
     Ok(ReadReport {
         table,
@@ -242,6 +260,34 @@ mod tests {
         assert_eq!(t.rows[0][1].as_deref(), Some("x, y"));
         assert_eq!(t.rows[0][2].as_deref(), Some("multi\r\nline \"q\""));
         assert_eq!(t.rows[1][1], None);
+    }
+
+    #[test]
+    fn text_bytes_decode_then_parse() {
+        let (gbk, _, _) = encoding_rs::GBK.encode("问题,回答\n高血压,多运动\n");
+        let p = Path::new("g.csv");
+        let r = read_text_bytes(
+            &gbk,
+            p,
+            FileFormat::Csv,
+            TextEncoding::Auto,
+            BadRows::Error,
+            b',',
+        )
+        .unwrap();
+        assert_eq!(r.encoding, "gb18030");
+        assert_eq!(r.table.columns, vec!["问题", "回答"]);
+        assert_eq!(r.table.rows[0][1].as_deref(), Some("多运动"));
+        let err = read_text_bytes(
+            b"",
+            p,
+            FileFormat::Parquet,
+            TextEncoding::Auto,
+            BadRows::Error,
+            b',',
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("g.csv: Parquet"), "{err}");
     }
 
     #[test]

@@ -175,7 +175,15 @@ pub fn load_safetensors_file(path: &Path) -> Result<BTreeMap<String, HostTensor>
         path: path.to_path_buf(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&mmap).map_err(|e| match truncated_tensor(&mmap) {
+    load_safetensors_bytes(&mmap, path)
+}
+
+/// [`load_safetensors_file`] on the file's bytes in memory; `path` names the file in errors.
+pub fn load_safetensors_bytes(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<BTreeMap<String, HostTensor>, HfError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| match truncated_tensor(bytes) {
         Some(tensor) => HfError::Tensor {
             path: path.to_path_buf(),
             tensor,
