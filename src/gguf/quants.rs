@@ -56,10 +56,14 @@ pub fn can_dequantize(ty: GgmlType) -> bool {
     )
 }
 
-/// Bytes taken by `n` elements of `ty`, or None when `n` is not a whole number of blocks.
+/// Bytes taken by `n` elements of `ty`, or None when `n` is not a whole number of blocks (or the
+/// size overflows).
 pub fn byte_size(ty: GgmlType, n: usize) -> Option<usize> {
     let (bs, ts) = ty.block()?;
-    n.is_multiple_of(bs).then_some(n / bs * ts)
+    if !n.is_multiple_of(bs) {
+        return None;
+    }
+    (n / bs).checked_mul(ts)
 }
 
 /// Dequantizes `n` elements stored as `ty` in `bytes` (ggml `dequantize_row_*`).

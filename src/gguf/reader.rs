@@ -42,8 +42,30 @@ pub struct GgufFile {
     pub tensors: Vec<TensorInfo>,
     pub alignment: u64,
     pub data_offset: u64,
-    mmap: Mmap,
+    mmap: Bytes,
 }
+
+/// The file's bytes: memory-mapped when opened from disk, owned when parsed from memory.
+#[derive(Debug)]
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// Nesting depth of metadata arrays (arrays of arrays) accepted; gguf-py and llama.cpp write one
+/// level. A bound keeps a hostile file from recursing the reader off the stack.
+const MAX_ARRAY_DEPTH: usize = 8;
 
 struct Cursor<'a> {
     path: &'a Path,
@@ -82,12 +104,20 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(self.arr(what)?))
     }
 
-    /// Counts and lengths are u64 in v2/v3 (v1, with u32 lengths, is rejected).
-    fn len(&mut self, what: &str) -> Result<usize> {
+    /// Counts and lengths are u64 in v2/v3 (v1, with u32 lengths, is rejected). Each of the `n`
+    /// items takes at least `min_item` bytes, so a count the rest of the file cannot hold is an
+    /// error here, before anything is allocated for it.
+    fn len(&mut self, what: &str, min_item: usize) -> Result<usize> {
         let at = self.pos as u64;
         let n = self.u64(what)?;
-        if n > self.bytes.len() as u64 {
-            return Err(self.corrupt(at, format!("{what}: length {n} exceeds the file size")));
+        let left = (self.bytes.len() - self.pos) as u64;
+        if n.saturating_mul(min_item as u64) > left {
+            return Err(self.corrupt(
+                at,
+                format!(
+                    "{what}: {n} items of at least {min_item} bytes each exceed the {left} bytes left in the file"
+                ),
+            ));
         }
         Ok(n as usize)
     }
@@ -101,14 +131,14 @@ impl<'a> Cursor<'a> {
     }
 
     fn string(&mut self, what: &str) -> Result<String> {
-        let n = self.len(what)?;
+        let n = self.len(what, 1)?;
         let at = self.pos as u64;
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec())
             .map_err(|_| self.corrupt(at, format!("{what}: invalid UTF-8")))
     }
 
-    fn value(&mut self, ty: u32, key: &str) -> Result<MetaValue> {
+    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<MetaValue> {
         Ok(match ty {
             0 => MetaValue::U8(self.arr::<1>(key)?[0]),
             1 => MetaValue::I8(self.arr::<1>(key)?[0] as i8),
@@ -120,11 +150,20 @@ impl<'a> Cursor<'a> {
             7 => MetaValue::Bool(self.arr::<1>(key)?[0] != 0),
             8 => MetaValue::String(self.string(key)?),
             9 => {
+                let at = self.pos as u64;
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(self.corrupt(
+                        at,
+                        format!(
+                            "metadata key `{key}`: arrays nested more than {MAX_ARRAY_DEPTH} deep"
+                        ),
+                    ));
+                }
                 let elem = self.u32(key)?;
-                let n = self.len(key)?;
+                let n = self.len(key, min_value_size(elem))?;
                 let mut items = Vec::with_capacity(n.min(1 << 20));
                 for _ in 0..n {
-                    items.push(self.value(elem, key)?);
+                    items.push(self.value(elem, key, depth + 1)?);
                 }
                 MetaValue::Array(elem, items)
             }
@@ -141,6 +180,25 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// The fewest bytes a metadata value of type `ty` takes in the file (an unknown type fails when
+/// its first value is read).
+fn min_value_size(ty: u32) -> usize {
+    match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        // A string's or an array's length (arrays also have their element type).
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => 1,
+    }
+}
+
+/// The fewest bytes one tensor info takes: name length, dimension count, type, offset.
+const MIN_TENSOR_INFO: usize = 8 + 4 + 4 + 8;
+/// The fewest bytes one metadata entry takes: key length, value type, a one-byte value.
+const MIN_METADATA_ENTRY: usize = 8 + 4 + 1;
+
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
@@ -151,6 +209,15 @@ impl GgufFile {
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a file changed underneath us can only yield wrong values.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path, Bytes::Mapped(mmap))
+    }
+
+    /// Parses a GGUF file held in memory; `path` names it in errors.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: Vec<u8>) -> Result<GgufFile> {
+        Self::parse(path.as_ref(), Bytes::Owned(bytes))
+    }
+
+    fn parse(path: &Path, mmap: Bytes) -> Result<GgufFile> {
         let mut c = Cursor {
             path,
             bytes: &mmap,
@@ -170,13 +237,13 @@ impl GgufFile {
                 got: version,
             });
         }
-        let n_tensors = c.len("tensor count")?;
-        let n_kv = c.len("metadata count")?;
+        let n_tensors = c.len("tensor count", MIN_TENSOR_INFO)?;
+        let n_kv = c.len("metadata count", MIN_METADATA_ENTRY)?;
         let mut metadata = Vec::with_capacity(n_kv);
         for _ in 0..n_kv {
             let key = c.string("metadata key")?;
             let ty = c.u32(&key)?;
-            let v = c.value(ty, &key)?;
+            let v = c.value(ty, &key, 0)?;
             metadata.push((key, v));
         }
         let mut tensors = Vec::with_capacity(n_tensors);
@@ -319,7 +386,25 @@ impl GgufFile {
             ty: t.ty.name(),
         };
         let (bs, ts) = t.ty.block().ok_or_else(unsupported)?;
-        let n = t.n_elements();
+        let corrupt = |what: String| Error::Corrupt {
+            path: self.path.clone(),
+            offset: self.data_offset.saturating_add(t.offset),
+            what,
+        };
+        // The product of the non-zero dimensions must fit, so that the element count does not
+        // overflow in any order (HF order multiplies them reversed): [0, 2^32, 2^32] is refused.
+        let nonzero = t
+            .dims
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "tensor `{}`: dimensions {:?} overflow a 64-bit element count",
+                    t.name, t.dims
+                ))
+            })?;
+        let n = if t.dims.contains(&0) { 0 } else { nonzero };
         let row = t.dims.first().copied().unwrap_or(1);
         if row % bs as u64 != 0 {
             return Err(Error::Shape {
@@ -331,11 +416,13 @@ impl GgufFile {
                 ),
             });
         }
-        let size = n / bs as u64 * ts as u64;
-        let start = self.data_offset + t.offset;
+        let size = (n / bs as u64).checked_mul(ts as u64);
+        let start = self.data_offset.checked_add(t.offset);
         let end = start
-            .checked_add(size)
+            .zip(size)
+            .and_then(|(start, size)| start.checked_add(size))
             .filter(|&e| e <= self.mmap.len() as u64);
+        let (start, size) = (start.unwrap_or(u64::MAX), size.unwrap_or(u64::MAX));
         match end {
             Some(end) if t.offset.is_multiple_of(self.alignment) => {
                 Ok(&self.mmap[start as usize..end as usize])

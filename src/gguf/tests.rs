@@ -670,3 +670,101 @@ fn family_metadata_follows_llama_cpp_keys() {
         ("mistral", Some(8))
     );
 }
+
+/// A GGUF v3 header with `n_tensors` tensor infos and the given metadata entries already encoded.
+fn raw_gguf(n_tensors: u64, n_kv: u64, body: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&n_tensors.to_le_bytes());
+    b.extend_from_slice(&n_kv.to_le_bytes());
+    b.extend_from_slice(body);
+    b
+}
+
+fn raw_str(s: &str) -> Vec<u8> {
+    let mut b = (s.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(s.as_bytes());
+    b
+}
+
+/// One tensor info: name, dims (ggml order), type id, offset.
+fn raw_tensor(name: &str, dims: &[u64], ty: u32, offset: u64) -> Vec<u8> {
+    let mut b = raw_str(name);
+    b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+    for d in dims {
+        b.extend_from_slice(&d.to_le_bytes());
+    }
+    b.extend_from_slice(&ty.to_le_bytes());
+    b.extend_from_slice(&offset.to_le_bytes());
+    b
+}
+
+#[test]
+fn hostile_counts_and_nesting_are_errors_not_crashes() {
+    // A metadata count the file cannot hold is refused before anything is allocated for it.
+    let e = GgufFile::from_bytes("n.gguf", raw_gguf(0, 1 << 40, &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("n.gguf") && e.contains("metadata count") && e.contains("bytes left"),
+        "{e}"
+    );
+    let e = GgufFile::from_bytes("t.gguf", raw_gguf(1000, 0, &[0; 64]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tensor count"), "{e}");
+
+    // Arrays of arrays 100 000 deep (12 bytes a level) used to recurse off the stack.
+    let depth = 100_000;
+    let mut body = raw_str("deep");
+    body.extend_from_slice(&9u32.to_le_bytes());
+    for _ in 0..depth {
+        body.extend_from_slice(&9u32.to_le_bytes());
+        body.extend_from_slice(&1u64.to_le_bytes());
+    }
+    let e = GgufFile::from_bytes("deep.gguf", raw_gguf(0, 1, &body))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("deep.gguf") && e.contains("`deep`") && e.contains("nested more than 8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tensor_sizes_and_offsets_that_overflow_are_errors() {
+    // 2^32 x 2^32 x 1 elements wrapped to 0 in a release build and was accepted as empty.
+    let body = raw_tensor("huge", &[1 << 32, 1 << 32, 1], 0, 0);
+    let e = GgufFile::from_bytes("huge.gguf", raw_gguf(1, 0, &body))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("huge.gguf") && e.contains("`huge`") && e.contains("overflow"),
+        "{e}"
+    );
+    // Found by `cargo fuzz run gguf`: with a zero dimension the count is 0 in ggml order, but the
+    // HF shape [2^32, 2^32, 0] overflowed when a reader multiplied it out.
+    let body = raw_tensor("empty", &[0, 1 << 32, 1 << 32], 0, 0);
+    let e = GgufFile::from_bytes("empty.gguf", raw_gguf(1, 0, &body))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`empty`") && e.contains("overflow"), "{e}");
+    // An offset near 2^64 wrapped back into the file.
+    let body = raw_tensor("far", &[1], 0, u64::MAX - 31);
+    let e = GgufFile::from_bytes("far.gguf", raw_gguf(1, 0, &body))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("far.gguf") && e.contains("`far`") && e.contains("past the end"),
+        "{e}"
+    );
+    // A well-formed one still reads from memory.
+    let mut body = raw_tensor("ok", &[2], 0, 0);
+    let header = 4 + 4 + 8 + 8 + body.len();
+    body.resize(header.div_ceil(32) * 32 - 24, 0);
+    body.extend_from_slice(&1.5f32.to_le_bytes());
+    body.extend_from_slice(&(-2f32).to_le_bytes());
+    let f = GgufFile::from_bytes("ok.gguf", raw_gguf(1, 0, &body)).unwrap();
+    let t = f.tensor_f32(f.tensor_info("ok").unwrap()).unwrap();
+    assert_eq!(t.data, vec![1.5, -2.0]);
+}
