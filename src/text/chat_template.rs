@@ -46,6 +46,14 @@ pub struct ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// Template instructions one render may run: real chat templates take a few hundred a message, so
+/// this allows conversations of tens of thousands of messages while a looping template (nested
+/// `range` loops, recursive macros) ends with an error instead of running for hours.
+pub const RENDER_FUEL: u64 = 20_000_000;
+
+/// The largest `tojson(indent=N)`; Python accepts any, chat templates use 2 or 4.
+const MAX_TOJSON_INDENT: usize = 64;
+
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTemplate")
@@ -63,6 +71,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function(
@@ -71,9 +80,7 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
-        env.add_function("strftime_now", |fmt: String| {
-            chrono::Local::now().format(&fmt).to_string()
-        });
+        env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| Error::Template {
                 name: name.to_owned(),
@@ -130,12 +137,32 @@ impl ChatTemplate {
 
 fn describe(e: &minijinja::Error) -> String {
     match (e.kind(), e.detail()) {
+        (ErrorKind::OutOfFuel, _) => format!(
+            "stopped after {RENDER_FUEL} template instructions{} (a loop that does not end?)",
+            e.line()
+                .map(|l| format!(" at line {l}"))
+                .unwrap_or_default()
+        ),
         (ErrorKind::InvalidOperation, Some(d)) => match e.line() {
             Some(line) => format!("{d} (line {line})"),
             None => d.to_owned(),
         },
         _ => e.to_string(),
     }
+}
+
+/// transformers' `strftime_now`: the local time formatted by a strftime string. chrono reports an
+/// unknown specifier (`%Q`) as a formatting error, which `to_string` would turn into a panic.
+fn strftime_now(fmt: String) -> std::result::Result<String, minijinja::Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&fmt)).map_err(|_| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: `{fmt}` is not a valid strftime format"),
+        )
+    })?;
+    Ok(out)
 }
 
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent, separators=separators,
@@ -151,7 +178,16 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<String, minijinja
         Some(v) if v.is_none() => None,
         Some(v) => Some(match v.as_str() {
             Some(s) => s.to_owned(),
-            None => " ".repeat(usize::try_from(v.clone()).unwrap_or(0)),
+            None => {
+                let n = usize::try_from(v.clone()).unwrap_or(0);
+                if n > MAX_TOJSON_INDENT {
+                    return Err(minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("tojson: indent {n} is larger than {MAX_TOJSON_INDENT}"),
+                    ));
+                }
+                " ".repeat(n)
+            }
         }),
     };
     let (item_sep, key_sep) = match separators {
@@ -333,5 +369,51 @@ mod tests {
         .unwrap();
         let err = t.render(&[], false).unwrap_err().to_string();
         assert!(err.contains("roles must alternate"), "{err}");
+    }
+
+    fn render_err(src: &str) -> String {
+        let t = ChatTemplate::new("t", src, SpecialTokens::default()).unwrap();
+        t.render(&[ChatMessage::new("user", "hi")], false)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn bad_strftime_format_is_an_error_not_a_panic() {
+        let err = render_err("{{ strftime_now('%Q') }}");
+        assert!(err.contains("`%Q` is not a valid strftime format"), "{err}");
+        assert_eq!(render("{{ strftime_now('%%') }}"), "%");
+    }
+
+    #[test]
+    fn reversed_empty_values_render_empty() {
+        // Found by `cargo fuzz run chat_template`: minijinja 2.24.0 panicked on these (index 0 of
+        // an empty value); vendor/minijinja has the fix.
+        assert_eq!(render("[{{ ''[::-1] }}]{{ [][::-1] | length }}"), "[]0");
+        let t = ChatTemplate::new(
+            "t",
+            "{% for m in messages[::-1] %}{{ m.role }}{% endfor %}.",
+            SpecialTokens::default(),
+        )
+        .unwrap();
+        assert_eq!(t.render(&[], false).unwrap(), ".");
+        assert_eq!(render("{{ 'abc'[0:2:-1] }}|{{ 'abc'[::-1] }}"), "|cba");
+    }
+
+    #[test]
+    fn endless_templates_run_out_of_fuel() {
+        // 10^10 iterations: without a fuel limit this renders for hours.
+        let err = render_err(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+        );
+        assert!(
+            err.contains("chat template `t`") && err.contains("template instructions"),
+            "{err}"
+        );
+        let err = render_err("{{ messages | tojson(indent=1000000000000) }}");
+        assert!(
+            err.contains("indent 1000000000000 is larger than 64"),
+            "{err}"
+        );
     }
 }

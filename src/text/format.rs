@@ -254,6 +254,7 @@ fn fill_template(template: &str, row: &Row, format: &PromptFormat) -> Result<Str
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_keep_trailing_newline(true);
+        env.set_fuel(Some(crate::text::chat_template::RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         let render = env.render_str(template, row).map_err(|e| match e.kind() {
             minijinja::ErrorKind::UndefinedError => {
