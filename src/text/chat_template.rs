@@ -410,6 +410,11 @@ mod tests {
             err.contains("chat template `t`") && err.contains("template instructions"),
             "{err}"
         );
+        // Found by `cargo fuzz run chat_template`: a lazily repeated list is scanned by `in`
+        // outside the fuel count (hours); vendor/minijinja caps repetition as `range` is capped.
+        let err = render_err("{{ 1 in 1615 * messages * 929304 }}");
+        assert!(err.contains("repeated sequence is too large"), "{err}");
+        assert_eq!(render("{{ ([1, 2] * 2) | list | length }}"), "4");
         let err = render_err("{{ messages | tojson(indent=1000000000000) }}");
         assert!(
             err.contains("indent 1000000000000 is larger than 64"),

@@ -4,6 +4,9 @@ use crate::value::{DynObject, ObjectRepr, Value, ValueKind, ValueRepr};
 
 const MIN_I128_AS_POS_U128: u128 = 170141183460469231731687303715884105728;
 const MAX_REPEATED_STRING_LEN: usize = 100_000_000;
+/// runner's patch: a repeated sequence is iterated lazily, so `x in [1] * 10**9` scanned a billion
+/// items outside the fuel count; capped as `range` caps its length.
+const MAX_REPEATED_ITEMS: usize = 100_000;
 
 /// Iterator wrapper that provides exact size hints for iterators with known length.
 pub(crate) struct LenIterWrap<I: Send + Sync>(pub(crate) usize, pub(crate) I);
@@ -376,6 +379,13 @@ fn repeat_iterable(n: &Value, seq: &DynObject) -> Result<Value, Error> {
             "cannot repeat unsized iterables",
         )
     }));
+
+    if !matches!(len.checked_mul(n), Some(total) if total <= MAX_REPEATED_ITEMS) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "repeated sequence is too large",
+        ));
+    }
 
     // This is not optimal.  We only query the enumerator for the length once
     // but we support repeated iteration.  We could both lie about our length
