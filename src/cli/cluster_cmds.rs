@@ -303,18 +303,12 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
                     "done".into()
                 }
             }
-            (Some(_), Some(JobState::Failed { exit_code, reason })) => {
+            (Some(_), Some(job @ JobState::Failed { .. })) => {
                 failed += 1;
                 stage.state = StageState::Failed;
                 stage.error = Some(format!(
-                    "job failed (exit {}{}); log: {}",
-                    exit_code
-                        .map(|c| c.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    reason
-                        .as_deref()
-                        .map(|r| format!(", {r}"))
-                        .unwrap_or_default(),
+                    "job failed ({}); log: {}",
+                    job.failure_detail().unwrap_or_default(),
                     stage.log_path.as_deref().unwrap_or("?")
                 ));
                 format!("failed: {}", stage.error.as_deref().unwrap_or(""))

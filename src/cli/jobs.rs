@@ -82,16 +82,9 @@ pub fn run(args: &JobsArgs) -> anyhow::Result<()> {
     }
     for ((label, _), st) in jobs.iter().zip(status(&ids, &commands)?) {
         let state = match &st.state {
-            JobState::Failed { exit_code, reason } => format!(
-                "failed (exit {}{})",
-                exit_code
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                reason
-                    .as_deref()
-                    .map(|r| format!(", {r}"))
-                    .unwrap_or_default()
-            ),
+            failed @ JobState::Failed { .. } => {
+                format!("failed ({})", failed.failure_detail().unwrap_or_default())
+            }
             JobState::Cancelled { reason } => {
                 format!(
                     "cancelled{}",

@@ -40,6 +40,22 @@ impl JobState {
             JobState::Done | JobState::Failed { .. } | JobState::Cancelled { .. }
         )
     }
+
+    /// "exit 1, OUT_OF_MEMORY" for a failed job ("exit -" when a signal ended it); None for the
+    /// other states.
+    pub fn failure_detail(&self) -> Option<String> {
+        let JobState::Failed { exit_code, reason } = self else {
+            return None;
+        };
+        Some(format!(
+            "exit {}{}",
+            exit_code.map_or_else(|| "-".into(), |c| c.to_string()),
+            reason
+                .as_deref()
+                .map(|r| format!(", {r}"))
+                .unwrap_or_default()
+        ))
+    }
 }
 
 /// The state of one requested job id.

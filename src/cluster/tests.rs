@@ -611,3 +611,22 @@ fn resources_fit_the_cluster() {
         fit_resources("sft@1", &no_partition, &gpu_cluster, GpuPolicy::Auto, true).unwrap();
     assert_eq!(fitted.gpus, Some(0));
 }
+
+#[test]
+fn a_failed_job_is_described_by_its_exit_code_and_reason() {
+    use crate::cluster::JobState;
+    let oom = JobState::Failed {
+        exit_code: Some(137),
+        reason: Some("OUT_OF_MEMORY".into()),
+    };
+    assert_eq!(
+        oom.failure_detail().as_deref(),
+        Some("exit 137, OUT_OF_MEMORY")
+    );
+    let signalled = JobState::Failed {
+        exit_code: None,
+        reason: None,
+    };
+    assert_eq!(signalled.failure_detail().as_deref(), Some("exit -"));
+    assert_eq!(JobState::Done.failure_detail(), None);
+}
