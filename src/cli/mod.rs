@@ -5,6 +5,7 @@ mod bench;
 #[cfg(feature = "cuda")]
 mod bench_model;
 mod cluster_cmds;
+mod export;
 mod generate;
 mod jobs;
 mod pipeline_cmds;
@@ -58,9 +59,9 @@ enum Command {
     /// Score a predictions file: BLEU-4/ROUGE as ChatGLM-6B's script, sacreBLEU, GSM8K, exact match.
     Score(score::ScoreArgs),
     /// Export a model (merging a LoRA adapter first) as GGUF, safetensors or a PEFT adapter.
-    Export(runner::export::cli::ExportArgs),
+    Export(export::ExportArgs),
     /// Convert a GGUF file to an HF folder.
-    Convert(runner::export::cli::ConvertArgs),
+    Convert(export::ConvertArgs),
     /// Write a run's HTML report (latest run by default).
     Report(report::ReportArgs),
     /// State of Slurm jobs by submission folder or job id (or cancel them).
@@ -126,8 +127,8 @@ pub fn main() -> ExitCode {
         Command::Cancel(a) => cluster_cmds::cancel(a),
         Command::Generate(a) => generate::run(&a).map_err(Failure::from),
         Command::Score(a) => score::run(&a).map_err(Failure::from),
-        Command::Export(a) => runner::export::cli::run(&a).map_err(Failure::from),
-        Command::Convert(a) => runner::export::cli::run_convert(&a).map_err(Failure::from),
+        Command::Export(a) => export::run(&a).map_err(Failure::from),
+        Command::Convert(a) => export::run_convert(&a).map_err(Failure::from),
         Command::Report(a) => report::run(&a).map_err(Failure::from),
         Command::Jobs(a) => jobs::run(&a).map_err(Failure::from),
         Command::Bench(a) => bench::run(&a).map_err(Failure::from),

@@ -3,7 +3,6 @@
 //! HF conversion. References: llama.cpp convert_hf_to_gguf.py / llama-quantize, peft
 //! `merge_and_unload`, transformers `save_pretrained` file layout.
 
-pub mod cli;
 pub mod lora;
 pub mod modelfile;
 

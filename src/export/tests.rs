@@ -603,34 +603,6 @@ fn quantized_exports_equal_llama_quantize_output() {
 }
 
 #[test]
-fn export_type_is_spelt_as_llama_cpp_spells_it() {
-    use crate::export::cli::{ExportArgs, ExportTypeArg};
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: ExportArgs,
-    }
-    let parse = |t: &str| {
-        Cli::try_parse_from(["runner", "--model", "m", "--out", "o", "--type", t])
-            .map(|c| c.args.qtype)
-    };
-    for (spelling, want) in [
-        ("q8_0", ExportTypeArg::Q8_0),
-        ("Q8_0", ExportTypeArg::Q8_0),
-        ("q8-0", ExportTypeArg::Q8_0),
-        ("q4_k_m", ExportTypeArg::Q4_K_M),
-        ("Q4_K_M", ExportTypeArg::Q4_K_M),
-        ("q4_0", ExportTypeArg::Q4_0),
-        ("bf16", ExportTypeArg::Bf16),
-    ] {
-        assert_eq!(parse(spelling).unwrap(), want, "{spelling}");
-    }
-    let err = parse("q5_k").unwrap_err().to_string();
-    assert!(err.contains("q8_0") && err.contains("q4_k_m"), "{err}");
-}
-
-#[test]
 fn qwen3_exports_to_gguf_reads_back_and_llama_cpp_agrees() {
     // The Qwen3 family fixture (per-head q/k norms, head_dim 16 != hidden / heads): F32 GGUF
     // under llama.cpp's `qwen3` names, read back bit for bit, greedy tokens as transformers'.

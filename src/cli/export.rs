@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use crate::gguf::mix::ExportType;
-use crate::model::hf::DType;
+use runner::gguf::mix::ExportType;
+use runner::model::hf::DType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -64,7 +64,7 @@ pub struct ExportArgs {
 pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     match args.format {
         ExportFormat::Gguf => {
-            let r = crate::export::export_gguf(
+            let r = runner::export::export_gguf(
                 &args.model,
                 args.adapter.as_deref(),
                 &args.out,
@@ -84,7 +84,7 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
                 ExportTypeArg::Bf16 => DType::BF16,
                 other => bail!("--format safetensors takes --type f32 or bf16, not {other:?}"),
             };
-            crate::export::export_safetensors(
+            runner::export::export_safetensors(
                 &args.model,
                 args.adapter.as_deref(),
                 &args.out,
@@ -97,7 +97,7 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
             let Some(adapter) = &args.adapter else {
                 bail!("--format peft needs --adapter PATH")
             };
-            crate::export::export_peft(adapter, Some(&args.model), &args.out)
+            runner::export::export_peft(adapter, Some(&args.model), &args.out)
                 .with_context(|| format!("exporting adapter {}", adapter.display()))?;
             println!("wrote {}", args.out.display());
         }
@@ -127,7 +127,7 @@ pub struct ConvertArgs {
 pub fn run_convert(args: &ConvertArgs) -> anyhow::Result<()> {
     let dtype = if args.bf16 { DType::BF16 } else { DType::F32 };
     match args.to {
-        ConvertTarget::Hf => crate::export::convert_gguf_to_hf(&args.input, &args.out, dtype)
+        ConvertTarget::Hf => runner::export::convert_gguf_to_hf(&args.input, &args.out, dtype)
             .with_context(|| {
                 format!(
                     "converting {} to a Hugging Face folder",
@@ -137,4 +137,36 @@ pub fn run_convert(args: &ConvertArgs) -> anyhow::Result<()> {
     }
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ExportArgs, ExportTypeArg};
+
+    #[test]
+    fn export_type_is_spelt_as_llama_cpp_spells_it() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ExportArgs,
+        }
+        let parse = |t: &str| {
+            Cli::try_parse_from(["runner", "--model", "m", "--out", "o", "--type", t])
+                .map(|c| c.args.qtype)
+        };
+        for (spelling, want) in [
+            ("q8_0", ExportTypeArg::Q8_0),
+            ("Q8_0", ExportTypeArg::Q8_0),
+            ("q8-0", ExportTypeArg::Q8_0),
+            ("q4_k_m", ExportTypeArg::Q4_K_M),
+            ("Q4_K_M", ExportTypeArg::Q4_K_M),
+            ("q4_0", ExportTypeArg::Q4_0),
+            ("bf16", ExportTypeArg::Bf16),
+        ] {
+            assert_eq!(parse(spelling).unwrap(), want, "{spelling}");
+        }
+        let err = parse("q5_k").unwrap_err().to_string();
+        assert!(err.contains("q8_0") && err.contains("q4_k_m"), "{err}");
+    }
 }
