@@ -117,9 +117,10 @@ fn batched(
         session.copy_row(0, row);
     }
     let mut next = vec![argmax(&logits[..vocab]); rows];
+    let mut pos = vec![0i64; rows];
     let t0 = Instant::now();
     for step in 0..new_tokens {
-        let pos = vec![(prompt.len() + step) as i64; rows];
+        pos.fill((prompt.len() + step) as i64);
         session.step(&next, &pos, &mut logits);
         for (row, id) in next.iter_mut().enumerate() {
             *id = argmax(&logits[row * vocab..(row + 1) * vocab]);
