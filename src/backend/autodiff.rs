@@ -8,7 +8,7 @@ use burn::backend::autodiff::{
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
     grads::Gradients,
     ops::{broadcast_shape, Backward, Ops, OpsKind},
-    Autodiff,
+    Autodiff, NodeId,
 };
 use burn::tensor::{
     ops::{BoolTensor, FloatTensor, IntTensor},
@@ -145,19 +145,114 @@ impl<B: FastOps> Backward<B, 2> for SwigluBackward {
     /// `dg = dh u s (1 + g (1 - s))`.
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_gate, node_up] = ops.parents;
-        let dh: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
-        let (g, u): (Tensor<B, 2>, Tensor<B, 2>) = (float(ops.state.0), float(ops.state.1));
-        let s = burn::tensor::activation::sigmoid(g.clone());
-        if let Some(node) = node_up {
-            let du = dh.clone().mul(g.clone().mul(s.clone()));
-            grads.register::<B>(node.id, du.into_primitive().tensor());
+        let dh = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        register_swiglu_grads::<B>(
+            grads,
+            node_gate.map(|n| n.id),
+            node_up.map(|n| n.id),
+            gate,
+            up,
+            dh,
+        );
+    }
+}
+
+/// SwiGLU's backward step: for `h = silu(g) u` with `s = sigmoid(g)`, `du = dh silu(g)` and
+/// `dg = dh u s (1 + g (1 - s))`, registered for the parents that want them.
+fn register_swiglu_grads<B: FastOps>(
+    grads: &mut Gradients,
+    node_gate: Option<NodeId>,
+    node_up: Option<NodeId>,
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    dh: FloatTensor<B>,
+) {
+    let dh: Tensor<B, 2> = float(dh);
+    let (g, u): (Tensor<B, 2>, Tensor<B, 2>) = (float(gate), float(up));
+    let s = burn::tensor::activation::sigmoid(g.clone());
+    if let Some(id) = node_up {
+        let du = dh.clone().mul(g.clone().mul(s.clone()));
+        grads.register::<B>(id, du.into_primitive().tensor());
+    }
+    if let Some(id) = node_gate {
+        let dsilu = s
+            .clone()
+            .mul(g.mul(s.neg().add_scalar(1.0)).add_scalar(1.0));
+        let dg = dh.mul(u).mul(dsilu);
+        grads.register::<B>(id, dg.into_primitive().tensor());
+    }
+}
+
+#[derive(Debug)]
+struct SwigluLoraLinearBackward;
+
+impl<B: FastOps> Backward<B, 5> for SwigluLoraLinearBackward {
+    /// (gate, up, W, A, B, scale): the SwiGLU product is recomputed here, never kept.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        f64,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_gate, node_up, node_w, node_a, node_b] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (gate, up, w, a, b, scale) = ops.state;
+        let wanted = LoraGrads {
+            x: node_gate.is_some() || node_up.is_some(),
+            weight: node_w.is_some(),
+            a: node_a.is_some(),
+            b: node_b.is_some(),
+        };
+        let h = B::fast_swiglu(gate.clone(), up.clone());
+        let g = B::fast_lora_linear_backward(h, w, a, b, scale, dy, wanted);
+        for (node, grad) in [(node_w, g.weight), (node_a, g.a), (node_b, g.b)] {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
         }
-        if let Some(node) = node_gate {
-            let dsilu = s
-                .clone()
-                .mul(g.mul(s.neg().add_scalar(1.0)).add_scalar(1.0));
-            let dg = dh.mul(u).mul(dsilu);
-            grads.register::<B>(node.id, dg.into_primitive().tensor());
+        if let Some(dh) = g.x {
+            register_swiglu_grads::<B>(
+                grads,
+                node_gate.map(|n| n.id),
+                node_up.map(|n| n.id),
+                gate,
+                up,
+                dh,
+            );
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SwigluLinearBackward;
+
+impl<B: FastOps> Backward<B, 3> for SwigluLinearBackward {
+    /// (gate, up, W when the SwiGLU inputs need gradients): the product is recomputed for W's.
+    type State = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_gate, node_up, node_w] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (gate, up, w) = ops.state;
+        if let Some(node) = node_w {
+            let h = B::fast_swiglu(gate.clone(), up.clone());
+            grads.register::<B>(node.id, B::fast_gemm_2d(dy.clone(), h, true, false));
+        }
+        if let Some(w) = w {
+            let dh = B::fast_gemm_2d(dy, w, false, false);
+            register_swiglu_grads::<B>(
+                grads,
+                node_gate.map(|n| n.id),
+                node_up.map(|n| n.id),
+                gate,
+                up,
+                dh,
+            );
         }
     }
 }
@@ -309,6 +404,88 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
                     a.primitive,
                     b.primitive,
                     scale,
+                ),
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fast_nf4_dequantize(parts: crate::backend::nf4::Nf4Parts<Self>) -> FloatTensor<Self> {
+        let inner = crate::backend::nf4::Nf4Parts::<B> {
+            packed: parts.packed,
+            absmax_codes: parts.absmax_codes,
+            absmax_scales: parts.absmax_scales.primitive,
+            code: parts.code.primitive,
+            dynamic: parts.dynamic.primitive,
+            offset: parts.offset,
+            shape: parts.shape,
+        };
+        // A constant of the graph: NF4 bases are frozen.
+        <Self as burn::tensor::backend::AutodiffBackend>::from_inner(B::fast_nf4_dequantize(inner))
+    }
+
+    fn fast_swiglu_lora_linear(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let prepared = SwigluLoraLinearBackward
+            .prepare::<C>([
+                gate.node.clone(),
+                up.node.clone(),
+                weight.node.clone(),
+                a.node.clone(),
+                b.node.clone(),
+            ])
+            .compute_bound()
+            .stateful();
+        // The product lives only until the projection has read it.
+        let h = B::fast_swiglu(gate.primitive.clone(), up.primitive.clone());
+        let y = B::fast_lora_linear(
+            h,
+            weight.primitive.clone(),
+            a.primitive.clone(),
+            b.primitive.clone(),
+            scale,
+        );
+        match prepared {
+            OpsKind::Tracked(prep) => prep.finish(
+                (
+                    gate.primitive,
+                    up.primitive,
+                    weight.primitive,
+                    a.primitive,
+                    b.primitive,
+                    scale,
+                ),
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fast_swiglu_linear(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let inputs_need_grad = !gate.node.requirement.is_none() || !up.node.requirement.is_none();
+        let prepared = SwigluLinearBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful();
+        let h = B::fast_swiglu(gate.primitive.clone(), up.primitive.clone());
+        let y = B::fast_gemm_2d(h, weight.primitive.clone(), false, true);
+        match prepared {
+            OpsKind::Tracked(prep) => prep.finish(
+                (
+                    gate.primitive,
+                    up.primitive,
+                    inputs_need_grad.then_some(weight.primitive),
                 ),
                 y,
             ),

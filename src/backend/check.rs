@@ -319,6 +319,8 @@ pub fn run_checks(dir: &Path) -> Result<(Vec<String>, bool), Error> {
     check_rms_norm(&mut lines, &mut ok);
     check_rope(&mut lines, &mut ok);
     check_lora(&mut lines, &mut ok);
+    check_nf4::<Cuda<f32, i32>>(&mut lines, &mut ok);
+    check_nf4::<Cuda<half::bf16, i32>>(&mut lines, &mut ok);
     Ok((lines, ok))
 }
 
@@ -644,6 +646,49 @@ fn check_rms_norm(lines: &mut Vec<String>, ok: &mut bool) {
             }
         }
     }
+}
+
+/// The NF4 dequantization kernel against burn's ops on the same GPU, in the backend's float
+/// type: a shape whose last block is short and whose blocks span two absmax groups.
+fn check_nf4<BK: Backend>(lines: &mut Vec<String>, ok: &mut bool) {
+    use crate::model::nf4_linear::Nf4Weight;
+    let (out, inp) = (300usize, 70usize);
+    let weight = Tensor::<BK, 2>::random(
+        [out, inp],
+        Distribution::Normal(0.0, 0.02),
+        &Default::default(),
+    );
+    let nf4 = match Nf4Weight::quantize(weight) {
+        Ok(q) => q,
+        Err(e) => {
+            *ok = false;
+            lines.push(format!("FAIL nf4 quantize: {e}"));
+            return;
+        }
+    };
+    let got = nf4.dequantize();
+    let want = Tensor::<BK, 2>::from_primitive(TensorPrimitive::Float(
+        crate::backend::nf4::composed::<BK>(crate::backend::nf4::Nf4Parts {
+            packed: nf4.packed.clone().into_primitive(),
+            absmax_codes: nf4.absmax_codes.clone().into_primitive(),
+            absmax_scales: nf4.absmax_scales.clone().into_primitive().tensor(),
+            code: nf4.code.clone().into_primitive().tensor(),
+            dynamic: nf4.dynamic.clone().into_primitive().tensor(),
+            offset: nf4.offset,
+            shape: [out, inp],
+        }),
+    ));
+    let dtype = got.dtype();
+    let err = rel_err(&host(got), &host(want));
+    // Both round each product to the element type; bf16 may differ by a last bit where burn's
+    // fused kernels keep an intermediate in f32.
+    let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+    let pass = err <= tol;
+    *ok &= pass;
+    lines.push(format!(
+        "{} nf4 dequantize {dtype:?} [{out}, {inp}]: rel err {err:.2e} (limit {tol:.0e})",
+        if pass { "PASS" } else { "FAIL" }
+    ));
 }
 
 /// 7. The RoPE kernel against burn's ops on the same GPU: forward and gradient, bf16 and f32,

@@ -472,6 +472,108 @@ pub fn lora_linear<B: Backend>(
     linear(x, weight).add(low.mul_scalar(scale))
 }
 
+fn fast_swiglu_linear<F: FastOps>(
+    gate: Tensor<F, 2>,
+    up: Tensor<F, 2>,
+    weight: Tensor<F, 2>,
+    adapter: Option<(Tensor<F, 2>, Tensor<F, 2>)>,
+    scale: f64,
+) -> Tensor<F, 2> {
+    let (gate, up, weight) = (
+        gate.into_primitive().tensor(),
+        up.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+    );
+    let out = match adapter {
+        Some((a, b)) => F::fast_swiglu_lora_linear(
+            gate,
+            up,
+            weight,
+            a.into_primitive().tensor(),
+            b.into_primitive().tensor(),
+            scale,
+        ),
+        None => F::fast_swiglu_linear(gate, up, weight),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `silu(gate) up` through a projection: `W [out, inter]` and, with `adapter = (A [r, inter],
+/// B [out, r])`, its LoRA term times `scale`. Under `Autodiff` one node that recomputes the
+/// SwiGLU product in its backward step instead of keeping it (see
+/// [`FastOps::fast_swiglu_lora_linear`]).
+pub fn swiglu_linear<B: Backend>(
+    gate: Tensor<B, 2>,
+    up: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    adapter: Option<(Tensor<B, 2>, Tensor<B, 2>)>,
+    scale: f64,
+) -> Tensor<B, 2> {
+    route!(B, fast_swiglu_linear, (gate, up, weight, adapter, scale));
+    let h = composed_swiglu(gate, up);
+    match adapter {
+        Some((a, b)) => lora_linear(h, weight, a, b, scale),
+        None => linear(h, weight),
+    }
+}
+
+fn fast_nf4_dequantize<F: FastOps>(
+    packed: Tensor<F, 1, Int>,
+    absmax_codes: Tensor<F, 1, Int>,
+    absmax_scales: Tensor<F, 1>,
+    code: Tensor<F, 1>,
+    dynamic: Tensor<F, 1>,
+    offset: f64,
+    shape: [usize; 2],
+) -> Tensor<F, 2> {
+    let out = F::fast_nf4_dequantize(crate::backend::nf4::Nf4Parts {
+        packed: packed.into_primitive(),
+        absmax_codes: absmax_codes.into_primitive(),
+        absmax_scales: absmax_scales.into_primitive().tensor(),
+        code: code.into_primitive().tensor(),
+        dynamic: dynamic.into_primitive().tensor(),
+        offset,
+        shape,
+    });
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The dense `[out, in]` weight of an NF4 base from its device tensors (see
+/// [`crate::backend::nf4`]); one kernel on CUDA.
+pub fn nf4_dequantize<B: Backend>(
+    packed: Tensor<B, 1, Int>,
+    absmax_codes: Tensor<B, 1, Int>,
+    absmax_scales: Tensor<B, 1>,
+    code: Tensor<B, 1>,
+    dynamic: Tensor<B, 1>,
+    offset: f64,
+    shape: [usize; 2],
+) -> Tensor<B, 2> {
+    route!(
+        B,
+        fast_nf4_dequantize,
+        (
+            packed,
+            absmax_codes,
+            absmax_scales,
+            code,
+            dynamic,
+            offset,
+            shape
+        )
+    );
+    let out = crate::backend::nf4::composed::<B>(crate::backend::nf4::Nf4Parts {
+        packed: packed.into_primitive(),
+        absmax_codes: absmax_codes.into_primitive(),
+        absmax_scales: absmax_scales.into_primitive().tensor(),
+        code: code.into_primitive().tensor(),
+        dynamic: dynamic.into_primitive().tensor(),
+        offset,
+        shape,
+    });
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
 fn memory_used<F: FastOps>() -> Option<usize> {
     F::accelerator_memory_used()
 }

@@ -29,6 +29,7 @@ mod dispatch;
 pub mod host_profile;
 pub mod lora;
 pub mod memory;
+pub mod nf4;
 pub mod offload;
 
 use burn::tensor::{
@@ -107,6 +108,38 @@ pub trait FastOps: Backend {
         scale: f64,
     ) -> FloatTensor<Self> {
         lora::composed_forward::<Self>(x, weight, a, b, scale)
+    }
+
+    /// The MLP's output projection of its SwiGLU, `silu(gate) up W^T + scale (silu(gate) up A^T)
+    /// B^T` (`gate`, `up [n, inter]`). Under `Autodiff` one node that keeps `gate` and `up`
+    /// (which SwiGLU's own backward needs anyway) and recomputes the product in its backward
+    /// step, so the `[n, inter]` product is never held for the backward pass (Unsloth's
+    /// `fast_lora.py` does the same).
+    fn fast_swiglu_lora_linear(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        Self::fast_lora_linear(Self::fast_swiglu(gate, up), weight, a, b, scale)
+    }
+
+    /// [`FastOps::fast_swiglu_lora_linear`] without an adapter: `silu(gate) up W^T`, the
+    /// product recomputed in the backward step when `W` needs its gradient.
+    fn fast_swiglu_linear(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::fast_gemm_2d(Self::fast_swiglu(gate, up), weight, false, true)
+    }
+
+    /// The dense `[out, in]` weight of an NF4 base (see [`nf4`]), in the float type of its
+    /// `code` table. Under `Autodiff` a constant (NF4 weights are frozen).
+    fn fast_nf4_dequantize(parts: nf4::Nf4Parts<Self>) -> FloatTensor<Self> {
+        nf4::composed::<Self>(parts)
     }
 
     /// The gradients of [`FastOps::fast_lora_linear`] that `wanted` asks for, from the output's
@@ -375,8 +408,8 @@ pub fn set_profiler(on: bool) {
 pub use dispatch::{
     accelerator_memory_mb, accelerator_peak_mb, adamw_update_many, cross_entropy_rows,
     fused_attention, fused_attention_supported, linear, linear_cross_entropy, lora_linear,
-    masked_softmax, matmul, matmul_2d, matmul_tn, narrow, reset_accelerator_peak, rms_norm, rope,
-    sum_squares, swiglu,
+    masked_softmax, matmul, matmul_2d, matmul_tn, narrow, nf4_dequantize, reset_accelerator_peak,
+    rms_norm, rope, sum_squares, swiglu, swiglu_linear,
 };
 
 #[cfg(test)]

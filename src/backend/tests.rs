@@ -588,6 +588,78 @@ fn lora_linear_node_matches_burns_gradients_of_the_composed_ops() {
 }
 
 #[test]
+fn swiglu_projection_node_matches_burns_gradients_of_the_composed_ops() {
+    let (n, inter, out, r, scale) = (8, 11, 6, 3, 1.5);
+    let [g, u, w, a, b, dy] = [
+        rand([n, inter], 51),
+        rand([n, inter], 52),
+        rand([out, inter], 53),
+        rand([r, inter], 54),
+        rand([out, r], 55),
+        rand([n, out], 56),
+    ];
+    let leaf = |t: &Tensor<Cpu, 2>, grad: bool| {
+        let t = Tensor::<Ad, 2>::from_inner(t.clone());
+        if grad {
+            t.require_grad()
+        } else {
+            t
+        }
+    };
+    // LoRA (W frozen), full fine-tuning (W trained, no adapter), W alone trained with frozen
+    // inputs (a first layer's MLP under prompt methods never is; the node must still be right).
+    for (adapter, trains_w, trains_inputs) in [
+        (true, false, true),
+        (true, true, true),
+        (false, true, true),
+        (false, false, true),
+        (false, true, false),
+        (true, false, false),
+    ] {
+        let run = |fused: bool| {
+            let (ga, ua) = (leaf(&g, trains_inputs), leaf(&u, trains_inputs));
+            let wa = leaf(&w, trains_w);
+            let (aa, ba) = (leaf(&a, adapter), leaf(&b, adapter));
+            let y = if fused {
+                let lora = adapter.then(|| (aa.clone(), ba.clone()));
+                crate::backend::swiglu_linear(ga.clone(), ua.clone(), wa.clone(), lora, scale)
+            } else {
+                let h = activation::silu(ga.clone()).mul(ua.clone());
+                let base = h.clone().matmul(wa.clone().transpose());
+                if adapter {
+                    let low = h
+                        .matmul(aa.clone().transpose())
+                        .matmul(ba.clone().transpose());
+                    base.add(low.mul_scalar(scale))
+                } else {
+                    base
+                }
+            };
+            let loss = y.clone().mul(Tensor::from_inner(dy.clone())).sum();
+            if !loss.is_require_grad() {
+                return (values(y.inner()), vec![None; 5]);
+            }
+            let grads = loss.backward();
+            let grad = |t: &Tensor<Ad, 2>| t.grad(&grads).map(values);
+            let all = vec![grad(&ga), grad(&ua), grad(&wa), grad(&aa), grad(&ba)];
+            (values(y.inner()), all)
+        };
+        let (got, want) = (run(true), run(false));
+        let case = format!("adapter {adapter}, trains_w {trains_w}, inputs {trains_inputs}");
+        assert_close(got.0, want.0, 1e-5, &format!("y ({case})"));
+        for (what, (g, w)) in ["dgate", "dup", "dW", "dA", "dB"]
+            .iter()
+            .zip(got.1.into_iter().zip(want.1))
+        {
+            assert_eq!(g.is_some(), w.is_some(), "{what} present ({case})");
+            if let (Some(g), Some(w)) = (g, w) {
+                assert_close(g, w, 1e-4, &format!("{what} ({case})"));
+            }
+        }
+    }
+}
+
+#[test]
 fn rope_node_matches_burns_gradient_of_rotate_half_with_unequal_halves() {
     // cos and sin with different halves: the node's gradient must not assume HF's duplicated
     // frequencies.

@@ -115,8 +115,10 @@ impl<B: Backend> Mlp<B> {
         let inter = gate.dims()[2];
         let hidden = match self.activation {
             Activation::Silu => {
-                crate::backend::swiglu(gate.reshape([b * t, inter]), up.reshape([b * t, inter]))
-                    .reshape([b, t, inter])
+                let out = self
+                    .down_proj
+                    .forward_swiglu(gate.reshape([b * t, inter]), up.reshape([b * t, inter]));
+                return out.reshape([b, t, self.down_proj.out_features()]);
             }
             Activation::GeluTanh => gelu_tanh(gate).mul(up),
             Activation::Gelu => burn::tensor::activation::gelu(gate).mul(up),

@@ -211,6 +211,22 @@ impl<B: Backend> LoraLinear<B> {
         y.reshape(out)
     }
 
+    /// This projection of `silu(gate) up` (`gate`, `up [rows, in]` -> `[rows, out]`), the MLP's
+    /// down projection. Where the layer is a plain linear or plain LoRA (no bias, DoRA or
+    /// training-time dropout) the SwiGLU and the projection are one operation that recomputes
+    /// the `[rows, in]` product in the backward pass instead of keeping it.
+    pub fn forward_swiglu(&self, gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+        let dropped = self.dropout.prob > 0.0 && B::ad_enabled(&gate.device());
+        if self.bias.is_some() || self.magnitude.is_some() || dropped {
+            return self.forward(crate::backend::swiglu(gate, up));
+        }
+        let adapter = match (self.effective_a(), &self.lora_b) {
+            (Some(a), Some(b)) => Some((a, b.val())),
+            _ => None,
+        };
+        crate::backend::swiglu_linear(gate, up, self.weight.val(), adapter, self.scaling)
+    }
+
     /// DoRA on top of the bias-free base output `base = x W^T` (peft `DoraLinearLayer.forward`):
     /// `base + (m/n - 1) * xd W^T + (m/n) * scaling * xd A^T B^T` with `n = ||W + scaling B A||`
     /// detached and `xd = dropout(x)`; without dropout `xd W^T` is `base` itself.

@@ -14,16 +14,11 @@
 //! Dequantization (bitsandbytes `dequantize_4bit`): `code[nibble] * absmax[block]` with
 //! `absmax = dynamic_map[q] * scale[q_block] + offset` (`dequantize_blockwise` + offset).
 
-// burn's `slice` takes one range per dimension: a one-element array is a 1-D slice.
-#![allow(clippy::single_range_in_vec_init)]
-
 use burn::module::{Module, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::train::nf4::{
-    dynamic_map, quantize_nf4, Error, Nf4Tensor, ABSMAX_BLOCK, NF4_BLOCK, NF4_CODE,
-};
+use crate::train::nf4::{dynamic_map, quantize_nf4, Error, Nf4Tensor, NF4_BLOCK, NF4_CODE};
 
 /// Nibbles per packed word (32 bits).
 const NIBBLES_PER_WORD: usize = 8;
@@ -67,23 +62,6 @@ fn pack_words(values: impl Iterator<Item = u32>, bits: u32, per_word: usize) -> 
         words.push(word as i32 as i64);
     }
     words
-}
-
-/// Unpacks every `bits`-wide field of `words`, most significant first: `[words * 32 / bits]`.
-fn unpack_words<B: Backend>(words: Tensor<B, 1, Int>, bits: usize) -> Tensor<B, 1, Int> {
-    let per_word = 32 / bits;
-    let mask = ((1i64 << bits) - 1).elem::<B::IntElem>();
-    let fields: Vec<Tensor<B, 1, Int>> = (0..per_word)
-        .map(|j| {
-            let shift = (32 - bits * (j + 1)) as i64;
-            words
-                .clone()
-                .bitwise_right_shift_scalar(shift.elem::<B::IntElem>())
-                .bitwise_and_scalar(mask)
-        })
-        .collect();
-    let n = words.dims()[0];
-    Tensor::stack::<2>(fields, 1).reshape([n * per_word])
 }
 
 impl<B: Backend> Nf4Weight<B> {
@@ -177,46 +155,18 @@ impl<B: Backend> Nf4Weight<B> {
         (self.out_features * self.in_features).div_ceil(NF4_BLOCK)
     }
 
-    /// The per-block absmax values `[blocks]`.
-    fn absmax(&self) -> Tensor<B, 1> {
-        let blocks = self.blocks();
-        let groups = blocks.div_ceil(ABSMAX_BLOCK);
-        let codes = unpack_words(self.absmax_codes.clone(), 8);
-        let padded = codes.dims()[0];
-        // Pad the codes to whole groups of 256 so each group's scale broadcasts over its row.
-        let codes = if padded < groups * ABSMAX_BLOCK {
-            let pad = Tensor::<B, 1, Int>::zeros([groups * ABSMAX_BLOCK - padded], &codes.device());
-            Tensor::cat(vec![codes, pad], 0)
-        } else {
-            codes.slice([0..groups * ABSMAX_BLOCK])
-        };
-        self.dynamic
-            .clone()
-            .select(0, codes)
-            .reshape([groups, ABSMAX_BLOCK])
-            .mul(self.absmax_scales.clone().reshape([groups, 1]))
-            .reshape([groups * ABSMAX_BLOCK])
-            .slice([0..blocks])
-            .add_scalar(self.offset)
-    }
-
-    /// The dense `[out, in]` weight: `code[nibble] * absmax[block]`.
+    /// The dense `[out, in]` weight: `code[nibble] * absmax[block]` (one kernel on CUDA, see
+    /// [`crate::backend::nf4`]).
     pub fn dequantize(&self) -> Tensor<B, 2> {
-        let (blocks, n) = (self.blocks(), self.out_features * self.in_features);
-        let nibbles = unpack_words(self.packed.clone(), 4);
-        let values = self
-            .code
-            .clone()
-            .select(0, nibbles)
-            .reshape([blocks, NF4_BLOCK])
-            .mul(self.absmax().reshape([blocks, 1]))
-            .reshape([blocks * NF4_BLOCK]);
-        let values = if blocks * NF4_BLOCK == n {
-            values
-        } else {
-            values.slice([0..n])
-        };
-        values.reshape([self.out_features, self.in_features])
+        crate::backend::nf4_dequantize(
+            self.packed.clone(),
+            self.absmax_codes.clone(),
+            self.absmax_scales.clone(),
+            self.code.clone(),
+            self.dynamic.clone(),
+            self.offset,
+            [self.out_features, self.in_features],
+        )
     }
 
     /// Bytes the stored tensors take on the device (the code tables, 272 floats, excluded).
@@ -304,7 +254,10 @@ mod tests {
         );
         let device = Default::default();
         let t = Tensor::<TB, 1, Int>::from_data(TensorData::new(words, [2]), &device);
-        let fields = unpack_words(t, 4).into_data().to_vec::<i64>().unwrap();
+        let fields = crate::backend::nf4::unpack_words(t, 4)
+            .into_data()
+            .to_vec::<i64>()
+            .unwrap();
         assert_eq!(
             fields,
             vec![1, 2, 3, 4, 5, 6, 7, 15, 9, 0, 0, 0, 0, 0, 0, 0]

@@ -10,10 +10,7 @@
 //!
 //! Checked against `scripts/nf4_fixture.py`, which runs bitsandbytes' own CPU kernels for dequantization.
 
-/// Values per NF4 block (bitsandbytes' default for `quantize_4bit`).
-pub const NF4_BLOCK: usize = 64;
-/// Absmax values per block of the double quantization (`quantize_blockwise(blocksize=256)`).
-pub const ABSMAX_BLOCK: usize = 256;
+pub use crate::backend::nf4::{ABSMAX_BLOCK, NF4_BLOCK};
 
 /// bitsandbytes' NF4 code (`backends/utils.py` `_NF4_QUANT_TABLE`, QLoRA paper appendix E).
 #[allow(clippy::excessive_precision)]

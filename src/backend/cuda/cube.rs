@@ -23,7 +23,7 @@ use cubecl::cuda::CudaRuntime;
 use crate::backend::adamw;
 use crate::backend::attention::{reference_backward_primitive, reference_forward_primitive};
 use crate::backend::cuda::cublas::{self, Gemm, GemmDtype, Operand};
-use crate::backend::cuda::{cross_entropy, flash, norm, optim, queue, rope};
+use crate::backend::cuda::{cross_entropy, flash, nf4, norm, optim, queue, rope};
 use crate::backend::lora::{LoraGradients, LoraGrads};
 use crate::backend::{Error, FastOps, FusedAttentionSpec};
 
@@ -377,6 +377,39 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT>
             a: da,
             b: db,
         }
+    }
+
+    fn fast_nf4_dequantize(parts: crate::backend::nf4::Nf4Parts<Self>) -> FloatTensor<Self> {
+        let n = parts.shape[0] * parts.shape[1];
+        if nf4::supported(
+            &parts.packed,
+            &parts.absmax_codes,
+            &parts.absmax_scales,
+            &parts.code,
+            &parts.dynamic,
+            n,
+        ) {
+            match nf4::ready(parts.packed.device.index) {
+                // Checked types and lengths: the kernel call cannot refuse them.
+                Ok(()) => {
+                    return nf4::dequantize(
+                        parts.packed,
+                        parts.absmax_codes,
+                        parts.absmax_scales,
+                        parts.code,
+                        parts.dynamic,
+                        parts.offset,
+                        parts.shape,
+                    )
+                    .expect("supported NF4 tensors")
+                }
+                Err(e) => {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    warn_once(&WARNED, "NF4 kernel unavailable, using burn's ops", &e);
+                }
+            }
+        }
+        crate::backend::nf4::composed::<Self>(parts)
     }
 
     fn fast_rms_norm_forward(

@@ -90,6 +90,35 @@ impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for LoraBackwardOp<
     }
 }
 
+/// NF4 dequantization: inputs the packed words and absmax codes (ints), then the scales, code
+/// and dynamic tables; output the dense weight.
+#[derive(Debug)]
+struct Nf4DequantizeOp<B> {
+    desc: CustomOpIr,
+    offset: f64,
+    shape: [usize; 2],
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + FastOps> Operation<B::FusionRuntime> for Nf4DequantizeOp<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([packed, codes, scales, code, dynamic], [out]) = self.desc.as_fixed();
+        let parts = crate::backend::nf4::Nf4Parts::<B> {
+            packed: handles.get_int_tensor::<B>(packed),
+            absmax_codes: handles.get_int_tensor::<B>(codes),
+            absmax_scales: handles.get_float_tensor::<B>(scales),
+            code: handles.get_float_tensor::<B>(code),
+            dynamic: handles.get_float_tensor::<B>(dynamic),
+            offset: self.offset,
+            shape: self.shape,
+        };
+        handles.register_float_tensor::<B>(&out.id, B::fast_nf4_dequantize(parts));
+    }
+}
+
 /// AdamW over many parameters: inputs weights, grad, exp_avg, exp_avg_sq of each (then the
 /// gradient scale, if any); outputs the new weights, exp_avg, exp_avg_sq of each, then the
 /// low-precision copies of those that ask for one.
@@ -404,6 +433,34 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Fusion<Cube<F,
 
     fn reset_accelerator_memory_peak() {
         cubecl::cuda::reset_peak_bytes_in_use();
+    }
+
+    fn fast_nf4_dequantize(parts: crate::backend::nf4::Nf4Parts<Self>) -> FloatTensor<Self> {
+        let client = parts.code.client.clone();
+        let dtype = parts.code.dtype;
+        let inputs = [
+            parts.packed,
+            parts.absmax_codes,
+            parts.absmax_scales,
+            parts.code,
+            parts.dynamic,
+        ];
+        let streams = OperationStreams::with_inputs(inputs.iter());
+        let irs = inputs.map(|t| t.into_ir());
+        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new(parts.shape), dtype);
+        let desc = CustomOpIr::new("runner_nf4_dequantize", &irs, &[out]);
+        client
+            .register(
+                streams,
+                OperationIr::Custom(desc.clone()),
+                Nf4DequantizeOp::<Cube<F, I, BT>> {
+                    desc,
+                    offset: parts.offset,
+                    shape: parts.shape,
+                    _backend: PhantomData,
+                },
+            )
+            .output()
     }
 
     fn fast_lora_linear(

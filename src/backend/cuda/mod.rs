@@ -10,6 +10,7 @@ pub mod cublas;
 pub mod cudnn_attention;
 pub mod flash;
 mod fusion;
+mod nf4;
 mod norm;
 mod nvrtc;
 pub mod optim;
