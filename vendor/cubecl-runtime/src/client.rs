@@ -288,7 +288,14 @@ impl<R: Runtime> ComputeClient<R> {
                         layout.strides.clone(),
                         desc.elem_size,
                     ),
-                    Bytes::from_bytes_vec(data.to_vec()),
+                    // runner patch: pinned bytes (a tensor read back to the host, e.g. an
+                    // offloaded activation) go to the device as they are. The published crate
+                    // copies every upload into a fresh pageable Vec, which costs a host memcpy
+                    // here and makes the driver stage the copy on the server thread.
+                    match data.property() {
+                        AllocationProperty::Pinned => data,
+                        _ => Bytes::from_bytes_vec(data.to_vec()),
+                    },
                 )
             })
             .collect::<Vec<_>>();
