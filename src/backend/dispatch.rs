@@ -517,6 +517,27 @@ pub fn swiglu_linear<B: Backend>(
     }
 }
 
+/// The primitives of an NF4 weight's tensors.
+fn nf4_parts<B: Backend>(
+    packed: Tensor<B, 1, Int>,
+    absmax_codes: Tensor<B, 1, Int>,
+    absmax_scales: Tensor<B, 1>,
+    code: Tensor<B, 1>,
+    dynamic: Tensor<B, 1>,
+    offset: f64,
+    shape: [usize; 2],
+) -> crate::backend::nf4::Nf4Parts<B> {
+    crate::backend::nf4::Nf4Parts {
+        packed: packed.into_primitive(),
+        absmax_codes: absmax_codes.into_primitive(),
+        absmax_scales: absmax_scales.into_primitive().tensor(),
+        code: code.into_primitive().tensor(),
+        dynamic: dynamic.into_primitive().tensor(),
+        offset,
+        shape,
+    }
+}
+
 fn fast_nf4_dequantize<F: FastOps>(
     packed: Tensor<F, 1, Int>,
     absmax_codes: Tensor<F, 1, Int>,
@@ -526,16 +547,16 @@ fn fast_nf4_dequantize<F: FastOps>(
     offset: f64,
     shape: [usize; 2],
 ) -> Tensor<F, 2> {
-    let out = F::fast_nf4_dequantize(crate::backend::nf4::Nf4Parts {
-        packed: packed.into_primitive(),
-        absmax_codes: absmax_codes.into_primitive(),
-        absmax_scales: absmax_scales.into_primitive().tensor(),
-        code: code.into_primitive().tensor(),
-        dynamic: dynamic.into_primitive().tensor(),
+    let parts = nf4_parts(
+        packed,
+        absmax_codes,
+        absmax_scales,
+        code,
+        dynamic,
         offset,
         shape,
-    });
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(F::fast_nf4_dequantize(parts)))
 }
 
 /// The dense `[out, in]` weight of an NF4 base from its device tensors (see
@@ -562,16 +583,18 @@ pub fn nf4_dequantize<B: Backend>(
             shape
         )
     );
-    let out = crate::backend::nf4::composed::<B>(crate::backend::nf4::Nf4Parts {
-        packed: packed.into_primitive(),
-        absmax_codes: absmax_codes.into_primitive(),
-        absmax_scales: absmax_scales.into_primitive().tensor(),
-        code: code.into_primitive().tensor(),
-        dynamic: dynamic.into_primitive().tensor(),
+    let parts = nf4_parts(
+        packed,
+        absmax_codes,
+        absmax_scales,
+        code,
+        dynamic,
         offset,
         shape,
-    });
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(crate::backend::nf4::composed::<B>(
+        parts,
+    )))
 }
 
 fn memory_used<F: FastOps>() -> Option<usize> {
