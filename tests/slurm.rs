@@ -1,6 +1,6 @@
 //! `runner submit` / `status` / `cancel` against a real single-node Slurm cluster started by
 //! scripts/slurm/start-local-cluster.sh. Ignored by default: run them with
-//! `scripts/slurm/start-local-cluster.sh && cargo test --release --test slurm -- --ignored`.
+//! `scripts/slurm/start-local-cluster.sh && cargo test --profile ci --test slurm -- --ignored`.
 //! Without a cluster they print why and pass, unless RUNNER_SLURM_TESTS=1 (CI), which fails them.
 
 use assert_cmd::Command;
