@@ -77,7 +77,9 @@ fn encode_prompts(
 impl Stage for Grpo {
     type Params = GrpoConfig;
     const KIND: &'static str = "grpo";
-    const VERSION: u32 = 1;
+    // 2: metrics.jsonl rows from the shared training loop (eval values in the step's row, per-token
+    // clip_ratio and kl over the logged window, phase times).
+    const VERSION: u32 = 2;
     const OUTPUT: ArtifactKind = ArtifactKind::Trained;
     const SUMMARY: &'static str =
         "GRPO reinforcement learning with reward functions (LoRA or full)";

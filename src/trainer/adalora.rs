@@ -33,7 +33,8 @@ use crate::train::peft_io::{self, DenseTensor, LoraAdapterConfig, LoraModule};
 use crate::trainer::adapters::{projections_mut, save_merged};
 use crate::trainer::data::plan_steps;
 use crate::trainer::objective::Objective;
-use crate::trainer::sft::{train_loop, CausalModel, LoopCtx, SftReport, StepHook};
+use crate::trainer::sft::{train_objective, CausalModel, LoopCtx, SftReport};
+use crate::trainer::train_loop::StepHook;
 use crate::trainer::Error;
 
 /// The allocator's state file in a checkpoint folder.
@@ -497,7 +498,7 @@ impl<AB: AutodiffBackend> StepHook<AB, AdaLoraLm<AB>> for RankAllocator<AB::Inne
     }
 }
 
-/// The optimizer steps `train_loop` will plan for this run.
+/// The optimizer steps `train_objective` will plan for this run.
 fn planned_steps<O: Objective + ?Sized>(ctx: &LoopCtx<'_, O>) -> u64 {
     let cfg = ctx.cfg;
     let lengths: Vec<usize> = (0..ctx.train.len()).map(|i| ctx.train.tokens(i)).collect();
@@ -572,7 +573,7 @@ pub(crate) fn train_and_save<B: AutodiffBackend, O: Objective + ?Sized>(
 ) -> Result<SftReport, Error> {
     let mut alloc = RankAllocator::<B::InnerBackend>::new(&model.lm, adapter);
     let (model, mut report) =
-        train_loop::<B, _, O>(ctx, model, device, &|_, _| Ok(()), &mut alloc)?;
+        train_objective::<B, _, O>(ctx, model, device, &|_, _| Ok(()), &mut alloc)?;
     let model = alloc.masked(model).valid();
     let adapter_dir = ctx.out_dir.join("adapter");
     alloc.write_adapter(&model.lm, &adapter_dir)?;

@@ -349,6 +349,20 @@ impl SftConfig {
     }
 
     /// The optimizer and schedule keys.
+    /// The keys the training loop reads.
+    pub(crate) fn loop_settings(&self) -> crate::trainer::train_loop::LoopSettings {
+        crate::trainer::train_loop::LoopSettings {
+            method: self.method,
+            seed: self.seed,
+            optimizer: self.optimizer_keys(),
+            max_grad_norm: self.max_grad_norm,
+            logging_steps: self.logging_steps,
+            save_steps: self.save_steps,
+            eval_steps: self.eval_steps,
+            resume: self.resume,
+        }
+    }
+
     pub(crate) fn optimizer_keys(&self) -> OptimizerKeys {
         OptimizerKeys {
             learning_rate: self.learning_rate,

@@ -1,8 +1,9 @@
 //! The GRPO loop: sample a group of completions per prompt with the current policy (batched,
 //! KV cache), score them with the configured rewards, turn the rewards into group-normalised
 //! advantages, and take `num_iterations` clipped-surrogate steps on each generated batch, with a
-//! k3 KL penalty to the reference policy. Gradient accumulation, clipping, AdamW, schedules,
-//! `metrics.jsonl`, `completions.jsonl`, checkpoints and resume work as in [`crate::trainer::sft`].
+//! k3 KL penalty to the reference policy. The steps are a [`StepSource`] of the one training
+//! loop ([`crate::trainer::train_loop`]), which gives GRPO accumulation, clipping, AdamW,
+//! schedules, `metrics.jsonl`, checkpoints and resume; GRPO adds `completions.jsonl`.
 //!
 //! Reference: TRL `GRPOTrainer` (`_generate_and_score_completions`, `_compute_loss`, its buffer
 //! of `steps_per_generation` = `gradient_accumulation_steps` micro-batches reused
@@ -16,10 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor, TensorData};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+use indicatif::MultiProgress;
 
 use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
@@ -29,17 +29,14 @@ use crate::train::metrics_log::{MetricsLog, MetricsRow};
 use crate::train::peft_io::write_lora_adapter;
 use crate::train::rewards::RewardSet;
 use crate::trainer::adapters::{add_lora, lora_pairs, quantize_base_nf4, save_merged};
-use crate::trainer::checkpoint::{
-    latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState, FORMAT_VERSION,
-};
 use crate::trainer::config::{Method, SaveDtype};
 use crate::trainer::grpo_config::{GrpoConfig, LossType};
 use crate::trainer::grpo_loss::{completion_logps, grpo_loss, row_batch, LossParams};
 pub use crate::trainer::grpo_rollout::without_adapters;
 use crate::trainer::grpo_rollout::{evaluate_rewards, reward_keys, rollout, Reference, Rollout};
-use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW};
-use crate::trainer::params::{assign_values, trainable_params, trainable_values};
+use crate::trainer::objective::{MicroLoss, Stat};
 use crate::trainer::sft::BaseModel;
+use crate::trainer::train_loop::{train_loop, LoopRun, SaveHook, StepShape, StepSource};
 
 /// Errors of the GRPO stage.
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +174,7 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
             source,
         })
     })?;
-    let ctx = LoopCtx {
+    let ctx = GrpoCtx {
         cfg,
         rewards: &rewards,
         prompts: &kept,
@@ -217,7 +214,7 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
                 Ok(write_lora_adapter(dir, &adapter, &lora_pairs(&m.valid()))?)
             };
             let (model, mut report) =
-                train_loop::<B>(&ctx, model, Reference::AdaptersOff, device, &save_adapter)?;
+                train_policy::<B>(&ctx, model, Reference::AdaptersOff, device, &save_adapter)?;
             let adapter_dir = out_dir.join("adapter");
             save_adapter(&model, &adapter_dir)?;
             let model_dir =
@@ -237,7 +234,7 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
                 Reference::None
             };
             let (model, mut report) =
-                train_loop::<B>(&ctx, model, reference, device, &|_, _| Ok(()))?;
+                train_policy::<B>(&ctx, model, reference, device, &|_, _| Ok(()))?;
             let model_dir = out_dir.join("model");
             save_hf_folder(&model_dir, &config, &model.valid().to_hf_tensors(), dtype)
                 .map_err(GrpoError::train)?;
@@ -289,7 +286,7 @@ fn checked_prompts(
     Ok(kept)
 }
 
-pub(crate) struct LoopCtx<'a> {
+pub(crate) struct GrpoCtx<'a> {
     pub(crate) cfg: &'a GrpoConfig,
     pub(crate) rewards: &'a RewardSet,
     pub(crate) prompts: &'a [GrpoPrompt],
@@ -302,309 +299,263 @@ pub(crate) struct LoopCtx<'a> {
     pub(crate) progress: Option<&'a MultiProgress>,
 }
 
-/// Scores the policy on the eval prompts and appends the means as a metrics row of `step`.
-fn log_eval<B: Backend>(
-    ctx: &LoopCtx<'_>,
-    policy: &CausalLm<B>,
-    step: u64,
-    metrics: &mut MetricsLog,
-    bar: &ProgressBar,
-) -> Result<BTreeMap<String, f64>, GrpoError> {
-    bar.set_message("scoring the eval prompts");
-    let started = Instant::now();
-    let stats = evaluate_rewards(ctx, policy)?;
-    let mut row = MetricsRow::new(step);
-    for (k, v) in &stats {
-        row = row.with(k, *v);
+/// GRPO's steps: every `num_iterations` steps a new batch of completions sampled with the
+/// current policy and scored, then the clipped surrogate loss on it, micro-batch by micro-batch.
+struct GrpoSteps<'a, B: AutodiffBackend> {
+    ctx: &'a GrpoCtx<'a>,
+    reference: Reference<B::InnerBackend>,
+    total: u64,
+    current: Option<Rollout<B::InnerBackend>>,
+    /// Seconds the step begun last spent sampling (0 when it reuses the last batch).
+    rollout_s: f64,
+    /// Completion tokens of the current batch.
+    step_tokens: usize,
+    samples: Option<MetricsLog>,
+    keys: Vec<String>,
+    first_reward: Option<f64>,
+    last_reward: Option<f64>,
+    eval_before: BTreeMap<String, f64>,
+    eval_after: BTreeMap<String, f64>,
+}
+
+impl<'a, B: AutodiffBackend> GrpoSteps<'a, B> {
+    fn new(ctx: &'a GrpoCtx<'a>, reference: Reference<B::InnerBackend>) -> Self {
+        let cfg = ctx.cfg;
+        let mu = cfg.num_iterations as u64;
+        let per_epoch = ctx.prompts.len().div_ceil(cfg.prompts_per_generation()) as u64;
+        Self {
+            ctx,
+            reference,
+            total: cfg.max_steps.unwrap_or(cfg.epochs * per_epoch * mu),
+            current: None,
+            rollout_s: 0.0,
+            step_tokens: 0,
+            samples: None,
+            keys: reward_keys(ctx.rewards.names()),
+            first_reward: None,
+            last_reward: None,
+            eval_before: BTreeMap::new(),
+            eval_after: BTreeMap::new(),
+        }
     }
-    let row = row.with("eval_s", started.elapsed().as_secs_f64());
-    metrics.append(&row).map_err(GrpoError::train)?;
-    Ok(stats)
+
+    fn rollout(&self) -> &Rollout<B::InnerBackend> {
+        self.current
+            .as_ref()
+            .expect("the loop begins a step before it asks for its losses")
+    }
 }
 
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_scalar().elem()
+impl<B: AutodiffBackend> StepSource<B, CausalLm<B>> for GrpoSteps<'_, B> {
+    type Error = GrpoError;
+
+    fn label(&self) -> &'static str {
+        "grpo"
+    }
+
+    fn units(&self) -> (usize, &'static str) {
+        (self.ctx.prompts.len(), "prompts")
+    }
+
+    fn total_steps(&self) -> u64 {
+        self.total
+    }
+
+    fn open(&mut self, out_dir: &Path, start: u64) -> Result<(), GrpoError> {
+        let path = out_dir.join("completions.jsonl");
+        let log = if start > 0 {
+            MetricsLog::resume(&path, start)
+        } else {
+            MetricsLog::create(&path)
+        };
+        self.samples = Some(log.map_err(GrpoError::train)?);
+        Ok(())
+    }
+
+    fn begin_step(
+        &mut self,
+        model: &CausalLm<B>,
+        index: u64,
+        _device: &B::Device,
+    ) -> Result<StepShape, GrpoError> {
+        let generation = index / self.ctx.cfg.num_iterations as u64;
+        self.rollout_s = 0.0;
+        if self.current.as_ref().map(|r| r.generation) != Some(generation) {
+            let started = Instant::now();
+            let fresh = rollout(self.ctx, &model.valid(), &self.reference, generation)?;
+            self.rollout_s = started.elapsed().as_secs_f64();
+            self.step_tokens = fresh.completions.iter().map(Vec::len).sum();
+            self.current = Some(fresh);
+        }
+        let r = self.rollout();
+        Ok(StepShape {
+            micro_batches: r.completions.len().div_ceil(self.ctx.cfg.batch_size),
+            epoch: r.epoch,
+        })
+    }
+
+    fn micro_loss(
+        &mut self,
+        model: &CausalLm<B>,
+        micro_batch: usize,
+        device: &B::Device,
+    ) -> MicroLoss<B> {
+        let (ctx, cfg) = (self.ctx, self.ctx.cfg);
+        let r = self.rollout();
+        let rows = r.completions.len();
+        let from = micro_batch * cfg.batch_size;
+        let chunk = from..(from + cfg.batch_size).min(rows);
+        let p: Vec<&[u32]> = chunk
+            .clone()
+            .map(|i| ctx.prompts[r.prompt_index[i]].ids.as_slice())
+            .collect();
+        let c: Vec<&[u32]> = chunk.clone().map(|i| r.completions[i].as_slice()).collect();
+        let completion_tokens: usize = c.iter().map(|c| c.len()).sum();
+        let batch = row_batch::<B>(&p, &c, ctx.tokens.pad_id, device);
+        let mb_tokens: usize = batch.lengths.iter().sum();
+        let denominator = match cfg.loss_type {
+            LossType::Grpo => rows as f64,
+            LossType::Bnpo => (mb_tokens.max(1) * cfg.gradient_accumulation_steps) as f64,
+            LossType::Dapo => self.step_tokens.max(1) as f64,
+        };
+        let adv: Vec<f32> = chunk.clone().map(|i| r.advantages[i]).collect();
+        let adv = Tensor::<B, 1>::from_data(TensorData::new(adv, [chunk.len()]), device);
+        let logps = completion_logps(model, &batch, f64::from(cfg.temperature));
+        let out = grpo_loss(
+            logps,
+            r.old[micro_batch].clone().map(Tensor::from_inner),
+            r.reference[micro_batch].clone().map(Tensor::from_inner),
+            adv,
+            batch.mask.clone(),
+            &LossParams {
+                epsilon_low: cfg.epsilon,
+                epsilon_high: cfg.epsilon_high(),
+                beta: cfg.beta,
+                loss_type: cfg.loss_type,
+                denominator,
+            },
+        );
+        // Per completion token over the logged window.
+        let count = completion_tokens as f64;
+        let mut stats = vec![Stat {
+            name: "clip_ratio",
+            sum: out.clipped,
+            count,
+        }];
+        if cfg.beta > 0.0 {
+            stats.push(Stat {
+                name: "kl",
+                sum: out.kl_sum,
+                count,
+            });
+        }
+        MicroLoss {
+            loss: out.loss,
+            tokens: mb_tokens,
+            stats,
+        }
+    }
+
+    fn step_values(&mut self) -> Vec<(String, f64)> {
+        let mut values = vec![("rollout_s".to_string(), self.rollout_s)];
+        values.extend(self.rollout().stats.iter().map(|(k, v)| (k.clone(), *v)));
+        values
+    }
+
+    fn evaluates(&self) -> bool {
+        !self.ctx.eval_prompts.is_empty()
+    }
+
+    fn evaluates_on_start(&self) -> bool {
+        true
+    }
+
+    /// `row` with the policy's mean rewards on the eval prompts (`eval_reward`, ...).
+    fn evaluate(
+        &mut self,
+        model: &CausalLm<B>,
+        mut row: MetricsRow,
+        _device: &B::Device,
+    ) -> Result<MetricsRow, GrpoError> {
+        let started = Instant::now();
+        let stats = evaluate_rewards(self.ctx, &model.valid())?;
+        for (k, v) in &stats {
+            row = row.with(k, *v);
+        }
+        if row.step == 0 {
+            self.eval_before = stats;
+        } else {
+            self.eval_after = stats;
+        }
+        Ok(row.with("eval_s", started.elapsed().as_secs_f64()))
+    }
+
+    fn logged(&mut self, row: &MetricsRow) {
+        if let Some(reward) = row.extra.get("reward").and_then(|v| v.as_f64()) {
+            self.first_reward = self.first_reward.or(Some(reward));
+            self.last_reward = Some(reward);
+        }
+    }
+
+    /// Writes the completions the step trained on to completions.jsonl (with num_iterations > 1,
+    /// several steps share them).
+    fn end_step(&mut self, step: u64) -> Result<(), GrpoError> {
+        let every = self.ctx.cfg.log_completions_steps;
+        if every == 0 || (step != 1 && !step.is_multiple_of(every)) {
+            return Ok(());
+        }
+        let ctx = self.ctx;
+        let (Some(r), Some(samples)) = (self.current.as_ref(), self.samples.as_mut()) else {
+            return Ok(());
+        };
+        for i in 0..r.completions.len() {
+            let prompt = &ctx.prompts[r.prompt_index[i]];
+            let mut each = serde_json::Map::new();
+            for (k, s) in self.keys.iter().zip(&r.scores[i]) {
+                let name = k.trim_start_matches("rewards/").to_string();
+                each.insert(name, f64::from(*s).into());
+            }
+            let row = MetricsRow::new(step)
+                .with("prompt", (ctx.decode)(&prompt.ids))
+                .with("completion", r.texts[i].clone())
+                .with("reference", prompt.reference.clone())
+                .with("reward", f64::from(r.totals[i]))
+                .with("rewards", serde_json::Value::Object(each))
+                .with("advantage", f64::from(r.advantages[i]));
+            samples.append(&row).map_err(GrpoError::train)?;
+        }
+        Ok(())
+    }
 }
 
-type SaveHook<'a, M> = dyn Fn(&M, &Path) -> Result<(), crate::trainer::Error> + 'a;
-
-fn train_loop<B: AutodiffBackend>(
-    ctx: &LoopCtx<'_>,
-    mut model: CausalLm<B>,
+/// Trains the policy with the one training loop on GRPO's steps.
+fn train_policy<B: AutodiffBackend>(
+    ctx: &GrpoCtx<'_>,
+    model: CausalLm<B>,
     reference: Reference<B::InnerBackend>,
     device: &B::Device,
     save_extra: &SaveHook<'_, CausalLm<B>>,
 ) -> Result<(CausalLm<B>, GrpoReport), GrpoError> {
-    let cfg = ctx.cfg;
-    crate::backend::reset_accelerator_peak::<B>();
-    let mu = cfg.num_iterations as u64;
-    let per_epoch = ctx.prompts.len().div_ceil(cfg.prompts_per_generation()) as u64;
-    let total = cfg.max_steps.unwrap_or(cfg.epochs * per_epoch * mu);
-    let schedule = cfg
-        .schedule_config()
-        .build(cfg.learning_rate, total)
-        .map_err(GrpoError::train)?;
-    let (trainable, total_params) = trainable_params::<B, CausalLm<B>>(&model);
-    let trainable_count: usize = trainable
-        .iter()
-        .map(|p| p.shape.iter().product::<usize>())
-        .sum();
-    let mut opt = AdamW::<B::InnerBackend>::new(cfg.optimizer_keys().adamw());
-    let metrics_path = ctx.out_dir.join("metrics.jsonl");
-    let completions_path = ctx.out_dir.join("completions.jsonl");
-    let (mut start, mut resumed_from) = (0u64, None);
-    if cfg.resume {
-        if let Some(dir) = latest_checkpoint(ctx.out_dir)? {
-            let ck = load_checkpoint(&dir)?;
-            let bad = |message: String| {
-                GrpoError::train(crate::trainer::Error::Checkpoint {
-                    path: dir.clone(),
-                    message,
-                })
-            };
-            if ck.state.method != cfg.method
-                || ck.state.total_steps != total
-                || ck.state.num_train_examples != ctx.prompts.len()
-            {
-                return Err(bad(format!(
-                    "saved for method {:?}, {} steps, {} prompts; this run has {:?}, {total}, {}",
-                    ck.state.method,
-                    ck.state.total_steps,
-                    ck.state.num_train_examples,
-                    cfg.method,
-                    ctx.prompts.len()
-                )));
-            }
-            let (m, assigned) = assign_values::<B, CausalLm<B>>(model, &ck.trainable, device);
-            model = m;
-            if let Some(missing) = trainable.iter().find(|p| !assigned.contains(&p.path)) {
-                return Err(bad(format!(
-                    "no saved tensor for trainable parameter `{}`",
-                    missing.path
-                )));
-            }
-            opt.load_host(&ck.optimizer, &ck.state.adam_steps, device)
-                .map_err(|name| bad(format!("optimizer tensor `{name}` is missing")))?;
-            start = ck.state.step;
-            resumed_from = Some(start);
-        }
-    }
-    let open = |path: &Path| {
-        if start > 0 {
-            MetricsLog::resume(path, start)
-        } else {
-            MetricsLog::create(path)
-        }
+    let run = LoopRun {
+        settings: ctx.cfg.loop_settings(),
+        out_dir: ctx.out_dir,
+        stop_after: ctx.stop_after,
+        progress: ctx.progress,
     };
-    let mut metrics = open(&metrics_path).map_err(GrpoError::train)?;
-    let mut samples = open(&completions_path).map_err(GrpoError::train)?;
-    let bar = match ctx.progress {
-        Some(mp) => mp.add(ProgressBar::new(total)),
-        None => ProgressBar::hidden(),
-    };
-    if let Ok(style) = ProgressStyle::with_template(
-        "grpo {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-    ) {
-        bar.set_style(style);
-    }
-    bar.set_position(start);
-    let keys = reward_keys(ctx.rewards.names());
-    let ga = cfg.gradient_accumulation_steps;
-    let (eps_low, eps_high) = (cfg.epsilon, cfg.epsilon_high());
-    let temperature = f64::from(cfg.temperature);
-    let mut current: Option<Rollout<B::InnerBackend>> = None;
-    let mut window: BTreeMap<String, (f64, u64)> = BTreeMap::new();
-    let (mut first_reward, mut last_reward) = (None, None);
-    let evaluate = !ctx.eval_prompts.is_empty();
-    let (mut eval_before, mut eval_after) = (BTreeMap::new(), BTreeMap::new());
-    if evaluate && start == 0 {
-        eval_before = log_eval(ctx, &model.valid(), 0, &mut metrics, &bar)?;
-    }
-    for index in start..total {
-        let step_start = Instant::now();
-        let mut rollout_s = 0.0;
-        let generation = index / mu;
-        if current.as_ref().map(|r| r.generation) != Some(generation) {
-            current = Some(rollout(ctx, &model.valid(), &reference, generation)?);
-            rollout_s = step_start.elapsed().as_secs_f64();
-        }
-        let Some(r) = current.as_ref() else { continue };
-        // Dropout masks depend on (seed, step) only, so a resumed run draws the same ones.
-        B::seed(
-            device,
-            cfg.seed
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .wrapping_add(index + 1),
-        );
-        let step_tokens: usize = r.completions.iter().map(Vec::len).sum();
-        let rows: Vec<usize> = (0..r.completions.len()).collect();
-        let mut accumulator = GradientsAccumulator::<CausalLm<B>>::new();
-        let (mut loss_sum, mut kl_sum, mut clipped) = (0.0, 0.0, 0.0);
-        for (m, chunk) in rows.chunks(cfg.batch_size).enumerate() {
-            let p: Vec<&[u32]> = chunk
-                .iter()
-                .map(|&i| ctx.prompts[r.prompt_index[i]].ids.as_slice())
-                .collect();
-            let c: Vec<&[u32]> = chunk.iter().map(|&i| r.completions[i].as_slice()).collect();
-            let batch = row_batch::<B>(&p, &c, ctx.tokens.pad_id, device);
-            let mb_tokens: usize = batch.lengths.iter().sum();
-            let denominator = match cfg.loss_type {
-                LossType::Grpo => rows.len() as f64,
-                LossType::Bnpo => (mb_tokens.max(1) * ga) as f64,
-                LossType::Dapo => step_tokens.max(1) as f64,
-            };
-            let adv: Vec<f32> = chunk.iter().map(|&i| r.advantages[i]).collect();
-            let adv = Tensor::<B, 1>::from_data(TensorData::new(adv, [chunk.len()]), device);
-            let logps = completion_logps(&model, &batch, temperature);
-            let out = grpo_loss(
-                logps,
-                r.old[m].clone().map(Tensor::from_inner),
-                r.reference[m].clone().map(Tensor::from_inner),
-                adv,
-                batch.mask.clone(),
-                &LossParams {
-                    epsilon_low: eps_low,
-                    epsilon_high: eps_high,
-                    beta: cfg.beta,
-                    loss_type: cfg.loss_type,
-                    denominator,
-                },
-            );
-            loss_sum += scalar(out.loss.clone().inner());
-            kl_sum += scalar(out.kl_sum.inner());
-            clipped += scalar(out.clipped.inner());
-            let grads = GradientsParams::from_grads(out.loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-        }
-        let mut grads = accumulator.grads();
-        let norm = global_grad_norm::<B, CausalLm<B>>(&model, &grads, device);
-        let grad_norm = scalar(norm.clone());
-        let scale = cfg
-            .max_grad_norm
-            .filter(|&m| m > 0.0)
-            .map(|m| clip_scale(norm, m));
-        let lr = schedule.lr_at(index);
-        let step = index + 1;
-        // Both are on the host already; a non-finite one would poison the policy.
-        for (what, value) in [("loss", loss_sum), ("gradient norm", grad_norm)] {
-            if !value.is_finite() {
-                bar.abandon();
-                return Err(GrpoError::Train(crate::trainer::Error::NonFinite {
-                    what,
-                    step,
-                    lr,
-                }));
-            }
-        }
-        model = opt.step::<B, CausalLm<B>>(model, &mut grads, lr, scale);
-        crate::backend::memory::check_limit::<B>(device).map_err(GrpoError::train)?;
-        bar.inc(1);
-
-        let mut add = |key: &str, v: f64| {
-            let e = window.entry(key.to_string()).or_insert((0.0, 0));
-            e.0 += v;
-            e.1 += 1;
-        };
-        add("loss", loss_sum);
-        add("grad_norm", grad_norm);
-        // Wall time of the step and of its sampling (the host waits for the loss each step).
-        add("step_s", step_start.elapsed().as_secs_f64());
-        add("rollout_s", rollout_s);
-        add("clip_ratio", clipped / step_tokens.max(1) as f64);
-        if cfg.beta > 0.0 {
-            add("kl", kl_sum / step_tokens.max(1) as f64);
-        }
-        for (k, v) in &r.stats {
-            add(k, *v);
-        }
-        if step % cfg.logging_steps == 0 || step == total {
-            let mean = |k: &str| window.get(k).map(|(s, n)| s / *n as f64);
-            let mut row = MetricsRow::new(step).with("epoch", r.epoch);
-            row.loss = mean("loss");
-            row.lr = Some(lr);
-            row.grad_norm = mean("grad_norm");
-            row.memory_mb = crate::trainer::sft::resident_memory_mb();
-            if let Some(gpu) = crate::backend::accelerator_memory_mb::<B>() {
-                row = row.with("gpu_memory_mb", gpu);
-            }
-            if let Some(peak) = crate::backend::accelerator_peak_mb::<B>() {
-                row = row.with("gpu_peak_mb", peak);
-            }
-            for (k, (s, n)) in &window {
-                if !["loss", "grad_norm"].contains(&k.as_str()) {
-                    row = row.with(k, s / *n as f64);
-                }
-            }
-            let reward = mean("reward");
-            first_reward = first_reward.or(reward);
-            last_reward = reward;
-            bar.set_message(format!("reward {:.3}", reward.unwrap_or(0.0)));
-            metrics.append(&row).map_err(GrpoError::train)?;
-            window.clear();
-        }
-        // The completions the step trained on (with num_iterations > 1, several steps share them).
-        if cfg.log_completions_steps > 0 && (step == 1 || step % cfg.log_completions_steps == 0) {
-            for i in 0..r.completions.len() {
-                let prompt = &ctx.prompts[r.prompt_index[i]];
-                let mut each = serde_json::Map::new();
-                for (k, s) in keys.iter().zip(&r.scores[i]) {
-                    let name = k.trim_start_matches("rewards/").to_string();
-                    each.insert(name, f64::from(*s).into());
-                }
-                let row = MetricsRow::new(step)
-                    .with("prompt", (ctx.decode)(&prompt.ids))
-                    .with("completion", r.texts[i].clone())
-                    .with("reference", prompt.reference.clone())
-                    .with("reward", f64::from(r.totals[i]))
-                    .with("rewards", serde_json::Value::Object(each))
-                    .with("advantage", f64::from(r.advantages[i]));
-                samples.append(&row).map_err(GrpoError::train)?;
-            }
-        }
-        if cfg.save_steps > 0 && step % cfg.save_steps == 0 {
-            let (optimizer, adam_steps) = opt.to_host();
-            let state = TrainerState {
-                format_version: FORMAT_VERSION,
-                method: cfg.method,
-                step,
-                epoch: r.epoch,
-                total_steps: total,
-                seed: cfg.seed,
-                num_train_examples: ctx.prompts.len(),
-                tokens_seen: 0,
-                pending_loss_sum: 0.0,
-                pending_steps: 0,
-                adam_steps,
-            };
-            save_checkpoint(
-                ctx.out_dir,
-                &state,
-                &trainable_values::<B, CausalLm<B>>(&model),
-                &optimizer,
-                |dir| save_extra(&model, dir),
-            )?;
-        }
-        if evaluate && (step == total || (cfg.eval_steps > 0 && step % cfg.eval_steps == 0)) {
-            eval_after = log_eval(ctx, &model.valid(), step, &mut metrics, &bar)?;
-        }
-        if ctx.stop_after == Some(step) {
-            break;
-        }
-    }
-    bar.finish();
-    let done = ctx.stop_after.map_or(total, |s| s.min(total)).max(start);
+    let mut source = GrpoSteps::<B>::new(ctx, reference);
+    let (model, done) = train_loop(&run, &mut source, model, device, save_extra, &mut ())?;
     Ok((
         model,
         GrpoReport {
-            steps: done,
-            resumed_from,
-            first_reward,
-            last_reward,
-            trainable_params: trainable_count,
-            total_params,
-            eval_before,
-            eval_after,
-            metrics_path,
+            steps: done.steps,
+            resumed_from: done.resumed_from,
+            first_reward: source.first_reward,
+            last_reward: source.last_reward,
+            trainable_params: done.trainable_params,
+            total_params: done.total_params,
+            eval_before: source.eval_before,
+            eval_after: source.eval_after,
+            metrics_path: done.metrics_path,
             adapter_dir: None,
             model_dir: None,
         },

@@ -17,7 +17,7 @@ use crate::model::generate::{generate, GenerateOptions, SamplingParams};
 use crate::train::rewards::group_advantages;
 use crate::trainer::adapters::{merged_for_sampling, projections_mut};
 use crate::trainer::data::epoch_order;
-use crate::trainer::grpo::{GrpoError, LoopCtx};
+use crate::trainer::grpo::{GrpoCtx, GrpoError};
 use crate::trainer::grpo_loss::{completion_logps, row_batch};
 
 /// Where the reference log-probabilities come from.
@@ -74,7 +74,7 @@ pub(crate) fn reward_keys(names: &[String]) -> Vec<String> {
 }
 
 pub(crate) fn rollout<B: Backend>(
-    ctx: &LoopCtx<'_>,
+    ctx: &GrpoCtx<'_>,
     policy: &CausalLm<B>,
     reference: &Reference<B>,
     generation: u64,
@@ -176,7 +176,7 @@ pub(crate) fn rollout<B: Backend>(
 /// The policy with its adapters folded in, to sample from (`merge_adapters_for_sampling`). It
 /// draws from the same policy up to rounding; the loss's log-probs (old, reference) and the
 /// training step use the unmerged model.
-fn merged_sampler<B: Backend>(ctx: &LoopCtx<'_>, policy: &CausalLm<B>) -> Option<CausalLm<B>> {
+fn merged_sampler<B: Backend>(ctx: &GrpoCtx<'_>, policy: &CausalLm<B>) -> Option<CausalLm<B>> {
     if ctx.cfg.merge_adapters_for_sampling {
         merged_for_sampling(policy)
     } else {
@@ -205,7 +205,7 @@ impl<'a, B: Backend> Sampler<'a, B> {
 /// Samples one completion per row of `rows` (prompt ids) from `sampler`; row i draws from
 /// `seed + i`.
 fn sample_completions<B: Backend>(
-    ctx: &LoopCtx<'_>,
+    ctx: &GrpoCtx<'_>,
     sampler: &Sampler<'_, B>,
     rows: &[Vec<u32>],
     seed: u64,
@@ -248,7 +248,7 @@ struct Scored {
     totals: Vec<f32>,
 }
 
-fn score(ctx: &LoopCtx<'_>, completions: &[Vec<u32>], references: &[&str]) -> Scored {
+fn score(ctx: &GrpoCtx<'_>, completions: &[Vec<u32>], references: &[&str]) -> Scored {
     let mut out = Scored {
         texts: Vec::with_capacity(completions.len()),
         scores: Vec::with_capacity(completions.len()),
@@ -267,7 +267,7 @@ fn score(ctx: &LoopCtx<'_>, completions: &[Vec<u32>], references: &[&str]) -> Sc
 /// `{prefix}rewards/<name>`, `{prefix}reward` and `{prefix}completion_length`: means over the
 /// completions.
 fn reward_means(
-    ctx: &LoopCtx<'_>,
+    ctx: &GrpoCtx<'_>,
     scores: &[Vec<f32>],
     totals: &[f32],
     completions: &[Vec<u32>],
@@ -295,7 +295,7 @@ const EVAL_CHUNK: usize = 64;
 /// in the policy rather than by sampling luck: one training step's few completions are too
 /// noisy to show a small change, and the eval set is fixed.
 pub(crate) fn evaluate_rewards<B: Backend>(
-    ctx: &LoopCtx<'_>,
+    ctx: &GrpoCtx<'_>,
     policy: &CausalLm<B>,
 ) -> Result<BTreeMap<String, f64>, GrpoError> {
     let group = ctx.cfg.eval_group();

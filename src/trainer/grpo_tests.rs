@@ -553,8 +553,9 @@ fn resumed_run_matches_uninterrupted_run() {
         for row in &mut rows {
             assert!(row.extra.contains_key("step_s"), "no step time in {row:?}");
             row.memory_mb = None;
-            for key in ["step_s", "rollout_s", "sample_s", "gpu_memory_mb"] {
-                row.extra.remove(key);
+            row.tokens_per_s = None;
+            for key in crate::trainer::train_loop::TIMING_KEYS {
+                row.extra.remove(*key);
             }
         }
         rows

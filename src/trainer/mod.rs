@@ -23,6 +23,7 @@ pub mod preference;
 pub mod prefix;
 pub mod prompt;
 pub mod sft;
+pub mod train_loop;
 
 #[cfg(test)]
 mod checkpointing_tests;

@@ -1,42 +1,37 @@
-//! The SFT loop: plan, micro-batches, gradient accumulation, clipping, AdamW, logging,
-//! evaluation, checkpoints and resume, then the method's outputs.
+//! Supervised training: each method's model built from the base (LoRA, QLoRA, DoRA, full,
+//! prefix, prompt learning; AdaLoRA in `adalora.rs`), trained by the one loop
+//! ([`crate::trainer::train_loop`]) on a step plan over an [`Objective`] (SFT examples,
+//! preference pairs), then the method's outputs.
 //!
-//! Reference: transformers `Trainer._inner_training_loop` / `training_step` (loss scaled by
-//! `num_items_in_batch`, logged loss = mean of step losses since the last log, grad_norm as
-//! `clip_grad_norm_` returns it before clipping). Differences: the logged `lr` is the one used
-//! by the logged step (transformers logs the next step's), and `eval_loss` is the token mean
-//! over the whole eval set (transformers averages per-batch means).
+//! Reference: transformers `Trainer` (loss scaled by `num_items_in_batch`). `eval_loss` is the
+//! token mean over the whole eval set (transformers averages per-batch means).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use burn::tensor::{Int, Tensor};
+use indicatif::MultiProgress;
 
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{CausalLm, GradientCheckpointing};
 use crate::model::hf::{load_hf_folder_tensors, save_hf_folder, DType, HostTensor};
-use crate::train::metrics_log::{MetricsLog, MetricsRow};
+use crate::train::metrics_log::MetricsRow;
 use crate::train::peft_io::{write_adapter_with_magnitudes, LoraAdapterConfig};
 use crate::trainer::adapters::{
     add_lora, lora_magnitudes, lora_pairs, quantize_base_nf4, save_merged,
 };
-use crate::trainer::checkpoint::{
-    latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState, FORMAT_VERSION,
-};
 use crate::trainer::config::{Method, SaveDtype, SftConfig};
 use crate::trainer::data::{
-    plan_steps, positions, row_log_probs, summed_cross_entropy, Batch, TokenizedExample,
+    plan_steps, positions, row_log_probs, summed_cross_entropy, Batch, PlannedStep,
+    TokenizedExample,
 };
-use crate::trainer::objective::{evaluate_objective, totals, Objective, Stat, StatWindow};
-use crate::trainer::optim::{clip_scale, global_grad_norm, AdamW};
-use crate::trainer::params::{assign_values, trainable_params, trainable_values};
+use crate::trainer::objective::{evaluate_objective, totals, MicroLoss, Objective, StepTotals};
 use crate::trainer::prefix::{write_prefix_adapter, PrefixLm};
 use crate::trainer::prompt::{prompt_init_ids, write_virtual_adapter, PromptLm};
+use crate::trainer::train_loop::{train_loop, LoopRun, StepShape, StepSource};
+pub(crate) use crate::trainer::train_loop::{SaveHook, StepHook};
 use crate::trainer::Error;
 
 /// Where the base model comes from.
@@ -92,32 +87,6 @@ pub trait CausalModel<B: Backend> {
         None
     }
 }
-
-/// Per-method work around the optimizer step (AdaLoRA's rank allocation); `()` does nothing.
-pub(crate) trait StepHook<B: AutodiffBackend, M> {
-    /// The step's gradients (times `grad_scale` when clipped), before the optimizer takes them.
-    fn before_step(
-        &mut self,
-        _model: &M,
-        _grads: &GradientsParams,
-        _grad_scale: Option<&Tensor<B::InnerBackend, 1>>,
-    ) {
-    }
-    /// After the optimizer step of 0-based `index`.
-    fn after_step(&mut self, model: M, _index: u64) -> M {
-        model
-    }
-    /// Writes the hook's state into a checkpoint folder.
-    fn save(&self, _model: &M, _dir: &Path) -> Result<(), Error> {
-        Ok(())
-    }
-    /// Reads what [`StepHook::save`] wrote.
-    fn load(&mut self, _dir: &Path) -> Result<(), Error> {
-        Ok(())
-    }
-}
-
-impl<B: AutodiffBackend, M> StepHook<B, M> for () {}
 
 /// Rows of logits the chunked loss computes at once: about 64 M logits (256 MB in f32).
 const LOSS_CHUNK_LOGITS: usize = 1 << 26;
@@ -316,7 +285,7 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
                 )?)
             };
             let (model, mut report) =
-                train_loop::<B, _, O>(&ctx, model, device, &save_adapter, &mut ())?;
+                train_objective::<B, _, O>(&ctx, model, device, &save_adapter, &mut ())?;
             let adapter_dir = out_dir.join("adapter");
             save_adapter(&model, &adapter_dir)?;
             report.adapter_dir = Some(adapter_dir);
@@ -329,7 +298,7 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
             let model = training_base::<B>(cfg, &config, &tensors, device)?;
             drop(tensors);
             let (model, mut report) =
-                train_loop::<B, _, O>(&ctx, model, device, &|_, _| Ok(()), &mut ())?;
+                train_objective::<B, _, O>(&ctx, model, device, &|_, _| Ok(()), &mut ())?;
             let model_dir = out_dir.join("model");
             save_hf_folder(&model_dir, &config, &model.valid().to_hf_tensors(), dtype)?;
             report.model_dir = Some(model_dir);
@@ -350,7 +319,8 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
             let save = |m: &PrefixLm<B>, dir: &Path| {
                 write_prefix_adapter(&m.valid(), cfg, base_name.as_deref(), dir)
             };
-            let (model, mut report) = train_loop::<B, _, O>(&ctx, model, device, &save, &mut ())?;
+            let (model, mut report) =
+                train_objective::<B, _, O>(&ctx, model, device, &save, &mut ())?;
             let adapter_dir = out_dir.join("adapter");
             save(&model, &adapter_dir)?;
             report.adapter_dir = Some(adapter_dir);
@@ -367,7 +337,8 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
             let save = |m: &PromptLm<B>, dir: &Path| {
                 write_virtual_adapter(&m.valid(), cfg, base_name.as_deref(), dir)
             };
-            let (model, mut report) = train_loop::<B, _, O>(&ctx, model, device, &save, &mut ())?;
+            let (model, mut report) =
+                train_objective::<B, _, O>(&ctx, model, device, &save, &mut ())?;
             let adapter_dir = out_dir.join("adapter");
             save(&model, &adapter_dir)?;
             report.adapter_dir = Some(adapter_dir);
@@ -386,45 +357,6 @@ pub(crate) struct LoopCtx<'a, O: Objective + ?Sized = [TokenizedExample]> {
     pub pad_id: u32,
     pub stop_after: Option<u64>,
     pub progress: Option<&'a MultiProgress>,
-}
-
-/// Seconds the host spent in each phase of the steps since the last log line. On the CPU that is
-/// the phase's compute; on a GPU the time to queue its kernels, which run behind, so a phase
-/// that takes most of the step there means the step is bound by the host, not the device.
-///
-/// With `RUNNER_SYNC_PHASES=1` in the environment each phase waits for the device before the
-/// clock stops, so the times are the device's (and the step slower): compare the two to see
-/// which side bounds a step.
-#[derive(Default)]
-struct PhaseClock {
-    forward_s: f64,
-    backward_s: f64,
-    update_s: f64,
-    steps: u64,
-}
-
-impl PhaseClock {
-    fn sync<B: Backend>(&self, device: &B::Device) {
-        static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *SYNC.get_or_init(|| std::env::var("RUNNER_SYNC_PHASES").is_ok_and(|v| v == "1")) {
-            // A failed sync surfaces at the next read of a device value; the clock only measures.
-            let _ = B::sync(device);
-        }
-    }
-
-    /// Adds the per-step means to `row` (`window_s`: the window's wall time, so `other_s` is
-    /// what no phase accounts for: waiting on the device, logging, checkpoints) and restarts.
-    fn take_into(&mut self, row: MetricsRow, window_s: f64) -> MetricsRow {
-        let steps = self.steps.max(1) as f64;
-        let issued = self.forward_s + self.backward_s + self.update_s;
-        let row = row
-            .with("forward_s", self.forward_s / steps)
-            .with("backward_s", self.backward_s / steps)
-            .with("update_s", self.update_s / steps)
-            .with("other_s", (window_s - issued).max(0.0) / steps);
-        *self = Self::default();
-        row
-    }
 }
 
 /// Token-mean cross-entropy over `examples` (one host read at the end).
@@ -449,44 +381,125 @@ pub(crate) fn resident_memory_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-pub(crate) type SaveHook<'a, M> = dyn Fn(&M, &Path) -> Result<(), Error> + 'a;
+/// SFT's and the preference objectives' steps: a plan over the training set fixed before the
+/// first step (shuffled per epoch, cut into micro-batches by size and token budget), evaluated
+/// on the eval set's loss.
+struct PlannedSteps<'a, O: Objective + ?Sized> {
+    ctx: &'a LoopCtx<'a, O>,
+    plan: Vec<PlannedStep>,
+    current: usize,
+    totals: StepTotals,
+    last_eval: Option<f64>,
+}
 
-/// `row` with the evaluation set's loss and statistics (as `eval_*`), `last_eval` set to the loss.
-fn eval_row<B, M, O>(
-    model: &M,
-    ctx: &LoopCtx<'_, O>,
-    mut row: MetricsRow,
-    device: &B::Device,
-    last_eval: &mut Option<f64>,
-) -> MetricsRow
+impl<'a, O: Objective + ?Sized> PlannedSteps<'a, O> {
+    fn new(ctx: &'a LoopCtx<'a, O>) -> Self {
+        let cfg = ctx.cfg;
+        let lengths: Vec<usize> = (0..ctx.train.len()).map(|i| ctx.train.tokens(i)).collect();
+        let plan = plan_steps(
+            &lengths,
+            cfg.seed,
+            cfg.batch_size,
+            cfg.max_tokens_per_batch,
+            cfg.gradient_accumulation_steps,
+            cfg.epochs,
+            cfg.max_steps,
+        );
+        Self {
+            ctx,
+            plan,
+            current: 0,
+            totals: StepTotals::default(),
+            last_eval: None,
+        }
+    }
+}
+
+impl<B, M, O> StepSource<B, M> for PlannedSteps<'_, O>
 where
     B: AutodiffBackend,
-    M: AutodiffModule<B>,
+    M: AutodiffModule<B> + CausalModel<B>,
     M::InnerModule: CausalModel<B::InnerBackend>,
     O: Objective + ?Sized,
 {
-    let cfg = ctx.cfg;
-    let evaluated = evaluate_objective(
-        &model.valid(),
-        ctx.eval,
-        cfg.batch_size,
-        cfg.max_tokens_per_batch,
-        ctx.pad_id,
-        device,
-    );
-    if let Some((loss, stats)) = evaluated {
-        *last_eval = Some(loss);
-        row.eval_loss = Some(loss);
-        for (name, value) in stats {
-            row = row.with(&format!("eval_{name}"), value);
-        }
+    type Error = Error;
+
+    fn label(&self) -> &'static str {
+        "sft"
     }
-    row
+
+    fn units(&self) -> (usize, &'static str) {
+        (self.ctx.train.len(), "examples")
+    }
+
+    fn total_steps(&self) -> u64 {
+        self.plan.len() as u64
+    }
+
+    fn begin_step(
+        &mut self,
+        _model: &M,
+        index: u64,
+        _device: &B::Device,
+    ) -> Result<StepShape, Error> {
+        self.current = index as usize;
+        let planned = &self.plan[self.current];
+        self.totals = totals(
+            self.ctx.train,
+            planned.micro_batches.iter().flatten().copied(),
+        );
+        Ok(StepShape {
+            micro_batches: planned.micro_batches.len(),
+            epoch: planned.epoch,
+        })
+    }
+
+    fn micro_loss(&mut self, model: &M, micro_batch: usize, device: &B::Device) -> MicroLoss<B> {
+        let units = &self.plan[self.current].micro_batches[micro_batch];
+        self.ctx
+            .train
+            .micro_loss(model, units, self.totals, self.ctx.pad_id, device)
+    }
+
+    fn evaluates(&self) -> bool {
+        !self.ctx.eval.is_empty()
+    }
+
+    fn evaluates_on_start(&self) -> bool {
+        self.ctx.cfg.eval_on_start
+    }
+
+    /// `row` with the evaluation set's loss and statistics (as `eval_*`).
+    fn evaluate(
+        &mut self,
+        model: &M,
+        mut row: MetricsRow,
+        device: &B::Device,
+    ) -> Result<MetricsRow, Error> {
+        let cfg = self.ctx.cfg;
+        let evaluated = evaluate_objective(
+            &model.valid(),
+            self.ctx.eval,
+            cfg.batch_size,
+            cfg.max_tokens_per_batch,
+            self.ctx.pad_id,
+            device,
+        );
+        if let Some((loss, stats)) = evaluated {
+            self.last_eval = Some(loss);
+            row.eval_loss = Some(loss);
+            for (name, value) in stats {
+                row = row.with(&format!("eval_{name}"), value);
+            }
+        }
+        Ok(row)
+    }
 }
 
-pub(crate) fn train_loop<B, M, O>(
+/// Trains `model` on `ctx`'s objective with the one training loop.
+pub(crate) fn train_objective<B, M, O>(
     ctx: &LoopCtx<'_, O>,
-    mut model: M,
+    model: M,
     device: &B::Device,
     save_extra: &SaveHook<'_, M>,
     hook: &mut dyn StepHook<B, M>,
@@ -497,287 +510,25 @@ where
     M::InnerModule: CausalModel<B::InnerBackend>,
     O: Objective + ?Sized,
 {
-    let cfg = ctx.cfg;
-    // `gpu_peak_mb` in the metrics counts from here (the model's weights included).
-    crate::backend::reset_accelerator_peak::<B>();
-    let lengths: Vec<usize> = (0..ctx.train.len()).map(|i| ctx.train.tokens(i)).collect();
-    let plan = plan_steps(
-        &lengths,
-        cfg.seed,
-        cfg.batch_size,
-        cfg.max_tokens_per_batch,
-        cfg.gradient_accumulation_steps,
-        cfg.epochs,
-        cfg.max_steps,
-    );
-    let total = plan.len() as u64;
-    let schedule = cfg.schedule_config().build(cfg.learning_rate, total)?;
-    let (trainable, total_params) = trainable_params::<B, M>(&model);
-    let trainable_count: usize = trainable
-        .iter()
-        .map(|p| p.shape.iter().product::<usize>())
-        .sum();
-    let mut opt = AdamW::<B::InnerBackend>::new(cfg.optimizer_keys().adamw());
-    let metrics_path = ctx.out_dir.join("metrics.jsonl");
-    let (mut start, mut pending_sum, mut pending_steps, mut tokens_seen) = (0u64, 0f64, 0u64, 0u64);
-    let mut resumed_from = None;
-    if cfg.resume {
-        if let Some(dir) = latest_checkpoint(ctx.out_dir)? {
-            let ck = load_checkpoint(&dir)?;
-            let bad = |message: String| Error::Checkpoint {
-                path: dir.clone(),
-                message,
-            };
-            if ck.state.method != cfg.method
-                || ck.state.total_steps != total
-                || ck.state.num_train_examples != ctx.train.len()
-            {
-                return Err(bad(format!(
-                    "saved for method {:?}, {} steps, {} examples; this run has {:?}, {total}, {}",
-                    ck.state.method,
-                    ck.state.total_steps,
-                    ck.state.num_train_examples,
-                    cfg.method,
-                    ctx.train.len()
-                )));
-            }
-            let (m, assigned) = assign_values::<B, M>(model, &ck.trainable, device);
-            model = m;
-            if let Some(missing) = trainable.iter().find(|p| !assigned.contains(&p.path)) {
-                return Err(bad(format!(
-                    "no saved tensor for trainable parameter `{}`",
-                    missing.path
-                )));
-            }
-            opt.load_host(&ck.optimizer, &ck.state.adam_steps, device)
-                .map_err(|name| bad(format!("optimizer tensor `{name}` is missing")))?;
-            hook.load(&dir)?;
-            start = ck.state.step;
-            pending_sum = ck.state.pending_loss_sum;
-            pending_steps = ck.state.pending_steps;
-            tokens_seen = ck.state.tokens_seen;
-            resumed_from = Some(start);
-            // Said on the console, not only in the log: a resumed run must not look fresh.
-            let note = format!("resuming sft from checkpoint-{start}");
-            match ctx.progress {
-                Some(mp) if !mp.is_hidden() => {
-                    let _ = mp.println(format!("  {note}"));
-                }
-                Some(_) => eprintln!("  {note}"),
-                None => tracing::info!("{note}"),
-            }
-        }
-    }
-    let mut metrics = if start > 0 {
-        MetricsLog::resume(&metrics_path, start)?
-    } else {
-        MetricsLog::create(&metrics_path)?
+    let run = LoopRun {
+        settings: ctx.cfg.loop_settings(),
+        out_dir: ctx.out_dir,
+        stop_after: ctx.stop_after,
+        progress: ctx.progress,
     };
-    let bar = match ctx.progress {
-        Some(mp) => mp.add(ProgressBar::new(total)),
-        None => ProgressBar::hidden(),
-    };
-    if let Ok(style) = ProgressStyle::with_template(
-        "sft {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-    ) {
-        bar.set_style(style);
-    }
-    bar.set_position(start);
-
-    let mut loss_acc: Option<Tensor<B::InnerBackend, 1>> = None;
-    let mut last_loss = None;
-    let mut last_eval = None;
-    if start == 0 && cfg.eval_on_start && !ctx.eval.is_empty() {
-        let r = eval_row(&model, ctx, MetricsRow::new(0), device, &mut last_eval);
-        metrics.append(&r)?;
-    }
-    let mut window_tokens = 0u64;
-    let mut window_start = Instant::now();
-    let mut phases = PhaseClock::default();
-    let mut stat_window = StatWindow::<B::InnerBackend>::default();
-    for index in start..total {
-        let planned = &plan[index as usize];
-        // Dropout masks depend on (seed, step) only, so a resumed run draws the same ones.
-        B::seed(
-            device,
-            cfg.seed
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .wrapping_add(index + 1),
-        );
-        let step_totals = totals(ctx.train, planned.micro_batches.iter().flatten().copied());
-        let profiled = crate::backend::profiled_step() == Some(index + 1);
-        if profiled {
-            let _ = B::sync(device);
-            crate::backend::set_profiler(true);
-        }
-        let mut accumulator = GradientsAccumulator::<M>::new();
-        let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
-        for mb in &planned.micro_batches {
-            let forward_start = Instant::now();
-            let micro = ctx
-                .train
-                .micro_loss(&model, mb, step_totals, ctx.pad_id, device);
-            window_tokens += micro.tokens as u64;
-            stat_window.add(
-                micro
-                    .stats
-                    .into_iter()
-                    .map(|s| Stat {
-                        name: s.name,
-                        sum: s.sum.inner(),
-                        count: s.count,
-                    })
-                    .collect(),
-            );
-            let mut loss = micro.loss;
-            if let Some(reg) = model.regularizer() {
-                // Once per optimizer step in total, spread over its micro-batches.
-                loss = loss.add(reg.div_scalar(planned.micro_batches.len() as f64));
-            }
-            let detached = loss.clone().inner();
-            step_loss = Some(match step_loss {
-                Some(acc) => acc.add(detached),
-                None => detached,
-            });
-            phases.sync::<B>(device);
-            let backward_start = Instant::now();
-            phases.forward_s += (backward_start - forward_start).as_secs_f64();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-            phases.sync::<B>(device);
-            phases.backward_s += backward_start.elapsed().as_secs_f64();
-        }
-        let update_start = Instant::now();
-        let mut grads = accumulator.grads();
-        let norm = global_grad_norm::<B, M>(&model, &grads, device);
-        let scale = cfg
-            .max_grad_norm
-            .filter(|&m| m > 0.0)
-            .map(|m| clip_scale(norm.clone(), m));
-        let lr = schedule.lr_at(index);
-        hook.before_step(&model, &grads, scale.as_ref());
-        model = opt.step::<B, M>(model, &mut grads, lr, scale);
-        model = hook.after_step(model, index);
-        crate::backend::memory::check_limit::<B>(device)?;
-        phases.sync::<B>(device);
-        phases.update_s += update_start.elapsed().as_secs_f64();
-        if profiled {
-            let _ = B::sync(device);
-            crate::backend::set_profiler(false);
-        }
-        phases.steps += 1;
-        let step = index + 1;
-        if let Some(l) = step_loss {
-            loss_acc = Some(match loss_acc {
-                Some(acc) => acc.add(l),
-                None => l,
-            });
-        }
-        pending_steps += 1;
-        bar.inc(1);
-
-        let mut row = None;
-        let logging = step % cfg.logging_steps == 0 || step == total;
-        let saving = cfg.save_steps > 0 && step % cfg.save_steps == 0;
-        // Read back only where the host needs the numbers anyway (a log row, a checkpoint):
-        // a diverged step poisons every later loss, so the window's sum still shows it, and
-        // nothing non-finite reaches a checkpoint.
-        let mut norm_value = None;
-        if logging || saving {
-            let window: f64 = loss_acc.take().map_or(0.0, |t| t.into_scalar().elem());
-            pending_sum += window;
-            let grad_norm: f64 = norm.clone().into_scalar().elem();
-            for (what, value) in [("loss", pending_sum), ("gradient norm", grad_norm)] {
-                if !value.is_finite() {
-                    bar.abandon();
-                    return Err(Error::NonFinite { what, step, lr });
-                }
-            }
-            norm_value = Some(grad_norm);
-        }
-        if logging {
-            let loss = pending_sum / pending_steps as f64;
-            let secs = window_start.elapsed().as_secs_f64();
-            let tokens_per_s = (secs > 0.0).then(|| window_tokens as f64 / secs);
-            tokens_seen += window_tokens;
-            let mut r = MetricsRow::new(step).with("epoch", planned.epoch);
-            r.loss = Some(loss);
-            r.lr = Some(lr);
-            r.grad_norm = norm_value;
-            r.tokens_per_s = tokens_per_s;
-            r = phases.take_into(r, secs);
-            for (name, value) in stat_window.take() {
-                r = r.with(name, value);
-            }
-            r.memory_mb = resident_memory_mb();
-            if let Some(gpu) = crate::backend::accelerator_memory_mb::<B>() {
-                r = r.with("gpu_memory_mb", gpu);
-            }
-            if let Some(peak) = crate::backend::accelerator_peak_mb::<B>() {
-                r = r.with("gpu_peak_mb", peak);
-            }
-            bar.set_message(format!(
-                "loss {loss:.4} {:.0} tok/s",
-                tokens_per_s.unwrap_or(0.0)
-            ));
-            last_loss = Some(loss);
-            (pending_sum, pending_steps, window_tokens) = (0.0, 0, 0);
-            window_start = Instant::now();
-            row = Some(r);
-        }
-        if !ctx.eval.is_empty()
-            && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || step == total)
-        {
-            let r = row.take().unwrap_or_else(|| MetricsRow::new(step));
-            let r = eval_row(&model, ctx, r, device, &mut last_eval);
-            row = Some(r);
-        }
-        if let Some(r) = row {
-            metrics.append(&r)?;
-        }
-        if saving {
-            let (optimizer, adam_steps) = opt.to_host();
-            let state = TrainerState {
-                format_version: FORMAT_VERSION,
-                method: cfg.method,
-                step,
-                epoch: planned.epoch,
-                total_steps: total,
-                seed: cfg.seed,
-                num_train_examples: ctx.train.len(),
-                tokens_seen: tokens_seen + window_tokens,
-                pending_loss_sum: pending_sum,
-                pending_steps,
-                adam_steps,
-            };
-            save_checkpoint(
-                ctx.out_dir,
-                &state,
-                &trainable_values::<B, M>(&model),
-                &optimizer,
-                |dir| {
-                    save_extra(&model, dir)?;
-                    hook.save(&model, dir)
-                },
-            )?;
-        }
-        if ctx.stop_after == Some(step) {
-            break;
-        }
-    }
-    bar.finish();
-    let done = ctx.stop_after.map_or(total, |s| s.min(total)).max(start);
+    let mut source = PlannedSteps::new(ctx);
+    let (model, done) = train_loop::<B, M, _>(&run, &mut source, model, device, save_extra, hook)?;
     Ok((
         model,
         SftReport {
-            steps: done,
-            resumed_from,
-            last_loss,
-            eval_loss: last_eval,
-            trainable_params: trainable_count,
-            total_params,
-            tokens_seen: tokens_seen + window_tokens,
-            metrics_path,
+            steps: done.steps,
+            resumed_from: done.resumed_from,
+            last_loss: done.last_loss,
+            eval_loss: source.last_eval,
+            trainable_params: done.trainable_params,
+            total_params: done.total_params,
+            tokens_seen: done.tokens_seen,
+            metrics_path: done.metrics_path,
             adapter_dir: None,
             model_dir: None,
         },
