@@ -1,4 +1,4 @@
-# torch reference for trainer::optim's test `three_clipped_steps_match_torch_adamw` (torch 2.11, CPU).
+# torch reference for train::optim's test `three_clipped_steps_match_torch_adamw` (torch 2.11, CPU).
 import torch
 w=torch.nn.Parameter(torch.cos(torch.arange(6.)).reshape(2,3));b=torch.nn.Parameter(torch.cos(torch.arange(3.)+1))
 o=torch.optim.AdamW([{"params":[w],"weight_decay":0.1},{"params":[b],"weight_decay":0.0}],lr=0.1,betas=(0.9,0.95),eps=1e-6)

@@ -13,11 +13,13 @@ pub mod gguf;
 pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod peft;
 pub mod pipeline;
 pub mod recipe;
 pub mod report;
 pub mod stages;
 pub mod text;
 pub mod train;
-pub mod trainer;
-pub mod util;
+
+#[cfg(test)]
+mod testing;

@@ -13,12 +13,12 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 use serde_json::Value;
 
-use runner::trainer::data::{Batch, TokenizedExample, IGNORE_INDEX};
-use runner::trainer::objective::{totals, MicroLoss, Objective, Stat};
-use runner::trainer::preference::{
+use runner::train::data::{Batch, TokenizedExample, IGNORE_INDEX};
+use runner::train::objective::{totals, MicroLoss, Objective, Stat};
+use runner::train::preference::{
     KtoSet, PairSet, PreferenceConfig, PreferenceKind, PreferenceSet, PREFERENCE_KEYS,
 };
-use runner::trainer::sft::CausalModel;
+use runner::train::sft::CausalModel;
 
 type F64 = Autodiff<NdArray<f64>>;
 

@@ -3,7 +3,7 @@
 //! multi-tensor scheme); burn's operations elsewhere. A LoRA step at Qwen2.5-0.5B updates 336
 //! small tensors: one launch or more each left the GPU waiting between them.
 //!
-//! The arithmetic is torch's `_single_tensor_adamw` in f32 (see `crate::trainer::optim`):
+//! The arithmetic is torch's `_single_tensor_adamw` in f32 (see `crate::train::optim`):
 //! `g = grad * scale`, `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
 //! `w = w (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
 

@@ -649,35 +649,53 @@ fn check_rms_norm(lines: &mut Vec<String>, ok: &mut bool) {
 }
 
 /// The NF4 dequantization kernel against burn's ops on the same GPU, in the backend's float
-/// type: a shape whose last block is short and whose blocks span two absmax groups.
+/// type: a shape whose last block is short and whose blocks span two absmax groups. The packed
+/// words, codes and tables are arbitrary bits and values: every nibble and absmax code indexes
+/// its table, so both paths see the whole input range.
 fn check_nf4<BK: Backend>(lines: &mut Vec<String>, ok: &mut bool) {
-    use crate::model::nf4_linear::Nf4Weight;
+    use crate::backend::nf4::{Nf4Parts, ABSMAX_BLOCK, NF4_BLOCK};
     let (out, inp) = (300usize, 70usize);
-    let weight = Tensor::<BK, 2>::random(
-        [out, inp],
-        Distribution::Normal(0.0, 0.02),
-        &Default::default(),
-    );
-    let nf4 = match Nf4Weight::quantize(weight) {
-        Ok(q) => q,
-        Err(e) => {
-            *ok = false;
-            lines.push(format!("FAIL nf4 quantize: {e}"));
-            return;
-        }
+    let blocks = (out * inp).div_ceil(NF4_BLOCK);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut word = || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 32) as u32 as i32
     };
-    let got = nf4.dequantize();
+    let device = Default::default();
+    let mut ints = |n: usize| {
+        let words: Vec<i32> = (0..n).map(|_| word()).collect();
+        Tensor::<BK, 1, Int>::from_data(TensorData::new(words, [n]), &device)
+    };
+    let packed = ints(blocks * NF4_BLOCK / 8);
+    let absmax_codes = ints(blocks.div_ceil(4));
+    let floats = |n: usize, scale: f64| {
+        Tensor::<BK, 1>::random([n], Distribution::Normal(0.0, scale), &device)
+    };
+    let scales = floats(blocks.div_ceil(ABSMAX_BLOCK), 0.1);
+    let (code, dynamic) = (floats(16, 1.0), floats(256, 1.0));
+    let offset = 0.0125;
     let want = Tensor::<BK, 2>::from_primitive(TensorPrimitive::Float(
-        crate::backend::nf4::composed::<BK>(crate::backend::nf4::Nf4Parts {
-            packed: nf4.packed.clone().into_primitive(),
-            absmax_codes: nf4.absmax_codes.clone().into_primitive(),
-            absmax_scales: nf4.absmax_scales.clone().into_primitive().tensor(),
-            code: nf4.code.clone().into_primitive().tensor(),
-            dynamic: nf4.dynamic.clone().into_primitive().tensor(),
-            offset: nf4.offset,
+        crate::backend::nf4::composed::<BK>(Nf4Parts {
+            packed: packed.clone().into_primitive(),
+            absmax_codes: absmax_codes.clone().into_primitive(),
+            absmax_scales: scales.clone().into_primitive().tensor(),
+            code: code.clone().into_primitive().tensor(),
+            dynamic: dynamic.clone().into_primitive().tensor(),
+            offset,
             shape: [out, inp],
         }),
     ));
+    let got = crate::backend::dispatch::nf4_dequantize(
+        packed,
+        absmax_codes,
+        scales,
+        code,
+        dynamic,
+        offset,
+        [out, inp],
+    );
     let dtype = got.dtype();
     let err = rel_err(&host(got), &host(want));
     // Both round each product to the element type; bf16 may differ by a last bit where burn's

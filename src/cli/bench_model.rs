@@ -144,8 +144,8 @@ pub struct SftBench {
 /// The trainer settings of one method in the benchmark: LoRA r=16, alpha=16 on the seven
 /// projections (AdaLoRA from rank 16 to 8), 20 virtual tokens for the prompt-learning methods;
 /// scripts/bench_peft_methods.py configures peft the same way.
-fn bench_method(name: &str, cfg: &mut runner::trainer::SftConfig) -> anyhow::Result<()> {
-    use runner::trainer::config::Method;
+fn bench_method(name: &str, cfg: &mut runner::train::SftConfig) -> anyhow::Result<()> {
+    use runner::train::config::Method;
     cfg.method = match name {
         "lora" => Method::Lora,
         "dora" => {
@@ -175,11 +175,11 @@ fn bench_method(name: &str, cfg: &mut runner::trainer::SftConfig) -> anyhow::Res
 /// with the first `prompt` tokens of the chosen one; labels on the responses only. Keeps the
 /// first half of `rows` as chosen, so a step of `batch` pairs reads `2 * batch` rows.
 fn preference_pairs(
-    rows: Vec<runner::trainer::TokenizedExample>,
+    rows: Vec<runner::train::TokenizedExample>,
     prompt: usize,
 ) -> (
-    Vec<runner::trainer::TokenizedExample>,
-    Vec<runner::trainer::TokenizedExample>,
+    Vec<runner::train::TokenizedExample>,
+    Vec<runner::train::TokenizedExample>,
 ) {
     let n = rows.len() / 2;
     let mut chosen: Vec<_> = rows;
@@ -190,7 +190,7 @@ fn preference_pairs(
         r.input_ids[..p].copy_from_slice(&c.input_ids[..p]);
         for row in [c, r] {
             row.labels = row.input_ids.iter().map(|&t| i64::from(t)).collect();
-            row.labels[..p].fill(runner::trainer::data::IGNORE_INDEX);
+            row.labels[..p].fill(runner::train::data::IGNORE_INDEX);
         }
     }
     (chosen, rejected)
@@ -204,9 +204,9 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     device: &AB::Device,
     out_dir: &Path,
 ) -> anyhow::Result<Value> {
-    use runner::train::peft_io::TargetModules;
-    use runner::trainer::config::SaveDtype;
-    use runner::trainer::{SftConfig, TokenizedExample};
+    use runner::peft::files::TargetModules;
+    use runner::train::config::SaveDtype;
+    use runner::train::{SftConfig, TokenizedExample};
     let config = qwen_shape(&bench.shape).ok_or_else(|| {
         anyhow::anyhow!(
             "unknown shape {:?}; expected 0.5b, 1.5b, 7b or tiny",
@@ -256,16 +256,14 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     let t1 = Instant::now();
     #[cfg(feature = "profile")]
     let profile = runner::backend::host_profile::HostProfile::from_env();
-    let base = runner::trainer::BaseModel::Loaded {
+    let base = runner::train::BaseModel::Loaded {
         config: &config,
         tensors: &tensors,
     };
     let report = match bench.objective.as_str() {
-        "sft" => {
-            runner::trainer::train_sft::<AB>(&cfg, base, &examples, &[], out_dir, device, None)?
-        }
+        "sft" => runner::train::train_sft::<AB>(&cfg, base, &examples, &[], out_dir, device, None)?,
         "dpo" => {
-            use runner::trainer::preference::{
+            use runner::train::preference::{
                 train_preference, PreferenceConfig, PreferenceData, PreferenceKind,
             };
             let (chosen, rejected) = preference_pairs(examples, bench.seq / 4);
@@ -501,7 +499,7 @@ mod tests {
     fn bench_pairs_share_their_prompt_and_score_only_responses() {
         let rows: Vec<_> = token_rows(4, 12, 50, 3)
             .into_iter()
-            .map(runner::trainer::TokenizedExample::all_tokens)
+            .map(runner::train::TokenizedExample::all_tokens)
             .collect();
         let (chosen, rejected) = preference_pairs(rows.clone(), 3);
         assert_eq!((chosen.len(), rejected.len()), (2, 2));

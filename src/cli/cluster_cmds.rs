@@ -89,7 +89,10 @@ pub fn submit(args: SubmitArgs) -> Result<(), Failure> {
     let mut order: Vec<String> = Vec::new();
     let mut first_plan: Option<Plan> = None;
     for (p, overrides) in points.iter().enumerate() {
-        let plan = Plan::build(RawRecipe::load(&args.recipe, overrides)?)?;
+        let plan = Plan::build(
+            RawRecipe::load(&args.recipe, overrides)?,
+            runner::stages::registry(),
+        )?;
         for s in &plan.stages {
             let entry = unique.entry(s.fingerprint.clone()).or_insert_with(|| {
                 order.push(s.fingerprint.clone());
@@ -234,7 +237,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), Failure> {
         },
         runner_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: git_revision(&plan.recipe.dir),
-        host: runner::util::host_name(),
+        host: runner::pipeline::host::host_name(),
         device: plan.device.clone(),
         store: store_root.to_string_lossy().to_string(),
         executor: "slurm".into(),

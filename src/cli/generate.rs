@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use serde_json::{json, Value};
 
+use runner::infer::source::{load_model_source, ModelSource};
 use runner::model::decoder::CausalLm;
 use runner::model::device::{run_on_device, BackendTask, DeviceChoice};
 use runner::model::generate::{
@@ -21,7 +22,6 @@ use runner::model::generate::{
 use runner::model::prompt::{
     prompt_adapter_kind, read_prompt_adapter, PromptAdapter, PromptAdapterFile,
 };
-use runner::model::source::{load_model_source, ModelSource};
 
 /// Arguments of `runner generate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -246,8 +246,8 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<PromptItem>> {
 
 /// An adapter that changes the model's weights: LoRA (with DoRA) or AdaLoRA.
 enum WeightAdapter {
-    Lora(runner::train::peft_io::LoraAdapter),
-    AdaLora(runner::train::adalora::AdaLoraAdapter),
+    Lora(runner::peft::files::LoraAdapter),
+    AdaLora(runner::peft::adalora_files::AdaLoraAdapter),
 }
 
 /// Reads a LoRA/DoRA or AdaLoRA adapter folder, by its config's `peft_type`.
@@ -259,9 +259,9 @@ fn read_weight_adapter(dir: &Path) -> anyhow::Result<WeightAdapter> {
         .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
     Ok(match config.get("peft_type").and_then(|v| v.as_str()) {
         Some("ADALORA") => {
-            WeightAdapter::AdaLora(runner::train::adalora::read_adalora_adapter(dir)?)
+            WeightAdapter::AdaLora(runner::peft::adalora_files::read_adalora_adapter(dir)?)
         }
-        _ => WeightAdapter::Lora(runner::train::peft_io::read_lora_adapter(dir)?),
+        _ => WeightAdapter::Lora(runner::peft::files::read_lora_adapter(dir)?),
     })
 }
 
@@ -284,10 +284,10 @@ fn build_model<B: Backend>(
     };
     match lora_adapter {
         Some(WeightAdapter::Lora(lora)) => {
-            model = runner::trainer::adapters::apply_adapter(model, lora, device)?;
+            model = runner::peft::lora::apply_adapter(model, lora, device)?;
         }
         Some(WeightAdapter::AdaLora(adalora)) => {
-            model = runner::trainer::adalora::apply_adalora_adapter(model, adalora, device)?;
+            model = runner::train::adalora::apply_adalora_adapter(model, adalora, device)?;
         }
         None => {}
     }

@@ -41,7 +41,7 @@ pub struct RecipeArgs {
 impl RecipeArgs {
     fn plan(&self) -> Result<Plan, Failure> {
         let raw = RawRecipe::load(&self.recipe, &self.set)?;
-        Ok(Plan::build(raw)?)
+        Ok(Plan::build(raw, runner::stages::registry())?)
     }
 }
 
@@ -451,7 +451,7 @@ pub fn rerun(args: RerunArgs) -> Result<(), Failure> {
     )?;
     let mut raw = raw;
     raw.overrides = old.overrides.clone();
-    let plan = Plan::build(raw)?;
+    let plan = Plan::build(raw, runner::stages::registry())?;
     for s in &plan.stages {
         if let Some(prev) = old.stages.iter().find(|p| p.name == s.name) {
             if prev.fingerprint != s.fingerprint {

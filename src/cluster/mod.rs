@@ -15,10 +15,6 @@ mod status;
 mod submit;
 
 #[cfg(test)]
-mod fake_slurm_tests;
-#[cfg(test)]
-mod slurm_tests;
-#[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;

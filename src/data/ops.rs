@@ -21,7 +21,7 @@ pub fn rename_columns(
 }
 
 fn missing_column(table: &Table, name: &str, key: &str) -> DataError {
-    let hint = crate::recipe::nearest(name, table.columns.iter().map(String::as_str))
+    let hint = crate::text::suggest::nearest(name, table.columns.iter().map(String::as_str))
         .map(|n| format!("; did you mean `{n}`?"))
         .unwrap_or_default();
     DataError::Invalid(format!(

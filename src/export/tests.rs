@@ -295,7 +295,7 @@ fn smollm2_tokenizer_json_matches_llama_cpp_tokenization() {
         return;
     };
     if !python_has("tokenizers") {
-        crate::util::test_skip("python tokenizers not installed (pip install tokenizers)");
+        crate::testing::test_skip("python tokenizers not installed (pip install tokenizers)");
         return;
     }
     let f = GgufFile::open(&path).unwrap();
@@ -365,7 +365,7 @@ fn script(name: &str) -> String {
 #[test]
 fn gguf_py_reads_our_files_and_agrees_on_values() {
     if !python_has("gguf") {
-        crate::util::test_skip("python gguf not installed (pip install gguf)");
+        crate::testing::test_skip("python gguf not installed (pip install gguf)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -440,7 +440,7 @@ fn llama_cpp_runs_reexported_smollm2_like_the_original() {
         return;
     };
     if !python_has("llama_cpp") {
-        crate::util::test_skip("llama_cpp (llama-cpp-python) not installed");
+        crate::testing::test_skip("llama_cpp (llama-cpp-python) not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -555,7 +555,7 @@ fn quantized_exports_equal_llama_quantize_output() {
         return;
     };
     if !python_has("llama_cpp") {
-        crate::util::test_skip("llama_cpp (llama-cpp-python) not installed");
+        crate::testing::test_skip("llama_cpp (llama-cpp-python) not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -637,7 +637,7 @@ fn qwen3_exports_to_gguf_reads_back_and_llama_cpp_agrees() {
         crate::model::generate::generate(&model, std::slice::from_ref(&ids), &opts, None).unwrap();
     assert_eq!(got[0].token_ids, want, "runner on its own GGUF");
     if !python_has("llama_cpp") {
-        crate::util::test_skip("llama_cpp (llama-cpp-python) not installed");
+        crate::testing::test_skip("llama_cpp (llama-cpp-python) not installed");
         return;
     }
     let list: Vec<String> = ids.iter().map(u32::to_string).collect();

@@ -33,7 +33,7 @@ pub(crate) fn smollm2_gguf() -> Option<PathBuf> {
     ];
     let found = candidates.into_iter().flatten().find(|p| p.exists());
     if found.is_none() {
-        crate::util::test_skip("SmolLM2 GGUF not found (set RUNNER_SMOLLM2_GGUF)");
+        crate::testing::test_skip("SmolLM2 GGUF not found (set RUNNER_SMOLLM2_GGUF)");
     }
     found
 }

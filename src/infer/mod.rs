@@ -7,6 +7,7 @@ pub mod bench;
 pub mod engine;
 pub mod model;
 pub mod quant;
+pub mod source;
 
 #[cfg(test)]
 mod tests;

@@ -113,7 +113,7 @@ pub fn resolves_to_cpu(choice: DeviceChoice) -> bool {
 }
 
 /// Runs `task` with bf16 as the backend's float type (mixed-precision training: weights and
-/// activations in bf16, the optimizer's f32 masters in [`crate::trainer::optim::AdamW`]).
+/// activations in bf16, the optimizer's f32 masters in [`crate::train::optim::AdamW`]).
 /// Only CUDA has it; the caller checks [`resolves_to_cpu`] first.
 pub fn run_on_device_bf16<T: BackendTask>(
     choice: DeviceChoice,

@@ -15,8 +15,8 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 
+use crate::model::nf4::Error as Nf4Error;
 use crate::model::nf4_linear::{BaseWeight, Nf4Weight};
-use crate::train::nf4::Error as Nf4Error;
 
 /// `y = x W^T + b + scaling * dropout(x) A^T B^T`; with DoRA see [`LoraLinear::forward`].
 #[derive(Module, Debug)]
@@ -258,10 +258,9 @@ impl<B: Backend> LoraLinear<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
     use burn::tensor::TensorData;
 
-    type TB = NdArray<f32>;
+    use crate::testing::TB;
 
     fn t2(data: Vec<f32>, shape: [usize; 2]) -> Tensor<TB, 2> {
         Tensor::from_data(TensorData::new(data, shape), &Default::default())
@@ -317,7 +316,7 @@ mod tests {
         let w = Tensor::<TB, 2>::random([96, 80], Distribution::Normal(0.0, 0.1), &device);
         let b = Tensor::<TB, 1>::random([96], Distribution::Normal(0.0, 0.1), &device);
         let host = w.clone().into_data().to_vec::<f32>().unwrap();
-        let deq = crate::train::nf4::quantize_nf4(&host, &[96, 80])
+        let deq = crate::model::nf4::quantize_nf4(&host, &[96, 80])
             .unwrap()
             .dequantize()
             .unwrap();

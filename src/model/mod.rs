@@ -9,12 +9,10 @@ pub mod hf;
 pub mod hub;
 pub mod init;
 pub mod lora;
+pub mod nf4;
 pub mod nf4_linear;
 pub mod prompt;
 pub mod rope;
-pub mod source;
 
-#[cfg(test)]
-mod family_tests;
 #[cfg(test)]
 mod tests;

@@ -2,7 +2,7 @@
 //! on the fly in the forward with tensor ops (generic over `Backend`).
 //!
 //! Storage follows bitsandbytes' `Linear4bit` / `Params4bit` (`quant_type="nf4"`, `blocksize=64`,
-//! `compress_statistics=True`; see [`crate::train::nf4`] for the host-side quantizer): 4-bit codes
+//! `compress_statistics=True`; see [`crate::model::nf4`] for the host-side quantizer): 4-bit codes
 //! in blocks of 64 values, and double-quantized block absmax values (one 8-bit code per block, one
 //! f32 scale per 256 blocks, one f32 offset). burn has no `u8` tensors that every backend stores
 //! natively, so the codes are packed into `Int` tensors 32 bits at a time: 8 nibbles per word for the
@@ -18,7 +18,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::train::nf4::{dynamic_map, quantize_nf4, Error, Nf4Tensor, NF4_BLOCK, NF4_CODE};
+use crate::model::nf4::{dynamic_map, quantize_nf4, Error, Nf4Tensor, NF4_BLOCK, NF4_CODE};
 
 /// Nibbles per packed word (32 bits).
 const NIBBLES_PER_WORD: usize = 8;
@@ -240,10 +240,9 @@ impl<B: AutodiffBackend> BaseWeight<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::NdArray;
     use burn::tensor::Distribution;
 
-    type TB = NdArray<f32>;
+    use crate::testing::TB;
 
     #[test]
     fn pack_words_puts_the_first_field_high() {

@@ -24,7 +24,7 @@ pub struct LockOwner {
 impl LockOwner {
     pub fn current() -> Self {
         Self {
-            host: crate::util::host_name(),
+            host: crate::pipeline::host::host_name(),
             pid: std::process::id(),
             started_at: chrono::Utc::now().to_rfc3339(),
         }
@@ -181,7 +181,7 @@ mod tests {
         assert!(!is_held(&p));
         // The file a process killed with -9 left behind: nobody holds its kernel lock.
         let dead = LockOwner {
-            host: crate::util::host_name(),
+            host: crate::pipeline::host::host_name(),
             pid: u32::MAX - 1,
             started_at: String::new(),
         };

@@ -5,11 +5,14 @@
 //! recipe.toml -> RawRecipe -> Plan (DAG, fingerprints) -> [cached | to run] -> store -> run record
 //! ```
 
+pub mod context;
 pub mod fingerprint;
+pub mod host;
 pub mod lock;
 pub mod plan;
 pub mod record;
 pub mod run;
+pub mod stage;
 pub mod store;
 
 pub use plan::{Plan, PlannedStage};

@@ -1,8 +1,8 @@
 //! Validation of a recipe into a DAG of stages with their fingerprints, before anything runs.
 
 use super::fingerprint::fingerprint;
+use super::stage::{DynStage, InputSlot};
 use crate::recipe::{nearest, Location, RawRecipe, RecipeError, RECIPE_KEYS, TOP_LEVEL_KEYS};
-use crate::stages::{registry, DynStage, InputSlot};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::json;
 use std::collections::HashMap;
@@ -91,9 +91,10 @@ impl Plan {
         out
     }
 
-    /// Builds and validates the plan. Every problem names the file, line and column.
-    pub fn build(recipe: RawRecipe) -> Result<Plan, RecipeError> {
-        let kinds: Vec<Arc<dyn DynStage>> = registry().into_iter().map(Arc::from).collect();
+    /// Builds and validates the plan of `recipe` over the stage kinds of `registry`
+    /// (`crate::stages::registry()`). Every problem names the file, line and column.
+    pub fn build(recipe: RawRecipe, registry: Vec<Box<dyn DynStage>>) -> Result<Plan, RecipeError> {
+        let kinds: Vec<Arc<dyn DynStage>> = registry.into_iter().map(Arc::from).collect();
         let table = &recipe.table;
         for key in table.keys() {
             if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
@@ -382,7 +383,7 @@ impl Plan {
                 .map_err(|e| stage_error(format!("stage `{name}`: {e}")))?;
             let mut external = Vec::new();
             for path in files {
-                let blake3 = crate::util::hash_file(&path)
+                let blake3 = crate::pipeline::host::hash_file(&path)
                     .map_err(|e| stage_error(format!("cannot read {}: {e}", path.display())))?;
                 external.push(ExternalFile { path, blake3 });
             }
@@ -530,7 +531,7 @@ fn param_error(
     recipe: &RawRecipe,
     base: &str,
     stage: &dyn DynStage,
-    error: crate::stages::ParamError,
+    error: super::stage::ParamError,
 ) -> RecipeError {
     let message = error.message;
     // serde: "unknown field `x`, expected one of `a`, `b`" / "expected `a` or `b`"
@@ -583,7 +584,11 @@ mod tests {
             "[stages.raw_1-x]\nkind = \"ingest\"\npath = \"d.csv\"\n",
         )
         .unwrap();
-        let plan = Plan::build(crate::recipe::RawRecipe::load(&recipe, &[]).unwrap()).unwrap();
+        let plan = Plan::build(
+            crate::recipe::RawRecipe::load(&recipe, &[]).unwrap(),
+            crate::stages::registry(),
+        )
+        .unwrap();
         let doc = &plan.stage("raw_1-x").unwrap().fingerprint_doc;
         assert_eq!(doc["runner"], env!("CARGO_PKG_VERSION"));
         for name in ["raw", "RAW_2", "a-b"] {

@@ -65,7 +65,7 @@ pub struct RunRecord {
 pub fn shown_status(status: &str, executor: &str, host: &str, pid: Option<u32>) -> String {
     let gone = status == "running"
         && executor == "local"
-        && host == crate::util::host_name()
+        && host == crate::pipeline::host::host_name()
         && pid.is_some_and(|pid| !process_alive(pid));
     if gone {
         "interrupted".into()
@@ -100,7 +100,7 @@ pub fn new_run_id() -> String {
     let salt = blake3::hash(
         format!(
             "{}|{}|{:?}|{n}",
-            crate::util::host_name(),
+            crate::pipeline::host::host_name(),
             std::process::id(),
             now
         )

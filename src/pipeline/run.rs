@@ -2,11 +2,11 @@
 //! parallel, at most one accelerator-heavy stage at a time. A failed stage stops only its
 //! dependants; everything that finished stays committed.
 
+use super::context::{StageContext, StageInput};
 use super::plan::Plan;
 use super::record::{git_revision, new_run_id, RunRecord, StageRecord, StageState};
 use super::store::{Manifest, Store};
 use super::PipelineError;
-use crate::stages::{StageContext, StageInput};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -136,7 +136,7 @@ pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecor
         status: "running".into(),
         runner_version: env!("CARGO_PKG_VERSION").into(),
         git_revision: git_revision(&plan.recipe.dir),
-        host: crate::util::host_name(),
+        host: crate::pipeline::host::host_name(),
         device: opts.device.clone(),
         store: store
             .root

@@ -163,7 +163,7 @@ impl Store {
             }
             for file in &manifest.files {
                 let path = entry.path().join(&file.path);
-                match crate::util::hash_file(&path) {
+                match crate::pipeline::host::hash_file(&path) {
                     Ok(h) if h == file.blake3 => {}
                     Ok(_) => problems.push(format!("{name}/{}: content changed", file.path)),
                     Err(e) => problems.push(format!("{name}/{}: {e}", file.path)),
@@ -257,7 +257,8 @@ fn list_files(root: &Path) -> Result<Vec<FileEntry>, PipelineError> {
             let size = std::fs::metadata(&p)
                 .map_err(|e| PipelineError::io(&p, e))?
                 .len();
-            let blake3 = crate::util::hash_file(&p).map_err(|e| PipelineError::io(&p, e))?;
+            let blake3 =
+                crate::pipeline::host::hash_file(&p).map_err(|e| PipelineError::io(&p, e))?;
             let rel = p
                 .strip_prefix(root)
                 .unwrap_or(&p)

@@ -5,10 +5,9 @@
 //! validates it against the stage registry into a plan; stages never see raw TOML.
 
 mod location;
-pub(crate) mod suggest;
 
+pub use crate::text::suggest::nearest;
 pub use location::{Location, SpanMap};
-pub use suggest::nearest;
 
 use std::path::{Path, PathBuf};
 

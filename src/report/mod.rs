@@ -92,6 +92,4 @@ pub fn write_report(
 }
 
 #[cfg(test)]
-mod browser_tests;
-#[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 //!
 //! Output: `predictions.jsonl` (prompt, prediction, reference), `metrics.json` and `metrics.md`.
 
-use super::tokenize::{encode_generation_prompt, read_records};
+use super::artifact::{encode_generation_prompt, model_folder, read_records, DatasetManifest};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::metrics::{self, PredictionRow};
 use crate::model::config::ModelConfig;
@@ -83,23 +83,6 @@ fn default_answer_start() -> String {
 }
 fn default_auto() -> String {
     "auto".into()
-}
-
-/// The HF folder to generate with: a base model, or what a training stage produced.
-pub fn model_folder(kind: ArtifactKind, dir: &Path) -> Result<PathBuf, StageError> {
-    if kind == ArtifactKind::Model {
-        return Ok(dir.to_path_buf());
-    }
-    for sub in ["merged", "model"] {
-        if dir.join(sub).join("config.json").is_file() {
-            return Ok(dir.join(sub));
-        }
-    }
-    Err(StageError::msg(format!(
-        "{}: the trained artifact has no merged model (prompt-learning adapters cannot be merged; \
-         export them with format = \"peft\")",
-        dir.display()
-    )))
 }
 
 /// The base model and prompt-learning adapter (prompt tuning, P-Tuning, prefix) of a trained
@@ -236,7 +219,7 @@ impl Stage for Evaluate {
         let config =
             ModelConfig::from_file(model_dir.join("config.json")).map_err(StageError::wrap)?;
         let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(StageError::wrap)?;
-        let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
+        let manifest = DatasetManifest::read(&input.dir)?;
         let split = input.output.clone().unwrap_or_else(|| "test".into());
         let mut records = read_records(&input.dir, &split)?;
         if let Some(limit) = params.limit {
@@ -245,7 +228,7 @@ impl Stage for Evaluate {
         let chat = match params.chat.as_str() {
             "true" => true,
             "false" => false,
-            _ => manifest["template"].as_str() == Some("chat"),
+            _ => manifest.is_chat(),
         };
         let template = if chat {
             Some(tokenizer.chat_template(None).map_err(StageError::wrap)?)
@@ -361,7 +344,7 @@ impl Stage for Evaluate {
             }
         }
         scores.insert("count".into(), rows.len().into());
-        crate::util::write_json(&ctx.out("metrics.json"), &scores)?;
+        crate::stages::artifact::write_json(&ctx.out("metrics.json"), &scores)?;
         let mut table = String::from("| metric | value |\n| --- | --- |\n");
         for (k, v) in &scores {
             table.push_str(&format!("| {k} | {v} |\n"));

@@ -1,7 +1,7 @@
 //! `export`: the model (a base, or a fine-tuned model with its LoRA merged) as GGUF, merged
 //! safetensors, or a PEFT adapter, with an Ollama Modelfile beside each GGUF.
 
-use super::evaluate::model_folder;
+use super::artifact::model_folder;
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::gguf::mix::ExportType;
 use serde::{Deserialize, Serialize};

@@ -5,6 +5,7 @@
 //! for preference data also `rejected` (the rejected response) and `label` (KTO's desirable
 //! flag), plus `dataset.json` naming the format and its columns.
 
+use super::artifact::{DatasetManifest, SplitFile};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::data::Table;
 use crate::text::format::{
@@ -22,6 +23,18 @@ pub enum Template {
     Chatglm,
     Chat,
     Custom,
+}
+
+impl Template {
+    /// The name as recipes write it (and `dataset.json` records it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Template::Alpaca => "alpaca",
+            Template::Chatglm => "chatglm",
+            Template::Chat => "chat",
+            Template::Custom => "custom",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,9 +178,9 @@ impl Stage for Format {
     fn run(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
         let format = params.prompt_format().map_err(StageError::msg)?;
         let input = ctx.input("input")?;
-        let splits = input.splits()?;
+        let splits = super::artifact::input_splits(input)?;
         let columns = params.output_columns();
-        let mut counts = serde_json::Map::new();
+        let mut counts = BTreeMap::new();
         for split in &splits {
             let table = Table::read_parquet(&input.dir.join(format!("{split}.parquet")))
                 .map_err(StageError::wrap)?;
@@ -230,17 +243,19 @@ impl Stage for Format {
                 .map_err(StageError::wrap)?;
             counts.insert(
                 split.clone(),
-                serde_json::json!({ "file": format!("{split}.parquet"), "rows": out.len() }),
+                SplitFile {
+                    file: format!("{split}.parquet"),
+                    rows: out.len(),
+                },
             );
         }
-        crate::util::write_json(
-            &ctx.out("dataset.json"),
-            &serde_json::json!({
-                "columns": columns,
-                "splits": counts,
-                "template": params.template,
-            }),
-        )
+        DatasetManifest {
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            splits: counts,
+            template: Some(params.template.name().into()),
+            ..Default::default()
+        }
+        .write(&ctx.out_dir)
     }
 }
 
@@ -270,7 +285,7 @@ fn fill_rejected_from_other_rows(table: &mut Table, seed: u64) -> Result<(), Str
     if distinct.len() < 2 {
         return Err("rejected_from = \"other_rows\" needs at least two different responses".into());
     }
-    let order = crate::trainer::data::epoch_order(n, seed, 0);
+    let order = crate::train::data::epoch_order(n, seed, 0);
     let mut position = vec![0; n];
     for (at, &i) in order.iter().enumerate() {
         position[i] = at;

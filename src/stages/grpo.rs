@@ -1,6 +1,6 @@
 //! `grpo`: Group Relative Policy Optimization (LoRA, QLoRA or full) of a base model on prompt
 //! records, rewarded by configured reward functions. The loop lives in
-//! [`crate::trainer::grpo`]; this stage turns records into prompts and wires artifacts to it.
+//! [`crate::train::grpo`]; this stage turns records into prompts and wires artifacts to it.
 //!
 //! Prompts: each record's system prompt and user text rendered with the model's chat template
 //! (generation prompt added), or the plain text when the tokenizer has no template, then
@@ -13,13 +13,13 @@
 //! charts (rewards.svg, kl.svg, ...), `checkpoint-N/` and `grpo.json` (with each reward's mean
 //! over the first and last steps, also logged).
 
-use super::tokenize::{encode_generation_prompt, read_records};
+use super::artifact::{encode_generation_prompt, read_records};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::model::device::BackendTask;
 use crate::text::TextTokenizer;
-use crate::trainer::grpo::{train_grpo, GrpoError, GrpoPrompt, GrpoReport, GrpoTokens};
-use crate::trainer::grpo_config::GrpoConfig;
-use crate::trainer::sft::BaseModel;
+use crate::train::grpo::{train_grpo, GrpoError, GrpoPrompt, GrpoReport, GrpoTokens};
+use crate::train::grpo_config::GrpoConfig;
+use crate::train::sft::BaseModel;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use std::collections::BTreeMap;
@@ -117,7 +117,7 @@ impl Stage for Grpo {
         let data = ctx.input("input")?;
         let model = ctx.input("model")?;
         // A trained stage's merged or full model continues from where it ended (SFT, then GRPO).
-        let model_dir = super::evaluate::model_folder(model.kind, &model.dir)?;
+        let model_dir = super::artifact::model_folder(model.kind, &model.dir)?;
         let records = read_records(&data.dir, data.output.as_deref().unwrap_or("train"))?;
         if records.is_empty() {
             return Err(StageError::msg("the prompt input has no training records"));
@@ -148,8 +148,8 @@ impl Stage for Grpo {
             pad_id: tokenizer.pad_id().or(eos_ids.first().copied()).unwrap_or(0),
             eos_ids,
         };
-        let device = super::sft::stage_device(ctx)?;
-        let (work, interrupted) = super::sft::training_work_dir(ctx)?;
+        let device = super::training::stage_device(ctx)?;
+        let (work, interrupted) = super::training::training_work_dir(ctx)?;
         let mut cfg = params.clone();
         cfg.resume = cfg.resume || interrupted;
         let task = TrainTask {
@@ -162,7 +162,8 @@ impl Stage for Grpo {
             out: &work,
             progress: &ctx.progress,
         };
-        let (report, bf16) = super::sft::train_with_precision(device, cfg.precision, "grpo", task)?;
+        let (report, bf16) =
+            super::training::train_with_precision(device, cfg.precision, "grpo", task)?;
         for (key, before) in &report.eval_before {
             if let Some(after) = report.eval_after.get(key) {
                 tracing::info!("grpo eval {key}: {before:.4} before training, {after:.4} after");
@@ -179,8 +180,8 @@ impl Stage for Grpo {
                 }
             }
         }
-        super::sft::finish_training_artifact(ctx, &work, &model_dir)?;
-        crate::util::write_json(
+        super::training::finish_training_artifact(ctx, &work, &model_dir)?;
+        crate::stages::artifact::write_json(
             &ctx.out("grpo.json"),
             &serde_json::json!({
                 "method": cfg.method,

@@ -3,6 +3,7 @@
 //! Output: `train.parquet` (and `test.parquet` with a split) plus `dataset.json` with the schema,
 //! row counts and what happened to each source file.
 
+use super::artifact::{DatasetManifest, SplitFile};
 use super::{ArtifactKind, Stage, StageContext, StageError};
 use crate::data::ops::{self, Filter, SplitSpec};
 use crate::data::readers::{self, BadRows, FileFormat};
@@ -233,7 +234,7 @@ impl Stage for Ingest {
             table.rows.truncate(limit);
         }
 
-        let mut splits = serde_json::Map::new();
+        let mut splits = BTreeMap::new();
         let columns = table.columns.clone();
         let parts = match &params.split {
             Some(spec) => {
@@ -248,19 +249,23 @@ impl Stage for Ingest {
                 .map_err(StageError::wrap)?;
             splits.insert(
                 name.to_string(),
-                serde_json::json!({ "file": file, "rows": part.len() }),
+                SplitFile {
+                    file,
+                    rows: part.len(),
+                },
             );
         }
-        let manifest = serde_json::json!({
-            "columns": columns,
-            "splits": splits,
-            "rows_read": rows_read,
-            "dropped_missing": dropped_missing,
-            "filtered": filtered,
-            "duplicates": duplicates,
-            "sources": sources,
-        });
-        crate::util::write_json(&ctx.out("dataset.json"), &manifest)?;
+        let manifest = DatasetManifest {
+            columns,
+            dropped_missing: Some(dropped_missing),
+            duplicates: Some(duplicates),
+            filtered: Some(filtered),
+            rows_read: Some(rows_read),
+            sources: Some(sources),
+            splits,
+            template: None,
+        };
+        manifest.write(&ctx.out_dir)?;
         tracing::info!(rows_read, dropped_missing, duplicates, "ingested");
         Ok(())
     }

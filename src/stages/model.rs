@@ -203,12 +203,9 @@ fn init_tiny(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
     let input = ctx.input("input").map_err(|_| {
         StageError::msg("`source = \"init:tiny\"` needs `input = \"STAGE\"`: a dataset to train its tokenizer on")
     })?;
-    let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
+    let manifest = crate::stages::artifact::DatasetManifest::read(&input.dir)?;
     let split = input.output.clone().unwrap_or_else(|| "train".into());
-    let file = manifest["splits"][&split]["file"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("{split}.parquet"));
+    let file = manifest.split_file(&split);
     let table = Table::read_parquet(&input.dir.join(file)).map_err(StageError::wrap)?;
     let columns: Vec<usize> = params
         .text_columns

@@ -1,7 +1,7 @@
 //! `dpo`, `orpo`, `simpo` and `kto`: preference training of a base (or SFT-trained) model on
 //! tokenized preference data — chosen/rejected pairs from `tokenize` (a `format` stage with
 //! `fields.rejected` or `rejected_from`), or for `kto` also unpaired completions with labels.
-//! The losses live in [`crate::trainer::preference`], the loop is the one `sft` trains with.
+//! The losses live in [`crate::train::preference`], the loop is the one `sft` trains with.
 //!
 //! Parameters: every `sft` key (method, optimizer, schedule, adapters; `learning_rate` defaults
 //! to TRL's 1e-6) plus the kind's own: `dpo` — `beta`, `loss_type` (sigmoid, ipo, hinge, robust),
@@ -10,19 +10,19 @@
 //! Output: as `sft` (`adapter/`, `merged/` or `model/`, `metrics.jsonl` with `rewards/*` and
 //! `logps/*`, charts, `checkpoint-N/`) and `<kind>.json`.
 
-use super::sft::{
+use super::artifact::{read_tokens, TokenRow};
+use super::training::{
     finish_training_artifact, stage_device, train_with_precision, training_work_dir,
     TRAINING_INPUTS, TRAINING_OPERATIONAL_KEYS,
 };
-use super::tokenize::{read_tokens, TokenRow};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::model::device::BackendTask;
+use crate::train::data::TokenizedExample;
 use crate::train::metrics_log::read_metrics;
-use crate::trainer::data::TokenizedExample;
-use crate::trainer::preference::{
+use crate::train::preference::{
     train_preference, PreferenceConfig, PreferenceData, PreferenceKind,
 };
-use crate::trainer::sft::{BaseModel, SftReport};
+use crate::train::sft::{BaseModel, SftReport};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use std::marker::PhantomData;
@@ -128,7 +128,7 @@ struct TrainTask<'a> {
 }
 
 impl BackendTask for TrainTask<'_> {
-    type Output = Result<SftReport, crate::trainer::Error>;
+    type Output = Result<SftReport, crate::train::Error>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         train_preference::<Autodiff<B>>(
             self.cfg,
@@ -174,8 +174,8 @@ impl<K: KindMarker> Stage for Preference<K> {
     }
 
     fn validate(params: &PreferenceConfig) -> Result<(), (String, String)> {
-        let keyed = |e: crate::trainer::Error| match e {
-            crate::trainer::Error::Config { key, message } => (key.to_string(), message),
+        let keyed = |e: crate::train::Error| match e {
+            crate::train::Error::Config { key, message } => (key.to_string(), message),
             other => (String::new(), other.to_string()),
         };
         params.train.validate().map_err(keyed)?;
@@ -189,7 +189,7 @@ impl<K: KindMarker> Stage for Preference<K> {
     fn run(params: &PreferenceConfig, ctx: &StageContext) -> Result<(), StageError> {
         let data = ctx.input("input")?;
         let model = ctx.input("model")?;
-        let model_dir = super::evaluate::model_folder(model.kind, &model.dir)?;
+        let model_dir = super::artifact::model_folder(model.kind, &model.dir)?;
         let split = data.output.as_deref().unwrap_or("train");
         let train = preference_data(read_tokens(&data.dir, split)?, split)?;
         let eval = if data.output.is_none() {
@@ -226,7 +226,7 @@ impl<K: KindMarker> Stage for Preference<K> {
             first_and_last(&metrics, key, 3)
                 .map(|(first, last)| serde_json::json!({ "first": first, "last": last }))
         };
-        crate::util::write_json(
+        crate::stages::artifact::write_json(
             &ctx.out(&format!("{}.json", K::NAME)),
             &serde_json::json!({
                 "kind": K::NAME,

@@ -5,16 +5,16 @@
 //! Output: `<split>.jsonl` (one `{"input_ids", "labels"}` per line) and `tokens.json` with counts
 //! and the tokenizer's fingerprint.
 
+use super::artifact::{
+    read_records_with_preferences, DatasetManifest, PreferenceColumns, TokenRow,
+};
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
-use crate::data::Table;
 use crate::text::format::Record;
 use crate::text::{
-    pack_examples, tokenize_example, tokenize_pair, ChatMessage, ChatTemplate, TemplateKind,
-    TextTokenizer, TokenizeOptions,
+    pack_examples, tokenize_example, tokenize_pair, TemplateKind, TextTokenizer, TokenizeOptions,
 };
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::Path;
 
 pub struct Tokenize;
 
@@ -53,131 +53,6 @@ fn default_template() -> String {
     "auto".into()
 }
 
-/// One tokenized example as stored in the artifact.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TokenRow {
-    pub input_ids: Vec<u32>,
-    pub labels: Vec<i64>,
-    /// Preference pairs: the same prompt with the rejected response (`input_ids` holds the
-    /// chosen one, so SFT on pair data trains on the chosen responses).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rejected_input_ids: Option<Vec<u32>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rejected_labels: Option<Vec<i64>>,
-    /// KTO: whether the response is desirable.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub label: Option<bool>,
-}
-
-impl TokenRow {
-    fn plain(input_ids: Vec<u32>, labels: Vec<i64>) -> Self {
-        Self {
-            input_ids,
-            labels,
-            rejected_input_ids: None,
-            rejected_labels: None,
-            label: None,
-        }
-    }
-}
-
-/// A record's rejected response and KTO label.
-pub type PreferenceColumns = (Option<String>, Option<bool>);
-
-/// Reads `<dir>/<split>.jsonl` written by this stage.
-pub fn read_tokens(dir: &Path, split: &str) -> Result<Vec<TokenRow>, StageError> {
-    let path = dir.join(format!("{split}.jsonl"));
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| StageError::io(&path, e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| StageError::msg(format!("{}:{}: {e}", path.display(), i + 1)))
-        })
-        .collect()
-}
-
-/// Prompt records of one split of a `format` artifact.
-pub fn read_records(dir: &Path, split: &str) -> Result<Vec<Record>, StageError> {
-    Ok(read_records_with_preferences(dir, split)?
-        .into_iter()
-        .map(|(record, _)| record)
-        .collect())
-}
-
-/// [`read_records`] with each record's preference columns: its rejected response and KTO label,
-/// where the artifact has those columns.
-pub fn read_records_with_preferences(
-    dir: &Path,
-    split: &str,
-) -> Result<Vec<(Record, PreferenceColumns)>, StageError> {
-    let table =
-        Table::read_parquet(&dir.join(format!("{split}.parquet"))).map_err(StageError::wrap)?;
-    table
-        .rows
-        .iter()
-        .map(|row| {
-            let messages = match table.get(row, "messages") {
-                Some(m) => Some(
-                    serde_json::from_str::<Vec<ChatMessage>>(m)
-                        .map_err(|e| StageError::msg(format!("messages column: {e}")))?,
-                ),
-                None => None,
-            };
-            let record = Record {
-                prompt: table.get(row, "prompt").unwrap_or("").to_string(),
-                response: table.get(row, "response").unwrap_or("").to_string(),
-                system: table.get(row, "system").map(str::to_string),
-                messages,
-            };
-            let preference = (
-                table.get(row, "rejected").map(str::to_string),
-                table.get(row, "label").map(|l| l == "true"),
-            );
-            Ok((record, preference))
-        })
-        .collect()
-}
-
-/// Token ids of the prompt a model generates from for `record`: with a chat template, the
-/// record's system message and user turn followed by the generation prompt; without one, the
-/// prompt text (chat records: system message, blank line, prompt; Alpaca records already hold
-/// their system text). `response_prefix` is appended: text the answer is made to start with
-/// (e.g. "<reasoning>\n"), which callers count as the first part of the completion.
-pub fn encode_generation_prompt(
-    tokenizer: &TextTokenizer,
-    template: Option<&ChatTemplate>,
-    record: &Record,
-    response_prefix: &str,
-) -> Result<Vec<u32>, StageError> {
-    match template {
-        Some(t) => {
-            let mut messages = Vec::new();
-            if let Some(s) = &record.system {
-                messages.push(ChatMessage::new("system", s));
-            }
-            messages.push(ChatMessage::new("user", &record.prompt));
-            let text = t.render(&messages, true).map_err(StageError::wrap)?;
-            tokenizer
-                .encode_plain(&format!("{text}{response_prefix}"))
-                .map_err(StageError::wrap)
-        }
-        None => {
-            let text = match (&record.system, &record.messages) {
-                (Some(s), Some(_)) => format!("{s}\n\n{}", record.prompt),
-                _ => record.prompt.clone(),
-            };
-            tokenizer
-                .encode(&format!("{text}{response_prefix}"))
-                .map_err(StageError::wrap)
-        }
-    }
-}
-
 impl Stage for Tokenize {
     type Params = Params;
     const KIND: &'static str = "tokenize";
@@ -211,13 +86,13 @@ impl Stage for Tokenize {
         let input = ctx.input("input")?;
         let model = ctx.input("model")?;
         // A trained stage's merged or full model continues from where it ended (SFT, then GRPO).
-        let model_dir = super::evaluate::model_folder(model.kind, &model.dir)?;
+        let model_dir = super::artifact::model_folder(model.kind, &model.dir)?;
         let tokenizer = TextTokenizer::from_dir(&model_dir).map_err(StageError::wrap)?;
-        let manifest: serde_json::Value = crate::util::read_json(&input.dir.join("dataset.json"))?;
+        let manifest = DatasetManifest::read(&input.dir)?;
         let chat = match params.template.as_str() {
             "chat" => true,
             "plain" => false,
-            _ => manifest["template"].as_str() == Some("chat"),
+            _ => manifest.is_chat(),
         };
         let template = if chat {
             Some(tokenizer.chat_template(None).map_err(|e| {
@@ -233,7 +108,7 @@ impl Stage for Tokenize {
             train_on_prompt: params.train_on_prompt,
             add_eos: params.add_eos,
         };
-        let splits = input.splits()?;
+        let splits = super::artifact::input_splits(input)?;
         let mut summary = serde_json::Map::new();
         for split in &splits {
             let (records, preference): (Vec<Record>, Vec<PreferenceColumns>) =
@@ -333,7 +208,7 @@ impl Stage for Tokenize {
                 serde_json::json!({ "file": format!("{split}.jsonl"), "rows": rows.len(), "tokens": tokens, "label_tokens": trained }),
             );
         }
-        crate::util::write_json(
+        crate::stages::artifact::write_json(
             &ctx.out("tokens.json"),
             &serde_json::json!({
                 "splits": summary,
@@ -349,6 +224,8 @@ impl Stage for Tokenize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stages::artifact::encode_generation_prompt;
+    use std::path::Path;
 
     fn tiny_tokenizer() -> TextTokenizer {
         let dir = concat!(

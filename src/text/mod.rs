@@ -9,6 +9,7 @@
 pub mod chat_template;
 pub mod format;
 pub mod stream;
+pub mod suggest;
 pub mod tokenize;
 pub mod tokenizer;
 pub mod train;

@@ -1,602 +1,587 @@
-//! AdaLoRA pieces that need no model: the recipe keys, the cubic rank-budget schedule, and
-//! peft's adapter files (`adapter_config.json` with `peft_type: "ADALORA"`, and
-//! `adapter_model.safetensors` with `base_model.model.model.layers.{i}.{path}.lora_{A|E|B}`,
-//! no `.weight` suffix since peft keeps these as `ParameterDict` entries; tensors cut to the
-//! triplets `rank_pattern` keeps).
+//! AdaLoRA on the decoder: SVD-form adapters `B (A * E)` in the projection slots
+//! (`LoraLinear::lora_e`), the orthogonality regularizer, the rank allocator that prunes the
+//! least important singular values to a shrinking budget, and the peft-format outputs.
 //!
 //! Reference: Zhang et al. 2023, "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient
-//! Fine-Tuning"; peft 0.21 `tuners/adalora/config.py` (`AdaLoraConfig`), `layer.py`
-//! (`RankAllocator.budget_schedule`), `model.py` (`_get_adapter_state_dict`,
-//! `resize_state_dict_by_rank_pattern`, `resize_modules_by_rank_pattern`).
+//! Fine-Tuning"; peft 0.21 `tuners/adalora/layer.py` (`SVDLinear`: A, B ~ N(0, 0.02), E = 0,
+//! output `x (A * E)^T B^T * alpha / (ranknum + 1e-5)`; `RankAllocator`), `model.py`
+//! (`AdaLoraModel.forward`: `orth_reg_weight * mean ||P P^T - I||_F` over every A and B;
+//! `update_and_allocate`, called after `optimizer.step()` and before `zero_grad()` with the
+//! 0-based step). Importance uses the gradients the optimizer stepped with (clipped, as torch's
+//! in-place `clip_grad_norm_` leaves them) and the parameters after the step, as peft does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use burn::module::{AutodiffModule, Module, Param};
+use burn::nn::DropoutConfig;
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
 
-use crate::train::peft_io::{
-    to_f32, DenseTensor, Error, LoraAdapterConfig, LoraModule, CONFIG_FILE, WEIGHTS_FILE,
+use crate::model::config::ModelConfig;
+use crate::model::decoder::CausalLm;
+use crate::model::hf::{load_safetensors_file, save_safetensors, DType, HostTensor};
+use crate::model::lora::LoraLinear;
+use crate::peft::adalora_files::{
+    keep_mask, pattern_key, write_adalora_adapter, AdaLoraAdapter, AdaLoraAdapterConfig,
+    AdaLoraTriplet, BudgetSchedule,
 };
+use crate::peft::files::{self, DenseTensor, LoraAdapterConfig, LoraModule};
+use crate::peft::lora::{projections_mut, save_merged};
+use crate::train::data::plan_steps;
+use crate::train::objective::Objective;
+use crate::train::sft::{train_objective, CausalModel, LoopCtx, SftReport};
+use crate::train::train_loop::StepHook;
+use crate::train::Error;
 
-/// The `adalora` table of the `sft` stage (peft `AdaLoraConfig` defaults). `lora_alpha`,
-/// `lora_dropout` and `target_modules` are the stage's LoRA keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdaLoraParams {
-    /// Rank each adapter starts with.
-    pub init_r: usize,
-    /// Average rank per adapter left at the end.
-    pub target_r: usize,
-    /// Steps before any pruning.
-    pub tinit: u64,
-    /// Final steps with the rank pattern fixed.
-    pub tfinal: u64,
-    /// Steps between two budget allocations.
-    #[serde(rename = "deltaT", alias = "delta_t")]
-    pub delta_t: u64,
-    /// EMA factor of the sensitivity.
-    pub beta1: f64,
-    /// EMA factor of the uncertainty.
-    pub beta2: f64,
-    /// Weight of the orthogonality regularizer.
+/// The allocator's state file in a checkpoint folder.
+const STATE_FILE: &str = "adalora_state.safetensors";
+
+type Key = (usize, LoraModule);
+
+/// The decoder with AdaLoRA adapters and the weight of their orthogonality penalty.
+#[derive(Module, Debug)]
+pub struct AdaLoraLm<B: Backend> {
+    pub lm: CausalLm<B>,
     pub orth_reg_weight: f64,
-    /// Steps the schedule spans; default: the planned optimizer steps.
-    pub total_step: Option<u64>,
 }
 
-impl Default for AdaLoraParams {
-    fn default() -> Self {
-        Self {
-            init_r: 12,
-            target_r: 8,
-            tinit: 0,
-            tfinal: 0,
-            delta_t: 1,
-            beta1: 0.85,
-            beta2: 0.85,
-            orth_reg_weight: 0.5,
-            total_step: None,
+impl<B: Backend> CausalModel<B> for AdaLoraLm<B> {
+    fn logits(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.lm.logits(input_ids)
+    }
+
+    fn regularizer(&self) -> Option<Tensor<B, 1>> {
+        if self.orth_reg_weight == 0.0 {
+            return None;
         }
+        orth_penalty(&self.lm).map(|r| r.mul_scalar(self.orth_reg_weight))
     }
 }
 
-impl AdaLoraParams {
-    /// peft's checks (`AdaLoraConfig.__post_init__`, `RankAllocator.__init__`) for a run of
-    /// `planned` steps: `(key, message)` of the first violation.
-    pub fn check(&self, planned: u64) -> Result<(), (&'static str, String)> {
-        if self.init_r == 0 {
-            return Err(("adalora.init_r", "must be >= 1".into()));
+/// Every decoder projection with its layer and module kind (read-only).
+fn projections<B: Backend>(model: &CausalLm<B>) -> Vec<(usize, LoraModule, &LoraLinear<B>)> {
+    let mut out = Vec::new();
+    for (i, l) in model.model.layers.iter().enumerate() {
+        let (a, m) = (&l.self_attn, &l.mlp);
+        out.push((i, LoraModule::QProj, &a.q_proj));
+        out.push((i, LoraModule::KProj, &a.k_proj));
+        out.push((i, LoraModule::VProj, &a.v_proj));
+        out.push((i, LoraModule::OProj, &a.o_proj));
+        out.push((i, LoraModule::GateProj, &m.gate_proj));
+        out.push((i, LoraModule::UpProj, &m.up_proj));
+        out.push((i, LoraModule::DownProj, &m.down_proj));
+    }
+    out
+}
+
+/// `[A, E, B]` of an AdaLoRA projection.
+fn factors<B: Backend>(lin: &LoraLinear<B>) -> Option<[&Param<Tensor<B, 2>>; 3]> {
+    Some([
+        lin.lora_a.as_ref()?,
+        lin.lora_e.as_ref()?,
+        lin.lora_b.as_ref()?,
+    ])
+}
+
+/// peft's orthogonality penalty without its weight: the mean over every A and B of
+/// `||A A^T - I||_F` and `||B^T B - I||_F` (Frobenius norm, not squared).
+pub fn orth_penalty<B: Backend>(model: &CausalLm<B>) -> Option<Tensor<B, 1>> {
+    let mut sum: Option<Tensor<B, 1>> = None;
+    let mut count = 0usize;
+    for (_, _, lin) in projections(model) {
+        let Some([a, _, b]) = factors(lin) else {
+            continue;
+        };
+        let (a, b) = (a.val(), b.val());
+        let r = a.dims()[0];
+        if r == 0 {
+            continue;
         }
-        if self.target_r > self.init_r {
-            return Err((
-                "adalora.target_r",
-                format!("must be <= init_r ({}), got {}", self.init_r, self.target_r),
-            ));
+        let eye: Vec<f32> = (0..r * r)
+            .map(|i| if i % (r + 1) == 0 { 1.0 } else { 0.0 })
+            .collect();
+        let eye = Tensor::<B, 2>::from_data(TensorData::new(eye, [r, r]), &a.device());
+        for cov in [
+            a.clone().matmul(a.transpose()),
+            b.clone().transpose().matmul(b),
+        ] {
+            let norm = cov.sub(eye.clone()).powi_scalar(2).sum().sqrt();
+            sum = Some(match sum {
+                Some(s) => s.add(norm),
+                None => norm,
+            });
+            count += 1;
         }
-        if self.delta_t == 0 {
-            return Err(("adalora.deltaT", "must be >= 1".into()));
+    }
+    sum.map(|s| s.div_scalar(count as f64))
+}
+
+/// Puts an AdaLoRA triplet into a projection slot (its base weight and bias stay).
+fn install<B: Backend>(
+    slot: &mut LoraLinear<B>,
+    [a, e, b]: [Tensor<B, 2>; 3],
+    scaling: f64,
+    dropout: f64,
+) {
+    let placeholder = LoraLinear::new(slot.weight.val(), None);
+    let mut lin = std::mem::replace(slot, placeholder).with_lora_tensors(a, b, scaling);
+    lin.lora_e = Some(Param::from_tensor(e));
+    lin.dropout = DropoutConfig::new(dropout).init();
+    *slot = lin;
+}
+
+/// Freezes the model and adds rank-`init_r` adapters to the targeted projections as peft
+/// initialises them (A, B ~ N(0, 0.02), E = 0), drawn from a ChaCha20 stream seeded with `seed`
+/// in (layer, module) order. Returns the model and the number of adapted projections.
+pub fn add_adalora<B: Backend>(
+    model: CausalLm<B>,
+    adapter: &AdaLoraAdapterConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<(CausalLm<B>, usize), Error> {
+    let mut model = model.no_grad();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut normal = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                // Box-Muller; 1 - u keeps the logarithm finite.
+                let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+                (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect()
+    };
+    let r = adapter.params.init_r;
+    let mut wrapped = 0;
+    for (layer, module, slot) in projections_mut(&mut model) {
+        let path = format!("model.layers.{layer}.{}", module.path());
+        if !adapter.lora.targets(&path)? {
+            continue;
         }
-        for (key, b) in [("adalora.beta1", self.beta1), ("adalora.beta2", self.beta2)] {
-            if !(b > 0.0 && b < 1.0) {
-                return Err((key, format!("must be in (0, 1), got {b}")));
+        let (out, inp) = (slot.out_features(), slot.in_features());
+        let a = Tensor::from_data(TensorData::new(normal(r * inp), [r, inp]), device);
+        let b = Tensor::from_data(TensorData::new(normal(out * r), [out, r]), device);
+        let e = Tensor::zeros([r, 1], device);
+        install(
+            slot,
+            [a, e, b],
+            adapter.scaling(),
+            adapter.lora.lora_dropout,
+        );
+        wrapped += 1;
+    }
+    Ok((model, wrapped))
+}
+
+/// Adds an adapter read from disk (peft's or runner's) to a model, as peft's
+/// `PeftModel.from_pretrained` does: ranks as stored, `ranknum = init_r`; rank-0 projections
+/// stay plain.
+pub fn apply_adalora_adapter<B: Backend>(
+    mut model: CausalLm<B>,
+    adapter: &AdaLoraAdapter,
+    device: &B::Device,
+) -> Result<CausalLm<B>, Error> {
+    let dev = |t: &DenseTensor| {
+        Tensor::<B, 2>::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device)
+    };
+    for (layer, module, slot) in projections_mut(&mut model) {
+        let Some(t) = adapter
+            .triplets
+            .iter()
+            .find(|t| t.layer == layer && t.module == module)
+        else {
+            continue;
+        };
+        if t.a.shape[1] != slot.in_features() || t.b.shape[0] != slot.out_features() {
+            return Err(files::Error::BadPair {
+                layer,
+                module: module.path(),
+                message: format!(
+                    "A {:?} / B {:?} do not fit a [{}, {}] projection",
+                    t.a.shape,
+                    t.b.shape,
+                    slot.out_features(),
+                    slot.in_features()
+                ),
+            }
+            .into());
+        }
+        if t.rank() > 0 {
+            let factors = [dev(&t.a), dev(&t.e), dev(&t.b)];
+            install(slot, factors, adapter.config.scaling(), 0.0);
+        }
+    }
+    Ok(model)
+}
+
+/// Host copies of every AdaLoRA triplet of `model`, full rank.
+pub fn triplets<B: Backend>(model: &CausalLm<B>) -> Vec<AdaLoraTriplet> {
+    let dense = |t: Tensor<B, 2>| {
+        let d = t.into_data();
+        DenseTensor {
+            shape: d.shape.to_vec(),
+            data: d.convert::<f32>().into_vec::<f32>().unwrap_or_default(),
+        }
+    };
+    projections(model)
+        .into_iter()
+        .filter_map(|(layer, module, lin)| {
+            let [a, e, b] = factors(lin)?;
+            Some(AdaLoraTriplet {
+                layer,
+                module,
+                a: dense(a.val()),
+                e: dense(e.val()),
+                b: dense(b.val()),
+            })
+        })
+        .collect()
+}
+
+/// Sensitivity and uncertainty EMAs of one factor.
+#[derive(Debug, Clone)]
+struct Ema<B: Backend> {
+    ipt: Tensor<B, 2>,
+    unc: Tensor<B, 2>,
+}
+
+/// peft's `RankAllocator` plus the step logic of `AdaLoraModel.update_and_allocate`, on the
+/// inner backend, keyed by (layer, module).
+#[derive(Debug)]
+pub struct RankAllocator<B: Backend> {
+    pub schedule: BudgetSchedule,
+    /// The adapter settings; `rank_pattern` is the last allocation.
+    pub config: AdaLoraAdapterConfig,
+    keys: Vec<Key>,
+    ema: BTreeMap<Key, [Ema<B>; 3]>,
+    grads: BTreeMap<Key, [Tensor<B, 2>; 3]>,
+}
+
+impl<B: Backend> RankAllocator<B> {
+    /// For the adapters of `model`; `config.params.total_step` must be set.
+    pub fn new<M: Backend>(model: &CausalLm<M>, config: AdaLoraAdapterConfig) -> Self {
+        let keys: Vec<Key> = projections(model)
+            .into_iter()
+            .filter(|(_, _, lin)| factors(lin).is_some())
+            .map(|(l, m, _)| (l, m))
+            .collect();
+        let total = config.params.total_step.unwrap_or(0);
+        Self {
+            schedule: BudgetSchedule::new(&config.params, keys.len(), total),
+            config,
+            keys,
+            ema: BTreeMap::new(),
+            grads: BTreeMap::new(),
+        }
+    }
+
+    /// The current rank pattern by (layer, module).
+    fn pattern(&self) -> Option<BTreeMap<Key, Vec<bool>>> {
+        let p = self.config.rank_pattern.as_ref()?;
+        Some(
+            self.keys
+                .iter()
+                .filter_map(|&(l, m)| Some(((l, m), p.get(&pattern_key(l, m))?.clone())))
+                .collect(),
+        )
+    }
+
+    fn update_ipt<AB: AutodiffBackend<InnerBackend = B>>(&mut self, model: &CausalLm<AB>) {
+        let (b1, b2) = (self.config.params.beta1, self.config.params.beta2);
+        for (layer, module, lin) in projections(model) {
+            let (Some(params), Some(grads)) = (factors(lin), self.grads.get(&(layer, module)))
+            else {
+                continue;
+            };
+            let old = self.ema.remove(&(layer, module));
+            let new: [Ema<B>; 3] = std::array::from_fn(|i| {
+                let ipt = params[i].val().inner().mul(grads[i].clone()).abs();
+                let (ei, eu) = match &old {
+                    Some(o) => (o[i].ipt.clone(), o[i].unc.clone()),
+                    None => (ipt.zeros_like(), ipt.zeros_like()),
+                };
+                let ei = ei.mul_scalar(b1).add(ipt.clone().mul_scalar(1.0 - b1));
+                let eu = eu
+                    .mul_scalar(b2)
+                    .add(ipt.sub(ei.clone()).abs().mul_scalar(1.0 - b2));
+                Ema { ipt: ei, unc: eu }
+            });
+            self.ema.insert((layer, module), new);
+        }
+    }
+
+    /// peft's `mask_to_budget`: a triplet's score is `s(E) + mean_in s(A row) + mean_out s(B col)`
+    /// with `s = ipt EMA * uncertainty EMA`; all but the `budget` best are dropped.
+    fn mask_to_budget(&self, budget: usize) -> BTreeMap<Key, Vec<bool>> {
+        let mut parts = Vec::new();
+        let mut ranks = Vec::new();
+        for key in &self.keys {
+            let Some(e) = self.ema.get(key) else {
+                continue;
+            };
+            let s = |i: usize| e[i].ipt.clone().mul(e[i].unc.clone());
+            let r = e[1].ipt.dims()[0];
+            let a = s(0).mean_dim(1);
+            let b = s(2).mean_dim(0).reshape([r, 1]);
+            parts.push(s(1).add(a.add(b)).reshape([r]));
+            ranks.push((*key, r));
+        }
+        if parts.is_empty() {
+            return BTreeMap::new();
+        }
+        let scores = Tensor::cat(parts, 0)
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default();
+        let keep = keep_mask(&scores, budget);
+        let mut at = 0;
+        ranks
+            .into_iter()
+            .map(|(key, r)| {
+                at += r;
+                (key, keep[at - r..at].to_vec())
+            })
+            .collect()
+    }
+
+    /// Zeroes the E entries `pattern` drops (peft's `masked_fill_` under `no_grad`).
+    pub fn apply_pattern<AB: AutodiffBackend<InnerBackend = B>>(
+        mut model: AdaLoraLm<AB>,
+        pattern: &BTreeMap<Key, Vec<bool>>,
+    ) -> AdaLoraLm<AB> {
+        for (layer, module, slot) in projections_mut(&mut model.lm) {
+            let Some(keep) = pattern.get(&(layer, module)) else {
+                continue;
+            };
+            let Some(e) = slot.lora_e.take() else {
+                continue;
+            };
+            let mask: Vec<f32> = keep.iter().map(|&k| f32::from(u8::from(k))).collect();
+            slot.lora_e = Some(e.map(|t| {
+                let inner = t.inner();
+                let mask = Tensor::<B, 2>::from_data(
+                    TensorData::new(mask, [keep.len(), 1]),
+                    &inner.device(),
+                );
+                Tensor::from_inner(inner.mul(mask)).require_grad()
+            }));
+        }
+        model
+    }
+
+    fn set_pattern(&mut self, pattern: &BTreeMap<Key, Vec<bool>>) {
+        self.config.rank_pattern = Some(
+            pattern
+                .iter()
+                .map(|(&(l, m), keep)| (pattern_key(l, m), keep.clone()))
+                .collect(),
+        );
+    }
+
+    /// The model with the current rank pattern applied (what the saved adapter holds).
+    pub fn masked<AB: AutodiffBackend<InnerBackend = B>>(
+        &self,
+        model: AdaLoraLm<AB>,
+    ) -> AdaLoraLm<AB> {
+        match self.pattern() {
+            Some(p) => Self::apply_pattern(model, &p),
+            None => model,
+        }
+    }
+
+    /// The adapter in peft's format, tensors cut to the rank pattern.
+    pub fn write_adapter<M: Backend>(&self, model: &CausalLm<M>, dir: &Path) -> Result<(), Error> {
+        Ok(write_adalora_adapter(dir, &self.config, &triplets(model))?)
+    }
+}
+
+impl<AB: AutodiffBackend> StepHook<AB, AdaLoraLm<AB>> for RankAllocator<AB::InnerBackend> {
+    fn before_step(
+        &mut self,
+        model: &AdaLoraLm<AB>,
+        grads: &GradientsParams,
+        grad_scale: Option<&Tensor<AB::InnerBackend, 1>>,
+    ) {
+        self.grads.clear();
+        for (layer, module, lin) in projections(&model.lm) {
+            let Some(params) = factors(lin) else {
+                continue;
+            };
+            let g: [Tensor<AB::InnerBackend, 2>; 3] = std::array::from_fn(|i| {
+                let g = grads
+                    .get::<AB::InnerBackend, 2>(params[i].id)
+                    .unwrap_or_else(|| params[i].val().inner().zeros_like());
+                match grad_scale {
+                    Some(s) => g.mul(s.clone().unsqueeze::<2>()),
+                    None => g,
+                }
+            });
+            self.grads.insert((layer, module), g);
+        }
+    }
+
+    fn after_step(&mut self, mut model: AdaLoraLm<AB>, index: u64) -> AdaLoraLm<AB> {
+        let final_start = self.schedule.final_start();
+        if index < final_start {
+            self.update_ipt(&model.lm);
+            let (budget, mask) = self.schedule.at(index);
+            if mask {
+                let pattern = self.mask_to_budget(budget);
+                model = Self::apply_pattern(model, &pattern);
+                self.set_pattern(&pattern);
+            }
+        } else if index == final_start {
+            let (budget, _) = self.schedule.at(index);
+            let pattern = self.mask_to_budget(budget);
+            model = Self::apply_pattern(model, &pattern);
+            self.set_pattern(&pattern);
+            self.ema.clear();
+        } else {
+            model = self.masked(model);
+        }
+        self.grads.clear();
+        model
+    }
+
+    fn save(&self, model: &AdaLoraLm<AB>, dir: &Path) -> Result<(), Error> {
+        self.write_adapter(&model.lm, &dir.join("adapter"))?;
+        let host = |t: &Tensor<AB::InnerBackend, 2>| {
+            let d = t.clone().into_data();
+            HostTensor::new(
+                d.shape.to_vec(),
+                d.convert::<f32>().into_vec::<f32>().unwrap_or_default(),
+            )
+        };
+        let mut out = BTreeMap::new();
+        for ((layer, module), emas) in &self.ema {
+            for (factor, e) in ['A', 'E', 'B'].into_iter().zip(emas) {
+                let name = format!("{layer}.{}.{factor}", module.path());
+                out.insert(format!("ipt.{name}"), host(&e.ipt));
+                out.insert(format!("unc.{name}"), host(&e.unc));
             }
         }
-        if self.orth_reg_weight.is_nan() || self.orth_reg_weight < 0.0 {
-            return Err((
-                "adalora.orth_reg_weight",
-                format!("must be >= 0, got {}", self.orth_reg_weight),
-            ));
-        }
-        let total = self.total_step.unwrap_or(planned);
-        if total == 0 {
-            return Err(("adalora.total_step", "must be >= 1".into()));
-        }
-        if self.tinit + self.tfinal >= total {
-            return Err((
-                "adalora.tinit",
-                format!(
-                    "tinit ({}) + tfinal ({}) leave no budgeting phase in {total} steps",
-                    self.tinit, self.tfinal
-                ),
-            ));
+        Ok(save_safetensors(dir.join(STATE_FILE), &out, DType::F32)?)
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), Error> {
+        let saved = crate::peft::adalora_files::read_adalora_adapter(&dir.join("adapter"))?;
+        self.config.rank_pattern = saved.config.rank_pattern;
+        let tensors = load_safetensors_file(&dir.join(STATE_FILE))?;
+        self.ema.clear();
+        let device = Default::default();
+        for &(layer, module) in &self.keys {
+            let get = |kind: &str, factor: char| {
+                let t = tensors.get(&format!("{kind}.{layer}.{}.{factor}", module.path()))?;
+                Some(Tensor::<AB::InnerBackend, 2>::from_data(
+                    TensorData::new(t.data.clone(), t.shape.clone()),
+                    &device,
+                ))
+            };
+            let emas: Option<Vec<Ema<AB::InnerBackend>>> = ['A', 'E', 'B']
+                .into_iter()
+                .map(|f| {
+                    Some(Ema {
+                        ipt: get("ipt", f)?,
+                        unc: get("unc", f)?,
+                    })
+                })
+                .collect();
+            if let Some(Ok(emas)) = emas.map(<[Ema<_>; 3]>::try_from) {
+                self.ema.insert((layer, module), emas);
+            }
         }
         Ok(())
     }
 }
 
-/// peft's `RankAllocator.budget_schedule` over `init_bgt` starting triplets.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BudgetSchedule {
-    pub init_bgt: usize,
-    pub target_bgt: usize,
-    pub tinit: u64,
-    pub tfinal: u64,
-    pub delta_t: u64,
-    pub total_step: u64,
-}
-
-impl BudgetSchedule {
-    /// `adapters` projections of rank `params.init_r` trained for `total_step` steps.
-    pub fn new(params: &AdaLoraParams, adapters: usize, total_step: u64) -> Self {
-        Self {
-            init_bgt: params.init_r * adapters,
-            target_bgt: params.target_r * adapters,
-            tinit: params.tinit,
-            tfinal: params.tfinal,
-            delta_t: params.delta_t.max(1),
-            total_step,
-        }
-    }
-
-    /// The first step of the final phase (`total_step - tfinal`).
-    pub fn final_start(&self) -> u64 {
-        self.total_step.saturating_sub(self.tfinal)
-    }
-
-    /// (budget, whether to mask) at 0-based `step`: the full budget up to `tinit`, the target
-    /// after `total_step - tfinal`, and in between a cubic decrease, masking every `deltaT`.
-    pub fn at(&self, step: u64) -> (usize, bool) {
-        if step <= self.tinit {
-            (self.init_bgt, false)
-        } else if step > self.final_start() {
-            (self.target_bgt, true)
-        } else {
-            let span = (self.total_step - self.tfinal - self.tinit) as f64;
-            let mul = 1.0 - (step - self.tinit) as f64 / span;
-            let spread = (self.init_bgt - self.target_bgt) as f64;
-            let budget = (spread * mul.powi(3) + self.target_bgt as f64) as usize;
-            (budget, step.is_multiple_of(self.delta_t))
-        }
-    }
-}
-
-/// The `(k - 1)`-th smallest score with `k = scores.len() - budget` triplets to drop (torch's
-/// `kthvalue`), and the keep mask `score > threshold`. Nothing is dropped when `k` is 0.
-pub fn keep_mask(scores: &[f32], budget: usize) -> Vec<bool> {
-    let k = scores.len().saturating_sub(budget);
-    if k == 0 {
-        return vec![true; scores.len()];
-    }
-    let mut sorted = scores.to_vec();
-    sorted.sort_by(f32::total_cmp);
-    let threshold = sorted[k - 1];
-    scores.iter().map(|&s| s > threshold).collect()
-}
-
-/// peft's `rank_pattern` key of a projection: `model.layers.{i}.{path}.lora_E`.
-pub fn pattern_key(layer: usize, module: LoraModule) -> String {
-    format!("model.layers.{layer}.{}.lora_E", module.path())
-}
-
-/// The factors of one projection: `a` `[r, in]`, `e` `[r, 1]`, `b` `[out, r]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdaLoraTriplet {
-    pub layer: usize,
-    pub module: LoraModule,
-    pub a: DenseTensor,
-    pub e: DenseTensor,
-    pub b: DenseTensor,
-}
-
-impl AdaLoraTriplet {
-    pub fn rank(&self) -> usize {
-        self.a.shape[0]
-    }
-
-    /// Keeps the triplets whose `keep` entry is true (rows of A and E, columns of B).
-    pub fn select(&self, keep: &[bool]) -> Self {
-        let kept = keep.iter().filter(|&&k| k).count();
-        let rows = |t: &DenseTensor| {
-            let width = t.shape[1];
-            let data: Vec<f32> = keep
-                .iter()
-                .enumerate()
-                .filter(|(_, k)| **k)
-                .flat_map(|(i, _)| t.data[i * width..(i + 1) * width].iter().copied())
-                .collect();
-            DenseTensor {
-                shape: vec![kept, width],
-                data,
-            }
-        };
-        let (out, r) = (self.b.shape[0], self.b.shape[1]);
-        let cols: Vec<usize> = (0..r).filter(|&i| keep[i]).collect();
-        let b = DenseTensor {
-            shape: vec![out, cols.len()],
-            data: (0..out)
-                .flat_map(|o| cols.iter().map(move |&c| (o, c)))
-                .map(|(o, c)| self.b.data[o * r + c])
-                .collect(),
-        };
-        Self {
-            layer: self.layer,
-            module: self.module,
-            a: rows(&self.a),
-            e: rows(&self.e),
-            b,
-        }
-    }
-}
-
-/// An AdaLoRA `adapter_config.json`: the LoRA keys, the AdaLoRA keys, and the rank pattern.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdaLoraAdapterConfig {
-    /// `target_modules`, `lora_alpha`, `lora_dropout`, base model... (`r` is ignored by AdaLoRA).
-    pub lora: LoraAdapterConfig,
-    /// `total_step` is always set in a written config (peft requires it).
-    pub params: AdaLoraParams,
-    /// `pattern_key` -> kept triplets; `None` before the first allocation.
-    pub rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
-}
-
-const ADALORA_KEYS: [&str; 9] = [
-    "init_r",
-    "target_r",
-    "tinit",
-    "tfinal",
-    "deltaT",
-    "beta1",
-    "beta2",
-    "orth_reg_weight",
-    "total_step",
-];
-
-impl AdaLoraAdapterConfig {
-    /// peft's factor before the rank: `lora_alpha`, or `init_r` when alpha is not positive.
-    pub fn alpha(&self) -> f64 {
-        if self.lora.lora_alpha > 0.0 {
-            self.lora.lora_alpha
-        } else {
-            self.params.init_r as f64
-        }
-    }
-
-    /// The factor on `B (A * E)`: `alpha / (ranknum + 1e-5)` with `ranknum = init_r`, also for
-    /// adapters resized by a rank pattern (`resize_modules_by_rank_pattern` copies ranknum).
-    pub fn scaling(&self) -> f64 {
-        self.alpha() / (self.params.init_r as f64 + 1e-5)
-    }
-
-    /// The JSON object peft 0.21 writes for an `AdaLoraConfig` (sorted keys).
-    pub fn to_json(&self) -> Value {
-        let mut lora = self.lora.clone();
-        lora.r = 8; // AdaLoraConfig keeps LoraConfig's default `r`, which it ignores.
-        let Value::Object(mut map) = lora.to_json() else {
-            unreachable!("LoraAdapterConfig::to_json returns an object")
-        };
-        let p = &self.params;
-        map.insert("peft_type".into(), json!("ADALORA"));
-        for (k, v) in [
-            ("init_r", json!(p.init_r)),
-            ("target_r", json!(p.target_r)),
-            ("tinit", json!(p.tinit)),
-            ("tfinal", json!(p.tfinal)),
-            ("deltaT", json!(p.delta_t)),
-            ("beta1", json!(p.beta1)),
-            ("beta2", json!(p.beta2)),
-            ("orth_reg_weight", json!(p.orth_reg_weight)),
-            ("total_step", json!(p.total_step)),
-            ("rank_pattern", json!(self.rank_pattern)),
-        ] {
-            map.insert(k.into(), v);
-        }
-        let sorted: BTreeMap<String, Value> = map.into_iter().collect();
-        Value::Object(sorted.into_iter().collect())
-    }
-
-    pub fn from_json(value: &Value, path: &Path) -> Result<Self, Error> {
-        let bad = |message: String| Error::Config {
-            path: path.to_path_buf(),
-            message,
-        };
-        let Value::Object(map) = value else {
-            return Err(bad("expected a JSON object".into()));
-        };
-        match map.get("peft_type").and_then(Value::as_str) {
-            Some("ADALORA") => {}
-            other => {
-                return Err(bad(format!(
-                    "key `peft_type`: expected \"ADALORA\", got {other:?}"
-                )))
-            }
-        }
-        let mut lora_map: Map<String, Value> = map.clone();
-        lora_map.insert("peft_type".into(), json!("LORA"));
-        lora_map.remove("rank_pattern");
-        let mut ada = Map::new();
-        for key in ADALORA_KEYS {
-            if let Some(v) = lora_map.remove(key) {
-                ada.insert(key.to_string(), v);
-            }
-        }
-        let lora = LoraAdapterConfig::from_json(&Value::Object(lora_map), path)?;
-        let params: AdaLoraParams = serde_json::from_value(Value::Object(ada))
-            .map_err(|e| bad(format!("AdaLoRA keys: {e}")))?;
-        let rank_pattern = match map.get("rank_pattern") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                serde_json::from_value(v.clone())
-                    .map_err(|e| bad(format!("key `rank_pattern`: {e}")))?,
-            ),
-        };
-        if let Err((key, message)) = params.check(params.total_step.unwrap_or(0)) {
-            return Err(bad(format!("key `{key}`: {message}")));
-        }
-        Ok(Self {
-            lora,
-            params,
-            rank_pattern,
-        })
-    }
-}
-
-/// peft's saved name of a factor: `base_model.model.model.layers.{i}.{path}.lora_{A|E|B}`.
-pub fn tensor_name(layer: usize, module: LoraModule, factor: char) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.lora_{factor}",
-        module.path()
+/// The optimizer steps `train_objective` will plan for this run.
+fn planned_steps<O: Objective + ?Sized>(ctx: &LoopCtx<'_, O>) -> u64 {
+    let cfg = ctx.cfg;
+    let lengths: Vec<usize> = (0..ctx.train.len()).map(|i| ctx.train.tokens(i)).collect();
+    plan_steps(
+        &lengths,
+        cfg.seed,
+        cfg.batch_size,
+        cfg.max_tokens_per_batch,
+        cfg.gradient_accumulation_steps,
+        cfg.epochs,
+        cfg.max_steps,
     )
+    .len() as u64
 }
 
-/// (layer, module, factor) of a saved name; also accepts an adapter-name suffix
-/// (`lora_E.default`) and a missing `base_model.model.` prefix.
-pub fn parse_tensor_name(name: &str) -> Option<(usize, LoraModule, char)> {
-    let rest = name.strip_prefix("base_model.model.").unwrap_or(name);
-    let rest = rest.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let i = rest.find(".lora_")?;
-    let module = LoraModule::ALL
-        .into_iter()
-        .find(|m| m.path() == &rest[..i])?;
-    let tail = &rest[i + ".lora_".len()..];
-    let factor = tail
-        .chars()
-        .next()
-        .filter(|c| matches!(c, 'A' | 'E' | 'B'))?;
-    let suffix = &tail[1..];
-    let ok = suffix.is_empty()
-        || suffix
-            .strip_prefix('.')
-            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_alphanumeric() || c == '_'));
-    ok.then_some((layer.parse().ok()?, module, factor))
-}
-
-/// Writes `adapter_config.json` and `adapter_model.safetensors` as peft's `save_pretrained`:
-/// each triplet cut to the entries its rank pattern keeps (when the pattern is shorter than it).
-pub fn write_adalora_adapter(
-    dir: &Path,
-    config: &AdaLoraAdapterConfig,
-    triplets: &[AdaLoraTriplet],
-) -> Result<(), Error> {
-    let mut buffers = Vec::with_capacity(triplets.len() * 3);
-    for t in triplets {
-        let t = match config
-            .rank_pattern
-            .as_ref()
-            .and_then(|p| p.get(&pattern_key(t.layer, t.module)))
-        {
-            Some(keep) if keep.iter().filter(|&&k| k).count() != t.rank() => {
-                if keep.len() != t.rank() {
-                    return Err(Error::BadPair {
-                        layer: t.layer,
-                        module: t.module.path(),
-                        message: format!(
-                            "rank pattern has {} entries for rank {}",
-                            keep.len(),
-                            t.rank()
-                        ),
-                    });
-                }
-                t.select(keep)
-            }
-            _ => t.clone(),
-        };
-        for (factor, d) in [('A', &t.a), ('B', &t.b), ('E', &t.e)] {
-            let bytes: Vec<u8> = d.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            buffers.push((
-                tensor_name(t.layer, t.module, factor),
-                d.shape.clone(),
-                bytes,
-            ));
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let config_path = dir.join(CONFIG_FILE);
-    let text = serde_json::to_string_pretty(&config.to_json()).expect("JSON values serialize");
-    std::fs::write(&config_path, text).map_err(|source| Error::Io {
-        path: config_path.clone(),
-        source,
-    })?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let views = buffers
-        .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::Tensor {
-                    path: weights_path.clone(),
-                    name: name.clone(),
-                    message: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), &weights_path).map_err(|e| {
-        Error::Safetensors {
-            path: weights_path.clone(),
-            message: e.to_string(),
-        }
+/// The adapter settings of a run: the stage's LoRA keys, its `adalora` table, and
+/// `total_step` defaulting to the planned steps.
+pub(crate) fn adapter_config<O: Objective + ?Sized>(
+    ctx: &LoopCtx<'_, O>,
+    base_name: Option<String>,
+) -> Result<AdaLoraAdapterConfig, Error> {
+    let cfg = ctx.cfg;
+    let planned = planned_steps(ctx);
+    let mut params = cfg.adalora.clone();
+    params
+        .check(planned)
+        .map_err(|(key, message)| Error::Config { key, message })?;
+    params.total_step = Some(params.total_step.unwrap_or(planned));
+    let mut lora =
+        LoraAdapterConfig::new(params.init_r, cfg.lora_alpha, cfg.target_modules.clone());
+    lora.lora_dropout = cfg.lora_dropout;
+    lora.base_model_name_or_path = base_name;
+    Ok(AdaLoraAdapterConfig {
+        lora,
+        params,
+        rank_pattern: None,
     })
 }
 
-/// An AdaLoRA adapter folder: config and triplets (sorted by layer, module; ranks as stored).
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdaLoraAdapter {
-    pub config: AdaLoraAdapterConfig,
-    pub triplets: Vec<AdaLoraTriplet>,
+/// The `method = "adalora"` branch of the SFT stage.
+pub(crate) fn run<B: AutodiffBackend, O: Objective + ?Sized>(
+    ctx: &LoopCtx<'_, O>,
+    config: &ModelConfig,
+    tensors: BTreeMap<String, HostTensor>,
+    base_name: Option<String>,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<SftReport, Error> {
+    let adapter = adapter_config(ctx, base_name)?;
+    let model = crate::train::sft::training_base::<B>(ctx.cfg, config, &tensors, device)?;
+    drop(tensors);
+    let (lm, wrapped) = add_adalora(model, &adapter, ctx.cfg.seed, device)?;
+    if wrapped == 0 {
+        return Err(Error::NoTargets);
+    }
+    let model = AdaLoraLm {
+        lm,
+        orth_reg_weight: adapter.params.orth_reg_weight,
+    };
+    train_and_save(ctx, model, adapter, config, dtype, device)
 }
 
-/// Reads an AdaLoRA adapter written by peft or by [`write_adalora_adapter`].
-pub fn read_adalora_adapter(dir: &Path) -> Result<AdaLoraAdapter, Error> {
-    let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-        path: config_path.clone(),
-        source,
-    })?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: config_path.clone(),
-        message: e.to_string(),
-    })?;
-    let config = AdaLoraAdapterConfig::from_json(&json, &config_path)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&weights_path).map_err(|source| Error::Io {
-        path: weights_path.clone(),
-        source,
-    })?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
-        path: weights_path.clone(),
-        message: e.to_string(),
-    })?;
-    let mut found: BTreeMap<(usize, LoraModule), [Option<DenseTensor>; 3]> = BTreeMap::new();
-    for (name, view) in tensors.iter() {
-        let err = |message: String| Error::Tensor {
-            path: weights_path.clone(),
-            name: name.to_string(),
-            message,
-        };
-        let (layer, module, factor) = parse_tensor_name(name).ok_or_else(|| {
-            err("not an AdaLoRA factor of a decoder projection (expected e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_E)".into())
-        })?;
-        let index = match factor {
-            'A' => 0,
-            'E' => 1,
-            _ => 2,
-        };
-        let slot = &mut found.entry((layer, module)).or_default()[index];
-        if slot.is_some() {
-            return Err(err("duplicate factor (two spellings of one name)".into()));
-        }
-        if view.shape().len() != 2 {
-            return Err(err(format!(
-                "expected 2 dimensions, got {:?}",
-                view.shape()
-            )));
-        }
-        *slot = Some(DenseTensor {
-            shape: view.shape().to_vec(),
-            data: to_f32(&view, &weights_path, name)?,
-        });
-    }
-    let mut triplets = Vec::with_capacity(found.len());
-    for ((layer, module), [a, e, b]) in found {
-        let missing = |f: char| Error::Tensor {
-            path: weights_path.clone(),
-            name: tensor_name(layer, module, f),
-            message: "missing: every projection needs lora_A, lora_E and lora_B".into(),
-        };
-        let t = AdaLoraTriplet {
-            layer,
-            module,
-            a: a.ok_or_else(|| missing('A'))?,
-            e: e.ok_or_else(|| missing('E'))?,
-            b: b.ok_or_else(|| missing('B'))?,
-        };
-        let r = t.rank();
-        if t.e.shape != [r, 1] || t.b.shape[1] != r {
-            return Err(Error::BadPair {
-                layer,
-                module: module.path(),
-                message: format!(
-                    "shapes A {:?}, E {:?}, B {:?} are not [r, in], [r, 1], [out, r]",
-                    t.a.shape, t.e.shape, t.b.shape
-                ),
-            });
-        }
-        triplets.push(t);
-    }
-    Ok(AdaLoraAdapter { config, triplets })
+/// Trains an AdaLoRA model and writes `adapter/` (peft format, cut to the rank pattern) and
+/// `merged/` (base + the same masked adapter).
+pub(crate) fn train_and_save<B: AutodiffBackend, O: Objective + ?Sized>(
+    ctx: &LoopCtx<'_, O>,
+    model: AdaLoraLm<B>,
+    adapter: AdaLoraAdapterConfig,
+    config: &ModelConfig,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<SftReport, Error> {
+    let mut alloc = RankAllocator::<B::InnerBackend>::new(&model.lm, adapter);
+    let (model, mut report) =
+        train_objective::<B, _, O>(ctx, model, device, &|_, _| Ok(()), &mut alloc)?;
+    let model = alloc.masked(model).valid();
+    let adapter_dir = ctx.out_dir.join("adapter");
+    alloc.write_adapter(&model.lm, &adapter_dir)?;
+    let model_dir = save_merged(ctx.out_dir, config, model.lm, dtype)?;
+    report.adapter_dir = Some(adapter_dir);
+    report.model_dir = Some(model_dir);
+    Ok(report)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn budget_follows_peft_cubic_schedule() {
-        // init_r 4, target_r 2, 14 adapters, 10 steps, tinit 2, tfinal 3, deltaT 2 (the fixture run).
-        let p = AdaLoraParams {
-            init_r: 4,
-            target_r: 2,
-            tinit: 2,
-            tfinal: 3,
-            delta_t: 2,
-            ..AdaLoraParams::default()
-        };
-        let s = BudgetSchedule::new(&p, 14, 10);
-        let got: Vec<(usize, bool)> = (0..10).map(|i| s.at(i)).collect();
-        assert_eq!(
-            got,
-            vec![
-                (56, false),
-                (56, false),
-                (56, false),
-                (42, false),
-                (34, true),
-                (29, false),
-                (28, true),
-                (28, false),
-                (28, true),
-                (28, true),
-            ]
-        );
-        assert_eq!(
-            keep_mask(&[0.3, 0.1, 0.2, 0.4], 2),
-            vec![true, false, false, true]
-        );
-        assert_eq!(keep_mask(&[0.3, 0.1], 2), vec![true, true]);
-    }
-
-    #[test]
-    fn names_parse_and_tensors_cut_by_pattern() {
-        assert_eq!(
-            parse_tensor_name("base_model.model.model.layers.3.mlp.up_proj.lora_E"),
-            Some((3, LoraModule::UpProj, 'E'))
-        );
-        assert_eq!(
-            parse_tensor_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"),
-            Some((0, LoraModule::QProj, 'A'))
-        );
-        assert_eq!(
-            parse_tensor_name("base_model.model.model.layers.0.self_attn.q_proj.ranknum"),
-            None
-        );
-        let d = |shape: Vec<usize>| DenseTensor {
-            data: (0..shape.iter().product::<usize>())
-                .map(|v| v as f32)
-                .collect(),
-            shape,
-        };
-        let t = AdaLoraTriplet {
-            layer: 0,
-            module: LoraModule::VProj,
-            a: d(vec![3, 2]),
-            e: d(vec![3, 1]),
-            b: d(vec![2, 3]),
-        };
-        let s = t.select(&[true, false, true]);
-        assert_eq!(s.a.data, vec![0., 1., 4., 5.]);
-        assert_eq!(s.e.data, vec![0., 2.]);
-        assert_eq!(
-            (s.b.shape.clone(), s.b.data.clone()),
-            (vec![2, 2], vec![0., 2., 3., 5.])
-        );
-        let none = t.select(&[false, false, false]);
-        assert_eq!((none.a.shape, none.b.shape), (vec![0, 2], vec![2, 0]));
-    }
-}
+mod tests;

@@ -84,7 +84,7 @@ impl<'de> Deserialize<'de> for RewardSpec {
         let mut allowed = vec!["kind", "weight"];
         allowed.extend_from_slice(reward_keys(&kind));
         if let Some(bad) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            let hint = crate::recipe::suggest::nearest(bad, allowed.iter().copied())
+            let hint = crate::text::suggest::nearest(bad, allowed.iter().copied())
                 .map(|n| format!(", did you mean `{n}`?"))
                 .unwrap_or_default();
             return Err(D::Error::custom(format!(
