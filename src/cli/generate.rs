@@ -1,5 +1,6 @@
 //! `runner generate`: text generation from an HF model folder or a GGUF file on CPU or CUDA,
-//! optionally with a peft adapter (`--adapter`: LoRA merged in, or a prompt-learning adapter).
+//! optionally with a peft adapter (`--adapter`: LoRA, DoRA or AdaLoRA on the weights, or a
+//! prompt-learning adapter; [`runner::peft::trained`]).
 //!
 //! The tokenizer is used through the small [`GenTokenizer`] trait, implemented with the `text`
 //! module's tokenizer and chat templates ([`TextGenTokenizer`]); model files are resolved by
@@ -14,14 +15,11 @@ use burn::tensor::backend::Backend;
 use serde_json::{json, Value};
 
 use runner::infer::source::{load_model_source, ModelSource};
-use runner::model::decoder::CausalLm;
 use runner::model::device::{run_on_device, BackendTask, DeviceChoice};
 use runner::model::generate::{
     generate_prompted, BudgetForcing, GenerateOptions, Generation, SamplingParams,
 };
-use runner::model::prompt::{
-    prompt_adapter_kind, read_prompt_adapter, PromptAdapter, PromptAdapterFile,
-};
+use runner::peft::trained::{load_trained, Adapter};
 
 /// Arguments of `runner generate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -244,61 +242,10 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<PromptItem>> {
     Ok(out)
 }
 
-/// An adapter that changes the model's weights: LoRA (with DoRA) or AdaLoRA.
-enum WeightAdapter {
-    Lora(runner::peft::files::LoraAdapter),
-    AdaLora(runner::peft::adalora_files::AdaLoraAdapter),
-}
-
-/// Reads a LoRA/DoRA or AdaLoRA adapter folder, by its config's `peft_type`.
-fn read_weight_adapter(dir: &Path) -> anyhow::Result<WeightAdapter> {
-    let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {}", config_path.display()))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
-    Ok(match config.get("peft_type").and_then(|v| v.as_str()) {
-        Some("ADALORA") => {
-            WeightAdapter::AdaLora(runner::peft::adalora_files::read_adalora_adapter(dir)?)
-        }
-        _ => WeightAdapter::Lora(runner::peft::files::read_lora_adapter(dir)?),
-    })
-}
-
-/// The model with its adapters applied, and the prompt-learning adapter if there is one.
-fn build_model<B: Backend>(
-    source: &ModelSource,
-    prompt_adapter: Option<&(PathBuf, PromptAdapterFile)>,
-    lora_adapter: Option<&WeightAdapter>,
-    device: &B::Device,
-) -> anyhow::Result<(CausalLm<B>, Option<PromptAdapter<B>>)> {
-    let mut model = CausalLm::<B>::from_hf_tensors(&source.config, &source.tensors, device)?;
-    let adapter = match prompt_adapter {
-        Some((dir, file)) => Some(PromptAdapter::<B>::from_file(
-            file,
-            &source.config,
-            dir,
-            device,
-        )?),
-        None => None,
-    };
-    match lora_adapter {
-        Some(WeightAdapter::Lora(lora)) => {
-            model = runner::peft::lora::apply_adapter(model, lora, device)?;
-        }
-        Some(WeightAdapter::AdaLora(adalora)) => {
-            model = runner::train::adalora::apply_adalora_adapter(model, adalora, device)?;
-        }
-        None => {}
-    }
-    Ok((model, adapter))
-}
-
 /// One forward over each prompt, with the adapters in effect: `[len, vocab]` rows per prompt.
 struct LogitsTask<'a> {
     source: &'a ModelSource,
-    prompt_adapter: Option<&'a (PathBuf, PromptAdapterFile)>,
-    lora_adapter: Option<&'a WeightAdapter>,
+    adapter: Option<&'a Adapter>,
     prompts: &'a [Vec<u32>],
 }
 
@@ -306,8 +253,12 @@ impl BackendTask for LogitsTask<'_> {
     type Output = anyhow::Result<Vec<Vec<f32>>>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let (model, adapter) =
-            build_model::<B>(self.source, self.prompt_adapter, self.lora_adapter, &device)?;
+        let (model, adapter) = load_trained::<B>(
+            &self.source.config,
+            &self.source.tensors,
+            self.adapter,
+            &device,
+        )?;
         let mut logits = Vec::with_capacity(self.prompts.len());
         for ids in self.prompts {
             let l = runner::model::generate::prompted_logits(&model, adapter.as_ref(), ids)
@@ -321,8 +272,7 @@ impl BackendTask for LogitsTask<'_> {
 
 struct GenerateTask<'a> {
     source: ModelSource,
-    prompt_adapter: Option<(PathBuf, PromptAdapterFile)>,
-    lora_adapter: Option<WeightAdapter>,
+    adapter: Option<Adapter>,
     prompts: Vec<Vec<u32>>,
     opts: GenerateOptions,
     batch_size: usize,
@@ -333,10 +283,10 @@ impl BackendTask for GenerateTask<'_> {
     type Output = anyhow::Result<Vec<Generation>>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let (model, adapter) = build_model::<B>(
-            &self.source,
-            self.prompt_adapter.as_ref(),
-            self.lora_adapter.as_ref(),
+        let (model, adapter) = load_trained::<B>(
+            &self.source.config,
+            &self.source.tensors,
+            self.adapter.as_ref(),
             &device,
         )?;
         drop(self.source);
@@ -397,13 +347,7 @@ pub fn run_with_tokenizer(
         budget,
         pad_token_id: source.config.pad_token_id.unwrap_or(0),
     };
-    let (prompt_adapter, lora_adapter) = match &args.adapter {
-        Some(dir) if prompt_adapter_kind(dir).is_some() => {
-            (Some((dir.clone(), read_prompt_adapter(dir)?)), None)
-        }
-        Some(dir) => (None, Some(read_weight_adapter(dir)?)),
-        None => (None, None),
-    };
+    let adapter = args.adapter.as_deref().map(Adapter::read).transpose()?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let vocab = source.config.vocab_size;
     let logits = match &args.logits {
@@ -412,8 +356,7 @@ pub fn run_with_tokenizer(
             source.load_tensors()?;
             let task = LogitsTask {
                 source: &source,
-                prompt_adapter: prompt_adapter.as_ref(),
-                lora_adapter: lora_adapter.as_ref(),
+                adapter: adapter.as_ref(),
                 prompts: &prompts,
             };
             // On the CPU the logits are computed in float64, so they hold no float32 rounding
@@ -468,8 +411,7 @@ pub fn run_with_tokenizer(
             source.load_tensors()?;
             let task = GenerateTask {
                 source,
-                prompt_adapter,
-                lora_adapter,
+                adapter,
                 prompts: prompts.clone(),
                 opts,
                 batch_size: args.batch_size,

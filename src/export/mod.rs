@@ -3,7 +3,6 @@
 //! HF conversion. References: llama.cpp convert_hf_to_gguf.py / llama-quantize, peft
 //! `merge_and_unload`, transformers `save_pretrained` file layout.
 
-pub mod lora;
 pub mod modelfile;
 
 #[cfg(test)]
@@ -38,6 +37,8 @@ pub enum Error {
     Model { path: PathBuf, what: String },
     #[error("adapter {path}: {what}")]
     Adapter { path: PathBuf, what: String },
+    #[error(transparent)]
+    Merge(#[from] crate::peft::AdapterError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -101,7 +102,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
 pub fn load_merged(model: &Path, adapter: Option<&Path>) -> Result<LoadedModel> {
     let mut m = load_model(model)?;
     if let Some(a) = adapter {
-        let merged = lora::merge_lora(&mut m.tensors, a)?;
+        let merged = crate::peft::merge::merge_lora(&mut m.tensors, a)?;
         tracing::info!("merged {} LoRA modules from {}", merged.len(), a.display());
     }
     Ok(m)
@@ -230,7 +231,7 @@ pub fn export_peft(adapter: &Path, base_model: Option<&Path>, out_dir: &Path) ->
         path: cfg_path.clone(),
         what: e.to_string(),
     })?;
-    lora::LoraConfig::from_file(&cfg_path)?;
+    crate::peft::merge::LoraConfig::from_file(&cfg_path)?;
     let obj = cfg.as_object_mut().ok_or_else(|| Error::Adapter {
         path: cfg_path.clone(),
         what: "not a JSON object".into(),

@@ -8,8 +8,7 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::export::{
-    export_gguf, export_peft, export_safetensors, load_model, lora::merge_lora,
-    modelfile::modelfile,
+    export_gguf, export_peft, export_safetensors, load_model, modelfile::modelfile,
 };
 use crate::gguf::mix::ExportType;
 use crate::gguf::reader::GgufFile;
@@ -18,6 +17,7 @@ use crate::gguf::{quants, GgmlType};
 use crate::model::hf::{
     load_hf_folder_tensors, load_safetensors_file, save_safetensors, DType, HostTensor,
 };
+use crate::peft::merge::merge_lora;
 
 /// GPT-2 `bytes_to_unicode`: the byte-level alphabet BPE vocabularies are written in.
 fn byte_token(b: u8) -> String {

@@ -10,11 +10,11 @@ use super::artifact::{encode_generation_prompt, model_folder, read_records, Data
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::metrics::{self, PredictionRow};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::CausalLm;
 use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
 use crate::model::generate::{generate_prompted, BudgetForcing, GenerateOptions, SamplingParams};
 use crate::model::hf::load_hf_folder_tensors;
-use crate::model::prompt::{prompt_adapter_kind, read_prompt_adapter, PromptAdapter};
+use crate::model::prompt::{prompt_adapter_kind, read_prompt_adapter};
+use crate::peft::trained::{load_trained, Adapter};
 use crate::text::TextTokenizer;
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
@@ -115,7 +115,7 @@ pub fn prompt_adapter_model(
 struct GenerateTask<'a> {
     config: ModelConfig,
     model_dir: &'a Path,
-    adapter: Option<&'a Path>,
+    adapter: Option<&'a Adapter>,
     prompts: &'a [Vec<u32>],
     opts: GenerateOptions,
     batch_size: usize,
@@ -123,26 +123,17 @@ struct GenerateTask<'a> {
 }
 
 impl BackendTask for GenerateTask<'_> {
-    type Output = Result<Vec<Vec<u32>>, String>;
+    type Output = Result<Vec<Vec<u32>>, StageError>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let tensors = load_hf_folder_tensors(self.model_dir).map_err(|e| e.to_string())?;
-        let model = CausalLm::<B>::from_hf_tensors(&self.config, &tensors, &device)
-            .map_err(|e| e.to_string())?;
+        let tensors = load_hf_folder_tensors(self.model_dir).map_err(StageError::wrap)?;
+        let (model, prompt_adapter) =
+            load_trained::<B>(&self.config, &tensors, self.adapter, &device)
+                .map_err(StageError::wrap)?;
         drop(tensors);
-        let adapter = match self.adapter {
-            Some(dir) => {
-                let file = read_prompt_adapter(dir).map_err(|e| e.to_string())?;
-                Some(
-                    PromptAdapter::<B>::from_file(&file, &self.config, dir, &device)
-                        .map_err(|e| e.to_string())?,
-                )
-            }
-            None => None,
-        };
         let mut out = Vec::with_capacity(self.prompts.len());
         for chunk in self.prompts.chunks(self.batch_size.max(1)) {
-            let gens = generate_prompted(&model, adapter.as_ref(), chunk, &self.opts, None)
-                .map_err(|e| e.to_string())?;
+            let gens = generate_prompted(&model, prompt_adapter.as_ref(), chunk, &self.opts, None)
+                .map_err(StageError::wrap)?;
             out.extend(gens.into_iter().map(|g| g.token_ids));
             self.bar.inc(chunk.len() as u64);
         }
@@ -159,9 +150,9 @@ fn generate_on_cpu_engine(
     batch_size: usize,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<Vec<u32>>, StageError> {
-    let tensors = load_hf_folder_tensors(model_dir).map_err(|e| StageError::Other(Box::new(e)))?;
-    let model = crate::infer::QuantModel::from_hf_tensors(config, tensors)
-        .map_err(|e| StageError::Other(Box::new(e)))?;
+    let tensors = load_hf_folder_tensors(model_dir).map_err(StageError::wrap)?;
+    let model =
+        crate::infer::QuantModel::from_hf_tensors(config, tensors).map_err(StageError::wrap)?;
     let gens = crate::infer::generate_batched(&model, prompts, batch_size, opts, None, |n| {
         bar.inc(n as u64)
     })
@@ -211,7 +202,7 @@ impl Stage for Evaluate {
         let base = ctx.optional_input("base").map(|b| b.dir.as_path());
         let (model_dir, adapter) = match model.kind {
             ArtifactKind::Trained => match prompt_adapter_model(&model.dir, base)? {
-                Some((b, a)) => (b, Some(a)),
+                Some((b, a)) => (b, Some(Adapter::read(&a).map_err(StageError::wrap)?)),
                 None => (model_folder(model.kind, &model.dir)?, None),
             },
             _ => (model_folder(model.kind, &model.dir)?, None),
@@ -281,15 +272,13 @@ impl Stage for Evaluate {
             let task = GenerateTask {
                 config,
                 model_dir: &model_dir,
-                adapter: adapter.as_deref(),
+                adapter: adapter.as_ref(),
                 prompts: &prompts,
                 opts,
                 batch_size: params.batch_size,
                 bar: bar.clone(),
             };
-            run_on_device(device, task)
-                .map_err(StageError::wrap)?
-                .map_err(StageError::msg)?
+            run_on_device(device, task).map_err(StageError::wrap)??
         };
         bar.finish_and_clear();
 

@@ -9,6 +9,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::*;
 use crate::model::init::tiny_qwen2_config;
+use crate::peft::adalora::{apply_adalora_adapter, install};
 use crate::peft::adalora_files::{read_adalora_adapter, AdaLoraParams};
 use crate::peft::files::TargetModules;
 use crate::train::config::{Method, SftConfig};

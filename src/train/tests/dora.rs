@@ -150,7 +150,7 @@ fn peft_written_dora_adapter_gives_peft_logits() {
     let (in_memory, _) = max_rel(&got, &want);
     assert!(in_memory < 1e-4, "merged DoRA logits differ by {in_memory}");
     let mut host = base.clone();
-    let modules = crate::export::lora::merge_lora(&mut host, &dir).unwrap();
+    let modules = crate::peft::merge::merge_lora(&mut host, &dir).unwrap();
     assert_eq!(modules.len(), 14);
     let exported = CausalLm::<TB>::from_hf_tensors(&config, &host, &device).unwrap();
     let got = exported.logits(ids).into_data().to_vec::<f32>().unwrap();

@@ -11,7 +11,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::export::{Error, Result};
+use crate::peft::AdapterError as Error;
+
+type Result<T> = std::result::Result<T, Error>;
 use crate::model::hf::{load_safetensors_file, HostTensor};
 
 /// What was read from adapter_config.json.
@@ -32,17 +34,17 @@ impl LoraConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Adapter {
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Invalid {
             path: path.to_path_buf(),
             what: e.to_string(),
         })?;
         if let Some(t) = v["peft_type"].as_str().filter(|t| *t != "LORA") {
-            return Err(Error::Adapter {
+            return Err(Error::Invalid {
                 path: path.to_path_buf(),
                 what: format!("peft_type `{t}` is not LORA"),
             });
         }
-        let r = v["r"].as_u64().ok_or_else(|| Error::Adapter {
+        let r = v["r"].as_u64().ok_or_else(|| Error::Invalid {
             path: path.to_path_buf(),
             what: "missing integer key `r`".into(),
         })?;
@@ -108,7 +110,7 @@ pub fn merge_lora(
     let cfg = LoraConfig::from_file(&adapter_dir.join("adapter_config.json"))?;
     let adapter =
         load_safetensors_file(&adapter_dir.join("adapter_model.safetensors")).map_err(|e| {
-            Error::Adapter {
+            Error::Invalid {
                 path: adapter_dir.to_path_buf(),
                 what: e.to_string(),
             }
@@ -133,7 +135,7 @@ pub fn merge_lora(
                     .unwrap_or(name)
                     .replace(".modules_to_save.default", "");
                 if !base.contains_key(&stem) {
-                    return Err(Error::Adapter {
+                    return Err(Error::Invalid {
                         path: adapter_dir.to_path_buf(),
                         what: format!("tensor `{name}` matches no base weight `{stem}`"),
                     });
@@ -146,20 +148,20 @@ pub fn merge_lora(
     let mut merged = Vec::new();
     for (module, (a, b)) in pairs {
         let (Some(a), Some(b)) = (a, b) else {
-            return Err(Error::Adapter {
+            return Err(Error::Invalid {
                 path: adapter_dir.to_path_buf(),
                 what: format!("module `{module}` lacks lora_A or lora_B"),
             });
         };
         let wname = format!("{module}.weight");
-        let w = base.get_mut(&wname).ok_or_else(|| Error::Adapter {
+        let w = base.get_mut(&wname).ok_or_else(|| Error::Invalid {
             path: adapter_dir.to_path_buf(),
             what: format!("adapter module `{module}` has no base weight `{wname}`"),
         })?;
         let (r, n_in) = match a.shape.as_slice() {
             [r, i] => (*r, *i),
             s => {
-                return Err(Error::Adapter {
+                return Err(Error::Invalid {
                     path: adapter_dir.to_path_buf(),
                     what: format!("`{module}` lora_A shape {s:?} is not 2-D"),
                 })
@@ -168,7 +170,7 @@ pub fn merge_lora(
         let n_out = match b.shape.as_slice() {
             [o, rb] if *rb == r => *o,
             s => {
-                return Err(Error::Adapter {
+                return Err(Error::Invalid {
                     path: adapter_dir.to_path_buf(),
                     what: format!("`{module}` lora_B shape {s:?} does not match rank {r}"),
                 })
@@ -180,7 +182,7 @@ pub fn merge_lora(
             vec![n_out, n_in]
         };
         if w.shape != expect {
-            return Err(Error::Adapter {
+            return Err(Error::Invalid {
                 path: adapter_dir.to_path_buf(),
                 what: format!(
                     "`{wname}` has shape {:?}, the adapter implies {expect:?}",
@@ -209,7 +211,7 @@ pub fn merge_lora(
         }
         if let Some(m) = magnitudes.remove(&module) {
             if m.data.len() != n_out {
-                return Err(Error::Adapter {
+                return Err(Error::Invalid {
                     path: adapter_dir.to_path_buf(),
                     what: format!(
                         "`{module}` lora_magnitude_vector has {} values, expected {n_out}",
@@ -238,7 +240,7 @@ pub fn merge_lora(
         merged.push(module);
     }
     if let Some(module) = magnitudes.keys().next() {
-        return Err(Error::Adapter {
+        return Err(Error::Invalid {
             path: adapter_dir.to_path_buf(),
             what: format!("`{module}` has a lora_magnitude_vector but no lora_A/lora_B"),
         });
