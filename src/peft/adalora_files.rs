@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::peft::files::{
-    to_f32, DenseTensor, Error, LoraAdapterConfig, LoraModule, CONFIG_FILE, WEIGHTS_FILE,
+    parse_weights, read_config_json, read_weights, to_f32, DenseTensor, Error, LoraAdapterConfig,
+    LoraModule, CONFIG_FILE, WEIGHTS_FILE,
 };
 
 /// The `adalora` table of the `sft` stage (peft `AdaLoraConfig` defaults). `lora_alpha`,
@@ -444,25 +444,10 @@ pub struct AdaLoraAdapter {
 
 /// Reads an AdaLoRA adapter written by peft or by [`write_adalora_adapter`].
 pub fn read_adalora_adapter(dir: &Path) -> Result<AdaLoraAdapter, Error> {
-    let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-        path: config_path.clone(),
-        source,
-    })?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: config_path.clone(),
-        message: e.to_string(),
-    })?;
+    let (json, config_path) = read_config_json(dir)?;
     let config = AdaLoraAdapterConfig::from_json(&json, &config_path)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&weights_path).map_err(|source| Error::Io {
-        path: weights_path.clone(),
-        source,
-    })?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
-        path: weights_path.clone(),
-        message: e.to_string(),
-    })?;
+    let (bytes, weights_path) = read_weights(dir)?;
+    let tensors = parse_weights(&bytes, &weights_path)?;
     let mut found: BTreeMap<(usize, LoraModule), [Option<DenseTensor>; 3]> = BTreeMap::new();
     for (name, view) in tensors.iter() {
         let err = |message: String| Error::Tensor {

@@ -544,28 +544,45 @@ pub(crate) fn to_f32(view: &TensorView, path: &Path, name: &str) -> Result<Vec<f
     })
 }
 
+/// `adapter_config.json` of the adapter folder `dir` as JSON, with its path for errors.
+pub fn read_config_json(dir: &Path) -> Result<(Value, PathBuf), Error> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let json = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok((json, path))
+}
+
+/// The bytes of `adapter_model.safetensors` in `dir`, with its path for errors.
+pub(crate) fn read_weights(dir: &Path) -> Result<(Vec<u8>, PathBuf), Error> {
+    let path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok((bytes, path))
+}
+
+/// The tensors of the weights file read from `path`.
+pub(crate) fn parse_weights<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>, Error> {
+    SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 /// Reads a PEFT LoRA adapter directory written by peft or by `write_lora_adapter`.
 pub fn read_lora_adapter(dir: &Path) -> Result<LoraAdapter, Error> {
-    let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-        path: config_path.clone(),
-        source,
-    })?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: config_path.clone(),
-        message: e.to_string(),
-    })?;
+    let (json, config_path) = read_config_json(dir)?;
     let config = LoraAdapterConfig::from_json(&json, &config_path)?;
 
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&weights_path).map_err(|source| Error::Io {
-        path: weights_path.clone(),
-        source,
-    })?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
-        path: weights_path.clone(),
-        message: e.to_string(),
-    })?;
+    let (bytes, weights_path) = read_weights(dir)?;
+    let tensors = parse_weights(&bytes, &weights_path)?;
     let mut factors: BTreeMap<(usize, LoraModule), [Option<DenseTensor>; 2]> = BTreeMap::new();
     let mut magnitudes = BTreeMap::new();
     for (name, view) in tensors.iter() {

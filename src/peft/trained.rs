@@ -17,7 +17,7 @@ use crate::model::prompt::{
 };
 use crate::peft::adalora::apply_adalora_adapter;
 use crate::peft::adalora_files::{read_adalora_adapter, AdaLoraAdapter};
-use crate::peft::files::{read_lora_adapter, LoraAdapter, CONFIG_FILE};
+use crate::peft::files::{read_config_json, read_lora_adapter, LoraAdapter};
 use crate::peft::lora::apply_adapter;
 use crate::peft::AdapterError;
 
@@ -43,16 +43,7 @@ impl Adapter {
                 file: read_prompt_adapter(dir)?,
             });
         }
-        let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|source| AdapterError::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| AdapterError::Invalid {
-                path: config_path.clone(),
-                what: format!("not valid JSON: {e}"),
-            })?;
+        let (config, _) = read_config_json(dir)?;
         Ok(match config.get("peft_type").and_then(|v| v.as_str()) {
             Some("ADALORA") => Adapter::AdaLora(read_adalora_adapter(dir)?),
             _ => Adapter::Lora(read_lora_adapter(dir)?),
@@ -181,7 +172,7 @@ mod tests {
         std::fs::write(dir.path().join("adapter_config.json"), "{ r = 8 }").unwrap();
         let bad = Adapter::read(dir.path()).err().unwrap().to_string();
         assert!(
-            bad.contains("adapter_config.json") && bad.contains("not valid JSON"),
+            bad.contains("adapter_config.json") && bad.contains("invalid adapter config"),
             "{bad}"
         );
     }

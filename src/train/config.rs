@@ -279,6 +279,53 @@ pub(crate) fn check_lora(r: usize, dropout: f64) -> Result<(), (&'static str, St
     Ok(())
 }
 
+/// The accessors every training stage's config has for the keys it names alike (`learning_rate`,
+/// `adam_*`, `weight_decay`, the schedule's, `seed`, `max_grad_norm`, logging, saving,
+/// evaluation, `resume`): what the optimizer and the training loop read.
+macro_rules! training_keys {
+    ($config:ty) => {
+        impl $config {
+            /// The keys the training loop reads.
+            pub(crate) fn loop_settings(&self) -> $crate::train::train_loop::LoopSettings {
+                $crate::train::train_loop::LoopSettings {
+                    method: self.method,
+                    seed: self.seed,
+                    optimizer: self.optimizer_keys(),
+                    max_grad_norm: self.max_grad_norm,
+                    logging_steps: self.logging_steps,
+                    save_steps: self.save_steps,
+                    eval_steps: self.eval_steps,
+                    resume: self.resume,
+                }
+            }
+
+            /// The optimizer and schedule keys.
+            pub(crate) fn optimizer_keys(&self) -> $crate::train::config::OptimizerKeys {
+                $crate::train::config::OptimizerKeys {
+                    learning_rate: self.learning_rate,
+                    adam_beta1: self.adam_beta1,
+                    adam_beta2: self.adam_beta2,
+                    adam_epsilon: self.adam_epsilon,
+                    weight_decay: self.weight_decay,
+                    schedule: self.schedule_config(),
+                }
+            }
+
+            /// The schedule keys as `train::schedule` takes them.
+            pub fn schedule_config(&self) -> $crate::train::schedule::ScheduleConfig {
+                $crate::train::schedule::ScheduleConfig {
+                    scheduler: self.lr_scheduler,
+                    warmup_steps: self.warmup_steps,
+                    warmup_ratio: self.warmup_ratio,
+                }
+            }
+        }
+    };
+}
+pub(crate) use training_keys;
+
+training_keys!(SftConfig);
+
 impl SftConfig {
     /// Checks ranges and combinations before any work starts.
     pub fn validate(&self) -> Result<(), Error> {
@@ -346,41 +393,6 @@ impl SftConfig {
             );
         }
         Ok(())
-    }
-
-    /// The optimizer and schedule keys.
-    /// The keys the training loop reads.
-    pub(crate) fn loop_settings(&self) -> crate::train::train_loop::LoopSettings {
-        crate::train::train_loop::LoopSettings {
-            method: self.method,
-            seed: self.seed,
-            optimizer: self.optimizer_keys(),
-            max_grad_norm: self.max_grad_norm,
-            logging_steps: self.logging_steps,
-            save_steps: self.save_steps,
-            eval_steps: self.eval_steps,
-            resume: self.resume,
-        }
-    }
-
-    pub(crate) fn optimizer_keys(&self) -> OptimizerKeys {
-        OptimizerKeys {
-            learning_rate: self.learning_rate,
-            adam_beta1: self.adam_beta1,
-            adam_beta2: self.adam_beta2,
-            adam_epsilon: self.adam_epsilon,
-            weight_decay: self.weight_decay,
-            schedule: self.schedule_config(),
-        }
-    }
-
-    /// The schedule keys as `train::schedule` takes them.
-    pub fn schedule_config(&self) -> ScheduleConfig {
-        ScheduleConfig {
-            scheduler: self.lr_scheduler,
-            warmup_steps: self.warmup_steps,
-            warmup_ratio: self.warmup_ratio,
-        }
     }
 
     /// peft's factor on `B A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.

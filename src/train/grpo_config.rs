@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::decoder::GradientCheckpointing;
 use crate::peft::files::{LoraAdapterConfig, TargetModules};
-use crate::train::config::{check_lora, Method, OptimizerKeys, Precision, SaveDtype};
+use crate::train::config::{check_lora, Method, Precision, SaveDtype};
 use crate::train::rewards::{RewardKind, RewardSpec};
-use crate::train::schedule::{Schedule, ScheduleConfig};
+use crate::train::schedule::Schedule;
 
 /// How per-token losses become the step's loss (TRL `loss_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -184,6 +184,8 @@ impl Default for GrpoConfig {
 /// A key and what is wrong with it.
 pub type ConfigProblem = (&'static str, String);
 
+crate::train::config::training_keys!(GrpoConfig);
+
 impl GrpoConfig {
     /// Checks ranges and combinations before any work starts.
     pub fn validate(&self) -> Result<(), ConfigProblem> {
@@ -264,40 +266,6 @@ impl GrpoConfig {
             }
         }
         Ok(())
-    }
-
-    /// The optimizer and schedule keys.
-    /// The keys the training loop reads.
-    pub(crate) fn loop_settings(&self) -> crate::train::train_loop::LoopSettings {
-        crate::train::train_loop::LoopSettings {
-            method: self.method,
-            seed: self.seed,
-            optimizer: self.optimizer_keys(),
-            max_grad_norm: self.max_grad_norm,
-            logging_steps: self.logging_steps,
-            save_steps: self.save_steps,
-            eval_steps: self.eval_steps,
-            resume: self.resume,
-        }
-    }
-
-    pub(crate) fn optimizer_keys(&self) -> OptimizerKeys {
-        OptimizerKeys {
-            learning_rate: self.learning_rate,
-            adam_beta1: self.adam_beta1,
-            adam_beta2: self.adam_beta2,
-            adam_epsilon: self.adam_epsilon,
-            weight_decay: self.weight_decay,
-            schedule: self.schedule_config(),
-        }
-    }
-
-    pub fn schedule_config(&self) -> ScheduleConfig {
-        ScheduleConfig {
-            scheduler: self.lr_scheduler,
-            warmup_steps: self.warmup_steps,
-            warmup_ratio: self.warmup_ratio,
-        }
     }
 
     /// Prompts per generated batch: one optimizer step's completions / group size.

@@ -282,11 +282,7 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
                     &lora_magnitudes(&m),
                 )?)
             };
-            let (model, mut report) =
-                train_objective::<B, _, O>(&ctx, model, device, &save_adapter, &mut ())?;
-            let adapter_dir = out_dir.join("adapter");
-            save_adapter(&model, &adapter_dir)?;
-            report.adapter_dir = Some(adapter_dir);
+            let (model, mut report) = train_adapter::<B, _, O>(&ctx, model, device, &save_adapter)?;
             if cfg.write_merged {
                 report.model_dir = Some(save_merged(out_dir, &config, model.valid(), dtype)?);
             }
@@ -317,12 +313,7 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
             let save = |m: &PrefixLm<B>, dir: &Path| {
                 write_prefix_adapter(&m.valid(), cfg, base_name.as_deref(), dir)
             };
-            let (model, mut report) =
-                train_objective::<B, _, O>(&ctx, model, device, &save, &mut ())?;
-            let adapter_dir = out_dir.join("adapter");
-            save(&model, &adapter_dir)?;
-            report.adapter_dir = Some(adapter_dir);
-            Ok(report)
+            Ok(train_adapter::<B, _, O>(&ctx, model, device, &save)?.1)
         }
         Method::Adalora => {
             crate::train::adalora::run::<B, O>(&ctx, &config, tensors, base_name, dtype, device)
@@ -335,12 +326,7 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
             let save = |m: &PromptLm<B>, dir: &Path| {
                 write_virtual_adapter(&m.valid(), cfg, base_name.as_deref(), dir)
             };
-            let (model, mut report) =
-                train_objective::<B, _, O>(&ctx, model, device, &save, &mut ())?;
-            let adapter_dir = out_dir.join("adapter");
-            save(&model, &adapter_dir)?;
-            report.adapter_dir = Some(adapter_dir);
-            Ok(report)
+            Ok(train_adapter::<B, _, O>(&ctx, model, device, &save)?.1)
         }
     }
 }
@@ -377,6 +363,27 @@ pub(crate) fn resident_memory_mb() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Trains a method whose output is an adapter (LoRA, prefix, prompt learning): checkpoints
+/// carry it (`save`), and the trained one is written to `adapter/`.
+fn train_adapter<B, M, O>(
+    ctx: &LoopCtx<'_, O>,
+    model: M,
+    device: &B::Device,
+    save: &SaveHook<'_, M>,
+) -> Result<(M, SftReport), Error>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + CausalModel<B>,
+    M::InnerModule: CausalModel<B::InnerBackend>,
+    O: Objective + ?Sized,
+{
+    let (model, mut report) = train_objective::<B, M, O>(ctx, model, device, save, &mut ())?;
+    let adapter_dir = ctx.out_dir.join("adapter");
+    save(&model, &adapter_dir)?;
+    report.adapter_dir = Some(adapter_dir);
+    Ok((model, report))
 }
 
 /// SFT's and the preference objectives' steps: a plan over the training set fixed before the
