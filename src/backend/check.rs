@@ -670,8 +670,11 @@ fn check_nf4<BK: Backend>(lines: &mut Vec<String>, ok: &mut bool) {
     };
     let packed = ints(blocks * NF4_BLOCK / 8);
     let absmax_codes = ints(blocks.div_ceil(4));
+    // In the backend's float type: the kernel writes the dtype of the code table, and
+    // `random` draws f32 whatever the backend's default.
+    let float = burn::tensor::FloatDType::from(<BK::FloatElem as burn::tensor::Element>::dtype());
     let floats = |n: usize, scale: f64| {
-        Tensor::<BK, 1>::random([n], Distribution::Normal(0.0, scale), &device)
+        Tensor::<BK, 1>::random([n], Distribution::Normal(0.0, scale), &device).cast(float)
     };
     let scales = floats(blocks.div_ceil(ABSMAX_BLOCK), 0.1);
     let (code, dynamic) = (floats(16, 1.0), floats(256, 1.0));
