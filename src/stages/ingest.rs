@@ -37,19 +37,16 @@ pub struct Params {
     pub split: Option<SplitSpec>,
     #[serde(default)]
     pub on_bad_rows: BadRows,
-    /// CSV field separator (one character).
-    #[serde(default = "default_delimiter")]
-    pub delimiter: String,
+    /// CSV field separator (one character, or `"\\t"`); a tab for `.tsv` files and a comma for
+    /// the others when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delimiter: Option<String>,
     /// Add a `source_file` column naming the file each row came from.
     #[serde(default = "yes")]
     pub source_column: bool,
     /// Keep at most this many rows (after filters and dedup, before the split).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
-}
-
-fn default_delimiter() -> String {
-    ",".into()
 }
 
 fn yes() -> bool {
@@ -65,13 +62,19 @@ pub enum Dedup {
 }
 
 impl Params {
-    fn delimiter_byte(&self) -> Result<u8, String> {
-        match self.delimiter.as_bytes() {
+    /// The field separator of `file`: `delimiter` when set, else by the file's extension.
+    fn delimiter_for(&self, file: &Path) -> Result<u8, String> {
+        let Some(delimiter) = &self.delimiter else {
+            let tsv = file
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+            return Ok(if tsv { b'\t' } else { b',' });
+        };
+        match delimiter.as_bytes() {
             [b] => Ok(*b),
-            _ if self.delimiter == "\\t" => Ok(b'\t'),
+            _ if delimiter == "\\t" => Ok(b'\t'),
             _ => Err(format!(
-                "`delimiter` must be one ASCII character, got {:?}",
-                self.delimiter
+                "`delimiter` must be one ASCII character, got {delimiter:?}"
             )),
         }
     }
@@ -144,7 +147,7 @@ impl Stage for Ingest {
 
     fn validate(params: &Params) -> Result<(), (String, String)> {
         params
-            .delimiter_byte()
+            .delimiter_for(Path::new(""))
             .map_err(|m| ("delimiter".to_string(), m))?;
         if let Some(split) = &params.split {
             split.validate().map_err(|m| ("split".to_string(), m))?;
@@ -154,7 +157,6 @@ impl Stage for Ingest {
 
     fn run(params: &Params, ctx: &StageContext) -> Result<(), StageError> {
         let files = resolve_paths(&params.path, &ctx.recipe_dir)?;
-        let delimiter = params.delimiter_byte().map_err(StageError::msg)?;
         let bar = ctx.progress_bar(files.len() as u64, "files");
         let mut table = Table::default();
         let mut sources = Vec::new();
@@ -168,6 +170,7 @@ impl Stage for Ingest {
                         file.display()
                     ))
                 })?;
+            let delimiter = params.delimiter_for(file).map_err(StageError::msg)?;
             let report =
                 readers::read_file(file, format, params.encoding, params.on_bad_rows, delimiter)
                     .map_err(StageError::wrap)?;
@@ -268,5 +271,44 @@ impl Stage for Ingest {
         manifest.write(&ctx.out_dir)?;
         tracing::info!(rows_read, dropped_missing, duplicates, "ingested");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(toml_text: &str) -> Params {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn tsv_files_are_split_at_tabs_unless_a_delimiter_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let tsv = dir.path().join("qa.tsv");
+        std::fs::write(&tsv, "question\tanswer\nwhy, then?\tbecause, so\n").unwrap();
+        let read = |p: &Params| {
+            let delimiter = p.delimiter_for(&tsv).unwrap();
+            let format = FileFormat::from_path(&tsv).unwrap();
+            readers::read_file(&tsv, format, p.encoding, p.on_bad_rows, delimiter)
+                .unwrap()
+                .table
+        };
+        let table = read(&params(r#"path = "qa.tsv""#));
+        assert_eq!(table.columns, ["question", "answer"]);
+        assert_eq!(table.rows[0][1].as_deref(), Some("because, so"));
+        // A CSV keeps its comma; a set delimiter wins over the extension.
+        let csv = params(r#"path = "x""#);
+        assert_eq!(csv.delimiter_for(Path::new("a.csv")), Ok(b','));
+        assert_eq!(csv.delimiter_for(Path::new("a.TSV")), Ok(b'\t'));
+        let semicolon = params("path = \"x\"\ndelimiter = \";\"");
+        assert_eq!(semicolon.delimiter_for(&tsv), Ok(b';'));
+        let tab = params("path = \"x\"\ndelimiter = '\\t'");
+        assert_eq!(tab.delimiter_for(Path::new("a.csv")), Ok(b'\t'));
+        let bad = params("path = \"x\"\ndelimiter = \";;\"");
+        assert!(bad
+            .delimiter_for(&tsv)
+            .unwrap_err()
+            .contains("one ASCII character"));
     }
 }
