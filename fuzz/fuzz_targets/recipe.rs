@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
     if raw.table.values().any(leaves_the_folder) {
         return;
     }
-    if let Err(e) = Plan::build(raw) {
+    if let Err(e) = Plan::build(raw, runner::stages::registry()) {
         let _ = e.to_string();
     }
 });

@@ -88,10 +88,13 @@ pub fn submit(args: SubmitArgs) -> Result<(), Failure> {
     let mut unique: BTreeMap<String, UniqueStage> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut first_plan: Option<Plan> = None;
+    // A sweep plans the recipe once per point: its model files are hashed once.
+    let hashes = store.file_hashes();
     for (p, overrides) in points.iter().enumerate() {
-        let plan = Plan::build(
+        let plan = Plan::build_with_hashes(
             RawRecipe::load(&args.recipe, overrides)?,
             runner::stages::registry(),
+            &hashes,
         )?;
         for s in &plan.stages {
             let entry = unique.entry(s.fingerprint.clone()).or_insert_with(|| {
@@ -113,6 +116,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), Failure> {
         }
         first_plan.get_or_insert(plan);
     }
+    hashes.save();
     let plan = first_plan.ok_or_else(|| anyhow!("nothing to submit"))?;
     let run_id = new_run_id();
     let log_dir = runs_dir.join(&run_id).join("logs");

@@ -39,9 +39,16 @@ pub struct RecipeArgs {
 }
 
 impl RecipeArgs {
-    fn plan(&self) -> Result<Plan, Failure> {
+    /// The recipe's plan; with a store, its external files are hashed through the store's memo.
+    fn plan(&self, store: Option<&Store>) -> Result<Plan, Failure> {
         let raw = RawRecipe::load(&self.recipe, &self.set)?;
-        Ok(Plan::build(raw, runner::stages::registry())?)
+        let Some(store) = store else {
+            return Ok(Plan::build(raw, runner::stages::registry())?);
+        };
+        let hashes = store.file_hashes();
+        let plan = Plan::build_with_hashes(raw, runner::stages::registry(), &hashes)?;
+        hashes.save();
+        Ok(plan)
     }
 }
 
@@ -118,8 +125,8 @@ fn finish(record: &RunRecord, runs_dir: &Path) -> Result<(), Failure> {
 }
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
-    let plan = args.recipe.plan()?;
     let store = args.store.open()?;
+    let plan = args.recipe.plan(Some(&store))?;
     let runs_dir = args.store.runs_dir();
     let opts = RunOptions {
         runs_dir: runs_dir.clone(),
@@ -145,8 +152,8 @@ pub struct PlanArgs {
 }
 
 pub fn plan(args: PlanArgs) -> Result<(), Failure> {
-    let plan = args.recipe.plan()?;
     let store = args.store.open()?;
+    let plan = args.recipe.plan(Some(&store))?;
     let records = RunRecord::list(&args.store.runs_dir());
     if args.json {
         for (i, s) in plan.stages.iter().enumerate() {
@@ -223,7 +230,7 @@ pub struct GraphArgs {
 }
 
 pub fn graph(args: GraphArgs) -> Result<(), Failure> {
-    let plan = args.recipe.plan()?;
+    let plan = args.recipe.plan(None)?;
     match args.format {
         GraphFormat::Dot => {
             println!(
@@ -274,9 +281,9 @@ pub struct PathArgs {
 }
 
 pub fn path(args: PathArgs) -> Result<(), Failure> {
-    let plan = args.recipe.plan()?;
-    let stage = plan.require_stage(&args.stage)?;
     let store = args.store.open()?;
+    let plan = args.recipe.plan(Some(&store))?;
+    let stage = plan.require_stage(&args.stage)?;
     if !store.contains(&stage.fingerprint) {
         return Err(Failure {
             code: 1,

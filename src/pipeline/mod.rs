@@ -6,6 +6,7 @@
 //! ```
 
 pub mod context;
+pub mod file_hashes;
 pub mod fingerprint;
 pub mod host;
 pub mod lock;
@@ -15,6 +16,7 @@ pub mod run;
 pub mod stage;
 pub mod store;
 
+pub use file_hashes::FileHashes;
 pub use plan::{Plan, PlannedStage};
 pub use record::{RunRecord, StageRecord, StageState};
 pub use run::{execute, RunOptions};

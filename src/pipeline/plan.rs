@@ -1,9 +1,11 @@
 //! Validation of a recipe into a DAG of stages with their fingerprints, before anything runs.
 
+use super::file_hashes::FileHashes;
 use super::fingerprint::fingerprint;
 use super::stage::{DynStage, InputSlot};
 use crate::recipe::{nearest, Location, RawRecipe, RecipeError, RECIPE_KEYS, TOP_LEVEL_KEYS};
 use petgraph::graph::{DiGraph, NodeIndex};
+use rayon::prelude::*;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -94,6 +96,16 @@ impl Plan {
     /// Builds and validates the plan of `recipe` over the stage kinds of `registry`
     /// (`crate::stages::registry()`). Every problem names the file, line and column.
     pub fn build(recipe: RawRecipe, registry: Vec<Box<dyn DynStage>>) -> Result<Plan, RecipeError> {
+        Self::build_with_hashes(recipe, registry, &FileHashes::in_memory())
+    }
+
+    /// [`Plan::build`] with the external files hashed through `hashes` (the store's memo, so
+    /// unchanged model folders are not read again).
+    pub fn build_with_hashes(
+        recipe: RawRecipe,
+        registry: Vec<Box<dyn DynStage>>,
+        hashes: &FileHashes,
+    ) -> Result<Plan, RecipeError> {
         let kinds: Vec<Arc<dyn DynStage>> = registry.into_iter().map(Arc::from).collect();
         let table = &recipe.table;
         for key in table.keys() {
@@ -381,12 +393,15 @@ impl Plan {
                 .stage
                 .external_files(&stages[i].params, &recipe.dir)
                 .map_err(|e| stage_error(format!("stage `{name}`: {e}")))?;
-            let mut external = Vec::new();
-            for path in files {
-                let blake3 = crate::pipeline::host::hash_file(&path)
-                    .map_err(|e| stage_error(format!("cannot read {}: {e}", path.display())))?;
-                external.push(ExternalFile { path, blake3 });
-            }
+            // Hashed side by side: a model folder is a few large files.
+            let external = files
+                .into_par_iter()
+                .map(|path| match hashes.hash(&path) {
+                    Ok(blake3) => Ok(ExternalFile { path, blake3 }),
+                    Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+                })
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(stage_error)?;
             let revision = stages[i]
                 .stage
                 .source_revision(&stages[i].params, &recipe.dir)

@@ -55,12 +55,27 @@ impl Store {
         })
     }
 
+    /// The memo of external files' hashes kept in this store (see [`super::FileHashes`]).
+    pub fn file_hashes(&self) -> super::FileHashes {
+        super::FileHashes::open(&self.root.join("file-hashes.json"))
+    }
+
     pub fn artifact(&self, fingerprint: &str) -> PathBuf {
         self.root.join(fingerprint)
     }
 
+    /// Whether a whole artifact of `fingerprint` is here: its manifest reads and every file it
+    /// lists is present with its recorded size (a cheap check; `verify` re-hashes). A damaged
+    /// artifact is not "cached": the run builds it again and its commit replaces it.
     pub fn contains(&self, fingerprint: &str) -> bool {
-        self.artifact(fingerprint).join(MANIFEST).is_file()
+        let Some(manifest) = self.manifest(fingerprint) else {
+            return false;
+        };
+        let dir = self.artifact(fingerprint);
+        manifest.files.iter().all(|file| {
+            std::fs::metadata(dir.join(&file.path))
+                .is_ok_and(|m| m.is_file() && m.len() == file.size)
+        })
     }
 
     pub fn manifest(&self, fingerprint: &str) -> Option<Manifest> {
