@@ -411,7 +411,17 @@ fn build_stage(
         fingerprint_doc: stage.fingerprint_doc.clone(),
     };
     let outcome = match store.commit(&temp, manifest) {
-        Ok(_) => Outcome::Built { seconds },
+        Ok(_) => {
+            // The artifact holds what the work folder kept for a rerun (training outputs,
+            // checkpoints): no longer needed once committed.
+            let work_dir = store.work_dir(&stage.fingerprint);
+            if work_dir.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&work_dir) {
+                    tracing::warn!("could not remove {}: {e}", work_dir.display());
+                }
+            }
+            Outcome::Built { seconds }
+        }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&temp);
             Outcome::Failed(e.to_string())

@@ -149,41 +149,40 @@ impl Stage for Grpo {
             eos_ids,
         };
         let device = super::training::stage_device(ctx)?;
-        let (work, interrupted) = super::training::training_work_dir(ctx)?;
-        let mut cfg = params.clone();
-        cfg.resume = cfg.resume || interrupted;
-        let task = TrainTask {
-            cfg: &cfg,
-            model_dir: &model_dir,
-            prompts: &prompts,
-            eval_prompts: &eval_prompts,
-            tokenizer: &tokenizer,
-            tokens: &tokens,
-            out: &work,
-            progress: &ctx.progress,
-        };
-        let (report, bf16) =
-            super::training::train_with_precision(device, cfg.precision, "grpo", task)?;
-        for (key, before) in &report.eval_before {
-            if let Some(after) = report.eval_after.get(key) {
-                tracing::info!("grpo eval {key}: {before:.4} before training, {after:.4} after");
-            }
-        }
-        let trend = reward_trend(&work.join("metrics.jsonl"))?;
-        if let Some(t) = &trend {
-            for (key, first) in &t.first {
-                if let Some(last) = t.last.get(key) {
+        super::training::train_in_work_folder(ctx, &model_dir, "grpo.json", |work, interrupted| {
+            let mut cfg = params.clone();
+            cfg.resume = cfg.resume || interrupted;
+            let task = TrainTask {
+                cfg: &cfg,
+                model_dir: &model_dir,
+                prompts: &prompts,
+                eval_prompts: &eval_prompts,
+                tokenizer: &tokenizer,
+                tokens: &tokens,
+                out: work,
+                progress: &ctx.progress,
+            };
+            let (report, bf16) =
+                super::training::train_with_precision(device, cfg.precision, "grpo", task)?;
+            for (key, before) in &report.eval_before {
+                if let Some(after) = report.eval_after.get(key) {
                     tracing::info!(
-                        "grpo {key}: {first:.4} over the first {n} steps, {last:.4} over the last {n}",
-                        n = t.steps
+                        "grpo eval {key}: {before:.4} before training, {after:.4} after"
                     );
                 }
             }
-        }
-        super::training::finish_training_artifact(ctx, &work, &model_dir)?;
-        crate::stages::artifact::write_json(
-            &ctx.out("grpo.json"),
-            &serde_json::json!({
+            let trend = reward_trend(&work.join("metrics.jsonl"))?;
+            if let Some(t) = &trend {
+                for (key, first) in &t.first {
+                    if let Some(last) = t.last.get(key) {
+                        tracing::info!(
+                            "grpo {key}: {first:.4} over the first {n} steps, {last:.4} over the last {n}",
+                            n = t.steps
+                        );
+                    }
+                }
+            }
+            Ok(serde_json::json!({
                 "method": cfg.method,
                 "steps": report.steps,
                 "resumed_from": report.resumed_from,
@@ -197,8 +196,8 @@ impl Stage for Grpo {
                 "prompts": prompts.len(),
                 "device": ctx.device,
                 "precision": if bf16 { "bf16 (f32 masters)" } else { "f32" },
-            }),
-        )
+            }))
+        })
     }
 }
 

@@ -12,8 +12,8 @@
 
 use super::artifact::{read_tokens, TokenRow};
 use super::training::{
-    finish_training_artifact, stage_device, train_with_precision, training_work_dir,
-    TRAINING_INPUTS, TRAINING_OPERATIONAL_KEYS,
+    stage_device, train_in_work_folder, train_with_precision, TRAINING_INPUTS,
+    TRAINING_OPERATIONAL_KEYS,
 };
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::model::device::BackendTask;
@@ -206,44 +206,47 @@ impl<K: KindMarker> Stage for Preference<K> {
             ));
         }
         let device = stage_device(ctx)?;
-        let (work, interrupted) = training_work_dir(ctx)?;
-        let mut cfg = params.clone();
-        cfg.train.resume = cfg.train.resume || interrupted;
-        let loss = cfg.loss(K::KIND).map_err(StageError::wrap)?;
-        let task = TrainTask {
-            cfg: &cfg,
-            kind: K::KIND,
-            model_dir: &model_dir,
-            train,
-            eval,
-            out: &work,
-            progress: &ctx.progress,
-        };
-        let (report, bf16) = train_with_precision(device, cfg.train.precision, K::NAME, task)?;
-        finish_training_artifact(ctx, &work, &model_dir)?;
-        let metrics = ctx.out("metrics.jsonl");
-        let trend = |key: &str| {
-            first_and_last(&metrics, key, 3)
-                .map(|(first, last)| serde_json::json!({ "first": first, "last": last }))
-        };
-        crate::stages::artifact::write_json(
-            &ctx.out(&format!("{}.json", K::NAME)),
-            &serde_json::json!({
-                "kind": K::NAME,
-                "method": cfg.train.method,
-                "loss": loss,
-                "steps": report.steps,
-                "resumed_from": report.resumed_from,
-                "last_loss": report.last_loss,
-                "eval_loss": report.eval_loss,
-                "rewards/accuracies": trend("rewards/accuracies"),
-                "rewards/margins": trend("rewards/margins"),
-                "trainable_params": report.trainable_params,
-                "total_params": report.total_params,
-                "tokens_seen": report.tokens_seen,
-                "device": ctx.device,
-                "precision": if bf16 { "bf16 (f32 masters)" } else { "f32" },
-            }),
+        train_in_work_folder(
+            ctx,
+            &model_dir,
+            &format!("{}.json", K::NAME),
+            |work, interrupted| {
+                let mut cfg = params.clone();
+                cfg.train.resume = cfg.train.resume || interrupted;
+                let loss = cfg.loss(K::KIND).map_err(StageError::wrap)?;
+                let task = TrainTask {
+                    cfg: &cfg,
+                    kind: K::KIND,
+                    model_dir: &model_dir,
+                    train,
+                    eval,
+                    out: work,
+                    progress: &ctx.progress,
+                };
+                let (report, bf16) =
+                    train_with_precision(device, cfg.train.precision, K::NAME, task)?;
+                let metrics = work.join("metrics.jsonl");
+                let trend = |key: &str| {
+                    first_and_last(&metrics, key, 3)
+                        .map(|(first, last)| serde_json::json!({ "first": first, "last": last }))
+                };
+                Ok(serde_json::json!({
+                    "kind": K::NAME,
+                    "method": cfg.train.method,
+                    "loss": loss,
+                    "steps": report.steps,
+                    "resumed_from": report.resumed_from,
+                    "last_loss": report.last_loss,
+                    "eval_loss": report.eval_loss,
+                    "rewards/accuracies": trend("rewards/accuracies"),
+                    "rewards/margins": trend("rewards/margins"),
+                    "trainable_params": report.trainable_params,
+                    "total_params": report.total_params,
+                    "tokens_seen": report.tokens_seen,
+                    "device": ctx.device,
+                    "precision": if bf16 { "bf16 (f32 masters)" } else { "f32" },
+                }))
+            },
         )
     }
 }

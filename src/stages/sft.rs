@@ -6,8 +6,8 @@
 
 use super::artifact::read_tokens;
 use super::training::{
-    finish_training_artifact, stage_device, train_with_precision, training_work_dir,
-    TRAINING_INPUTS, TRAINING_OPERATIONAL_KEYS,
+    stage_device, train_in_work_folder, train_with_precision, TRAINING_INPUTS,
+    TRAINING_OPERATIONAL_KEYS,
 };
 use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::model::device::BackendTask;
@@ -109,22 +109,19 @@ impl Stage for Sft {
             ));
         }
         let device = stage_device(ctx)?;
-        let (work, interrupted) = training_work_dir(ctx)?;
-        let mut cfg = params.clone();
-        cfg.resume = cfg.resume || interrupted;
-        let task = TrainTask {
-            cfg: &cfg,
-            model_dir: &model_dir,
-            train: &train,
-            eval: &eval,
-            out: &work,
-            progress: &ctx.progress,
-        };
-        let (report, bf16) = train_with_precision(device, cfg.precision, "sft", task)?;
-        finish_training_artifact(ctx, &work, &model_dir)?;
-        crate::stages::artifact::write_json(
-            &ctx.out("sft.json"),
-            &serde_json::json!({
+        train_in_work_folder(ctx, &model_dir, "sft.json", |work, interrupted| {
+            let mut cfg = params.clone();
+            cfg.resume = cfg.resume || interrupted;
+            let task = TrainTask {
+                cfg: &cfg,
+                model_dir: &model_dir,
+                train: &train,
+                eval: &eval,
+                out: work,
+                progress: &ctx.progress,
+            };
+            let (report, bf16) = train_with_precision(device, cfg.precision, "sft", task)?;
+            Ok(serde_json::json!({
                 "method": cfg.method,
                 "steps": report.steps,
                 "resumed_from": report.resumed_from,
@@ -135,7 +132,7 @@ impl Stage for Sft {
                 "tokens_seen": report.tokens_seen,
                 "device": ctx.device,
                 "precision": if bf16 { "bf16 (f32 masters)" } else { "f32" },
-            }),
-        )
+            }))
+        })
     }
 }
