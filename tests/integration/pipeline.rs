@@ -193,6 +193,74 @@ fn second_run_is_cached_and_a_change_reruns_only_dependants() {
 }
 
 #[test]
+fn a_damaged_artifact_is_built_again_and_the_memo_of_file_hashes_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    mixed_encoding_folder(dir.path());
+    write(dir.path().join("r.toml"), INGEST_RECIPE);
+    runner(dir.path())
+        .args(["run", "r.toml"])
+        .assert()
+        .success();
+    // The plan hashed the input files once and remembered them in the store.
+    let memo = dir.path().join(".runner/store/file-hashes.json");
+    let memo: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(memo).unwrap()).unwrap();
+    assert_eq!(memo.as_object().unwrap().len(), 6, "{memo}");
+
+    // A file of raw's artifact is lost (a crash of an old runner, a hand's `rm`): raw is not
+    // "cached" any more; its rebuild replaces it and format, whose input is unchanged, stays.
+    let raw = stdout(runner(dir.path()).args(["path", "r.toml", "raw"]));
+    std::fs::remove_file(Path::new(raw.trim()).join("train.parquet")).unwrap();
+    let plan = stdout(runner(dir.path()).args(["plan", "r.toml"]));
+    assert!(plan.contains("run     raw"), "{plan}");
+    let out = runner(dir.path()).args(["run", "r.toml"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("1 ran, 1 cached"), "{err}");
+    let verify = stdout(runner(dir.path()).args(["cache", "verify"]));
+    assert!(verify.contains("none corrupt"), "{verify}");
+}
+
+#[test]
+fn runs_of_one_recipe_at_once_build_each_stage_once_and_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    mixed_encoding_folder(dir.path());
+    write(dir.path().join("r.toml"), INGEST_RECIPE);
+    let bin = assert_cmd::cargo::cargo_bin("runner");
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new(&bin)
+                .current_dir(dir.path())
+                .env_remove("RUNNER_STORE")
+                .args(["run", "r.toml"])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut built = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        built += err.matches("done     ").count();
+    }
+    // Each of the two stages was built by exactly one of the runs; the others waited for its
+    // lock and then found it cached.
+    assert_eq!(built, 2);
+    let verify = stdout(runner(dir.path()).args(["cache", "verify"]));
+    assert!(verify.contains("none corrupt"), "{verify}");
+    let runs = stdout(runner(dir.path()).args(["runs"]));
+    assert_eq!(runs.matches(" succeeded ").count(), 4, "{runs}");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join(".runner/store/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
 fn interrupted_run_leftovers_are_recovered() {
     let dir = tempfile::tempdir().unwrap();
     mixed_encoding_folder(dir.path());
