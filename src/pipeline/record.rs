@@ -17,6 +17,20 @@ pub enum StageState {
     Submitted,
 }
 
+impl StageState {
+    /// The state as records spell it (`run`, `cached`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Run => "run",
+            Self::Cached => "cached",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+            Self::Submitted => "submitted",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageRecord {
     pub name: String,

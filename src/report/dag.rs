@@ -172,22 +172,18 @@ pub fn dag_svg(stages: &[StageRecord]) -> String {
     }
     for (i, stage) in stages.iter().enumerate() {
         let (x, y) = position[i];
-        let (fill, stroke, dashed) = state_colors(&stage.state);
+        let (fill, stroke, dashed) = state_colors(stage.state.as_str());
         let dash = if dashed {
             r#" stroke-dasharray="5 3""#
         } else {
             ""
         };
-        let state = if stage.state.is_empty() {
-            "unknown"
-        } else {
-            &stage.state
-        };
+        let state = stage.state.as_str();
         let detail = format!(
             "{} · {} · {}",
             stage.kind,
             state,
-            duration_text(stage.duration_s)
+            duration_text(Some(stage.duration_s))
         );
         let tooltip = format!(
             "{} ({})\nstate: {}\nfingerprint: {}{}",
@@ -255,10 +251,15 @@ mod tests {
         StageRecord {
             name: name.into(),
             kind: name.into(),
+            fingerprint: String::new(),
             inputs: inputs.iter().map(|s| s.to_string()).collect(),
-            state: state.into(),
-            duration_s: Some(1.25),
-            ..StageRecord::default()
+            state: serde_json::from_value(serde_json::json!(state)).unwrap(),
+            reason: None,
+            duration_s: 1.25,
+            artifact: String::new(),
+            error: None,
+            job_id: None,
+            log_path: None,
         }
     }
 

@@ -105,7 +105,7 @@ fn time_text(text: Option<&str>) -> String {
 
 fn wall_time(record: &RunRecord) -> String {
     match (
-        parse_time(record.started_at.as_deref()),
+        parse_time(Some(&record.started_at)),
         parse_time(record.finished_at.as_deref()),
     ) {
         (Some(start), Some(end)) => {
@@ -115,16 +115,17 @@ fn wall_time(record: &RunRecord) -> String {
     }
 }
 
-fn opt(text: &Option<String>) -> String {
-    text.as_deref()
-        .filter(|t| !t.is_empty())
-        .map_or_else(|| "–".to_string(), esc)
+fn opt(text: &str) -> String {
+    if text.is_empty() {
+        "–".to_string()
+    } else {
+        esc(text)
+    }
 }
 
 fn recipe_title(record: &RunRecord) -> String {
-    record
-        .recipe_name
-        .clone()
+    Some(record.recipe_name.clone())
+        .filter(|name| !name.is_empty())
         .or_else(|| {
             record
                 .resolved_recipe
@@ -138,7 +139,11 @@ fn recipe_title(record: &RunRecord) -> String {
 fn state_counts(record: &RunRecord) -> String {
     let mut parts = Vec::new();
     for state in ["run", "cached", "failed", "skipped"] {
-        let count = record.stages.iter().filter(|s| s.state == state).count();
+        let count = record
+            .stages
+            .iter()
+            .filter(|s| s.state.as_str() == state)
+            .count();
         if count > 0 {
             parts.push(format!("{count} {state}"));
         }
@@ -153,7 +158,7 @@ fn header_table(runs: &[&RunRecord]) -> String {
         ("Run id", |r| format!("<code>{}</code>", esc(&r.run_id))),
         ("Status", |r| badge(&r.status)),
         ("Recipe", |r| opt(&r.recipe_path)),
-        ("Started", |r| time_text(r.started_at.as_deref())),
+        ("Started", |r| time_text(Some(&r.started_at))),
         ("Finished", |r| time_text(r.finished_at.as_deref())),
         ("Wall time", wall_time),
         ("Stages", state_counts),
@@ -243,8 +248,8 @@ fn stage_table(a: &RunRecord, b: Option<&RunRecord>) -> String {
         let state_cells = |s: Option<&crate::report::StageRecord>| match s {
             Some(s) => format!(
                 r#"<td>{}</td><td class="num">{}</td>"#,
-                badge(&s.state),
-                duration_text(s.duration_s)
+                badge(s.state.as_str()),
+                duration_text(Some(s.duration_s))
             ),
             None => r#"<td>absent</td><td class="num">–</td>"#.to_string(),
         };
@@ -307,7 +312,7 @@ pub(crate) fn render_page(a: &RunView, b: Option<&RunView>) -> String {
     let _ = write!(
         html,
         r#"<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1"><meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:"><meta name="generator" content="runner {}"><title>{}</title><style>{CSS}</style></head><body><main>"#,
-        esc(ra.runner_version.as_deref().unwrap_or("")),
+        esc(&ra.runner_version),
         esc(&format!("runner report: {title}"))
     );
     let _ = write!(

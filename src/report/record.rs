@@ -12,67 +12,9 @@ use serde_json::{Map, Value};
 use crate::charts::{read_metrics_jsonl, training_chart_specs, ChartSpec};
 use crate::report::Error;
 
-/// `run.json` as written by the pipeline. Fields the report can do without default to empty.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct RunRecord {
-    pub run_id: String,
-    pub recipe_path: Option<String>,
-    pub recipe_name: Option<String>,
-    pub resolved_recipe: Value,
-    pub overrides: Vec<String>,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub status: String,
-    pub runner_version: Option<String>,
-    pub git_revision: Option<String>,
-    pub host: Option<String>,
-    pub device: Option<String>,
-    pub executor: String,
-    pub pid: Option<u32>,
-    pub stages: Vec<StageRecord>,
-}
-
-/// One stage's outcome inside a run record.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct StageRecord {
-    pub name: String,
-    pub kind: String,
-    pub fingerprint: String,
-    /// Names of the stages this one reads.
-    pub inputs: Vec<String>,
-    /// run | cached | failed | skipped
-    pub state: String,
-    pub reason: Option<String>,
-    pub duration_s: Option<f64>,
-    pub artifact: Option<String>,
-    pub error: Option<String>,
-}
-
-/// `manifest.json` of an artifact folder.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct Manifest {
-    pub fingerprint: String,
-    pub stage: String,
-    pub kind: String,
-    pub version: Value,
-    pub params: Value,
-    /// Input name -> fingerprint of the artifact it came from.
-    pub inputs: Map<String, Value>,
-    pub files: Vec<ManifestFile>,
-    pub created_at: Option<String>,
-    pub duration_s: Option<f64>,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct ManifestFile {
-    pub path: String,
-    pub size: u64,
-    pub blake3: String,
-}
+// The pipeline's own record and manifest types: the report reads what the pipeline writes.
+pub use crate::pipeline::record::{RunRecord, StageRecord, StageState};
+pub use crate::pipeline::store::{FileEntry, Manifest};
 
 /// One line of an evaluate stage's `predictions.jsonl`.
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
@@ -119,19 +61,14 @@ pub fn load_run(runs_dir: &Path, run_id: &str) -> Result<RunRecord, Error> {
     if record.run_id.is_empty() {
         record.run_id = run_id.to_string();
     }
-    record.status = crate::pipeline::record::shown_status(
-        &record.status,
-        &record.executor,
-        record.host.as_deref().unwrap_or_default(),
-        record.pid,
-    );
+    record.status = record.status_now();
     Ok(record)
 }
 
 /// The artifact folder of a stage: the recorded path, else `<runs_dir>/../store/<fingerprint>`
 /// (the project may have moved since the run). None when neither exists.
 pub fn locate_artifact(runs_dir: &Path, stage: &StageRecord) -> Option<PathBuf> {
-    let recorded = stage.artifact.as_deref().map(PathBuf::from);
+    let recorded = (!stage.artifact.is_empty()).then(|| PathBuf::from(&stage.artifact));
     let beside = (!stage.fingerprint.is_empty())
         .then(|| {
             runs_dir
@@ -221,7 +158,7 @@ pub fn latest_run_id(runs_dir: &Path) -> Result<String, Error> {
         let Ok(record) = load_run(runs_dir, &id) else {
             continue;
         };
-        let started = record.started_at.clone().unwrap_or_default();
+        let started = record.started_at.clone();
         let key = (
             chrono::DateTime::parse_from_rfc3339(&started).ok(),
             started,

@@ -86,8 +86,8 @@ fn stage_facts(label: Option<&str>, stage: &StageRecord, artifacts: &StageArtifa
         let _ = write!(
             html,
             "<dt>{prefix}state</dt><dd>{} {}</dd>",
-            badge(&stage.state),
-            duration_text(stage.duration_s)
+            badge(stage.state.as_str()),
+            duration_text(Some(stage.duration_s))
         );
     }
     if let Some(reason) = &stage.reason {
@@ -103,9 +103,7 @@ fn stage_facts(label: Option<&str>, stage: &StageRecord, artifacts: &StageArtifa
             .inputs
             .iter()
             .map(|name| {
-                let fp = input_fps
-                    .and_then(|fps| fps.get(name))
-                    .and_then(Value::as_str);
+                let fp = input_fps.and_then(|fps| fps.get(name)).map(String::as_str);
                 match fp {
                     Some(fp) => format!(
                         r##"<a href="#stage-{}">{}</a> <code title="{}">{}</code>"##,
@@ -472,13 +470,13 @@ fn stage_section(name: &str, a: &RunView, b: Option<&RunView>) -> String {
             let _ = write!(
                 html,
                 r#" {}<span class="dur">{}</span></h3>"#,
-                badge(&s.state),
-                duration_text(s.duration_s)
+                badge(s.state.as_str()),
+                duration_text(Some(s.duration_s))
             );
         }
         _ => {
             let state = |x: Option<(&StageRecord, &StageArtifacts)>| {
-                x.map_or("absent".to_string(), |(s, _)| badge(&s.state))
+                x.map_or("absent".to_string(), |(s, _)| badge(s.state.as_str()))
             };
             let _ = write!(html, " A {} → B {}</h3>", state(in_a), state(in_b));
         }

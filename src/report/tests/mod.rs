@@ -163,7 +163,7 @@ fn write_run(
             write_json(
                 &dir.join("manifest.json"),
                 &json!({"fingerprint": fp, "stage": stage.name, "kind": stage.kind, "version": 1,
-                "params": {}, "inputs": inputs, "files": entries, "created_at": started, "duration_s": stage.duration_s}),
+                "params": {}, "inputs": inputs, "files": entries, "created_at": started, "duration_s": stage.duration_s, "fingerprint_doc": {}}),
             );
         }
         records.push(json!({"name": stage.name, "kind": stage.kind, "fingerprint": fp, "inputs": stage.inputs, "state": stage.state,
@@ -171,7 +171,7 @@ fn write_run(
             "duration_s": stage.duration_s, "artifact": dir.to_string_lossy(), "error": stage.error}));
     }
     let run = json!({
-        "run_id": run_id, "recipe_path": "recipes/medical.toml", "recipe_name": "medical",
+        "run_id": run_id, "recipe_path": "recipes/medical.toml", "recipe_dir": ".", "recipe_name": "medical", "store": ".runner/store", "executor": "local",
         "resolved_recipe": {"recipe": {"name": "medical", "seed": seed},
             "stages": {"raw": {"kind": "ingest", "path": "data/medical/*.csv"}, "sft": {"kind": "sft", "input": "tokens", "learning_rate": learning_rate, "lora": {"r": 8, "alpha": 16}}}},
         "overrides": [format!("stages.sft.learning_rate={learning_rate:e}")],
@@ -477,7 +477,7 @@ fn garbage_collected_store_still_renders() {
     let record = crate::report::load_run(&runs2, RUN_A).expect("run");
     let sft = record.stages.iter().find(|s| s.name == "sft").expect("sft");
     fs::write(
-        Path::new(sft.artifact.as_deref().expect("artifact")).join("metrics.jsonl"),
+        Path::new(&sft.artifact).join("metrics.jsonl"),
         "{\"step\":1}\nnot json\n",
     )
     .expect("write");
