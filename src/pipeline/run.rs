@@ -1,6 +1,7 @@
-//! The local scheduler: runs the stages the store lacks, in dependency order, independent stages in
-//! parallel, at most one accelerator-heavy stage at a time. A failed stage stops only its
-//! dependants; everything that finished stays committed.
+//! The local scheduler ([`execute`], deciding from a `Schedule`): runs the stages the store
+//! lacks, in dependency order, independent stages in parallel, at most one accelerator-heavy
+//! stage at a time. A failed stage stops only its dependants; everything that finished stays
+//! committed.
 
 use super::context::{StageContext, StageInput};
 use super::plan::Plan;
@@ -84,35 +85,45 @@ fn say(progress: &indicatif::MultiProgress, line: String) {
     }
 }
 
-pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecord, PipelineError> {
-    let n = plan.stages.len();
-    for name in opts.force.iter().chain(opts.only.iter()) {
-        plan.require_stage(name)?;
-    }
-    let wanted: Vec<bool> = plan
-        .stages
-        .iter()
-        .map(|s| opts.only.is_empty() || opts.only.contains(&s.name))
-        .collect();
-    let mut state: Vec<StageState> = vec![StageState::Pending; n];
-    let mut reason: Vec<Option<String>> = vec![None; n];
-    let records = RunRecord::list(&opts.runs_dir);
-    for (i, s) in plan.stages.iter().enumerate() {
-        if store.contains(&s.fingerprint) && !opts.force.contains(&s.name) {
-            state[i] = StageState::Cached;
-        } else if wanted[i] {
-            reason[i] = Some(if opts.force.contains(&s.name) {
-                "forced with --force".into()
-            } else {
-                explain(plan, store, &records, i)
-            });
+/// Where each stage of one run stands, and what the scheduler decides from: which stages the
+/// run wants, their states, why each runs, and how each ended.
+struct Schedule<'p> {
+    plan: &'p Plan,
+    wanted: Vec<bool>,
+    state: Vec<StageState>,
+    reason: Vec<Option<String>>,
+    durations: Vec<f64>,
+    errors: Vec<Option<String>>,
+}
+
+impl<'p> Schedule<'p> {
+    /// Cached stages are settled; the others the run wants are pending with the reason they run.
+    /// With `--only`, every input of a wanted stage must be wanted too or already built.
+    fn new(plan: &'p Plan, store: &Store, opts: &RunOptions) -> Result<Self, PipelineError> {
+        let n = plan.stages.len();
+        for name in opts.force.iter().chain(opts.only.iter()) {
+            plan.require_stage(name)?;
         }
-    }
-    if !opts.only.is_empty() {
+        let wanted: Vec<bool> = plan
+            .stages
+            .iter()
+            .map(|s| opts.only.is_empty() || opts.only.contains(&s.name))
+            .collect();
+        let mut state = vec![StageState::Pending; n];
+        let mut reason: Vec<Option<String>> = vec![None; n];
+        let records = RunRecord::list(&opts.runs_dir);
         for (i, s) in plan.stages.iter().enumerate() {
-            if !wanted[i] {
-                continue;
+            if store.contains(&s.fingerprint) && !opts.force.contains(&s.name) {
+                state[i] = StageState::Cached;
+            } else if wanted[i] {
+                reason[i] = Some(if opts.force.contains(&s.name) {
+                    "forced with --force".into()
+                } else {
+                    explain(plan, store, &records, i)
+                });
             }
+        }
+        for (s, _) in plan.stages.iter().zip(&wanted).filter(|(_, &w)| w) {
             for &d in &s.deps {
                 if state[d] != StageState::Cached && !wanted[d] {
                     return Err(PipelineError::Store(format!(
@@ -122,62 +133,150 @@ pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecor
                 }
             }
         }
+        Ok(Self {
+            plan,
+            wanted,
+            state,
+            reason,
+            durations: vec![0.0; n],
+            errors: vec![None; n],
+        })
     }
 
-    let mut record = RunRecord {
-        run_id: opts.run_id.clone().unwrap_or_else(new_run_id),
-        recipe_path: plan.recipe.path.to_string_lossy().to_string(),
-        recipe_dir: plan.recipe.dir.to_string_lossy().to_string(),
-        recipe_name: plan.name.clone(),
-        resolved_recipe: serde_json::to_value(&plan.recipe.table).unwrap_or_default(),
-        overrides: plan.recipe.overrides.clone(),
-        started_at: chrono::Utc::now().to_rfc3339(),
-        finished_at: None,
-        status: "running".into(),
-        runner_version: env!("CARGO_PKG_VERSION").into(),
-        git_revision: git_revision(&plan.recipe.dir),
-        host: crate::pipeline::host::host_name(),
-        device: opts.device.clone(),
-        store: store
-            .root
-            .canonicalize()
-            .unwrap_or(store.root.clone())
-            .to_string_lossy()
-            .to_string(),
-        executor: "local".into(),
-        pid: Some(std::process::id()),
-        stages: plan
-            .stages
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| wanted[*i])
-            .map(|(i, s)| StageRecord {
-                name: s.name.clone(),
-                kind: s.kind.clone(),
-                fingerprint: s.fingerprint.clone(),
-                inputs: s
-                    .inputs
-                    .iter()
-                    .map(|r| match &r.output {
-                        Some(o) => format!("{}.{o}", r.stage),
-                        None => r.stage.clone(),
-                    })
-                    .collect(),
-                state: state[i],
-                reason: reason[i].clone(),
-                duration_s: 0.0,
-                artifact: store.artifact(&s.fingerprint).to_string_lossy().to_string(),
-                error: None,
-                job_id: None,
-                log_path: None,
-            })
-            .collect(),
-    };
+    /// The run's record as it starts: every wanted stage, cached or pending.
+    fn record(&self, store: &Store, opts: &RunOptions) -> RunRecord {
+        let plan = self.plan;
+        RunRecord {
+            run_id: opts.run_id.clone().unwrap_or_else(new_run_id),
+            recipe_path: plan.recipe.path.to_string_lossy().to_string(),
+            recipe_dir: plan.recipe.dir.to_string_lossy().to_string(),
+            recipe_name: plan.name.clone(),
+            resolved_recipe: serde_json::to_value(&plan.recipe.table).unwrap_or_default(),
+            overrides: plan.recipe.overrides.clone(),
+            started_at: chrono::Utc::now().to_rfc3339(),
+            finished_at: None,
+            status: "running".into(),
+            runner_version: env!("CARGO_PKG_VERSION").into(),
+            git_revision: git_revision(&plan.recipe.dir),
+            host: crate::pipeline::host::host_name(),
+            device: opts.device.clone(),
+            store: store
+                .root
+                .canonicalize()
+                .unwrap_or(store.root.clone())
+                .to_string_lossy()
+                .to_string(),
+            executor: "local".into(),
+            pid: Some(std::process::id()),
+            stages: plan
+                .stages
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| self.wanted[*i])
+                .map(|(i, s)| StageRecord {
+                    name: s.name.clone(),
+                    kind: s.kind.clone(),
+                    fingerprint: s.fingerprint.clone(),
+                    inputs: s
+                        .inputs
+                        .iter()
+                        .map(|r| match &r.output {
+                            Some(o) => format!("{}.{o}", r.stage),
+                            None => r.stage.clone(),
+                        })
+                        .collect(),
+                    state: self.state[i],
+                    reason: self.reason[i].clone(),
+                    duration_s: 0.0,
+                    artifact: store.artifact(&s.fingerprint).to_string_lossy().to_string(),
+                    error: None,
+                    job_id: None,
+                    log_path: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether stage `i` can start now: wanted, pending, its inputs built, and no other heavy
+    /// stage running if it is heavy.
+    fn ready(&self, i: usize, heavy_running: bool) -> bool {
+        let stage = &self.plan.stages[i];
+        self.wanted[i]
+            && self.state[i] == StageState::Pending
+            && stage
+                .deps
+                .iter()
+                .all(|&d| matches!(self.state[d], StageState::Run | StageState::Cached))
+            && !(stage.stage.heavy() && heavy_running)
+    }
+
+    /// Takes what became of stage `i`; a failure skips the stages that depend on it.
+    fn settle(&mut self, i: usize, outcome: Outcome, progress: &indicatif::MultiProgress) {
+        let s = &self.plan.stages[i];
+        match outcome {
+            Outcome::Built { seconds } => {
+                self.state[i] = StageState::Run;
+                self.durations[i] = seconds;
+                say(
+                    progress,
+                    format!(
+                        "  done     {:<12} {:<9} {:.2}s  {}",
+                        s.name,
+                        s.kind,
+                        seconds,
+                        &s.fingerprint[..12]
+                    ),
+                );
+            }
+            Outcome::FoundCached => {
+                self.state[i] = StageState::Cached;
+                say(
+                    progress,
+                    format!(
+                        "  cached   {:<12} {:<9} (built by another run)",
+                        s.name, s.kind
+                    ),
+                );
+            }
+            Outcome::Failed(message) => {
+                self.state[i] = StageState::Failed;
+                say(
+                    progress,
+                    format!("  FAILED   {:<12} {:<9} {message}", s.name, s.kind),
+                );
+                self.errors[i] = Some(message);
+                for d in self.plan.dependants(i) {
+                    if self.state[d] == StageState::Pending {
+                        self.state[d] = StageState::Skipped;
+                        self.errors[d] = Some(format!("not run: `{}` failed", s.name));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies the stages' states, durations and errors into `record`.
+    fn update(&self, record: &mut RunRecord) {
+        for r in record.stages.iter_mut() {
+            if let Some(j) = self.plan.index_of(&r.name) {
+                r.state = self.state[j];
+                r.duration_s = self.durations[j];
+                r.error = self.errors[j].clone();
+            }
+        }
+    }
+}
+
+/// Runs `plan`: builds what the store lacks (independent stages at once, up to `opts.jobs`, one
+/// heavy stage at a time), keeping the run record up to date after every stage.
+pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecord, PipelineError> {
+    let mut schedule = Schedule::new(plan, store, opts)?;
+    let mut record = schedule.record(store, opts);
     record.save(&opts.runs_dir)?;
 
     let progress = indicatif::MultiProgress::new();
     for (i, s) in plan.stages.iter().enumerate() {
-        if wanted[i] && state[i] == StageState::Cached {
+        if schedule.wanted[i] && schedule.state[i] == StageState::Cached {
             say(
                 &progress,
                 format!(
@@ -190,38 +289,25 @@ pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecor
         }
     }
 
-    let mut durations = vec![0.0; n];
-    let mut errors: Vec<Option<String>> = vec![None; n];
     let mut heavy_running = false;
     let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
     std::thread::scope(|scope| {
         let mut running: HashSet<usize> = HashSet::new();
         loop {
-            for i in 0..n {
-                if state[i] != StageState::Pending
-                    || !wanted[i]
-                    || running.len() >= opts.jobs.max(1)
-                {
+            for i in 0..plan.stages.len() {
+                if running.len() >= opts.jobs.max(1) || !schedule.ready(i, heavy_running) {
                     continue;
                 }
-                let ready = plan.stages[i]
-                    .deps
-                    .iter()
-                    .all(|&d| matches!(state[d], StageState::Run | StageState::Cached));
-                let heavy = plan.stages[i].stage.heavy();
-                if !ready || (heavy && heavy_running) {
-                    continue;
-                }
-                heavy_running |= heavy;
+                heavy_running |= plan.stages[i].stage.heavy();
                 running.insert(i);
-                state[i] = StageState::Submitted;
+                schedule.state[i] = StageState::Submitted;
                 say(
                     &progress,
                     format!(
                         "  running  {:<12} {:<9} ({})",
                         plan.stages[i].name,
                         plan.stages[i].kind,
-                        reason[i].as_deref().unwrap_or("")
+                        schedule.reason[i].as_deref().unwrap_or("")
                     ),
                 );
                 let tx = tx.clone();
@@ -241,65 +327,13 @@ pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecor
             if plan.stages[i].stage.heavy() {
                 heavy_running = false;
             }
-            let s = &plan.stages[i];
-            match outcome {
-                Outcome::Built { seconds } => {
-                    state[i] = StageState::Run;
-                    durations[i] = seconds;
-                    say(
-                        &progress,
-                        format!(
-                            "  done     {:<12} {:<9} {:.2}s  {}",
-                            s.name,
-                            s.kind,
-                            seconds,
-                            &s.fingerprint[..12]
-                        ),
-                    );
-                }
-                Outcome::FoundCached => {
-                    state[i] = StageState::Cached;
-                    say(
-                        &progress,
-                        format!(
-                            "  cached   {:<12} {:<9} (built by another run)",
-                            s.name, s.kind
-                        ),
-                    );
-                }
-                Outcome::Failed(message) => {
-                    state[i] = StageState::Failed;
-                    say(
-                        &progress,
-                        format!("  FAILED   {:<12} {:<9} {message}", s.name, s.kind),
-                    );
-                    errors[i] = Some(message);
-                    for d in plan.dependants(i) {
-                        if state[d] == StageState::Pending {
-                            state[d] = StageState::Skipped;
-                            errors[d] = Some(format!("not run: `{}` failed", s.name));
-                        }
-                    }
-                }
-            }
-            for r in record.stages.iter_mut() {
-                if let Some(j) = plan.index_of(&r.name) {
-                    r.state = state[j];
-                    r.duration_s = durations[j];
-                    r.error = errors[j].clone();
-                }
-            }
+            schedule.settle(i, outcome, &progress);
+            schedule.update(&mut record);
             let _ = record.save(&opts.runs_dir);
         }
     });
 
-    for r in record.stages.iter_mut() {
-        if let Some(j) = plan.index_of(&r.name) {
-            r.state = state[j];
-            r.duration_s = durations[j];
-            r.error = errors[j].clone();
-        }
-    }
+    schedule.update(&mut record);
     let failed = record
         .stages
         .iter()
