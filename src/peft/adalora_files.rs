@@ -9,16 +9,15 @@
 //! (`RankAllocator.budget_schedule`), `model.py` (`_get_adapter_state_dict`,
 //! `resize_state_dict_by_rank_pattern`, `resize_modules_by_rank_pattern`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::peft::files::{
-    parse_weights, read_config_json, read_weights, to_f32, DenseTensor, Error, LoraAdapterConfig,
-    LoraModule, CONFIG_FILE, WEIGHTS_FILE,
+    parse_weights, read_config_json, read_weights, to_f32, write_f32_tensors, DenseTensor, Error,
+    LoraAdapterConfig, LoraModule, CONFIG_FILE, WEIGHTS_FILE,
 };
 
 /// The `adalora` table of the `sft` stage (peft `AdaLoraConfig` defaults). `lora_alpha`,
@@ -414,25 +413,7 @@ pub fn write_adalora_adapter(
         source,
     })?;
     let weights_path = dir.join(WEIGHTS_FILE);
-    let views = buffers
-        .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::Tensor {
-                    path: weights_path.clone(),
-                    name: name.clone(),
-                    message: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), &weights_path).map_err(|e| {
-        Error::Safetensors {
-            path: weights_path.clone(),
-            message: e.to_string(),
-        }
-    })
+    write_f32_tensors(&weights_path, &buffers)
 }
 
 /// An AdaLoRA adapter folder: config and triplets (sorted by layer, module; ranks as stored).

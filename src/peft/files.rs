@@ -468,24 +468,31 @@ pub fn write_adapter_with_magnitudes(
         let bytes: Vec<u8> = m.data.iter().flat_map(|v| v.to_le_bytes()).collect();
         buffers.push((magnitude_name(layer, module), m.shape.clone(), bytes));
     }
+    write_f32_tensors(&weights_path, &buffers)
+}
+
+/// Writes f32 tensors (name, shape, little-endian bytes) as a weights file the way peft saves
+/// them (`format: pt` metadata).
+pub(crate) fn write_f32_tensors(
+    path: &Path,
+    buffers: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<(), Error> {
     let views = buffers
         .iter()
         .map(|(name, shape, bytes)| {
             TensorView::new(Dtype::F32, shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| Error::Tensor {
-                    path: weights_path.clone(),
+                    path: path.to_path_buf(),
                     name: name.clone(),
                     message: e.to_string(),
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), &weights_path).map_err(|e| {
-        Error::Safetensors {
-            path: weights_path.clone(),
-            message: e.to_string(),
-        }
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
     })
 }
 

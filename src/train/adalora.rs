@@ -27,7 +27,6 @@ use crate::peft::adalora_files::{
 };
 use crate::peft::files::{LoraAdapterConfig, LoraModule};
 use crate::peft::lora::{projections_mut, save_merged};
-use crate::train::data::plan_steps;
 use crate::train::objective::Objective;
 use crate::train::sft::{train_objective, CausalModel, LoopCtx, SftReport};
 use crate::train::train_loop::StepHook;
@@ -315,22 +314,6 @@ impl<AB: AutodiffBackend> StepHook<AB, AdaLoraLm<AB>> for RankAllocator<AB::Inne
     }
 }
 
-/// The optimizer steps `train_objective` will plan for this run.
-fn planned_steps<O: Objective + ?Sized>(ctx: &LoopCtx<'_, O>) -> u64 {
-    let cfg = ctx.cfg;
-    let lengths: Vec<usize> = (0..ctx.train.len()).map(|i| ctx.train.tokens(i)).collect();
-    plan_steps(
-        &lengths,
-        cfg.seed,
-        cfg.batch_size,
-        cfg.max_tokens_per_batch,
-        cfg.gradient_accumulation_steps,
-        cfg.epochs,
-        cfg.max_steps,
-    )
-    .len() as u64
-}
-
 /// The adapter settings of a run: the stage's LoRA keys, its `adalora` table, and
 /// `total_step` defaulting to the planned steps.
 pub(crate) fn adapter_config<O: Objective + ?Sized>(
@@ -338,7 +321,7 @@ pub(crate) fn adapter_config<O: Objective + ?Sized>(
     base_name: Option<String>,
 ) -> Result<AdaLoraAdapterConfig, Error> {
     let cfg = ctx.cfg;
-    let planned = planned_steps(ctx);
+    let planned = ctx.step_plan().len() as u64;
     let mut params = cfg.adalora.clone();
     params
         .check(planned)

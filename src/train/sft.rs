@@ -343,6 +343,26 @@ pub(crate) struct LoopCtx<'a, O: Objective + ?Sized = [TokenizedExample]> {
     pub progress: Option<&'a MultiProgress>,
 }
 
+impl<O: Objective + ?Sized> LoopCtx<'_, O> {
+    /// The optimizer steps of this run: its training units batched, accumulated and repeated
+    /// over the epochs as the settings say (the same plan for a given seed).
+    pub fn step_plan(&self) -> Vec<PlannedStep> {
+        let cfg = self.cfg;
+        let lengths: Vec<usize> = (0..self.train.len())
+            .map(|i| self.train.tokens(i))
+            .collect();
+        plan_steps(
+            &lengths,
+            cfg.seed,
+            cfg.batch_size,
+            cfg.max_tokens_per_batch,
+            cfg.gradient_accumulation_steps,
+            cfg.epochs,
+            cfg.max_steps,
+        )
+    }
+}
+
 /// Token-mean cross-entropy over `examples` (one host read at the end).
 pub fn evaluate<B: Backend, M: CausalModel<B>>(
     model: &M,
@@ -399,17 +419,7 @@ struct PlannedSteps<'a, O: Objective + ?Sized> {
 
 impl<'a, O: Objective + ?Sized> PlannedSteps<'a, O> {
     fn new(ctx: &'a LoopCtx<'a, O>) -> Self {
-        let cfg = ctx.cfg;
-        let lengths: Vec<usize> = (0..ctx.train.len()).map(|i| ctx.train.tokens(i)).collect();
-        let plan = plan_steps(
-            &lengths,
-            cfg.seed,
-            cfg.batch_size,
-            cfg.max_tokens_per_batch,
-            cfg.gradient_accumulation_steps,
-            cfg.epochs,
-            cfg.max_steps,
-        );
+        let plan = ctx.step_plan();
         Self {
             ctx,
             plan,
