@@ -27,11 +27,18 @@ pub(crate) fn train_in_work_folder(
     std::fs::create_dir_all(&work).map_err(|e| StageError::io(&work, e))?;
     let summary_path = work.join(summary_file);
     if summary_path.is_file() {
-        let _ = ctx.progress.println(format!(
+        let note = format!(
             "  {}: training finished in an earlier run that failed after it; making the artifact from {}",
             ctx.stage_name,
             work.display()
-        ));
+        );
+        // On the console also when the bars are hidden (output not a terminal): the rerun must
+        // not look as if it trained.
+        if ctx.progress.is_hidden() {
+            eprintln!("{note}");
+        } else {
+            let _ = ctx.progress.println(note);
+        }
     } else {
         let interrupted = work.join("metrics.jsonl").exists();
         let summary = train(&work, interrupted)?;
