@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,6 +32,8 @@ struct Entry {
 pub struct FileHashes {
     file: Option<PathBuf>,
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// Whether a file was hashed since the memo was read (else `save` has nothing to write).
+    changed: AtomicBool,
 }
 
 impl FileHashes {
@@ -48,6 +51,7 @@ impl FileHashes {
         Self {
             file: Some(file.to_path_buf()),
             entries: Mutex::new(entries),
+            changed: AtomicBool::new(false),
         }
     }
 
@@ -65,6 +69,7 @@ impl FileHashes {
         }
         let hashed_at_ns = now_ns();
         let blake3 = hash_content(path, size)?;
+        self.changed.store(true, Ordering::Relaxed);
         self.lock().insert(
             key,
             Entry {
@@ -82,6 +87,9 @@ impl FileHashes {
     /// that are gone. Failing to write only costs the next plan the hashing.
     pub fn save(&self) {
         let Some(file) = &self.file else { return };
+        if !self.changed.load(Ordering::Relaxed) {
+            return;
+        }
         let mut entries = self.lock().clone();
         entries.retain(|path, _| Path::new(path).exists());
         let Ok(text) = serde_json::to_string(&entries) else {

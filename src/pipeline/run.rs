@@ -3,7 +3,7 @@
 //! stage at a time. A failed stage stops only its dependants; everything that finished stays
 //! committed.
 
-use super::context::{StageContext, StageInput};
+use super::context::{say, StageContext, StageInput};
 use super::plan::Plan;
 use super::record::{git_revision, new_run_id, RunRecord, StageRecord, StageState};
 use super::store::{Manifest, Store};
@@ -74,14 +74,6 @@ pub fn explain(plan: &Plan, store: &Store, records: &[RunRecord], index: usize) 
         "not in store".into()
     } else {
         changes.join("; ")
-    }
-}
-
-fn say(progress: &indicatif::MultiProgress, line: String) {
-    if progress.is_hidden() {
-        eprintln!("{line}");
-    } else {
-        let _ = progress.println(line);
     }
 }
 

@@ -32,13 +32,8 @@ pub(crate) fn train_in_work_folder(
             ctx.stage_name,
             work.display()
         );
-        // On the console also when the bars are hidden (output not a terminal): the rerun must
-        // not look as if it trained.
-        if ctx.progress.is_hidden() {
-            eprintln!("{note}");
-        } else {
-            let _ = ctx.progress.println(note);
-        }
+        // The rerun must not look as if it trained.
+        crate::pipeline::context::say(&ctx.progress, note);
     } else {
         let interrupted = work.join("metrics.jsonl").exists();
         let summary = train(&work, interrupted)?;
