@@ -38,11 +38,12 @@ pub const GGUF_ARCHS: &[(&str, Architecture)] = &[
 
 /// GGUF architecture name for a config; `None` for configs this module cannot write.
 pub fn gguf_arch(cfg: &ModelConfig) -> Option<&'static str> {
-    match cfg.architecture {
-        Architecture::Qwen2 | Architecture::Qwen3 if cfg.variant.sliding_window.is_some() => None,
-        // Mistral's window is written as `llama.attention.sliding_window` (see config_metadata).
-        arch => GGUF_ARCHS.iter().find(|(_, a)| *a == arch).map(|(n, _)| *n),
-    }
+    // A window (Mistral's, Qwen's) is written as `{arch}.attention.sliding_window` (see
+    // config_metadata).
+    GGUF_ARCHS
+        .iter()
+        .find(|(_, a)| *a == cfg.architecture)
+        .map(|(n, _)| *n)
 }
 
 /// Whether the family stores RMSNorm weights as `w` and scales by `1 + w` (Gemma): llama.cpp
@@ -149,24 +150,35 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
     if architecture == Architecture::Gemma2 && sliding_window.is_none() {
         sliding_window = Some(4096); // llama.cpp's default for Gemma 2
     }
-    let layer_types = match (sliding_window, default_swa_period(architecture)) {
+    let pattern_key = key("attention.sliding_window_pattern");
+    let layer_types = match (sliding_window, f.get(&pattern_key)) {
         (None, _) => Vec::new(),
-        // Mistral: every layer slides.
-        (Some(_), None) => vec![LayerType::Sliding; num_hidden_layers],
-        (Some(_), Some(default)) => match f.get(&key("attention.sliding_window_pattern")) {
-            // Newer llama.cpp also accepts one bool per layer (true: sliding).
-            Some(MetaValue::Array(_, items)) if items.len() == num_hidden_layers => items
+        // One bool per layer (true: sliding), as newer llama.cpp also accepts.
+        (Some(_), Some(MetaValue::Array(_, items))) => {
+            if items.len() != num_hidden_layers {
+                return Err(Error::MetaType {
+                    path: f.path.clone(),
+                    key: pattern_key,
+                    expected: format!("one entry per layer ({num_hidden_layers})"),
+                    got: format!("{} entries", items.len()),
+                });
+            }
+            items
                 .iter()
                 .map(|b| match b.as_bool() {
                     Some(true) => LayerType::Sliding,
                     _ => LayerType::Full,
                 })
-                .collect(),
-            Some(p) => swa_pattern(
-                num_hidden_layers,
-                p.as_u64().unwrap_or(default as u64).max(1) as usize,
-            ),
-            None => swa_pattern(num_hidden_layers, default),
+                .collect()
+        }
+        (Some(_), pattern) => match (
+            pattern.and_then(|p| p.as_u64()),
+            default_swa_period(architecture),
+        ) {
+            (Some(period), _) => swa_pattern(num_hidden_layers, period.max(1) as usize),
+            (None, Some(default)) => swa_pattern(num_hidden_layers, default),
+            // Mistral, Qwen: every layer slides.
+            (None, None) => vec![LayerType::Sliding; num_hidden_layers],
         },
     };
     // Mistral: llama with a window on every layer (`llama.attention.sliding_window`).
@@ -199,7 +211,8 @@ pub fn config_from_gguf(f: &GgufFile, tok: &GgufTokenizer) -> Result<ModelConfig
         rope_scaling,
         max_position_embeddings: n("context_length")?,
         tie_word_embeddings: !has("output.weight"),
-        attention_bias: architecture != Architecture::Qwen2 && has("blk.0.attn_q.bias"),
+        attention_bias: architecture != Architecture::Qwen2
+            && (has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias")),
         mlp_bias: false,
         initializer_range: 0.02,
         bos_token_id: tok.bos_id,
@@ -392,6 +405,24 @@ pub fn load_gguf_model(
         if t.name == "rope_freqs.weight" {
             continue;
         }
+        // Older conversions (glm-4-9b-chat's own code, ChatGLM) fuse q, k and v in one tensor.
+        if let Some(parts) = split_fused_qkv(&f, t, &cfg).transpose() {
+            for (gguf_name, part) in parts? {
+                let hf_name = gguf_to_hf_arch(&gguf_name, cfg.architecture)
+                    .filter(|h| expected.get(h) == Some(&part.shape))
+                    .ok_or_else(|| {
+                        mismatch(
+                            &t.name,
+                            format!(
+                                "its part `{gguf_name}` {:?} is not a tensor of this architecture",
+                                part.shape
+                            ),
+                        )
+                    })?;
+                out.insert(hf_name, part);
+            }
+            continue;
+        }
         let Some(hf_name) =
             gguf_to_hf_arch(&t.name, cfg.architecture).filter(|h| expected.contains_key(h))
         else {
@@ -442,6 +473,59 @@ pub fn load_gguf_model(
         ));
     }
     Ok((cfg, out, tok))
+}
+
+/// `blk.N.attn_qkv.{weight,bias}` split into its `attn_q`, `attn_k` and `attn_v` rows (in that
+/// order, as llama.cpp's graph views them); `None` for any other tensor.
+fn split_fused_qkv(
+    f: &GgufFile,
+    t: &crate::gguf::reader::TensorInfo,
+    cfg: &ModelConfig,
+) -> Result<Option<Vec<(String, HostTensor)>>> {
+    let Some((block, param)) = t
+        .name
+        .strip_prefix("blk.")
+        .and_then(|rest| rest.split_once(".attn_qkv."))
+    else {
+        return Ok(None);
+    };
+    if cfg.architecture == Architecture::Llama {
+        return Ok(None); // its q/k rows would also need llama.cpp's permutation
+    }
+    let q_rows = cfg.num_attention_heads * cfg.head_dim;
+    let kv_rows = cfg.num_key_value_heads * cfg.head_dim;
+    let ht = f.tensor_f32(t)?;
+    let rows = ht.shape.first().copied().unwrap_or(0);
+    if rows != q_rows + 2 * kv_rows {
+        return Err(Error::ArchTensor {
+            path: f.path.clone(),
+            tensor: t.name.clone(),
+            arch: f.req_str("general.architecture")?.to_string(),
+            what: format!(
+                "shape {:?}: expected {} rows (q {q_rows} + k {kv_rows} + v {kv_rows}) from the metadata",
+                ht.shape,
+                q_rows + 2 * kv_rows
+            ),
+        });
+    }
+    let row_len: usize = ht.shape.iter().skip(1).product();
+    let mut start = 0;
+    let parts = [("attn_q", q_rows), ("attn_k", kv_rows), ("attn_v", kv_rows)]
+        .into_iter()
+        .map(|(name, n)| {
+            let mut shape = ht.shape.clone();
+            shape[0] = n;
+            let data = ht.data[start * row_len..(start + n) * row_len].to_vec();
+            start += n;
+            let part = HostTensor {
+                shape,
+                data,
+                source_dtype: ht.source_dtype,
+            };
+            (format!("blk.{block}.{name}.{param}"), part)
+        })
+        .collect();
+    Ok(Some(parts))
 }
 
 fn permute_qk(
@@ -528,12 +612,24 @@ pub fn config_metadata(
     }
     let v = &cfg.variant;
     if let Some(w) = v.sliding_window {
-        // Gemma's key; for Mistral (`llama`) llama.cpp has the key but does not read it.
+        // Gemma's key; for Mistral (`llama`) and Qwen llama.cpp has the key but does not read it.
         put("attention.sliding_window", MetaValue::U32(w as u32));
-        if let Some(p) =
-            swa_period_of(cfg).filter(|p| Some(*p) != default_swa_period(cfg.architecture))
-        {
-            put("attention.sliding_window_pattern", MetaValue::U32(p as u32));
+        let every_layer_slides = !v.layer_types.contains(&LayerType::Full);
+        match (swa_period_of(cfg), default_swa_period(cfg.architecture)) {
+            (_, None) if every_layer_slides => {}
+            (Some(p), Some(default)) if p == default => {}
+            (Some(p), Some(_)) => put("attention.sliding_window_pattern", MetaValue::U32(p as u32)),
+            // Any other layout (Qwen's sliding layers from `max_window_layers` on): one bool per layer.
+            _ => put(
+                "attention.sliding_window_pattern",
+                MetaValue::Array(
+                    7,
+                    v.layer_types
+                        .iter()
+                        .map(|t| MetaValue::Bool(*t == LayerType::Sliding))
+                        .collect(),
+                ),
+            ),
         }
     }
     if let Some(c) = v.attn_logit_softcapping {
@@ -571,30 +667,11 @@ fn swa_period_of(cfg: &ModelConfig) -> Option<usize> {
 pub fn export_refusal(cfg: &ModelConfig) -> Option<String> {
     if gguf_arch(cfg).is_none() {
         return Some(format!(
-            "GGUF export of a `{}` model is not supported (sliding-window Qwen has no llama.cpp layout)",
+            "GGUF export of a `{}` model is not supported",
             cfg.model_type
         ));
     }
     let v = &cfg.variant;
-    if default_swa_period(cfg.architecture).is_some()
-        && v.sliding_window.is_some()
-        && swa_period_of(cfg).is_none()
-    {
-        return Some(format!(
-            "`{}`: layer_types {:?} are not a periodic pattern of sliding layers, which is all llama.cpp can express",
-            cfg.model_type, v.layer_types
-        ));
-    }
-    if default_swa_period(cfg.architecture).is_none()
-        && v.layer_types.contains(&LayerType::Full)
-        && v.sliding_window.is_some()
-    {
-        return Some(format!(
-            "`{}` with some full-attention layers among sliding ones: llama.cpp's `{}` has no key for that",
-            cfg.model_type,
-            gguf_arch(cfg).unwrap_or("llama")
-        ));
-    }
     if cfg.architecture == Architecture::Gemma2
         && (v.attn_logit_softcapping.is_none() || v.final_logit_softcapping.is_none())
     {
@@ -613,10 +690,20 @@ pub fn export_refusal(cfg: &ModelConfig) -> Option<String> {
 pub fn llama_cpp_caveats(cfg: &ModelConfig) -> Vec<String> {
     let v = &cfg.variant;
     let mut out = Vec::new();
-    if cfg.architecture == Architecture::Llama && v.sliding_window.is_some() {
+    if default_swa_period(cfg.architecture).is_none() && v.sliding_window.is_some() {
+        let arch = gguf_arch(cfg).unwrap_or("llama");
         out.push(format!(
-            "llama.cpp's `llama` architecture ignores `llama.attention.sliding_window` ({}): it attends to the whole context (same results while prompt + output fit in the window); runner reads the window back",
+            "llama.cpp's `{arch}` architecture ignores `{arch}.attention.sliding_window` ({}): it attends to the whole context (same results while prompt + output fit in the window); runner reads the window back",
             v.sliding_window.unwrap_or(0)
+        ));
+    }
+    if default_swa_period(cfg.architecture).is_some()
+        && v.sliding_window.is_some()
+        && swa_period_of(cfg).is_none()
+    {
+        out.push(format!(
+            "`{}`: the sliding layers {:?} are written as one bool per layer, which only newer llama.cpp reads",
+            cfg.model_type, v.layer_types
         ));
     }
     if let Some(q) = v.query_pre_attn_scalar {

@@ -538,9 +538,59 @@ fn bad_gguf_models_are_errors_naming_file_tensor_and_expectation() {
     assert!(
         e.contains("fused.gguf")
             && e.contains("blk.0.attn_qkv.weight")
-            && e.contains("not a tensor"),
+            && e.contains("[2, 32]")
+            && e.contains("rows (q "),
         "{e}"
     );
+}
+
+/// GLM files from older converters fuse q, k and v (`attn_qkv`, weight and bias): they read as
+/// the same model as the split tensors.
+#[test]
+fn fused_qkv_glm_reads_as_split_q_k_v() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/glm");
+    let dir = tempfile::tempdir().unwrap();
+    let split = dir.path().join("glm.gguf");
+    crate::export::export_gguf(&src, None, &split, ExportType::F32).unwrap();
+    let fused = dir.path().join("glm-fused.gguf");
+    rewrite_gguf(&split, &fused, |_, tensors| {
+        let mut parts: BTreeMap<String, (Vec<usize>, GgmlType, Vec<u8>)> = BTreeMap::new();
+        tensors.retain(|(name, shape, ty, bytes)| {
+            let is_part = ["attn_q.", "attn_k.", "attn_v."]
+                .iter()
+                .any(|p| name.contains(p));
+            if is_part {
+                parts.insert(name.clone(), (shape.clone(), *ty, bytes.clone()));
+            }
+            !is_part
+        });
+        let blocks = parts
+            .keys()
+            .filter(|k| k.ends_with("attn_q.weight"))
+            .count();
+        assert!(blocks > 0);
+        for block in 0..blocks {
+            for param in ["weight", "bias"] {
+                let mut shape: Vec<usize> = Vec::new();
+                let mut bytes = Vec::new();
+                for role in ["q", "k", "v"] {
+                    let (s, ty, b) = &parts[&format!("blk.{block}.attn_{role}.{param}")];
+                    assert_eq!(*ty, GgmlType::F32);
+                    match shape.first_mut() {
+                        Some(rows) => *rows += s[0],
+                        None => shape = s.clone(),
+                    }
+                    bytes.extend_from_slice(b);
+                }
+                let name = format!("blk.{block}.attn_qkv.{param}");
+                tensors.push((name, shape, GgmlType::F32, bytes));
+            }
+        }
+    });
+    let (cfg_split, t_split, _) = crate::gguf::model::load_gguf_model(&split).unwrap();
+    let (cfg_fused, t_fused, _) = crate::gguf::model::load_gguf_model(&fused).unwrap();
+    assert_eq!(cfg_fused, cfg_split);
+    assert_eq!(t_fused, t_split);
 }
 
 #[test]
@@ -669,6 +719,44 @@ fn family_metadata_follows_llama_cpp_keys() {
         (cfg.model_type.as_str(), cfg.layer_window(1)),
         ("mistral", Some(8))
     );
+}
+
+/// Qwen with a window: every layer sliding needs only the window key; sliding layers from
+/// `max_window_layers` on are written as one bool per layer; both read back as the same layers.
+#[test]
+fn sliding_window_qwen_round_trips_through_gguf() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/qwen3");
+    let dir = tempfile::tempdir().unwrap();
+    let windows = |types: [&str; 3]| -> Vec<Option<usize>> {
+        let model = dir.path().join(types.join("-"));
+        std::fs::create_dir_all(&model).unwrap();
+        for e in std::fs::read_dir(&fixture).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+        config["use_sliding_window"] = true.into();
+        config["sliding_window"] = 8.into();
+        config["layer_types"] = serde_json::json!(types);
+        std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+        let out = model.join("m.gguf");
+        crate::export::export_gguf(&model, None, &out, ExportType::F32).unwrap();
+        let f = GgufFile::open(&out).unwrap();
+        assert_eq!(
+            f.get_u64("qwen3.attention.sliding_window").unwrap(),
+            Some(8)
+        );
+        let pattern = f.get("qwen3.attention.sliding_window_pattern").cloned();
+        let all_sliding = types.iter().all(|t| *t == "sliding_attention");
+        assert_eq!(pattern.is_none(), all_sliding, "{pattern:?}");
+        let (cfg, _, _) = crate::gguf::model::load_gguf_model(&out).unwrap();
+        (0..3).map(|i| cfg.layer_window(i)).collect()
+    };
+    let s = "sliding_attention";
+    let f = "full_attention";
+    assert_eq!(windows([s, s, s]), vec![Some(8); 3]);
+    assert_eq!(windows([f, s, s]), vec![None, Some(8), Some(8)]);
 }
 
 /// A GGUF v3 header with `n_tensors` tensor infos and the given metadata entries already encoded.

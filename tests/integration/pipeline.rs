@@ -596,3 +596,58 @@ fn hub_models_download_into_the_shared_cache_and_are_fingerprinted_by_commit() {
         "{bad}"
     );
 }
+
+/// The issue's check of every family: `runner generate --greedy --device cpu --json` on each
+/// fixture folder (tiny random models saved by transformers, `scripts/make_family_fixtures.py`)
+/// gives transformers' prompt ids and greedy tokens on every prompt of its `expected.json`.
+#[test]
+fn every_family_fixture_generates_transformers_greedy_tokens_from_the_command_line() {
+    let families = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
+    let mut checked = Vec::new();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&families)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("expected.json").is_file())
+        .collect();
+    dirs.sort();
+    let work = tempfile::tempdir().unwrap();
+    for dir in &dirs {
+        let expected: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+        let prompts = expected["prompts"].as_array().unwrap();
+        assert!(!prompts.is_empty(), "{}", dir.display());
+        for prompt in prompts {
+            let new_tokens = prompt["tokens"].as_array().unwrap().len().to_string();
+            let out = stdout(runner(work.path()).args([
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt",
+                prompt["text"].as_str().unwrap(),
+                "--max-new-tokens",
+                &new_tokens,
+                "--greedy",
+                "--device",
+                "cpu",
+                "--json",
+            ]));
+            let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            let name = dir.file_name().unwrap().to_string_lossy();
+            assert_eq!(line["prompt_ids"], prompt["ids"], "{name}: {out}");
+            assert_eq!(line["token_ids"], prompt["tokens"], "{name}: {out}");
+        }
+        checked.push(dir.file_name().unwrap().to_string_lossy().to_string());
+    }
+    // The seven families of issue 28; a fixture folder lost would otherwise pass silently.
+    for family in [
+        "gemma2",
+        "gemma3",
+        "glm",
+        "glm4",
+        "llama3_rope",
+        "mistral_sliding",
+        "qwen3",
+    ] {
+        assert!(checked.iter().any(|c| c == family), "{family}: {checked:?}");
+    }
+}
