@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod charts;
 pub mod cluster;
+pub mod console;
 pub mod data;
 pub mod export;
 pub mod gguf;

@@ -30,16 +30,6 @@ pub struct StageContext {
     pub progress: indicatif::MultiProgress,
 }
 
-/// Prints `line` above the progress bars, or to stderr when they are hidden (output not a
-/// terminal), so notes reach the console either way.
-pub fn say(progress: &indicatif::MultiProgress, line: String) {
-    if progress.is_hidden() {
-        eprintln!("{line}");
-    } else {
-        let _ = progress.println(line);
-    }
-}
-
 impl StageContext {
     /// The single input of `slot`; an error naming the stage and slot when missing.
     pub fn input(&self, slot: &str) -> Result<&StageInput, StageError> {

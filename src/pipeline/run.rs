@@ -3,11 +3,12 @@
 //! stage at a time. A failed stage stops only its dependants; everything that finished stays
 //! committed.
 
-use super::context::{say, StageContext, StageInput};
+use super::context::{StageContext, StageInput};
 use super::plan::Plan;
 use super::record::{git_revision, new_run_id, RunRecord, StageRecord, StageState};
 use super::store::{Manifest, Store};
 use super::PipelineError;
+use crate::console::say;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -210,8 +211,8 @@ impl<'p> Schedule<'p> {
                 self.state[i] = StageState::Run;
                 self.durations[i] = seconds;
                 say(
-                    progress,
-                    format!(
+                    Some(progress),
+                    &format!(
                         "  done     {:<12} {:<9} {:.2}s  {}",
                         s.name,
                         s.kind,
@@ -223,8 +224,8 @@ impl<'p> Schedule<'p> {
             Outcome::FoundCached => {
                 self.state[i] = StageState::Cached;
                 say(
-                    progress,
-                    format!(
+                    Some(progress),
+                    &format!(
                         "  cached   {:<12} {:<9} (built by another run)",
                         s.name, s.kind
                     ),
@@ -233,8 +234,8 @@ impl<'p> Schedule<'p> {
             Outcome::Failed(message) => {
                 self.state[i] = StageState::Failed;
                 say(
-                    progress,
-                    format!("  FAILED   {:<12} {:<9} {message}", s.name, s.kind),
+                    Some(progress),
+                    &format!("  FAILED   {:<12} {:<9} {message}", s.name, s.kind),
                 );
                 self.errors[i] = Some(message);
                 for d in self.plan.dependants(i) {
@@ -270,8 +271,8 @@ pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecor
     for (i, s) in plan.stages.iter().enumerate() {
         if schedule.wanted[i] && schedule.state[i] == StageState::Cached {
             say(
-                &progress,
-                format!(
+                Some(&progress),
+                &format!(
                     "  cached   {:<12} {:<9} {}",
                     s.name,
                     s.kind,
@@ -294,8 +295,8 @@ pub fn execute(plan: &Plan, store: &Store, opts: &RunOptions) -> Result<RunRecor
                 running.insert(i);
                 schedule.state[i] = StageState::Submitted;
                 say(
-                    &progress,
-                    format!(
+                    Some(&progress),
+                    &format!(
                         "  running  {:<12} {:<9} ({})",
                         plan.stages[i].name,
                         plan.stages[i].kind,
@@ -348,8 +349,8 @@ fn build_stage(
     let stage = &plan.stages[index];
     let lock = match store.lock(&stage.fingerprint, |owner| {
         say(
-            &progress,
-            format!(
+            Some(&progress),
+            &format!(
                 "  waiting  {:<12} another run is building it ({} pid {})",
                 stage.name, owner.host, owner.pid
             ),

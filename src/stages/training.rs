@@ -33,7 +33,7 @@ pub(crate) fn train_in_work_folder(
             work.display()
         );
         // The rerun must not look as if it trained.
-        crate::pipeline::context::say(&ctx.progress, note);
+        crate::console::say(Some(&ctx.progress), &note);
     } else {
         let interrupted = work.join("metrics.jsonl").exists();
         let summary = train(&work, interrupted)?;

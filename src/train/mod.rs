@@ -52,10 +52,12 @@ pub enum Error {
     },
     #[error("sft: the training set is empty")]
     NoExamples,
-    /// The loss or gradient norm stopped being a number: training diverged.
-    #[error("non-finite {what} at step {step} (learning rate {lr:e}): training diverged, nothing was saved after the last good checkpoint; lower `learning_rate`")]
+    /// The loss or gradient norm stopped being a number: training diverged. It is read back only
+    /// at logging and checkpoint steps, so the bad step lies in `first_step..=step`.
+    #[error("non-finite {what} {} (learning rate {lr:e}): training diverged, nothing was saved after the last good checkpoint; lower `learning_rate`", steps_text(*.first_step, *.step))]
     NonFinite {
         what: &'static str,
+        first_step: u64,
         step: u64,
         lr: f64,
     },
@@ -90,4 +92,13 @@ pub enum Error {
     Schedule(#[from] crate::train::schedule::Error),
     #[error(transparent)]
     OutOfMemory(#[from] crate::backend::memory::OutOfMemory),
+}
+
+/// "at step 7", or "in steps 3–7 (read back at step 7)" when several steps ran unchecked.
+fn steps_text(first_step: u64, step: u64) -> String {
+    if first_step >= step {
+        format!("at step {step}")
+    } else {
+        format!("in steps {first_step}–{step} (read back at step {step}; set `logging_steps = 1` to find the first)")
+    }
 }

@@ -250,18 +250,6 @@ impl ValueWindow {
     }
 }
 
-/// Says a note on the console (above the progress bars) as well as in the log: a resumed run
-/// must not look fresh.
-fn announce(progress: Option<&MultiProgress>, note: &str) {
-    match progress {
-        Some(mp) if !mp.is_hidden() => {
-            let _ = mp.println(format!("  {note}"));
-        }
-        Some(_) => eprintln!("  {note}"),
-        None => tracing::info!("{note}"),
-    }
-}
-
 /// Trains `model` on the steps of `source` and returns it with what the loop did.
 pub(crate) fn train_loop<B, M, S>(
     run: &LoopRun<'_>,
@@ -329,9 +317,10 @@ where
             pending_steps = ck.state.pending_steps;
             tokens_seen = ck.state.tokens_seen;
             resumed_from = Some(start);
-            announce(
+            // A resumed run must not look fresh.
+            crate::console::say(
                 run.progress,
-                &format!("resuming {} from checkpoint-{start}", source.label()),
+                &format!("  resuming {} from checkpoint-{start}", source.label()),
             );
         }
     }
@@ -353,6 +342,8 @@ where
         bar.set_style(style);
     }
     bar.set_position(start);
+    // The last step whose loss and gradient norm were read back finite (a checkpoint's step).
+    let mut checked_through = start;
 
     let mut loss_acc: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut last_loss = None;
@@ -460,9 +451,17 @@ where
             for (what, value) in [("loss", pending_sum), ("gradient norm", grad_norm)] {
                 if !value.is_finite() {
                     bar.abandon();
-                    return Err(Error::NonFinite { what, step, lr }.into());
+                    let first_step = checked_through + 1;
+                    return Err(Error::NonFinite {
+                        what,
+                        first_step,
+                        step,
+                        lr,
+                    }
+                    .into());
                 }
             }
+            checked_through = step;
             norm_value = Some(grad_norm);
         }
         if logging {

@@ -575,7 +575,13 @@ fn a_diverging_run_fails_at_the_step_that_shows_it_and_checkpoints_nothing_after
         ..lora_cfg(10)
     };
     let err = train_loaded(&cfg, &config, &tensors, &data, &[], dir.path()).unwrap_err();
-    let crate::train::Error::NonFinite { step, lr, .. } = err else {
+    let crate::train::Error::NonFinite {
+        step,
+        first_step,
+        lr,
+        ..
+    } = err
+    else {
         panic!("expected a non-finite loss, got {err}");
     };
     assert!(err.to_string().starts_with("non-finite "), "{err}");
@@ -583,6 +589,28 @@ fn a_diverging_run_fails_at_the_step_that_shows_it_and_checkpoints_nothing_after
     // The warm-up's first step still had a finite loss and was checkpointed; the first step
     // whose loss is not a number is not.
     assert!(step >= 2 && lr > 0.0, "{err}");
+    // Checkpoints every step: each step is read back, so the error names exactly one.
+    assert_eq!(first_step, step, "{err}");
+    assert!(
+        err.to_string().contains(&format!("at step {step} ")),
+        "{err}"
+    );
     assert!(dir.path().join(format!("checkpoint-{}", step - 1)).is_dir());
     assert!(!dir.path().join(format!("checkpoint-{step}")).exists());
+
+    // Read back only every 5 steps: the error names the window the bad step lies in.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SftConfig {
+        save_steps: 0,
+        ..cfg
+    };
+    let err = train_loaded(&cfg, &config, &tensors, &data, &[], dir.path()).unwrap_err();
+    let crate::train::Error::NonFinite {
+        step, first_step, ..
+    } = err
+    else {
+        panic!("expected a non-finite loss, got {err}");
+    };
+    assert_eq!((first_step, step), (1, 5), "{err}");
+    assert!(err.to_string().contains("in steps 1–5"), "{err}");
 }
