@@ -297,6 +297,10 @@ pub enum LoraModule {
     GateProj,
     UpProj,
     DownProj,
+    /// GLM's fused MLP input projection as peft names it (`mlp.gate_up_proj`, gate rows
+    /// first). Only in adapter files: runner's decoder holds it as `gate_proj` and `up_proj`
+    /// ([`fuse_gate_up`] on writing, [`split_gate_up`] on reading).
+    GateUpProj,
 }
 
 impl LoraModule {
@@ -320,11 +324,15 @@ impl LoraModule {
             Self::GateProj => "mlp.gate_proj",
             Self::UpProj => "mlp.up_proj",
             Self::DownProj => "mlp.down_proj",
+            Self::GateUpProj => "mlp.gate_up_proj",
         }
     }
 
     fn from_path(path: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.path() == path)
+        Self::ALL
+            .into_iter()
+            .chain([Self::GateUpProj])
+            .find(|m| m.path() == path)
     }
 }
 
@@ -668,11 +676,220 @@ pub fn read_lora_adapter(dir: &Path) -> Result<LoraAdapter, Error> {
             message: "a magnitude vector without lora_A/lora_B".into(),
         });
     }
-    Ok(LoraAdapter {
+    split_gate_up(LoraAdapter {
         config,
         pairs,
         magnitudes,
     })
+    .map_err(|message| Error::Tensor {
+        path: weights_path.clone(),
+        name: "mlp.gate_up_proj".into(),
+        message,
+    })
+}
+
+/// peft's scaling of the module at `path` under `config`: `rank_pattern`/`alpha_pattern` keys
+/// match as peft matches them (the whole name or a `.`-separated suffix).
+fn scaling_of(config: &LoraAdapterConfig, path: &str) -> f64 {
+    let matches = |key: &str| path == key || path.ends_with(&format!(".{key}"));
+    let rank = config
+        .rank_pattern
+        .iter()
+        .find(|(k, _)| matches(k))
+        .map_or(config.r, |(_, r)| *r);
+    let alpha = config
+        .alpha_pattern
+        .iter()
+        .find(|(k, _)| matches(k))
+        .map_or(config.lora_alpha, |(_, a)| *a);
+    if config.use_rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
+/// The layers of a model with a fused `gate_up_proj` (GLM), written as peft would save an
+/// adapter of that model: each layer's `gate_proj` and `up_proj` pairs (same rank r) become one
+/// `gate_up_proj` pair of rank 2r, A stacked and B block-diagonal, so its product is theirs
+/// exactly; `rank_pattern`/`alpha_pattern` give the fused module rank 2r at the same scaling,
+/// and `target_modules` names `gate_up_proj` instead. DoRA magnitudes (per output row) are
+/// stacked. A layer with only one of the two (or different ranks) is left as it is.
+pub fn fuse_gate_up(
+    config: &mut LoraAdapterConfig,
+    pairs: Vec<LoraPair>,
+    mut magnitudes: BTreeMap<(usize, LoraModule), DenseTensor>,
+) -> (Vec<LoraPair>, BTreeMap<(usize, LoraModule), DenseTensor>) {
+    let (mut gates, mut ups) = (BTreeMap::new(), BTreeMap::new());
+    let mut out = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        match p.module {
+            LoraModule::GateProj => {
+                gates.insert(p.layer, p);
+            }
+            LoraModule::UpProj => {
+                ups.insert(p.layer, p);
+            }
+            _ => out.push(p),
+        }
+    }
+    let mut fused_ranks = BTreeMap::new();
+    for (layer, gate) in gates {
+        let up = ups.remove(&layer);
+        let dora = |m: LoraModule| magnitudes.contains_key(&(layer, m));
+        let fits = up.as_ref().is_some_and(|up| {
+            up.a.shape == gate.a.shape
+                && up.b.shape == gate.b.shape
+                && dora(LoraModule::GateProj) == dora(LoraModule::UpProj)
+        });
+        let (true, Some(up)) = (fits, up.as_ref()) else {
+            out.push(gate);
+            out.extend(up);
+            continue;
+        };
+        let (r, rows) = (gate.a.shape[0], gate.b.shape[0]);
+        let mut a = gate.a.data.clone();
+        a.extend_from_slice(&up.a.data);
+        // B = [[B_gate, 0], [0, B_up]]: [2 rows, 2r].
+        let mut b = vec![0f32; 2 * rows * 2 * r];
+        for o in 0..rows {
+            b[o * 2 * r..o * 2 * r + r].copy_from_slice(&gate.b.data[o * r..(o + 1) * r]);
+            let row = (rows + o) * 2 * r;
+            b[row + r..row + 2 * r].copy_from_slice(&up.b.data[o * r..(o + 1) * r]);
+        }
+        out.push(LoraPair {
+            layer,
+            module: LoraModule::GateUpProj,
+            a: DenseTensor {
+                shape: vec![2 * r, gate.a.shape[1]],
+                data: a,
+            },
+            b: DenseTensor {
+                shape: vec![2 * rows, 2 * r],
+                data: b,
+            },
+        });
+        if let (Some(mg), Some(mu)) = (
+            magnitudes.remove(&(layer, LoraModule::GateProj)),
+            magnitudes.remove(&(layer, LoraModule::UpProj)),
+        ) {
+            let mut data = mg.data;
+            data.extend(mu.data);
+            let shape = vec![data.len()];
+            magnitudes.insert((layer, LoraModule::GateUpProj), DenseTensor { shape, data });
+        }
+        fused_ranks.insert(layer, 2 * r);
+    }
+    out.extend(ups.into_values());
+    out.sort_by_key(|p| (p.layer, p.module));
+    if fused_ranks.is_empty() {
+        return (out, magnitudes);
+    }
+    // The fused module keeps each half's scaling: alpha' / r' (or / sqrt(r')) = scaling.
+    let scaling = config.scaling();
+    let alpha_for = |rank: usize| {
+        if config.use_rslora {
+            scaling * (rank as f64).sqrt()
+        } else {
+            scaling * rank as f64
+        }
+    };
+    let uniform = fused_ranks.values().min() == fused_ranks.values().max();
+    let mut patterns = Vec::new();
+    for (layer, rank) in &fused_ranks {
+        let key = if uniform {
+            "gate_up_proj".to_string()
+        } else {
+            format!("model.layers.{layer}.mlp.gate_up_proj")
+        };
+        patterns.push((key, *rank));
+    }
+    for (key, rank) in patterns {
+        config.alpha_pattern.insert(key.clone(), alpha_for(rank));
+        config.rank_pattern.insert(key, rank);
+    }
+    if let TargetModules::List(names) = &mut config.target_modules {
+        names.retain(|n| n != "gate_proj" && n != "up_proj");
+        if !names.iter().any(|n| n == "gate_up_proj") {
+            names.push("gate_up_proj".into());
+        }
+    }
+    (out, magnitudes)
+}
+
+/// Each `gate_up_proj` pair (peft's, or [`fuse_gate_up`]'s) as the `gate_proj` and `up_proj`
+/// pairs runner's decoder holds: B's first half of rows is the gate's, the second the up's,
+/// both with the fused A, so each half's product is exact. B is rescaled from the fused module's
+/// scaling (its `rank_pattern`/`alpha_pattern`) to the adapter's global one, which runner applies.
+pub fn split_gate_up(mut adapter: LoraAdapter) -> Result<LoraAdapter, String> {
+    if !adapter
+        .pairs
+        .iter()
+        .any(|p| p.module == LoraModule::GateUpProj)
+    {
+        return Ok(adapter);
+    }
+    let global = adapter.config.scaling();
+    let mut out = Vec::with_capacity(adapter.pairs.len() + 8);
+    for p in std::mem::take(&mut adapter.pairs) {
+        if p.module != LoraModule::GateUpProj {
+            out.push(p);
+            continue;
+        }
+        let (layer, r, rows) = (p.layer, p.b.shape[1], p.b.shape[0]);
+        if rows % 2 != 0 {
+            return Err(format!(
+                "layer {layer}: lora_B of gate_up_proj has {rows} rows, expected an even number (gate rows, then up rows)"
+            ));
+        }
+        if [LoraModule::GateProj, LoraModule::UpProj].iter().any(|m| {
+            out.iter()
+                .any(|q: &LoraPair| q.layer == layer && q.module == *m)
+        }) {
+            return Err(format!(
+                "layer {layer}: both gate_up_proj and gate_proj/up_proj factors"
+            ));
+        }
+        let path = format!("model.layers.{layer}.mlp.gate_up_proj");
+        let factor = (scaling_of(&adapter.config, &path) / global) as f32;
+        let half = rows / 2;
+        for (i, module) in [LoraModule::GateProj, LoraModule::UpProj]
+            .into_iter()
+            .enumerate()
+        {
+            let b = p.b.data[i * half * r..(i + 1) * half * r]
+                .iter()
+                .map(|v| v * factor)
+                .collect();
+            out.push(LoraPair {
+                layer,
+                module,
+                a: p.a.clone(),
+                b: DenseTensor {
+                    shape: vec![half, r],
+                    data: b,
+                },
+            });
+        }
+        if let Some(m) = adapter.magnitudes.remove(&(layer, LoraModule::GateUpProj)) {
+            for (i, module) in [LoraModule::GateProj, LoraModule::UpProj]
+                .into_iter()
+                .enumerate()
+            {
+                let data = m.data[i * half..(i + 1) * half].to_vec();
+                adapter.magnitudes.insert(
+                    (layer, module),
+                    DenseTensor {
+                        shape: vec![half],
+                        data,
+                    },
+                );
+            }
+        }
+    }
+    out.sort_by_key(|p| (p.layer, p.module));
+    adapter.pairs = out;
+    Ok(adapter)
 }
 
 #[cfg(test)]

@@ -17,7 +17,10 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::model::decoder::CausalLm;
 use crate::model::lora::LoraLinear;
-use crate::peft::files::{DenseTensor, LoraAdapter, LoraAdapterConfig, LoraModule, LoraPair};
+use crate::peft::files::{
+    fuse_gate_up, write_adapter_with_magnitudes, DenseTensor, LoraAdapter, LoraAdapterConfig,
+    LoraModule, LoraPair,
+};
 use crate::peft::AdapterError as Error;
 
 /// Every decoder projection with its layer and peft module kind.
@@ -57,10 +60,15 @@ pub fn add_lora<B: Backend>(
     let mut model = model.no_grad();
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let (r, scaling) = (adapter.r, adapter.scaling());
+    let fused_gate_up = model.config.fused_gate_up();
     let mut wrapped = 0;
     for (layer, module, slot) in projections_mut(&mut model) {
         let path = format!("model.layers.{layer}.{}", module.path());
-        if !adapter.targets(&path)? {
+        // GLM's gate and up are one `gate_up_proj` in transformers: peft's name targets both.
+        let fused_path = format!("model.layers.{layer}.{}", LoraModule::GateUpProj.path());
+        let halves_of_fused =
+            fused_gate_up && matches!(module, LoraModule::GateProj | LoraModule::UpProj);
+        if !(adapter.targets(&path)? || (halves_of_fused && adapter.targets(&fused_path)?)) {
             continue;
         }
         let (out, inp) = (slot.out_features(), slot.in_features());
@@ -103,6 +111,22 @@ pub fn lora_pairs<B: Backend>(model: &CausalLm<B>) -> Vec<LoraPair> {
         }
     }
     pairs
+}
+
+/// Writes the adapters of `model` (and DoRA's magnitudes) as a peft folder in `dir`; for a
+/// model with a fused `gate_up_proj` (GLM) with peft's names for it ([`fuse_gate_up`]).
+pub fn write_model_adapter<B: Backend>(
+    dir: &std::path::Path,
+    config: &LoraAdapterConfig,
+    model: &CausalLm<B>,
+) -> Result<(), crate::peft::files::Error> {
+    let (pairs, magnitudes) = (lora_pairs(model), lora_magnitudes(model));
+    if !model.config.fused_gate_up() {
+        return write_adapter_with_magnitudes(dir, config, &pairs, &magnitudes);
+    }
+    let mut config = config.clone();
+    let (pairs, magnitudes) = fuse_gate_up(&mut config, pairs, magnitudes);
+    write_adapter_with_magnitudes(dir, &config, &pairs, &magnitudes)
 }
 
 /// The model with every adapter folded into its base weight (`W + scaling B A`).

@@ -164,6 +164,80 @@ mod tests {
         assert!(max_diff(&a, &c) > 1e-2, "the adapter changed nothing");
     }
 
+    /// GLM: `target_modules = ["gate_up_proj"]` (peft's name for its fused MLP input) wraps the
+    /// gate and up halves; the adapter is written under peft's fused name, and loading it or
+    /// merging it into the fused HF weight gives the trained model's logits.
+    #[test]
+    fn a_glm_gate_up_proj_adapter_is_written_as_peft_names_it_and_loads_and_merges_the_same() {
+        use burn::module::Param;
+        use burn::tensor::{Distribution, Tensor};
+        let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/glm");
+        let config = ModelConfig::from_file(folder.join("config.json")).unwrap();
+        let tensors = crate::model::hf::load_hf_folder_tensors(&folder).unwrap();
+        assert!(tensors.contains_key("model.layers.0.mlp.gate_up_proj.weight"));
+        let device = Default::default();
+        let base = CausalLm::<TB>::from_hf_tensors(&config, &tensors, &device).unwrap();
+        let targets = TargetModules::List(vec!["gate_up_proj".into(), "q_proj".into()]);
+        let adapter_config = LoraAdapterConfig::new(4, 8.0, targets);
+        let (mut model, wrapped) =
+            crate::peft::lora::add_lora(base, &adapter_config, 3, &device).unwrap();
+        assert_eq!(wrapped, 3 * config.num_hidden_layers);
+        // B starts at zero; a random B makes every adapter count.
+        for (_, _, lin) in crate::peft::lora::projections_mut(&mut model) {
+            if let Some(b) = lin.lora_b.take() {
+                let shape = b.val().shape();
+                let t = Tensor::<TB, 2>::random(shape, Distribution::Uniform(-0.5, 0.5), &device);
+                lin.lora_b = Some(Param::from_tensor(t));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        crate::peft::lora::write_model_adapter(dir.path(), &adapter_config, &model).unwrap();
+        let saved = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap();
+        assert!(saved.contains("\"gate_up_proj\""), "{saved}");
+        let weights =
+            crate::model::hf::load_safetensors_file(&dir.path().join("adapter_model.safetensors"))
+                .unwrap();
+        assert!(weights
+            .keys()
+            .any(|k| k.ends_with("layers.0.mlp.gate_up_proj.lora_A.weight")));
+        assert!(!weights.keys().any(|k| k.contains("gate_proj")));
+
+        let ids = [1u32, 5, 9, 2, 33, 17];
+        let logits = |model: &CausalLm<TB>| {
+            crate::model::generate::prompted_logits(model, None, &ids)
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap()
+        };
+        let max_diff = |x: &[f32], y: &[f32]| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max)
+        };
+        let trained = logits(&model);
+        let adapter = Adapter::read(dir.path()).unwrap();
+        let (loaded, _) = load_trained::<TB>(&config, &tensors, Some(&adapter), &device).unwrap();
+        let d = max_diff(&trained, &logits(&loaded));
+        assert!(d < 1e-4, "loaded vs trained: {d}");
+        let mut merged_tensors = tensors.clone();
+        let merged = crate::peft::merge::merge_lora(&mut merged_tensors, dir.path()).unwrap();
+        assert!(
+            merged.iter().any(|m| m.ends_with("mlp.gate_up_proj")),
+            "{merged:?}"
+        );
+        let (merged_model, _) =
+            load_trained::<TB>(&config, &merged_tensors, None, &device).unwrap();
+        let d = max_diff(&trained, &logits(&merged_model));
+        assert!(d < 1e-4, "merged vs trained: {d}");
+        let (plain, _) = load_trained::<TB>(&config, &tensors, None, &device).unwrap();
+        assert!(
+            max_diff(&trained, &logits(&plain)) > 1e-2,
+            "the adapter changed nothing"
+        );
+    }
+
     #[test]
     fn adapter_folders_that_are_not_adapters_are_errors_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();

@@ -25,8 +25,7 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::CausalLm;
 use crate::model::generate::GenerateError;
 use crate::model::hf::{load_hf_folder_tensors, save_hf_folder, DType};
-use crate::peft::files::write_lora_adapter;
-use crate::peft::lora::{add_lora, lora_pairs, quantize_base_nf4, save_merged};
+use crate::peft::lora::{add_lora, quantize_base_nf4, save_merged, write_model_adapter};
 use crate::train::config::{Method, SaveDtype};
 use crate::train::grpo_config::{GrpoConfig, LossType};
 use crate::train::grpo_loss::{completion_logps, grpo_loss, row_batch, LossParams};
@@ -212,7 +211,7 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
                 return Err(GrpoError::train(crate::train::Error::NoTargets));
             }
             let save_adapter = |m: &CausalLm<B>, dir: &Path| -> Result<(), crate::train::Error> {
-                Ok(write_lora_adapter(dir, &adapter, &lora_pairs(&m.valid()))?)
+                Ok(write_model_adapter(dir, &adapter, &m.valid())?)
             };
             let (model, mut report) =
                 train_policy::<B>(&ctx, model, Reference::AdaptersOff, device, &save_adapter)?;

@@ -17,8 +17,8 @@ use indicatif::MultiProgress;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{CausalLm, GradientCheckpointing};
 use crate::model::hf::{load_hf_folder_tensors, save_hf_folder, DType, HostTensor};
-use crate::peft::files::{write_adapter_with_magnitudes, LoraAdapterConfig};
-use crate::peft::lora::{add_lora, lora_magnitudes, lora_pairs, quantize_base_nf4, save_merged};
+use crate::peft::files::LoraAdapterConfig;
+use crate::peft::lora::{add_lora, quantize_base_nf4, save_merged, write_model_adapter};
 use crate::train::config::{Method, SaveDtype, SftConfig};
 use crate::train::data::{
     plan_steps, positions, row_log_probs, summed_cross_entropy, Batch, PlannedStep,
@@ -274,13 +274,7 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
                 return Err(Error::NoTargets);
             }
             let save_adapter = |m: &CausalLm<B>, dir: &Path| -> Result<(), Error> {
-                let m = m.valid();
-                Ok(write_adapter_with_magnitudes(
-                    dir,
-                    &adapter,
-                    &lora_pairs(&m),
-                    &lora_magnitudes(&m),
-                )?)
+                Ok(write_model_adapter(dir, &adapter, &m.valid())?)
             };
             let (model, mut report) = train_adapter::<B, _, O>(&ctx, model, device, &save_adapter)?;
             if cfg.write_merged {

@@ -23,6 +23,7 @@ fn toy_pairs(r: usize) -> Vec<LoraPair> {
                 LoraModule::KProj | LoraModule::VProj => (kv, hidden),
                 LoraModule::GateProj | LoraModule::UpProj => (inter, hidden),
                 LoraModule::DownProj => (hidden, inter),
+                LoraModule::GateUpProj => (2 * inter, hidden),
             };
             let seed = (layer * 7 + k) as f32;
             pairs.push(LoraPair {
@@ -227,4 +228,122 @@ fn errors_name_the_problem() {
         err.contains("adapter_config.json") && err.contains("peft_type"),
         "{err}"
     );
+}
+
+/// `scaling * B @ A` of a pair, row-major [out, in].
+fn delta(pair: &LoraPair, scaling: f64) -> Vec<f32> {
+    let (r, out, inp) = (pair.a.shape[0], pair.b.shape[0], pair.a.shape[1]);
+    let mut d = vec![0f32; out * inp];
+    for o in 0..out {
+        for k in 0..r {
+            let bk = pair.b.data[o * r + k] * scaling as f32;
+            for i in 0..inp {
+                d[o * inp + i] += bk * pair.a.data[k * inp + i];
+            }
+        }
+    }
+    d
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// A GLM adapter is written with peft's fused `gate_up_proj` (rank 2r, the same scaling, DoRA
+/// magnitudes stacked) and reads back as the split pairs with the same products.
+#[test]
+fn gate_up_pairs_are_written_fused_as_peft_names_them_and_read_back_split() {
+    for use_rslora in [false, true] {
+        let pairs = toy_pairs(2);
+        let mut config = golden_config();
+        config.use_rslora = use_rslora;
+        config.use_dora = true;
+        let magnitudes: BTreeMap<_, _> = pairs
+            .iter()
+            .map(|p| {
+                let rows = p.b.shape[0];
+                let data = (0..rows).map(|i| 1.0 + i as f32 * 0.01).collect();
+                let m = DenseTensor {
+                    shape: vec![rows],
+                    data,
+                };
+                ((p.layer, p.module), m)
+            })
+            .collect();
+        let scaling = config.scaling();
+        let mut written = config.clone();
+        let (fused, fused_mags) = fuse_gate_up(&mut written, pairs.clone(), magnitudes.clone());
+        assert_eq!(fused.len(), pairs.len() - 2, "one pair less a layer");
+        let gate_up: Vec<_> = fused
+            .iter()
+            .filter(|p| p.module == LoraModule::GateUpProj)
+            .collect();
+        assert_eq!(gate_up.len(), 2);
+        assert_eq!(gate_up[0].a.shape, vec![4, 8]);
+        assert_eq!(gate_up[0].b.shape, vec![24, 4]);
+        assert_eq!(fused_mags[&(0, LoraModule::GateUpProj)].shape, vec![24]);
+        assert_eq!(written.rank_pattern["gate_up_proj"], 4);
+        // The fused module's scaling under its own rank and alpha is the halves' scaling.
+        let path = "model.layers.1.mlp.gate_up_proj";
+        assert!((scaling_of(&written, path) - scaling).abs() < 1e-12);
+        let TargetModules::List(names) = &written.target_modules else {
+            panic!("a list stays a list");
+        };
+        assert!(names.contains(&"gate_up_proj".to_string()));
+        assert!(!names.iter().any(|n| n == "gate_proj" || n == "up_proj"));
+
+        let dir = tempfile::tempdir().unwrap();
+        write_adapter_with_magnitudes(dir.path(), &written, &fused, &fused_mags).unwrap();
+        let saved = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
+        let saved = SafeTensors::deserialize(&saved).unwrap();
+        assert!(saved
+            .names()
+            .contains(&"base_model.model.model.layers.0.mlp.gate_up_proj.lora_B.weight"));
+        let back = read_lora_adapter(dir.path()).unwrap();
+        assert_eq!(back.pairs.len(), pairs.len());
+        for (p, q) in pairs.iter().zip(&back.pairs) {
+            assert_eq!((p.layer, p.module), (q.layer, q.module));
+            let d = max_diff(&delta(p, scaling), &delta(q, back.config.scaling()));
+            assert!(d < 1e-7, "{:?} layer {}: {d}", p.module, p.layer);
+        }
+        assert_eq!(back.magnitudes, magnitudes);
+    }
+}
+
+/// An adapter peft trained on a fused `gate_up_proj` (any rank, its own alpha) splits into two
+/// pairs whose products are the fused product's halves under the fused module's scaling.
+#[test]
+fn a_peft_gate_up_pair_splits_into_exact_halves() {
+    let mut config =
+        LoraAdapterConfig::new(2, 16.0, TargetModules::List(vec!["gate_up_proj".into()]));
+    config.rank_pattern.insert("gate_up_proj".into(), 3);
+    config.alpha_pattern.insert("gate_up_proj".into(), 5.0);
+    let fused = LoraPair {
+        layer: 0,
+        module: LoraModule::GateUpProj,
+        a: dense([3, 8], 1.0),
+        b: dense([24, 3], 2.0),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_lora_adapter(dir.path(), &config, std::slice::from_ref(&fused)).unwrap();
+    let back = read_lora_adapter(dir.path()).unwrap();
+    let modules: Vec<_> = back.pairs.iter().map(|p| p.module).collect();
+    assert_eq!(modules, vec![LoraModule::GateProj, LoraModule::UpProj]);
+    let whole = delta(&fused, 5.0 / 3.0);
+    let halves = [
+        delta(&back.pairs[0], back.config.scaling()),
+        delta(&back.pairs[1], back.config.scaling()),
+    ]
+    .concat();
+    assert!(max_diff(&whole, &halves) < 1e-7);
+
+    // An odd number of rows cannot be gate rows then up rows.
+    let odd = LoraPair {
+        b: dense([23, 3], 2.0),
+        ..fused
+    };
+    write_lora_adapter(dir.path(), &config, &[odd]).unwrap();
+    let e = read_lora_adapter(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("gate_up_proj") && e.contains("23 rows"), "{e}");
 }
