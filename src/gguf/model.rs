@@ -406,7 +406,7 @@ pub fn load_gguf_model(
             continue;
         }
         // Older conversions (glm-4-9b-chat's own code, ChatGLM) fuse q, k and v in one tensor.
-        if let Some(parts) = split_fused_qkv(&f, t, &cfg).transpose() {
+        if let Some(parts) = split_fused_qkv(&f, arch, t, &cfg).transpose() {
             for (gguf_name, part) in parts? {
                 let hf_name = gguf_to_hf_arch(&gguf_name, cfg.architecture)
                     .filter(|h| expected.get(h) == Some(&part.shape))
@@ -479,6 +479,7 @@ pub fn load_gguf_model(
 /// order, as llama.cpp's graph views them); `None` for any other tensor.
 fn split_fused_qkv(
     f: &GgufFile,
+    arch: &str,
     t: &crate::gguf::reader::TensorInfo,
     cfg: &ModelConfig,
 ) -> Result<Option<Vec<(String, HostTensor)>>> {
@@ -500,7 +501,7 @@ fn split_fused_qkv(
         return Err(Error::ArchTensor {
             path: f.path.clone(),
             tensor: t.name.clone(),
-            arch: f.req_str("general.architecture")?.to_string(),
+            arch: arch.to_string(),
             what: format!(
                 "shape {:?}: expected {} rows (q {q_rows} + k {kv_rows} + v {kv_rows}) from the metadata",
                 ht.shape,

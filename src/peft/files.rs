@@ -94,10 +94,31 @@ impl LoraAdapterConfig {
 
     /// The factor on `B @ A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA (peft `LoraLayer.update_layer`).
     pub fn scaling(&self) -> f64 {
+        self.scaling_with(self.lora_alpha, self.r)
+    }
+
+    /// The scaling peft gives the module at `path`: `rank_pattern`/`alpha_pattern` keys match as
+    /// peft matches them (the whole name or a `.`-separated suffix), else `r` and `lora_alpha`.
+    pub fn scaling_for(&self, path: &str) -> f64 {
+        let matches = |key: &str| path == key || path.ends_with(&format!(".{key}"));
+        let rank = self.rank_pattern.iter().find(|(k, _)| matches(k));
+        let alpha = self.alpha_pattern.iter().find(|(k, _)| matches(k));
+        self.scaling_with(
+            alpha.map_or(self.lora_alpha, |(_, a)| *a),
+            rank.map_or(self.r, |(_, r)| *r),
+        )
+    }
+
+    /// The alpha that gives a module of `rank` this config's global scaling.
+    fn alpha_keeping_scaling(&self, rank: usize) -> f64 {
+        self.scaling() / self.scaling_with(1.0, rank)
+    }
+
+    fn scaling_with(&self, alpha: f64, rank: usize) -> f64 {
         if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
+            alpha / (rank as f64).sqrt()
         } else {
-            self.lora_alpha / self.r as f64
+            alpha / rank as f64
         }
     }
 
@@ -688,27 +709,6 @@ pub fn read_lora_adapter(dir: &Path) -> Result<LoraAdapter, Error> {
     })
 }
 
-/// peft's scaling of the module at `path` under `config`: `rank_pattern`/`alpha_pattern` keys
-/// match as peft matches them (the whole name or a `.`-separated suffix).
-fn scaling_of(config: &LoraAdapterConfig, path: &str) -> f64 {
-    let matches = |key: &str| path == key || path.ends_with(&format!(".{key}"));
-    let rank = config
-        .rank_pattern
-        .iter()
-        .find(|(k, _)| matches(k))
-        .map_or(config.r, |(_, r)| *r);
-    let alpha = config
-        .alpha_pattern
-        .iter()
-        .find(|(k, _)| matches(k))
-        .map_or(config.lora_alpha, |(_, a)| *a);
-    if config.use_rslora {
-        alpha / (rank as f64).sqrt()
-    } else {
-        alpha / rank as f64
-    }
-}
-
 /// The layers of a model with a fused `gate_up_proj` (GLM), written as peft would save an
 /// adapter of that model: each layer's `gate_proj` and `up_proj` pairs (same rank r) become one
 /// `gate_up_proj` pair of rank 2r, A stacked and B block-diagonal, so its product is theirs
@@ -785,15 +785,7 @@ pub fn fuse_gate_up(
     if fused_ranks.is_empty() {
         return (out, magnitudes);
     }
-    // The fused module keeps each half's scaling: alpha' / r' (or / sqrt(r')) = scaling.
-    let scaling = config.scaling();
-    let alpha_for = |rank: usize| {
-        if config.use_rslora {
-            scaling * (rank as f64).sqrt()
-        } else {
-            scaling * rank as f64
-        }
-    };
+    // The fused module keeps each half's scaling under its own rank.
     let uniform = fused_ranks.values().min() == fused_ranks.values().max();
     let mut patterns = Vec::new();
     for (layer, rank) in &fused_ranks {
@@ -805,7 +797,9 @@ pub fn fuse_gate_up(
         patterns.push((key, *rank));
     }
     for (key, rank) in patterns {
-        config.alpha_pattern.insert(key.clone(), alpha_for(rank));
+        config
+            .alpha_pattern
+            .insert(key.clone(), config.alpha_keeping_scaling(rank));
         config.rank_pattern.insert(key, rank);
     }
     if let TargetModules::List(names) = &mut config.target_modules {
@@ -851,7 +845,7 @@ pub fn split_gate_up(mut adapter: LoraAdapter) -> Result<LoraAdapter, String> {
             ));
         }
         let path = format!("model.layers.{layer}.mlp.gate_up_proj");
-        let factor = (scaling_of(&adapter.config, &path) / global) as f32;
+        let factor = (adapter.config.scaling_for(&path) / global) as f32;
         let half = rows / 2;
         for (i, module) in [LoraModule::GateProj, LoraModule::UpProj]
             .into_iter()

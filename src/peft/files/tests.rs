@@ -286,7 +286,7 @@ fn gate_up_pairs_are_written_fused_as_peft_names_them_and_read_back_split() {
         assert_eq!(written.rank_pattern["gate_up_proj"], 4);
         // The fused module's scaling under its own rank and alpha is the halves' scaling.
         let path = "model.layers.1.mlp.gate_up_proj";
-        assert!((scaling_of(&written, path) - scaling).abs() < 1e-12);
+        assert!((written.scaling_for(path) - scaling).abs() < 1e-12);
         let TargetModules::List(names) = &written.target_modules else {
             panic!("a list stays a list");
         };
