@@ -231,7 +231,7 @@ pub fn export_peft(adapter: &Path, base_model: Option<&Path>, out_dir: &Path) ->
         path: cfg_path.clone(),
         what: e.to_string(),
     })?;
-    crate::peft::merge::LoraConfig::from_file(&cfg_path)?;
+    crate::peft::merge::MergeConfig::read(adapter)?;
     let obj = cfg.as_object_mut().ok_or_else(|| Error::Adapter {
         path: cfg_path.clone(),
         what: "not a JSON object".into(),

@@ -177,6 +177,47 @@ fn lora_merge_reports_shape_mismatch() {
     assert!(e.contains("k_proj") || e.contains("q_proj.weight"), "{e}");
 }
 
+/// Merging reads adapter_config.json as the adapter reader does: `alpha_pattern` keys match a
+/// whole dotted suffix of the module path, a missing `peft_type` means LoRA, another type fails
+/// naming the file.
+#[test]
+fn lora_merge_applies_alpha_pattern_and_checks_peft_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_hf_model(dir.path(), "llama");
+    let adir = dir.path().join("adapter");
+    let (a, b) = tiny_adapter(&adir, false);
+    let name = "model.layers.1.self_attn.k_proj.weight";
+    let merged_value = |cfg: serde_json::Value| {
+        std::fs::write(adir.join("adapter_config.json"), cfg.to_string()).unwrap();
+        let mut merged = base.clone();
+        merge_lora(&mut merged, &adir).map(|_| merged[name].data[5 * 256 + 17])
+    };
+    let delta: f32 = (0..4)
+        .map(|k| b.data[5 * 4 + k] * a.data[k * 256 + 17])
+        .sum();
+    let want = |scale: f32| base[name].data[5 * 256 + 17] + scale * delta;
+    // "layers.1.self_attn.k_proj" matches as a dotted suffix; "proj" would not.
+    for (pattern, scale) in [
+        ("layers.1.self_attn.k_proj", 8.0 / 4.0),
+        ("proj", 16.0 / 4.0),
+    ] {
+        let got = merged_value(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 16,
+            "alpha_pattern": {pattern: 8}, "target_modules": ["k_proj"]}))
+        .unwrap();
+        assert!((got - want(scale)).abs() < 1e-6, "{pattern}: {got}");
+    }
+    let got =
+        merged_value(json!({"r": 4, "lora_alpha": 16, "target_modules": ["k_proj"]})).unwrap();
+    assert!((got - want(4.0)).abs() < 1e-6);
+    let e = merged_value(json!({"peft_type": "IA3", "r": 4, "target_modules": ["k_proj"]}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("adapter_config.json") && e.contains("IA3"),
+        "{e}"
+    );
+}
+
 #[test]
 fn export_gguf_q8_0_of_merged_model_reads_back() {
     for arch in ["llama", "qwen2"] {

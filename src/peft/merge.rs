@@ -11,83 +11,39 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::peft::files::{read_config_json, LoraAdapterConfig};
 use crate::peft::AdapterError as Error;
 
 type Result<T> = std::result::Result<T, Error>;
 use crate::model::hf::{load_safetensors_file, HostTensor};
 
-/// What was read from adapter_config.json.
+/// What merging reads from adapter_config.json: peft's LoRA settings (`files::LoraAdapterConfig`,
+/// whose `scaling_for` applies `rank_pattern`/`alpha_pattern`) and the weight layout.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LoraConfig {
-    pub r: usize,
-    pub alpha: f64,
-    pub use_rslora: bool,
+pub struct MergeConfig {
+    pub lora: LoraAdapterConfig,
+    /// Conv1D-style base weights stored `[in, out]` (GPT-2); peft's `fan_in_fan_out`.
     pub fan_in_fan_out: bool,
-    /// Per-module overrides (`rank_pattern` / `alpha_pattern`, keys are name suffixes).
-    pub rank_pattern: BTreeMap<String, usize>,
-    pub alpha_pattern: BTreeMap<String, f64>,
 }
 
-impl LoraConfig {
-    pub fn from_file(path: &Path) -> Result<LoraConfig> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Invalid {
-            path: path.to_path_buf(),
-            what: e.to_string(),
-        })?;
-        if let Some(t) = v["peft_type"].as_str().filter(|t| *t != "LORA") {
-            return Err(Error::Invalid {
-                path: path.to_path_buf(),
-                what: format!("peft_type `{t}` is not LORA"),
-            });
+impl MergeConfig {
+    /// Reads `adapter_config.json` in `adapter_dir`. A config without `peft_type` is taken as LoRA
+    /// (older peft releases and hand-written configs leave it out); any other type is refused.
+    pub fn read(adapter_dir: &Path) -> Result<MergeConfig> {
+        let (mut json, path) = read_config_json(adapter_dir)?;
+        if let Value::Object(map) = &mut json {
+            map.entry("peft_type").or_insert(Value::from("LORA"));
         }
-        let r = v["r"].as_u64().ok_or_else(|| Error::Invalid {
-            path: path.to_path_buf(),
-            what: "missing integer key `r`".into(),
-        })?;
-        let map_num = |key: &str| -> BTreeMap<String, f64> {
-            v[key]
-                .as_object()
-                .map(|o| {
-                    o.iter()
-                        .filter_map(|(k, x)| Some((k.clone(), x.as_f64()?)))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        Ok(LoraConfig {
-            r: r as usize,
-            alpha: v["lora_alpha"].as_f64().unwrap_or(8.0),
-            use_rslora: v["use_rslora"].as_bool().unwrap_or(false),
-            fan_in_fan_out: v["fan_in_fan_out"].as_bool().unwrap_or(false),
-            rank_pattern: map_num("rank_pattern")
-                .into_iter()
-                .map(|(k, x)| (k, x as usize))
-                .collect(),
-            alpha_pattern: map_num("alpha_pattern"),
+        let lora = LoraAdapterConfig::from_json(&json, &path)?;
+        let fan_in_fan_out = lora
+            .extra
+            .get("fan_in_fan_out")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(MergeConfig {
+            lora,
+            fan_in_fan_out,
         })
-    }
-
-    /// Scale for one module (`module` is the base name without `.weight`).
-    pub fn scale_for(&self, module: &str) -> f64 {
-        let r = self
-            .rank_pattern
-            .iter()
-            .find(|(k, _)| module.ends_with(k.as_str()))
-            .map_or(self.r, |(_, &r)| r);
-        let alpha = self
-            .alpha_pattern
-            .iter()
-            .find(|(k, _)| module.ends_with(k.as_str()))
-            .map_or(self.alpha, |(_, &a)| a);
-        if self.use_rslora {
-            alpha / (r as f64).sqrt()
-        } else {
-            alpha / r as f64
-        }
     }
 }
 
@@ -107,7 +63,7 @@ pub fn merge_lora(
     base: &mut BTreeMap<String, HostTensor>,
     adapter_dir: &Path,
 ) -> Result<Vec<String>> {
-    let cfg = LoraConfig::from_file(&adapter_dir.join("adapter_config.json"))?;
+    let cfg = MergeConfig::read(adapter_dir)?;
     let adapter =
         load_safetensors_file(&adapter_dir.join("adapter_model.safetensors")).map_err(|e| {
             Error::Invalid {
@@ -190,7 +146,7 @@ pub fn merge_lora(
                 ),
             });
         }
-        let scale = cfg.scale_for(&module) as f32;
+        let scale = cfg.lora.scaling_for(&module) as f32;
         // delta = (B·A)·scale, then W += delta, in PEFT's order of operations
         let mut delta = vec![0f32; n_in];
         for o in 0..n_out {
