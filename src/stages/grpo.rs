@@ -78,8 +78,9 @@ impl Stage for Grpo {
     type Params = GrpoConfig;
     const KIND: &'static str = "grpo";
     // 2: metrics.jsonl rows from the shared training loop (eval values in the step's row, per-token
-    // clip_ratio and kl over the logged window, phase times).
-    const VERSION: u32 = 2;
+    // clip_ratio and kl over the logged window, phase times). 3: a group's shared prompt runs
+    // once in the log-prob passes (the same numbers up to rounding, so not bit-identical).
+    const VERSION: u32 = 3;
     const OUTPUT: ArtifactKind = ArtifactKind::Trained;
     const SUMMARY: &'static str =
         "GRPO reinforcement learning with reward functions (LoRA or full)";

@@ -13,7 +13,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
-use crate::model::decoder::{positions_from_mask, CausalLm};
+use crate::model::decoder::{positions_from_mask, CausalLm, GradientCheckpointing, KvCache};
 use crate::train::grpo_config::LossType;
 
 /// Prompts left-padded and completions right-padded into one `[rows, prompt + completion]` batch.
@@ -30,6 +30,29 @@ pub struct RowBatch<B: Backend> {
     pub completion_len: usize,
     /// Completion tokens per row.
     pub lengths: Vec<usize>,
+    /// The same rows with each distinct prompt once, when rows share prompts (a GRPO group
+    /// shares one): the log-probs then run the shared prompt through the model once.
+    pub shared: Option<SharedPrompts<B>>,
+}
+
+/// Rows that share prompts, split into the distinct prompts (left-padded, `[prompts,
+/// prompt_len]`) and each row's completion (right-padded), with the row's prompt index.
+pub struct SharedPrompts<B: Backend> {
+    pub prompt_ids: Tensor<B, 2, Int>,
+    pub prompt_positions: Tensor<B, 2, Int>,
+    pub prompt_mask: Option<Tensor<B, 2, Bool>>,
+    /// For each row, the index of its prompt.
+    pub prompt_of_row: Vec<usize>,
+    /// `[rows, completion_len - 1]`: every completion token but the last column (whose hidden
+    /// state predicts nothing kept); `None` when completions are one token long.
+    pub completion_inputs: Option<CompletionInputs<B>>,
+}
+
+/// The completion tokens fed after the cached prompts.
+pub struct CompletionInputs<B: Backend> {
+    pub ids: Tensor<B, 2, Int>,
+    pub positions: Tensor<B, 2, Int>,
+    pub mask: Option<Tensor<B, 2, Bool>>,
 }
 
 /// Builds the rows `prompts[i] ++ completions[i]` (every completion non-empty or not).
@@ -81,7 +104,77 @@ pub fn row_batch<B: Backend>(
         prompt_len: lp,
         completion_len: lc,
         lengths: completions.iter().map(|c| c.len()).collect(),
+        shared: shared_prompts(prompts, completions, lc, pad_id, device),
     }
+}
+
+/// The [`SharedPrompts`] form of the rows, or `None` when no two rows share a prompt.
+fn shared_prompts<B: Backend>(
+    prompts: &[&[u32]],
+    completions: &[&[u32]],
+    lc: usize,
+    pad_id: u32,
+    device: &B::Device,
+) -> Option<SharedPrompts<B>> {
+    let mut distinct: Vec<&[u32]> = Vec::new();
+    let prompt_of_row: Vec<usize> = prompts
+        .iter()
+        .map(|p| {
+            distinct.iter().position(|d| d == p).unwrap_or_else(|| {
+                distinct.push(p);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    if distinct.len() == prompts.len() {
+        return None;
+    }
+    let (d, lp) = (distinct.len(), distinct.iter().map(|p| p.len()).max()?);
+    let mut ids = Vec::with_capacity(d * lp);
+    let mut mask_host = Vec::with_capacity(d);
+    for p in &distinct {
+        ids.extend(std::iter::repeat_n(pad_id as i64, lp - p.len()));
+        ids.extend(p.iter().map(|&t| t as i64));
+        let mut row = vec![0u8; lp - p.len()];
+        row.extend(std::iter::repeat_n(1u8, p.len()));
+        mask_host.push(row);
+    }
+    let positions: Vec<i64> = positions_from_mask(&mask_host)
+        .into_iter()
+        .flatten()
+        .collect();
+    let prompt_mask = mask_host.iter().any(|m| m.contains(&0)).then(|| {
+        let flat: Vec<bool> = mask_host.iter().flatten().map(|&m| m != 0).collect();
+        Tensor::from_data(TensorData::new(flat, [d, lp]), device)
+    });
+    // Completion token j of row r sits at position len(prompt) + j.
+    let fed = lc - 1;
+    let completion_inputs = (fed > 0).then(|| {
+        let rows = completions.len();
+        let (mut ids, mut positions, mut mask) = (vec![], vec![], vec![]);
+        for (r, c) in completions.iter().enumerate() {
+            let start = distinct[prompt_of_row[r]].len() as i64;
+            for j in 0..fed {
+                let real = j < c.len();
+                ids.push(if real { c[j] as i64 } else { pad_id as i64 });
+                positions.push(if real { start + j as i64 } else { 1 });
+                mask.push(real);
+            }
+        }
+        let padded = mask.iter().any(|m| !m);
+        CompletionInputs {
+            ids: Tensor::from_data(TensorData::new(ids, [rows, fed]), device),
+            positions: Tensor::from_data(TensorData::new(positions, [rows, fed]), device),
+            mask: padded.then(|| Tensor::from_data(TensorData::new(mask, [rows, fed]), device)),
+        }
+    });
+    Some(SharedPrompts {
+        prompt_ids: Tensor::from_data(TensorData::new(ids, [d, lp]), device),
+        prompt_positions: Tensor::from_data(TensorData::new(positions, [d, lp]), device),
+        prompt_mask,
+        prompt_of_row,
+        completion_inputs,
+    })
 }
 
 /// Log-probabilities of `targets` under `logits / temperature`.
@@ -109,6 +202,11 @@ pub fn completion_logps<B: Backend>(
     batch: &RowBatch<B>,
     temperature: f64,
 ) -> Tensor<B, 2> {
+    // Checkpointing recomputes layers from their inputs and has no cache path: rows then run
+    // whole.
+    if let (Some(shared), GradientCheckpointing::Off) = (&batch.shared, model.checkpointing) {
+        return shared_prompt_logps(model, shared, batch, temperature);
+    }
     let hidden = model.hidden_states(
         batch.input_ids.clone(),
         batch.positions.clone(),
@@ -119,6 +217,48 @@ pub fn completion_logps<B: Backend>(
     // The hidden state at position t predicts token t + 1.
     let start = batch.prompt_len - 1;
     let hidden = hidden.slice([0..rows, start..start + batch.completion_len, 0..width]);
+    token_logps(model.lm_head(hidden), batch.targets.clone(), temperature)
+}
+
+/// [`completion_logps`] with each distinct prompt run once: its keys and values are cached,
+/// the cache's rows copied to the rows that share the prompt (gradients flow back through the
+/// copy and add up), and the completions run after them. The same numbers as running every
+/// row whole, up to rounding; a group of 12 completions of ~170 tokens after a ~170-token
+/// prompt feeds about 45 % fewer tokens.
+fn shared_prompt_logps<B: Backend>(
+    model: &CausalLm<B>,
+    shared: &SharedPrompts<B>,
+    batch: &RowBatch<B>,
+    temperature: f64,
+) -> Tensor<B, 2> {
+    let device = shared.prompt_ids.device();
+    let [prompts, lp] = shared.prompt_ids.dims();
+    let mut cache = KvCache::new(model.model.layers.len());
+    let prompt_hidden = model.hidden_states(
+        shared.prompt_ids.clone(),
+        shared.prompt_positions.clone(),
+        shared.prompt_mask.clone(),
+        Some(&mut cache),
+    );
+    let width = prompt_hidden.dims()[2];
+    let index: Vec<i64> = shared.prompt_of_row.iter().map(|&p| p as i64).collect();
+    let rows = index.len();
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows]), &device);
+    // The last prompt position predicts the first completion token.
+    let mut hidden = vec![prompt_hidden
+        .slice([0..prompts, lp - 1..lp, 0..width])
+        .select(0, index)];
+    if let Some(inputs) = &shared.completion_inputs {
+        cache.select_rows(prompts, &shared.prompt_of_row);
+        hidden.push(model.hidden_states(
+            inputs.ids.clone(),
+            inputs.positions.clone(),
+            inputs.mask.clone(),
+            Some(&mut cache),
+        ));
+    }
+    let hidden = Tensor::cat(hidden, 1);
+    debug_assert_eq!(hidden.dims()[1], batch.completion_len);
     token_logps(model.lm_head(hidden), batch.targets.clone(), temperature)
 }
 
