@@ -222,16 +222,8 @@ pub fn export_peft(adapter: &Path, base_model: Option<&Path>, out_dir: &Path) ->
     if crate::model::prompt::prompt_adapter_kind(adapter).is_some() {
         return export_prompt_adapter(adapter, base_model, out_dir);
     }
-    let cfg_path = adapter.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io {
-        path: cfg_path.clone(),
-        source,
-    })?;
-    let mut cfg: Value = serde_json::from_str(&text).map_err(|e| Error::Adapter {
-        path: cfg_path.clone(),
-        what: e.to_string(),
-    })?;
-    crate::peft::merge::MergeConfig::read(adapter)?;
+    let (mut cfg, cfg_path) =
+        crate::peft::files::read_config_json(adapter).map_err(crate::peft::AdapterError::from)?;
     let obj = cfg.as_object_mut().ok_or_else(|| Error::Adapter {
         path: cfg_path.clone(),
         what: "not a JSON object".into(),
@@ -241,6 +233,9 @@ pub fn export_peft(adapter: &Path, base_model: Option<&Path>, out_dir: &Path) ->
     if let Some(b) = base_model {
         obj.insert("base_model_name_or_path".into(), json!(b.to_string_lossy()));
     }
+    // The LoRA keys must read as the adapter reader and merge read them.
+    crate::peft::files::LoraAdapterConfig::from_json(&cfg, &cfg_path)
+        .map_err(crate::peft::AdapterError::from)?;
     let tensors =
         load_safetensors_file(&adapter.join("adapter_model.safetensors")).map_err(|e| {
             Error::Adapter {

@@ -179,22 +179,35 @@ fn decode(ids: &[u32]) -> String {
         .collect()
 }
 
-#[test]
-fn reference_policy_is_the_base_with_adapters_off() {
-    let (config, tensors) = tiny();
-    let dev = Default::default();
-    let base = CausalLm::<TB>::from_hf_tensors(&config, &tensors, &dev).unwrap();
+/// `base` with LoRA on every linear projection (GRPO's other defaults), each zero-initialised
+/// `lora_B` replaced by `set_b` of it so that the adapters move the outputs; and how many
+/// projections were wrapped.
+fn all_linear_lora<B: burn::tensor::backend::Backend>(
+    base: CausalLm<B>,
+    seed: u64,
+    set_b: impl Fn(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> (CausalLm<B>, usize) {
     let adapter = GrpoConfig {
         target_modules: TargetModules::Pattern("all-linear".into()),
         ..GrpoConfig::default()
     }
     .adapter_config();
-    let (mut lora, wrapped) = add_lora(base.clone(), &adapter, 1, &dev).unwrap();
-    assert_eq!(wrapped, 14);
+    let device = base.model.embed_tokens.weight.device();
+    let (mut lora, wrapped) = add_lora(base, &adapter, seed, &device).unwrap();
     for (_, _, lin) in projections_mut(&mut lora) {
         let b = lin.lora_b.take().unwrap().val();
-        lin.lora_b = Some(Param::from_tensor(b.ones_like()));
+        lin.lora_b = Some(Param::from_tensor(set_b(b)));
     }
+    (lora, wrapped)
+}
+
+#[test]
+fn reference_policy_is_the_base_with_adapters_off() {
+    let (config, tensors) = tiny();
+    let dev = Default::default();
+    let base = CausalLm::<TB>::from_hf_tensors(&config, &tensors, &dev).unwrap();
+    let (lora, wrapped) = all_linear_lora(base.clone(), 1, |b| b.ones_like());
+    assert_eq!(wrapped, 14);
     let p: Vec<&[u32]> = vec![&[1u32, 2, 3][..], &[4][..]];
     let c: Vec<&[u32]> = vec![&[5u32, 6][..], &[7, 8, 9][..]];
     let batch = row_batch::<TB>(&p, &c, 0, &dev);
@@ -223,16 +236,7 @@ fn sampling_uses_the_merged_policy_and_draws_what_the_adapted_one_does() {
     let dev = Default::default();
     let base = CausalLm::<TB>::from_hf_tensors(&config, &tensors, &dev).unwrap();
     assert!(merged_for_sampling(&base).is_none(), "nothing to merge");
-    let adapter = GrpoConfig {
-        target_modules: TargetModules::Pattern("all-linear".into()),
-        ..GrpoConfig::default()
-    }
-    .adapter_config();
-    let (mut lora, _) = add_lora(base.clone(), &adapter, 1, &dev).unwrap();
-    for (_, _, lin) in projections_mut(&mut lora) {
-        let b = lin.lora_b.take().unwrap().val();
-        lin.lora_b = Some(Param::from_tensor(b.ones_like().mul_scalar(0.05)));
-    }
+    let (lora, _) = all_linear_lora(base.clone(), 1, |b| b.ones_like().mul_scalar(0.05));
     let mut merged = merged_for_sampling(&lora).expect("adapters to merge");
     assert!(projections_mut(&mut merged)
         .iter()
@@ -748,18 +752,9 @@ fn shared_prompt_rows_give_the_log_probs_and_gradients_of_whole_rows() {
     let (config, tensors) = tiny();
     let dev = Default::default();
     let base = CausalLm::<AD>::from_hf_tensors(&config, &tensors, &dev).unwrap();
-    let adapter = GrpoConfig {
-        target_modules: TargetModules::Pattern("all-linear".into()),
-        ..GrpoConfig::default()
-    }
-    .adapter_config();
-    let (mut lora, _) = add_lora(base, &adapter, 3, &dev).unwrap();
-    for (_, _, lin) in projections_mut(&mut lora) {
-        let b = lin.lora_b.take().unwrap().val();
-        let noise =
-            Tensor::<AD, 2>::random(b.dims(), burn::tensor::Distribution::Normal(0.0, 0.1), &dev);
-        lin.lora_b = Some(Param::from_tensor(noise));
-    }
+    let (lora, _) = all_linear_lora(base, 3, |b| {
+        Tensor::random(b.dims(), burn::tensor::Distribution::Normal(0.0, 0.1), &dev)
+    });
     let (p1, p2) = (&[1u32, 2, 3, 4, 5][..], &[6u32, 7][..]);
     type Rows<'a> = Vec<&'a [u32]>;
     let cases: [(Rows, Rows); 2] = [
