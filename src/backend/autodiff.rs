@@ -595,6 +595,10 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
         B::accelerator_memory_peak()
     }
 
+    fn fast_copy_to_device(x: FloatTensor<Self>, dst: u64) -> bool {
+        B::fast_copy_to_device(x.primitive, dst)
+    }
+
     fn reset_accelerator_memory_peak() {
         B::reset_accelerator_memory_peak()
     }

@@ -637,6 +637,19 @@ pub fn accelerator_memory_mb<B: Backend>() -> Option<f64> {
     accelerator_memory_bytes::<B>().map(|bytes| bytes as f64 / f64::from(1u32 << 20))
 }
 
+fn copy_into<F: FastOps>(x: FloatTensor<F>, dst: u64) -> bool {
+    F::fast_copy_to_device(x, dst)
+}
+
+/// Queues a copy of `x` (contiguous, its own dtype) into CUDA device 0's memory at `dst`, which
+/// must hold it, when `B` is one of runner's CUDA backends (`true`; `B::sync` waits for it);
+/// `false` elsewhere. A decode engine's weights are filled this way without a host round trip.
+pub fn copy_to_device_memory<B: Backend, const D: usize>(x: Tensor<B, D>, dst: u64) -> bool {
+    let x = x.into_primitive().tensor();
+    route!(B, copy_into, (x, dst));
+    false
+}
+
 fn fast_checkpointed<F: FastOps>(
     inputs: Vec<Tensor<F, 3>>,
     layer: Box<dyn LayerReplay<F>>,

@@ -320,6 +320,14 @@ pub trait FastOps: Backend {
         offload::Offloaded::ready(x.into_data(), device)
     }
 
+    /// Queues a copy of `x`'s values (made contiguous, in its own dtype) into device memory at
+    /// `dst` on CUDA device 0, which must hold that many bytes, and returns `true`; the copy is
+    /// ordered after the work that wrote `x`, and `Backend::sync` waits for it. `false` (nothing
+    /// copied) where tensors do not live in CUDA memory.
+    fn fast_copy_to_device(_x: FloatTensor<Self>, _dst: u64) -> bool {
+        false
+    }
+
     /// A layer run as an activation checkpoint (see [`checkpoint`]). Backends that record no
     /// graph run it plainly; `Autodiff` keeps only the inputs and recomputes the layer in its
     /// backward step.
@@ -406,10 +414,10 @@ pub fn set_profiler(on: bool) {
 }
 
 pub use dispatch::{
-    accelerator_memory_mb, accelerator_peak_mb, adamw_update_many, cross_entropy_rows,
-    fused_attention, fused_attention_supported, linear, linear_cross_entropy, lora_linear,
-    masked_softmax, matmul, matmul_2d, matmul_tn, narrow, nf4_dequantize, reset_accelerator_peak,
-    rms_norm, rope, sum_squares, swiglu, swiglu_linear,
+    accelerator_memory_mb, accelerator_peak_mb, adamw_update_many, copy_to_device_memory,
+    cross_entropy_rows, fused_attention, fused_attention_supported, linear, linear_cross_entropy,
+    lora_linear, masked_softmax, matmul, matmul_2d, matmul_tn, narrow, nf4_dequantize,
+    reset_accelerator_peak, rms_norm, rope, sum_squares, swiglu, swiglu_linear,
 };
 
 #[cfg(test)]

@@ -272,6 +272,32 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Cube<F, I, BT>
         )
     }
 
+    fn fast_copy_to_device(x: FloatTensor<Self>, dst: u64) -> bool {
+        let x = burn_cubecl::kernel::into_contiguous(x);
+        let bytes = x.meta.shape().num_elements() * x.dtype.size();
+        let ordinal = x.device.index;
+        let client = x.client.clone();
+        queue::submit(
+            &client,
+            vec![x.handle.clone()],
+            "copy to the decode engine",
+            move |r| {
+                cublas::with_state(ordinal, |_| {
+                    // SAFETY: `dst` holds `bytes` (the caller's contract); the source is the live
+                    // tensor, read in order on its stream.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtod_async(dst, r.ptrs[0], bytes, r.stream)
+                    }
+                    .map_err(|e| Error::Cuda {
+                        call: "cuMemcpyDtoDAsync",
+                        detail: format!("{e:?}"),
+                    })
+                })
+            },
+        );
+        true
+    }
+
     fn accelerator_memory_peak() -> Option<usize> {
         Some(cubecl::cuda::peak_bytes_in_use() as usize)
     }

@@ -427,6 +427,12 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> FastOps for Fusion<Cube<F,
         Cube::<F, I, BT>::fast_offload(cube).for_backend()
     }
 
+    fn fast_copy_to_device(x: FloatTensor<Self>, dst: u64) -> bool {
+        let client = x.client.clone();
+        let cube = client.resolve_tensor_float::<Cube<F, I, BT>>(x);
+        Cube::<F, I, BT>::fast_copy_to_device(cube, dst)
+    }
+
     fn accelerator_memory_peak() -> Option<usize> {
         Some(cubecl::cuda::peak_bytes_in_use() as usize)
     }

@@ -12,9 +12,9 @@ pub mod flash;
 mod fusion;
 mod nf4;
 mod norm;
-mod nvrtc;
+pub(crate) mod nvrtc;
 pub mod optim;
-mod queue;
+pub(crate) mod queue;
 mod rope;
 
 pub use cube::cublas_matmul;
