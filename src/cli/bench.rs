@@ -9,9 +9,9 @@ use std::path::PathBuf;
 /// Benchmark or check the GPU paths.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// matmul, attention, ce, all (the three kernels), check, sft, decode or parity (GPU); or
+    /// matmul, attention, ce, all (the three kernels), check, sft, decode, grpo or parity (GPU); or
     /// cpu-decode (the CPU engine on `--model`: prompt and decode tokens/s, peak memory).
-    #[arg(value_parser = ["matmul", "attention", "ce", "all", "check", "sft", "decode", "parity", "cpu-decode"])]
+    #[arg(value_parser = ["matmul", "attention", "ce", "all", "check", "sft", "decode", "grpo", "parity", "cpu-decode"])]
     pub what: String,
     /// cpu-decode: a GGUF file or an HF model folder.
     #[arg(long)]
@@ -77,6 +77,12 @@ pub struct BenchArgs {
     /// optimizer state all in bf16; no f32 master copy).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
+    /// grpo: completions sampled per prompt (one prompt a step).
+    #[arg(long, default_value_t = 6)]
+    pub generations: usize,
+    /// grpo: tokens per completion.
+    #[arg(long, default_value_t = 200)]
+    pub completion: usize,
     /// parity: the fixture folder (config.json, model.safetensors, expected.json).
     #[arg(long)]
     pub fixture: Option<PathBuf>,
@@ -88,7 +94,9 @@ pub struct BenchArgs {
 #[cfg(feature = "cuda")]
 mod run_cuda {
     use super::BenchArgs;
-    use crate::cli::bench_model::{run_decode, run_parity, run_sft, scratch_dir, SftBench};
+    use crate::cli::bench_model::{
+        run_decode, run_grpo, run_parity, run_sft, scratch_dir, SftBench,
+    };
     use burn::backend::{Autodiff, Cuda};
     use burn::tensor::backend::Backend;
     use runner::backend::cuda::device_memory_used;
@@ -222,6 +230,21 @@ mod run_cuda {
                 let _ = std::fs::remove_dir_all(&dir);
                 v?
             }
+            "grpo" => {
+                let dir = scratch_dir("grpo");
+                let v = run_grpo::<Autodiff<B>>(
+                    &args.shape,
+                    args.steps,
+                    args.completion,
+                    args.generations,
+                    method,
+                    args.dtype == "bf16",
+                    &device,
+                    &dir,
+                );
+                let _ = std::fs::remove_dir_all(&dir);
+                v?
+            }
             "decode" => run_decode::<B>(
                 &args.shape,
                 args.batch,
@@ -270,10 +293,10 @@ mod run_cuda {
                 anyhow::ensure!(ok, "some on-device checks failed");
             }
             "sft" if args.max_context => max_context(args)?,
-            "sft" | "decode" | "parity" => {
+            "sft" | "decode" | "grpo" | "parity" => {
                 // Several sft methods share one process, so kernels compiled and tuned for the
                 // first are reused by the next; each line is printed as soon as it is known.
-                let methods: Vec<&str> = if args.what == "sft" {
+                let methods: Vec<&str> = if matches!(args.what.as_str(), "sft" | "grpo") {
                     args.method.split(',').map(str::trim).collect()
                 } else {
                     vec![""]

@@ -204,7 +204,6 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
     device: &AB::Device,
     out_dir: &Path,
 ) -> anyhow::Result<Value> {
-    use runner::peft::files::TargetModules;
     use runner::train::config::SaveDtype;
     use runner::train::{SftConfig, TokenizedExample};
     let config = qwen_shape(&bench.shape).ok_or_else(|| {
@@ -234,19 +233,7 @@ pub fn run_sft<AB: burn::tensor::backend::AutodiffBackend>(
         logging_steps: 1,
         lora_r: 16,
         lora_alpha: 16.0,
-        target_modules: TargetModules::List(
-            [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ),
+        target_modules: all_projections(),
         gradient_checkpointing: bench.gradient_checkpointing,
         dtype: SaveDtype::Bfloat16,
         write_merged: false,
@@ -389,11 +376,189 @@ pub fn run_decode<B: Backend>(
     };
     let _ = run(&model); // warm-up: autotune and kernel compilation
     let (prefill, decode) = run(&model);
-    Ok(json!({
+    let mut out = json!({
         "prefill_tokens_per_s": (batch * prompt_len) as f64 / prefill,
         "decode_tokens_per_s": (batch * new_tokens) as f64 / decode,
         "prefill_ms": prefill * 1e3,
         "decode_ms_per_step": decode * 1e3 / new_tokens.max(1) as f64,
+    });
+    #[cfg(feature = "cuda")]
+    if let Value::Object(map) = &mut out {
+        for (k, v) in engine_decode(&model, &rows, new_tokens)? {
+            map.insert(k, v);
+        }
+    }
+    Ok(out)
+}
+
+/// The GPU decode engine on the same prompts: prefill and decode rates (`engine_*`), its
+/// memory, and how its greedy tokens compare with burn's (`greedy_*`: rows whose first 16
+/// tokens agree, and the earliest step where a row differs).
+#[cfg(feature = "cuda")]
+fn engine_decode<B: Backend>(
+    model: &CausalLm<B>,
+    rows: &[Vec<u32>],
+    new_tokens: usize,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    use runner::infer::gpu;
+    let mut map = serde_json::Map::new();
+    let Some(engine) = gpu::GpuModel::from_model(model)? else {
+        let reason = gpu::unsupported(model).unwrap_or_else(|| "not enough memory".into());
+        map.insert("engine".into(), format!("not used: {reason}").into());
+        return Ok(map);
+    };
+    let _ = gpu::time_greedy(&engine, rows, new_tokens)?; // warm-up: kernels and cuBLAS
+    let t = gpu::time_greedy(&engine, rows, new_tokens)?;
+    let batch = rows.len();
+    let prompt_tokens: usize = rows.iter().map(Vec::len).sum();
+    let gib = |b: usize| b as f64 / f64::from(1u32 << 30);
+    map.insert(
+        "engine_prefill_tokens_per_s".into(),
+        (prompt_tokens as f64 / t.prefill_s).into(),
+    );
+    map.insert(
+        "engine_decode_tokens_per_s".into(),
+        ((batch * t.steps) as f64 / t.decode_s).into(),
+    );
+    map.insert(
+        "engine_decode_ms_per_step".into(),
+        (t.decode_s * 1e3 / t.steps.max(1) as f64).into(),
+    );
+    map.insert("engine_weights_gib".into(), gib(t.weight_bytes).into());
+    map.insert("engine_session_gib".into(), gib(t.session_bytes).into());
+    // burn's greedy tokens on the same prompts.
+    let check = 16.min(new_tokens + 2);
+    let opts = runner::model::generate::GenerateOptions {
+        max_new_tokens: check,
+        ..Default::default()
+    };
+    let reference = runner::model::generate::generate(model, rows, &opts, None)?;
+    let mut equal = 0;
+    let mut first_difference = check;
+    for (ours, theirs) in t.tokens.iter().zip(&reference) {
+        let at = ours
+            .iter()
+            .zip(&theirs.token_ids)
+            .take(check)
+            .position(|(a, b)| a != b);
+        match at {
+            None => equal += 1,
+            Some(i) => first_difference = first_difference.min(i),
+        }
+    }
+    map.insert(
+        "greedy_rows_equal".into(),
+        format!("{equal}/{batch}").into(),
+    );
+    map.insert("greedy_checked_tokens".into(), check.into());
+    map.insert("greedy_first_difference".into(), first_difference.into());
+    Ok(map)
+}
+
+/// GRPO steps on random weights at a Qwen2.5 shape with the gsm8k-grpo recipe's sampling
+/// settings, as `../shared/bench/trl_grpo_baseline.py` runs TRL: `generations` completions of
+/// one prompt per step, `completion` tokens each (random weights rarely stop early), LoRA r16
+/// on the seven projections (QLoRA with `method = "qlora"`), temperature 0.9, beta 0.04. The
+/// first step (kernel compilation, graph capture) is left out of the mean.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+pub fn run_grpo<AB: burn::tensor::backend::AutodiffBackend>(
+    shape: &str,
+    steps: u64,
+    completion: usize,
+    generations: usize,
+    method: &str,
+    bf16: bool,
+    device: &AB::Device,
+    out_dir: &Path,
+) -> anyhow::Result<Value> {
+    use runner::train::grpo::{train_grpo, GrpoPrompt, GrpoTokens};
+    use runner::train::grpo_config::GrpoConfig;
+    use runner::train::{Method, Precision, SaveDtype};
+    let config = qwen_shape(shape).ok_or_else(|| anyhow::anyhow!("unknown shape {shape:?}"))?;
+    let tensors = bench_weights(&config);
+    let prompts: Vec<GrpoPrompt> = token_rows(64, 128, config.vocab_size, 5)
+        .into_iter()
+        .map(|ids| GrpoPrompt {
+            ids,
+            reference: "42".into(),
+        })
+        .collect();
+    let cfg = GrpoConfig {
+        method: match method {
+            "lora" | "" => Method::Lora,
+            "qlora" => Method::Qlora,
+            other => anyhow::bail!("bench grpo trains lora or qlora, not {other:?}"),
+        },
+        max_steps: Some(steps + 1),
+        batch_size: generations,
+        gradient_accumulation_steps: 1,
+        num_generations: generations,
+        max_prompt_length: 256,
+        max_completion_length: completion,
+        temperature: 0.9,
+        beta: 0.04,
+        lora_r: 16,
+        lora_alpha: 64.0,
+        target_modules: all_projections(),
+        logging_steps: 1,
+        log_completions_steps: 0,
+        save_steps: 0,
+        dtype: SaveDtype::Bfloat16,
+        precision: if bf16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        },
+        ..GrpoConfig::default()
+    };
+    // Completion text for the rewards: the ids as numbers (no tokenizer for random weights).
+    let decode = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+    let tokens = GrpoTokens {
+        eos_ids: Vec::new(),
+        pad_id: 0,
+    };
+    let base = runner::train::BaseModel::Loaded {
+        config: &config,
+        tensors: &tensors,
+    };
+    let t0 = Instant::now();
+    let report = train_grpo::<AB>(
+        &cfg,
+        base,
+        &prompts,
+        &[],
+        &decode,
+        &tokens,
+        out_dir,
+        device,
+        None,
+    )?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    let rows: Vec<Value> = std::fs::read_to_string(&report.metrics_path)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &Value| r.get("step_s").is_some())
+        .collect();
+    let field = |k: &str| -> Vec<f64> { rows.iter().filter_map(|r| r[k].as_f64()).collect() };
+    let mean = |v: &[f64]| {
+        let v = if v.len() > 1 { &v[1..] } else { v };
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let (step_s, sample_s) = (field("step_s"), field("sample_s"));
+    let peak = field("gpu_peak_mb");
+    Ok(json!({
+        "what": "grpo",
+        "method": method,
+        "step_s": mean(&step_s),
+        "sample_s": mean(&sample_s),
+        "steps_s": step_s,
+        "completion_length": mean(&field("completion_length")),
+        "gpu_peak_gib": peak.iter().copied().fold(0.0, f64::max) / 1024.0,
+        "generations": generations,
+        "completion_tokens": completion,
+        "engine": runner::infer::gpu::enabled(),
+        "wall_s": wall_s,
     }))
 }
 
@@ -462,13 +627,43 @@ pub fn run_parity<B: Backend>(dir: &Path, device: &B::Device) -> anyhow::Result<
         max_new_tokens: 16,
         ..Default::default()
     };
-    let greedy = runner::model::generate::generate(&model, &prompts, &opts, None)?;
-    Ok(json!({
+    let greedy = runner::infer::Generator::new(&model, None).generate(&prompts, &opts, None)?;
+    let mut out = json!({
         "fixture": dir.display().to_string(),
         "logits": logits,
         "shape": [b, t, config.vocab_size],
         "greedy": greedy.iter().map(|g| g.token_ids.clone()).collect::<Vec<_>>(),
-    }))
+    });
+    // `greedy` came from the GPU decode engine where it runs the model; burn's own tokens too.
+    #[cfg(feature = "cuda")]
+    {
+        use runner::infer::gpu;
+        let burn = runner::model::generate::generate(&model, &prompts, &opts, None)?;
+        let burn: Vec<Vec<u32>> = burn.into_iter().map(|g| g.token_ids).collect();
+        let engine = gpu::unsupported(&model).unwrap_or_else(|| "used".to_string());
+        if let Value::Object(map) = &mut out {
+            map.insert("greedy_burn".into(), json!(burn));
+            map.insert("engine".into(), engine.into());
+        }
+    }
+    Ok(out)
+}
+
+/// LoRA on the seven projections of a decoder layer, as the baselines' scripts put it.
+fn all_projections() -> runner::peft::files::TargetModules {
+    runner::peft::files::TargetModules::List(
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
 }
 
 /// A scratch folder for the SFT benchmark's outputs.

@@ -16,9 +16,7 @@ use serde_json::{json, Value};
 
 use runner::infer::source::{load_model_source, ModelSource};
 use runner::model::device::{run_on_device, BackendTask, DeviceChoice};
-use runner::model::generate::{
-    generate_prompted, BudgetForcing, GenerateOptions, Generation, SamplingParams,
-};
+use runner::model::generate::{BudgetForcing, GenerateOptions, Generation, SamplingParams};
 use runner::peft::trained::{load_trained, Adapter};
 
 /// Arguments of `runner generate`.
@@ -290,15 +288,10 @@ impl BackendTask for GenerateTask<'_> {
             &device,
         )?;
         drop(self.source);
+        let generator = runner::infer::Generator::new(&model, adapter.as_ref());
         let mut out = Vec::with_capacity(self.prompts.len());
         for chunk in self.prompts.chunks(self.batch_size.max(1)) {
-            out.extend(generate_prompted(
-                &model,
-                adapter.as_ref(),
-                chunk,
-                &self.opts,
-                Some(self.decode),
-            )?);
+            out.extend(generator.generate(chunk, &self.opts, Some(self.decode))?);
         }
         Ok(out)
     }

@@ -179,15 +179,8 @@ pub fn generate<B: Backend>(
         let n = data.len() / vocab;
         Tensor::<B, 2>::from_data(TensorData::new(data, [n, vocab]), device)
     };
-    Ok(decode_loop(
-        prompts,
-        opts,
-        decode,
-        0,
-        to_tensor(first),
-        |next, pos| {
-            session.step(next, pos, &mut logits);
-            to_tensor(logits.clone())
-        },
-    ))
+    decode_loop(prompts, opts, decode, 0, to_tensor(first), |next, pos| {
+        session.step(next, pos, &mut logits);
+        Ok(to_tensor(logits.clone()))
+    })
 }

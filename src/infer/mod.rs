@@ -2,9 +2,15 @@
 //! ([`quant`]), a decoder for the dense llama-style families over them ([`model`]), and
 //! generation through the shared sampling loop ([`engine`]). `runner generate --device cpu`
 //! uses it for models without an adapter; `runner bench cpu-decode` times it.
+//!
+//! On CUDA, `gpu` (with the `cuda` feature) is the decode engine (issue 31), and [`Generator`]
+//! is how stages and commands generate from a burn model: through that engine when it runs the
+//! model, else through burn.
 
 pub mod bench;
 pub mod engine;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod model;
 pub mod quant;
 pub mod source;
@@ -50,6 +56,60 @@ pub fn sampling_copy<B: burn::tensor::backend::Backend>(
     }
     let f32_copy = QuantModel::from_hf_tensors(model.config.clone(), model.to_hf_tensors())?;
     Ok(Some(f32_copy.into_q8_0()?))
+}
+
+/// Generation from a burn model, built once for many batches: on CUDA through the GPU decode
+/// engine (`infer::gpu`, built with the `cuda` feature) when it runs the model (no
+/// prompt-learning adapter, a supported family, room for its copy), else through burn's decoder
+/// ([`crate::model::generate`]). A failure of the engine is logged and the batch decoded
+/// through burn.
+pub struct Generator<'a, B: burn::tensor::backend::Backend> {
+    model: &'a crate::model::decoder::CausalLm<B>,
+    adapter: Option<&'a crate::model::prompt::PromptAdapter<B>>,
+    #[cfg(feature = "cuda")]
+    engine: Option<gpu::GpuModel>,
+}
+
+impl<'a, B: burn::tensor::backend::Backend> Generator<'a, B> {
+    pub fn new(
+        model: &'a crate::model::decoder::CausalLm<B>,
+        adapter: Option<&'a crate::model::prompt::PromptAdapter<B>>,
+    ) -> Self {
+        Self {
+            model,
+            adapter,
+            #[cfg(feature = "cuda")]
+            engine: adapter.is_none().then(|| gpu::engine_for(model)).flatten(),
+        }
+    }
+
+    /// Whether batches go through the GPU engine.
+    pub fn on_engine(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.engine.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// [`crate::model::generate::generate_prompted`] for one batch.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &crate::model::generate::GenerateOptions,
+        decode: Option<crate::model::generate::DecodeFn<'_>>,
+    ) -> Result<Vec<crate::model::generate::Generation>, crate::model::generate::GenerateError>
+    {
+        #[cfg(feature = "cuda")]
+        if let Some(engine) = &self.engine {
+            match gpu::generate(engine, prompts, opts, decode) {
+                Err(crate::model::generate::GenerateError::Device(e)) => {
+                    tracing::warn!("the GPU decode engine failed, decoding through burn: {e}");
+                }
+                done => return done,
+            }
+        }
+        crate::model::generate::generate_prompted(self.model, self.adapter, prompts, opts, decode)
+    }
 }
 
 /// A rayon pool of `threads` threads (None: RAYON_NUM_THREADS, else one per core).

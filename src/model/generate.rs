@@ -123,10 +123,13 @@ pub enum GenerateError {
     NoDecoder,
     #[error("invalid sampling parameter `{key}`: {message}")]
     InvalidParam { key: &'static str, message: String },
+    #[error("generation on the device failed: {0}")]
+    Device(String),
 }
 
+/// One row's decoding state.
 #[derive(Debug)]
-struct Row {
+pub(crate) struct Row {
     seen: BTreeSet<u32>,
     out: Vec<u32>,
     forced: VecDeque<u32>,
@@ -135,7 +138,44 @@ struct Row {
     ignores_left: usize,
     finish: Option<FinishReason>,
     rng: ChaCha20Rng,
+    /// The row's sampling seed (`seed + row index`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    seed: u64,
     next_pos: i64,
+}
+
+impl Row {
+    /// The key of this row's next draw for samplers that draw from a counter-based generator
+    /// instead of the row's ChaCha20 stream (the GPU engine): a function of the row's seed and of
+    /// how many tokens it has, so a prompt draws the same tokens alone or in a batch.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn draw_key(&self) -> u64 {
+        let mut x = self
+            .seed
+            .wrapping_add((self.out.len() as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+}
+
+/// The logits of one decoding step, `[rows, vocab]`, as [`decode_loop`] consumes them: a burn
+/// tensor, or logits that stay in a decode engine's memory and are picked from there.
+pub(crate) trait StepLogits {
+    fn vocab(&self) -> usize;
+    /// One token per row of `rows` (in order) per `s`; rows that have finished get a token too
+    /// (it is ignored).
+    fn choose(self, rows: &mut [Row], s: &SamplingParams) -> Result<Vec<u32>, GenerateError>;
+}
+
+impl<B: Backend> StepLogits for Tensor<B, 2> {
+    fn vocab(&self) -> usize {
+        self.dims()[1]
+    }
+
+    fn choose(self, rows: &mut [Row], s: &SamplingParams) -> Result<Vec<u32>, GenerateError> {
+        Ok(choose(self, rows, s))
+    }
 }
 
 /// Generates for each prompt (ids) in one batch; `decode` turns ids into text for stop strings.
@@ -198,7 +238,7 @@ pub fn generate_prompted<B: Backend>(
     }
     // Room for every token to come, so that each step writes its keys and values in place.
     cache.reserve(opts.max_new_tokens);
-    Ok(decode_loop(
+    decode_loop(
         prompts,
         opts,
         decode,
@@ -206,9 +246,9 @@ pub fn generate_prompted<B: Backend>(
         logits,
         |next, pos| {
             let ids: Vec<i64> = next.iter().map(|&t| t as i64).collect();
-            model.forward_last(int2(ids, 1), int2(pos.to_vec(), 1), None, Some(&mut cache))
+            Ok(model.forward_last(int2(ids, 1), int2(pos.to_vec(), 1), None, Some(&mut cache)))
         },
-    ))
+    )
 }
 
 /// The id fed for left padding and for finished rows: `opts.pad_token_id` when it is in the
@@ -227,15 +267,15 @@ pub(crate) fn pad_id(vocab: usize, opts: &GenerateOptions) -> u32 {
 /// per-row seeded RNG), apply budget forcing, stop rows on stop tokens or strings, and ask
 /// `step` for the next logits given each row's next token and its position (finished rows
 /// get the pad id). Prompt positions start at `offset` (virtual tokens before them).
-pub(crate) fn decode_loop<B: Backend>(
+pub(crate) fn decode_loop<L: StepLogits>(
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     decode: Option<DecodeFn<'_>>,
     offset: i64,
-    first_logits: Tensor<B, 2>,
-    mut step: impl FnMut(&[u32], &[i64]) -> Tensor<B, 2>,
-) -> Vec<Generation> {
-    let vocab = first_logits.dims()[1];
+    first_logits: L,
+    mut step: impl FnMut(&[u32], &[i64]) -> Result<L, GenerateError>,
+) -> Result<Vec<Generation>, GenerateError> {
+    let vocab = first_logits.vocab();
     let pad_id = pad_id(vocab, opts);
     let b = prompts.len();
     let mut rows: Vec<Row> = prompts
@@ -250,14 +290,15 @@ pub(crate) fn decode_loop<B: Backend>(
             ignores_left: opts.budget.as_ref().map_or(0, |bf| bf.num_ignore),
             finish: None,
             rng: ChaCha20Rng::seed_from_u64(opts.sampling.seed.wrapping_add(i as u64)),
+            seed: opts.sampling.seed.wrapping_add(i as u64),
             next_pos: p.len() as i64 + offset,
         })
         .collect();
     let mut logits = first_logits;
     let mut next = Vec::with_capacity(b);
     let mut pos = Vec::with_capacity(b);
-    for _step in 0..opts.max_new_tokens {
-        let choice = choose(logits, &mut rows, &opts.sampling);
+    for step_index in 0..opts.max_new_tokens {
+        let choice = logits.choose(&mut rows, &opts.sampling)?;
         next.clear();
         for (row, sampled) in rows.iter_mut().zip(choice) {
             if row.finish.is_some() {
@@ -276,7 +317,8 @@ pub(crate) fn decode_loop<B: Backend>(
                 }
             }
         }
-        if rows.iter().all(|r| r.finish.is_some()) {
+        // No logits after the last token: nothing would read them.
+        if rows.iter().all(|r| r.finish.is_some()) || step_index + 1 == opts.max_new_tokens {
             break;
         }
         pos.clear();
@@ -284,14 +326,15 @@ pub(crate) fn decode_loop<B: Backend>(
             r.next_pos += 1;
             r.next_pos - 1
         }));
-        logits = step(&next, &pos);
+        logits = step(&next, &pos)?;
     }
-    rows.into_iter()
+    Ok(rows
+        .into_iter()
         .map(|r| Generation {
             token_ids: r.out,
             finish: r.finish.unwrap_or(FinishReason::Length),
         })
-        .collect()
+        .collect())
 }
 
 /// Runs the prompts through the model with a prompt-learning adapter in effect, as peft does:
@@ -632,8 +675,50 @@ mod tests {
             ignores_left: 0,
             finish: None,
             rng: ChaCha20Rng::seed_from_u64(0),
+            seed: 0,
             next_pos: 0,
         }
+    }
+
+    #[test]
+    fn decode_loop_asks_for_no_logits_after_the_last_token() {
+        let prompts = vec![vec![1u32, 2], vec![3u32]];
+        let logits = |best: usize| {
+            let mut v = vec![0.0f32; 2 * 5];
+            v[best] = 1.0;
+            v[5 + best] = 1.0;
+            Tensor::<TB, 2>::from_data(TensorData::new(v, [2, 5]), &Default::default())
+        };
+        let mut calls = Vec::new();
+        let opts = GenerateOptions {
+            max_new_tokens: 3,
+            ..Default::default()
+        };
+        let out = decode_loop(&prompts, &opts, None, 0, logits(4), |next, pos| {
+            calls.push((next.to_vec(), pos.to_vec()));
+            Ok(logits(calls.len()))
+        })
+        .unwrap();
+        // Three tokens need the first logits and two steps; positions follow each prompt.
+        assert_eq!(
+            calls,
+            vec![(vec![4, 4], vec![2, 1]), (vec![1, 1], vec![3, 2])]
+        );
+        assert_eq!(out[0].token_ids, vec![4, 1, 2]);
+        assert_eq!(out[1].finish, FinishReason::Length);
+    }
+
+    #[test]
+    fn draw_keys_depend_on_the_row_seed_and_its_length_only() {
+        let mut a = row(&[]);
+        let mut b = row(&[5, 6]);
+        assert_eq!(a.draw_key(), b.draw_key());
+        a.out.push(1);
+        assert_ne!(a.draw_key(), b.draw_key());
+        b.out.push(9);
+        assert_eq!(a.draw_key(), b.draw_key());
+        b.seed = 1;
+        assert_ne!(a.draw_key(), b.draw_key());
     }
 
     #[test]

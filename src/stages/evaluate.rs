@@ -11,7 +11,7 @@ use super::{ArtifactKind, InputSlot, Stage, StageContext, StageError};
 use crate::metrics::{self, PredictionRow};
 use crate::model::config::ModelConfig;
 use crate::model::device::{run_on_device, BackendTask, DeviceChoice};
-use crate::model::generate::{generate_prompted, BudgetForcing, GenerateOptions, SamplingParams};
+use crate::model::generate::{BudgetForcing, GenerateOptions, SamplingParams};
 use crate::model::hf::load_hf_folder_tensors;
 use crate::model::prompt::{prompt_adapter_kind, read_prompt_adapter};
 use crate::peft::trained::{load_trained, Adapter};
@@ -130,9 +130,11 @@ impl BackendTask for GenerateTask<'_> {
             load_trained::<B>(&self.config, &tensors, self.adapter, &device)
                 .map_err(StageError::wrap)?;
         drop(tensors);
+        let generator = crate::infer::Generator::new(&model, prompt_adapter.as_ref());
         let mut out = Vec::with_capacity(self.prompts.len());
         for chunk in self.prompts.chunks(self.batch_size.max(1)) {
-            let gens = generate_prompted(&model, prompt_adapter.as_ref(), chunk, &self.opts, None)
+            let gens = generator
+                .generate(chunk, &self.opts, None)
                 .map_err(StageError::wrap)?;
             out.extend(gens.into_iter().map(|g| g.token_ids));
             self.bar.inc(chunk.len() as u64);

@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::model::decoder::CausalLm;
-use crate::model::generate::{generate, GenerateOptions, SamplingParams};
+use crate::model::generate::{GenerateOptions, SamplingParams};
 use crate::peft::lora::{merged_for_sampling, projections_mut};
 use crate::train::data::epoch_order;
 use crate::train::grpo::{GrpoCtx, GrpoError};
@@ -177,6 +177,11 @@ pub(crate) fn rollout<B: Backend>(
 /// draws from the same policy up to rounding; the loss's log-probs (old, reference) and the
 /// training step use the unmerged model.
 fn merged_sampler<B: Backend>(ctx: &GrpoCtx<'_>, policy: &CausalLm<B>) -> Option<CausalLm<B>> {
+    // The GPU decode engine folds the adapters into its own copy, a projection at a time.
+    #[cfg(feature = "cuda")]
+    if crate::infer::gpu::enabled() && crate::infer::gpu::unsupported(policy).is_none() {
+        return None;
+    }
     if ctx.cfg.merge_adapters_for_sampling {
         merged_for_sampling(policy)
     } else {
@@ -227,7 +232,9 @@ fn sample_completions<B: Backend>(
         pad_token_id: ctx.tokens.pad_id,
     };
     let generated = match sampler {
-        Sampler::Burn(model) => generate(model, rows, &opts, None)?,
+        Sampler::Burn(model) => {
+            crate::infer::Generator::new(model, None).generate(rows, &opts, None)?
+        }
         Sampler::Engine(engine) => crate::infer::generate::<crate::model::device::CpuBackend>(
             engine,
             rows,

@@ -221,6 +221,18 @@ __device__ __forceinline__ u64 mix64(u64 x) {
     return x ^ (x >> 31);
 }
 
+// The largest (value, index) pair over the warp, ties to the lower index; every lane gets it.
+__device__ __forceinline__ void warp_best(float& best, int& idx) {
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffff, best, off);
+        const int oi = __shfl_xor_sync(0xffffffff, idx, off);
+        if (ov > best || (ov == best && oi < idx)) {
+            best = ov;
+            idx = oi;
+        }
+    }
+}
+
 // Per row r the token with the largest key: the logit (greedy, keys == 0) or, to sample from
 // softmax(logit / temperature), logit * inv_temp + Gumbel noise drawn from (keys[r], token)
 // (the Gumbel-max trick: the argmax is distributed as the softmax). Ties go to the lower
@@ -249,14 +261,7 @@ __device__ void pick(const T* __restrict__ logits, int vocab, const u64* __restr
             idx = j;
         }
     }
-    for (int off = 16; off > 0; off >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffff, best, off);
-        const int oi = __shfl_xor_sync(0xffffffff, idx, off);
-        if (ov > best || (ov == best && oi < idx)) {
-            best = ov;
-            idx = oi;
-        }
-    }
+    warp_best(best, idx);
     if (lane == 0) {
         s_val[w] = best;
         s_idx[w] = idx;
@@ -266,14 +271,7 @@ __device__ void pick(const T* __restrict__ logits, int vocab, const u64* __restr
         const int nw = blockDim.x >> 5;
         best = lane < nw ? s_val[lane] : NEG_INF;
         idx = lane < nw ? s_idx[lane] : 0x7fffffff;
-        for (int off = 16; off > 0; off >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffff, best, off);
-            const int oi = __shfl_xor_sync(0xffffffff, idx, off);
-            if (ov > best || (ov == best && oi < idx)) {
-                best = ov;
-                idx = oi;
-            }
-        }
+        warp_best(best, idx);
         // A row of NaNs picks token 0.
         if (lane == 0) out[r] = idx == 0x7fffffff ? 0 : idx;
     }

@@ -220,24 +220,6 @@ pub fn generate(
     out
 }
 
-/// [`generate`] over `prompts` in batches of `batch_size` rows, calling `done(n)` after each
-/// batch of `n` (a progress bar).
-pub fn generate_batched(
-    model: &GpuModel,
-    prompts: &[Vec<u32>],
-    batch_size: usize,
-    opts: &GenerateOptions,
-    decode: Option<DecodeFn<'_>>,
-    mut done: impl FnMut(usize),
-) -> Result<Vec<Generation>, GenerateError> {
-    let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch_size.max(1)) {
-        out.extend(generate(model, chunk, opts, decode)?);
-        done(chunk.len());
-    }
-    Ok(out)
-}
-
 /// The engine's greedy decoding timed for `runner bench decode`.
 #[derive(Debug, Clone)]
 pub struct DecodeTiming {
