@@ -310,6 +310,29 @@ fn greedy_generation_matches_the_burn_path() {
 }
 
 #[test]
+fn generator_on_the_cpu_decodes_through_burn_with_the_same_tokens() {
+    let (c, t) = tiny_model(Architecture::Qwen2, 64);
+    let burn = CausalLm::<CpuBackend>::from_hf_tensors(&c, &t, &Default::default()).unwrap();
+    let prompts = vec![IDS.to_vec(), vec![5, 6, 7]];
+    let generator = crate::infer::Generator::new(&burn, None);
+    // The GPU engine takes only models on a CUDA device.
+    assert!(!generator.on_engine());
+    for sampling in [
+        SamplingParams::default(),
+        SamplingParams {
+            greedy: false,
+            temperature: 0.8,
+            seed: 3,
+            ..Default::default()
+        },
+    ] {
+        let o = opts(8, sampling);
+        let want = generate(&burn, &prompts, &o, None).unwrap();
+        assert_eq!(generator.generate(&prompts, &o, None).unwrap(), want);
+    }
+}
+
+#[test]
 fn batched_rows_equal_single_rows_and_sampling_repeats() {
     let dir = tempfile::tempdir().unwrap();
     let (m, _) = gguf_pair(Architecture::Llama, ExportType::Q8_0, dir.path());
