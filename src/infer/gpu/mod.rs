@@ -197,19 +197,7 @@ pub fn generate(
         },
     };
     let out = decode_loop(prompts, opts, decode, 0, first_logits, |next, pos| {
-        let mut s = session.borrow_mut();
-        let tokens: Vec<TokenIn> = next
-            .iter()
-            .zip(pos)
-            .enumerate()
-            .map(|(row, (&id, &p))| TokenIn {
-                id,
-                row,
-                slot: s.len(row),
-                pos: p,
-            })
-            .collect();
-        let pass = s.forward(&tokens, None).map_err(device_error)?;
+        let pass = session.borrow_mut().step(next, pos).map_err(device_error)?;
         Ok(GpuLogits {
             session: &session,
             pass,
@@ -253,21 +241,10 @@ pub fn time_greedy(
     let mut next = session.pick(first, None, 0.0).map_err(device_error)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut tokens: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+    // Prompts start at position 0, so each row's next position is its length.
     let step = |session: &mut GpuSession<'_>, next: &[u32]| {
-        let input: Vec<TokenIn> = next
-            .iter()
-            .enumerate()
-            .map(|(row, &id)| {
-                let slot = session.len(row);
-                TokenIn {
-                    id,
-                    row,
-                    slot,
-                    pos: slot as i64,
-                }
-            })
-            .collect();
-        let pass = session.forward(&input, None)?;
+        let pos: Vec<i64> = (0..next.len()).map(|r| session.len(r) as i64).collect();
+        let pass = session.step(next, &pos)?;
         session.pick(pass, None, 0.0)
     };
     next = step(&mut session, &next).map_err(device_error)?;

@@ -183,21 +183,16 @@ impl<'m> GpuSession<'m> {
             wanted <= self.table.want_cap,
             "more wanted rows than the logits hold"
         );
-        // The token table: ids, pos, row, slot at their fixed places, then the wanted indices.
+        // The token table, staged compactly (ids, pos, row, slot: n each, then the wanted
+        // indices) and uploaded to its fixed places.
         let cap = self.table.cap;
         self.staged.clear();
-        self.staged.resize(4 * cap + wanted, 0);
-        for (i, t) in tokens.iter().enumerate() {
-            self.staged[i] = t.id as i32;
-            self.staged[cap + i] = t.pos as i32;
-            self.staged[2 * cap + i] = t.row as i32;
-            self.staged[3 * cap + i] = t.slot as i32;
-        }
-        if let Some(w) = want {
-            for (j, &i) in w.iter().enumerate() {
-                self.staged[4 * cap + j] = i as i32;
-            }
-        }
+        self.staged.extend(tokens.iter().map(|t| t.id as i32));
+        self.staged.extend(tokens.iter().map(|t| t.pos as i32));
+        self.staged.extend(tokens.iter().map(|t| t.row as i32));
+        self.staged.extend(tokens.iter().map(|t| t.slot as i32));
+        self.staged
+            .extend(want.unwrap_or(&[]).iter().map(|&i| i as i32));
         let ordinal = self.model.ordinal;
         let stream = self.stream;
         let graph_step = want.is_none() && self.use_graphs;
@@ -207,7 +202,7 @@ impl<'m> GpuSession<'m> {
                 unsafe {
                     device::upload(
                         self.table.buf.at(k * cap, 4),
-                        &self.staged[k * cap..k * cap + n],
+                        &self.staged[k * n..(k + 1) * n],
                         stream,
                     )?
                 };
@@ -217,7 +212,7 @@ impl<'m> GpuSession<'m> {
                 unsafe {
                     device::upload(
                         self.table.want(),
-                        &self.staged[4 * cap..4 * cap + wanted],
+                        &self.staged[4 * n..4 * n + wanted],
                         stream,
                     )?
                 };
@@ -418,6 +413,23 @@ impl<'m> GpuSession<'m> {
             let head = m.head.as_ref().unwrap_or(&m.embed).ptr;
             device::linear(blas, stream, e, x, rows, head, h, d.vocab, s.logits.ptr)
         }
+    }
+
+    /// One decode step: token `ids[row]` at position `pos[row]` for every row, in the row's next
+    /// slot.
+    pub(super) fn step(&mut self, ids: &[u32], pos: &[i64]) -> Result<PassLogits, Error> {
+        let tokens: Vec<TokenIn> = ids
+            .iter()
+            .zip(pos)
+            .enumerate()
+            .map(|(row, (&id, &pos))| TokenIn {
+                id,
+                row,
+                slot: self.lens[row],
+                pos,
+            })
+            .collect();
+        self.forward(&tokens, None)
     }
 
     /// `h += delta (+ bias)` (when `delta` is not null), then `xn = norm(h) * w`.

@@ -184,13 +184,12 @@ impl GpuModel {
             DType::BF16 => Elem::Bf16,
             _ => Elem::F32,
         };
-        let c_ = c;
         let per_layer =
-            (c_.num_attention_heads + 2 * c_.num_key_value_heads) * c_.head_dim * c_.hidden_size
-                + c_.num_attention_heads * c_.head_dim * c_.hidden_size
-                + 3 * c_.intermediate_size * c_.hidden_size;
+            (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim * c.hidden_size
+                + c.num_attention_heads * c.head_dim * c.hidden_size
+                + 3 * c.intermediate_size * c.hidden_size;
         let heads = if model.lm_head.is_some() { 2 } else { 1 };
-        let need = (per_layer * model.model.layers.len() + heads * c_.vocab_size * c_.hidden_size)
+        let need = (per_layer * model.model.layers.len() + heads * c.vocab_size * c.hidden_size)
             * elem.size();
         let (free, _) = crate::backend::cuda::device_memory_info(ordinal)?;
         // Room for the copy, its cache and scratch; otherwise burn decodes from the model itself.
