@@ -458,10 +458,110 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32], simd: bool) {
     }
 }
 
+/// Cached keys and values of consecutive positions, `stride` floats apart (see
+/// [`attend_group`]): keys, values, position count.
+pub type CacheSpan<'a> = (&'a [f32], &'a [f32], usize);
+
+/// Attention of `g` query heads (`q`: `g * d` floats, head after head) that share one key/value
+/// head, over the positions of `spans` in order: `out` (`g * d`) gets each head's
+/// softmax(`scale * q k`)-weighted sum of the values. Each cached key and value is read once for
+/// the whole group. `scores` is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_group(
+    q: &[f32],
+    spans: [Option<CacheSpan<'_>>; 2],
+    stride: usize,
+    d: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    simd: bool,
+) {
+    let g = q.len() / d.max(1);
+    assert!(
+        g * d == q.len() && out.len() == q.len(),
+        "attention group shapes"
+    );
+    for (k, v, n) in spans.iter().flatten() {
+        assert!(
+            *n == 0 || (n - 1) * stride + d <= k.len().min(v.len()),
+            "cache span"
+        );
+    }
+    let n: usize = spans.iter().flatten().map(|s| s.2).sum();
+    scores.clear();
+    scores.resize(g * n, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when `simd_available()` found AVX2, FMA and F16C; the
+        // spans were checked above.
+        unsafe { avx2::attend_group(q, &spans, stride, d, n, scale, scores, out) };
+        return;
+    }
+    let _ = simd;
+    scalar::attend_group(q, &spans, stride, d, n, scale, scores, out);
+}
+
 /// Portable kernels: the reference for the SIMD ones.
 pub(crate) mod scalar {
     use super::{Activations, BlockQ8, QK_K};
     use half::f16;
+
+    /// Softmax of each head's `n` scores in place.
+    pub fn softmax_rows(scores: &mut [f32], n: usize) {
+        for row in scores.chunks_mut(n.max(1)) {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
+        }
+    }
+
+    /// [`super::attend_group`] without SIMD.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_group(
+        q: &[f32],
+        spans: &[Option<super::CacheSpan<'_>>; 2],
+        stride: usize,
+        d: usize,
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let g = q.len() / d;
+        let mut at = 0;
+        for (k, _, m) in spans.iter().flatten() {
+            for j in 0..*m {
+                let kj = &k[j * stride..j * stride + d];
+                for h in 0..g {
+                    scores[h * n + at + j] = dot_f32(&q[h * d..(h + 1) * d], kj) * scale;
+                }
+            }
+            at += m;
+        }
+        softmax_rows(scores, n);
+        out.fill(0.0);
+        let mut at = 0;
+        for (_, v, m) in spans.iter().flatten() {
+            for j in 0..*m {
+                let vj = &v[j * stride..j * stride + d];
+                for h in 0..g {
+                    let p = scores[h * n + at + j];
+                    for (o, x) in out[h * d..(h + 1) * d].iter_mut().zip(vj) {
+                        *o += p * x;
+                    }
+                }
+            }
+            at += m;
+        }
+    }
 
     #[inline]
     pub fn fp16(b: &[u8], at: usize) -> f32 {
@@ -706,6 +806,7 @@ mod avx2 {
         _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -739,6 +840,7 @@ mod avx2 {
         s
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         let n = y.len().min(x.len());
@@ -756,6 +858,47 @@ mod avx2 {
         while i < n {
             y[i] += a * x[i];
             i += 1;
+        }
+    }
+
+    /// [`super::attend_group`] with the dot products and the weighted sums inlined.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_group(
+        q: &[f32],
+        spans: &[Option<super::CacheSpan<'_>>; 2],
+        stride: usize,
+        d: usize,
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let g = q.len() / d;
+        let mut at = 0;
+        for (k, _, m) in spans.iter().flatten() {
+            for j in 0..*m {
+                let kj = &k[j * stride..j * stride + d];
+                for h in 0..g {
+                    // SAFETY: this function's target features are the callee's.
+                    let dot = unsafe { dot_f32(&q[h * d..(h + 1) * d], kj) };
+                    scores[h * n + at + j] = dot * scale;
+                }
+            }
+            at += m;
+        }
+        super::scalar::softmax_rows(scores, n);
+        out.fill(0.0);
+        let mut at = 0;
+        for (_, v, m) in spans.iter().flatten() {
+            for j in 0..*m {
+                let vj = &v[j * stride..j * stride + d];
+                for h in 0..g {
+                    // SAFETY: as above.
+                    unsafe { axpy(&mut out[h * d..(h + 1) * d], scores[h * n + at + j], vj) };
+                }
+            }
+            at += m;
         }
     }
 
