@@ -109,6 +109,47 @@ impl<B: FastOps> Backward<B, 2> for CrossEntropyBackward {
 }
 
 #[derive(Debug)]
+struct TokenLogpsBackward;
+
+/// What the backward pass recomputes each chunk's logits from.
+#[derive(Clone, Debug)]
+struct TokenLogpsState<B: FastOps> {
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    /// Each row's log-sum-exp of the scaled logits (f32).
+    lse: FloatTensor<B>,
+    temperature: f64,
+    chunk: usize,
+}
+
+impl<B: FastOps> Backward<B, 2> for TokenLogpsBackward {
+    type State = TokenLogpsState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_hidden, node_weight] = ops.parents;
+        let upstream = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let (grad_hidden, grad_weight) = B::fast_token_logps_backward(
+            s.hidden,
+            s.weight,
+            s.targets,
+            s.lse,
+            upstream,
+            s.temperature,
+            s.chunk,
+            (node_hidden.is_some(), node_weight.is_some()),
+        );
+        if let (Some(node), Some(g)) = (node_hidden, grad_hidden) {
+            grads.register::<B>(node.id, g);
+        }
+        if let (Some(node), Some(g)) = (node_weight, grad_weight) {
+            grads.register::<B>(node.id, g);
+        }
+    }
+}
+
+#[derive(Debug)]
 struct MaskedSoftmaxBackward;
 
 impl<B: FastOps> Backward<B, 1> for MaskedSoftmaxBackward {
@@ -706,6 +747,40 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
                 prep.finish(state, loss)
             }
             OpsKind::UnTracked(prep) => prep.finish(loss),
+        }
+    }
+
+    fn fast_linear_token_logps(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f64,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        let prepared = TokenLogpsBackward
+            .prepare::<C>([hidden.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (logps, lse) = B::fast_token_logps_forward(
+            hidden.primitive.clone(),
+            weight.primitive.clone(),
+            targets.clone(),
+            temperature,
+            chunk,
+        );
+        match prepared {
+            OpsKind::Tracked(prep) => {
+                let state = TokenLogpsState {
+                    hidden: hidden.primitive,
+                    weight: weight.primitive,
+                    targets,
+                    lse,
+                    temperature,
+                    chunk,
+                };
+                prep.finish(state, logps)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(logps),
         }
     }
 }

@@ -8,9 +8,12 @@
 
 use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::NdArray;
-use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::{Tensor, TensorPrimitive};
-use ndarray::{linalg::general_mat_mul, Array2, Array3, ArrayView3, ArrayViewD, Axis, Ix2, Ix3};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+use ndarray::{
+    linalg::general_mat_mul, s, Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayViewD, Axis,
+    Ix2, Ix3,
+};
 use rayon::prelude::*;
 
 use crate::backend::FastOps;
@@ -95,6 +98,211 @@ impl FastOps for NdArray {
             }
         }
     }
+
+    fn fast_token_logps_forward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f64,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match (hidden, weight) {
+            (NdArrayTensor::F32(h), NdArrayTensor::F32(w)) => {
+                let (h, w) = (matrix(h.view()), matrix(w.view()));
+                let targets = int_values(targets);
+                let (logps, lse) = token_logps_forward(h, w, &targets, temperature as f32, chunk);
+                (vector(logps), vector(lse))
+            }
+            (h, w) => {
+                let (logps, lse) = crate::backend::token_logps::forward::<Self>(
+                    Tensor::from_primitive(TensorPrimitive::Float(h)),
+                    Tensor::from_primitive(TensorPrimitive::Float(w)),
+                    Tensor::from_primitive(targets),
+                    temperature,
+                    chunk,
+                );
+                (
+                    logps.into_primitive().tensor(),
+                    lse.into_primitive().tensor(),
+                )
+            }
+        }
+    }
+
+    fn fast_token_logps_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+        temperature: f64,
+        chunk: usize,
+        want: (bool, bool),
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        match (hidden, weight, lse, upstream) {
+            (
+                NdArrayTensor::F32(h),
+                NdArrayTensor::F32(w),
+                NdArrayTensor::F32(lse),
+                NdArrayTensor::F32(upstream),
+            ) => {
+                let (h, w) = (matrix(h.view()), matrix(w.view()));
+                let lse: Vec<f32> = lse.view().iter().copied().collect();
+                let upstream: Vec<f32> = upstream.view().iter().copied().collect();
+                let targets = int_values(targets);
+                let (dh, dw) = token_logps_backward(
+                    h,
+                    w,
+                    &targets,
+                    &lse,
+                    &upstream,
+                    temperature as f32,
+                    chunk,
+                    want,
+                );
+                let wrap = |a: Array2<f32>| NdArrayTensor::from(a.into_dyn().into_shared());
+                (dh.map(wrap), dw.map(wrap))
+            }
+            (h, w, lse, upstream) => {
+                let (dh, dw) = crate::backend::token_logps::backward::<Self>(
+                    Tensor::from_primitive(TensorPrimitive::Float(h)),
+                    Tensor::from_primitive(TensorPrimitive::Float(w)),
+                    Tensor::from_primitive(targets),
+                    Tensor::from_primitive(TensorPrimitive::Float(lse)),
+                    Tensor::from_primitive(TensorPrimitive::Float(upstream)),
+                    temperature,
+                    chunk,
+                    want,
+                );
+                (
+                    dh.map(|g| g.into_primitive().tensor()),
+                    dw.map(|g| g.into_primitive().tensor()),
+                )
+            }
+        }
+    }
+}
+
+fn matrix(x: ArrayViewD<'_, f32>) -> ArrayView2<'_, f32> {
+    x.into_dimensionality::<Ix2>().expect("a 2-d tensor")
+}
+
+fn vector(v: Vec<f32>) -> FloatTensor<NdArray> {
+    NdArrayTensor::from(Array1::from_vec(v).into_dyn().into_shared())
+}
+
+fn int_values(t: IntTensor<NdArray>) -> Vec<i64> {
+    Tensor::<NdArray, 1, Int>::from_primitive(t)
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("integer targets")
+}
+
+/// Rows of logits computed at once: at most 4 M logits (16 MB), one buffer reused by every
+/// chunk, so the head's logits neither fault in fresh pages per chunk nor leave the caches
+/// between their product and the pass that reads them.
+fn logit_rows(chunk: usize, vocab: usize) -> usize {
+    chunk.min((1 << 22) / vocab.max(1)).max(1)
+}
+
+/// [`crate::backend::token_logps::forward`] on f32 arrays: each chunk's logits into one reused
+/// buffer, then one pass per row (rows split over rayon) for its log-sum-exp and target.
+fn token_logps_forward(
+    h: ArrayView2<'_, f32>,
+    w: ArrayView2<'_, f32>,
+    targets: &[i64],
+    temperature: f32,
+    chunk: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (n, vocab) = (h.nrows(), w.nrows());
+    let rows = logit_rows(chunk, vocab);
+    let mut logits = Array2::<f32>::zeros((rows.min(n), vocab));
+    let (mut logps, mut lses) = (vec![0.0f32; n], vec![0.0f32; n]);
+    for start in (0..n).step_by(rows) {
+        let end = (start + rows).min(n);
+        let mut block = logits.slice_mut(s![..end - start, ..]);
+        general_mat_mul(1.0, &h.slice(s![start..end, ..]), &w.t(), 0.0, &mut block);
+        let flat = block
+            .as_slice_mut()
+            .expect("leading rows of a standard array");
+        flat.par_chunks_mut(vocab)
+            .zip(logps[start..end].par_iter_mut())
+            .zip(lses[start..end].par_iter_mut())
+            .zip(targets[start..end].par_iter())
+            .for_each(|(((z, logp), lse), &target)| {
+                let max = z
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &x| m.max(x / temperature));
+                let sum: f32 = z.iter().map(|&x| (x / temperature - max).exp()).sum();
+                *lse = sum.ln() + max;
+                *logp = if target >= 0 {
+                    z[target as usize] / temperature - *lse
+                } else {
+                    0.0
+                };
+            });
+    }
+    (logps, lses)
+}
+
+/// [`crate::backend::token_logps::backward`] on f32 arrays: each chunk's logits recomputed into
+/// one reused buffer and overwritten in place by `dlogits = upstream (onehot - softmax) /
+/// temperature` (rows with no upstream gradient, the padding, skip the exponentials), then
+/// `dh = dlogits W` written into its rows and `dW += dlogits^T h`.
+#[allow(clippy::too_many_arguments)]
+fn token_logps_backward(
+    h: ArrayView2<'_, f32>,
+    w: ArrayView2<'_, f32>,
+    targets: &[i64],
+    lse: &[f32],
+    upstream: &[f32],
+    temperature: f32,
+    chunk: usize,
+    want: (bool, bool),
+) -> (Option<Array2<f32>>, Option<Array2<f32>>) {
+    let (n, d, vocab) = (h.nrows(), h.ncols(), w.nrows());
+    let rows = logit_rows(chunk, vocab);
+    let mut dh = want.0.then(|| Array2::<f32>::zeros((n, d)));
+    let mut dw = want.1.then(|| Array2::<f32>::zeros((vocab, d)));
+    if dh.is_none() && dw.is_none() {
+        return (None, None);
+    }
+    let mut logits = Array2::<f32>::zeros((rows.min(n), vocab));
+    for start in (0..n).step_by(rows) {
+        let end = (start + rows).min(n);
+        let hc = h.slice(s![start..end, ..]);
+        let mut block = logits.slice_mut(s![..end - start, ..]);
+        general_mat_mul(1.0, &hc, &w.t(), 0.0, &mut block);
+        let flat = block
+            .as_slice_mut()
+            .expect("leading rows of a standard array");
+        flat.par_chunks_mut(vocab).enumerate().for_each(|(i, z)| {
+            let r = start + i;
+            let target = targets[r];
+            let g = if target >= 0 { upstream[r] } else { 0.0 };
+            if g == 0.0 {
+                z.fill(0.0);
+                return;
+            }
+            let target = target as usize;
+            let at_target = z[target];
+            for x in z.iter_mut() {
+                *x = -g * (*x / temperature - lse[r]).exp() / temperature;
+            }
+            let p = (at_target / temperature - lse[r]).exp();
+            z[target] = (-g * p + g) / temperature;
+        });
+        let block = logits.slice(s![..end - start, ..]);
+        if let Some(dh) = dh.as_mut() {
+            let mut out = dh.slice_mut(s![start..end, ..]);
+            general_mat_mul(1.0, &block, &w, 0.0, &mut out);
+        }
+        if let Some(dw) = dw.as_mut() {
+            general_mat_mul(1.0, &block.t(), &hc, 1.0, dw);
+        }
+    }
+    (dh, dw)
 }
 
 /// Products with at most this many rows use [`rows_dot_weight`].

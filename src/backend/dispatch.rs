@@ -11,7 +11,7 @@ use burn::tensor::{backend::Backend, ops::FloatTensor, Bool, DType, Int, Tensor,
 
 use crate::backend::adamw::{AdamwTensors, AdamwUpdated};
 use crate::backend::checkpoint::LayerReplay;
-use crate::backend::{attention, cross_entropy, FastOps, FusedAttentionSpec};
+use crate::backend::{attention, cross_entropy, token_logps, FastOps, FusedAttentionSpec};
 
 fn same<A: 'static, B: 'static>() -> bool {
     TypeId::of::<A>() == TypeId::of::<B>()
@@ -369,6 +369,46 @@ pub fn linear_cross_entropy<B: Backend>(
     route!(B, fast_cross_entropy, (hidden, weight, labels, chunk));
     // A backend outside the list: the same formulation through burn's autodiff.
     cross_entropy::reference::<B>(hidden, weight, labels)
+}
+
+fn fast_token_logps<F: FastOps>(
+    hidden: Tensor<F, 2>,
+    weight: Tensor<F, 2>,
+    targets: Tensor<F, 1, Int>,
+    temperature: f64,
+    chunk: usize,
+) -> Tensor<F, 1> {
+    let dtype = hidden.dtype();
+    let out = F::fast_linear_token_logps(
+        hidden.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        targets.into_primitive(),
+        temperature,
+        chunk,
+    );
+    Tensor::<F, 1>::from_primitive(TensorPrimitive::Float(out)).cast(dtype)
+}
+
+/// Log-probabilities of `targets [n]` under `softmax(hidden [n, d] @ weight [v, d]^T /
+/// temperature)`, `[n]` in the hidden states' type (0 where a target is negative), `chunk`
+/// tokens at a time: the `[n, v]` logits are never held at once, and under `Autodiff` the
+/// backward pass recomputes them chunk by chunk (see [`token_logps`]).
+pub fn linear_token_logps<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    temperature: f64,
+    chunk: usize,
+) -> Tensor<B, 1> {
+    let chunk = chunk.max(1);
+    route!(
+        B,
+        fast_token_logps,
+        (hidden, weight, targets, temperature, chunk)
+    );
+    // A backend outside the list: the full logits through burn's autodiff.
+    let dtype = hidden.dtype();
+    token_logps::reference::<B>(hidden, weight, targets, temperature).cast(dtype)
 }
 
 fn fast_cross_entropy_rows<F: FastOps>(

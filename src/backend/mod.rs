@@ -10,7 +10,8 @@
 //!
 //! References: burn `examples/custom-cubecl-kernel` (custom op + backward, v0.21.0); cuBLAS
 //! (docs.nvidia.com/cuda/cublas); the chunked loss follows Liger-Kernel's
-//! `fused_linear_cross_entropy` (recompute logits per chunk in the backward pass).
+//! `fused_linear_cross_entropy` (recompute logits per chunk in the backward pass); GRPO's
+//! per-token log-probabilities go through the LM head the same way ([`token_logps`]).
 
 pub mod adamw;
 pub mod attention;
@@ -31,6 +32,7 @@ pub mod lora;
 pub mod memory;
 pub mod nf4;
 pub mod offload;
+pub mod token_logps;
 
 use burn::tensor::{
     backend::Backend,
@@ -388,6 +390,69 @@ pub trait FastOps: Backend {
         );
         out.loss.into_primitive().tensor()
     }
+
+    /// Log-probabilities (f32, `[n]`) of `targets [n]` under `softmax(hidden [n, d] @ weight
+    /// [v, d]^T / temperature)`, `chunk` rows at a time (see [`token_logps`]; negative targets
+    /// give 0). Under `Autodiff` the backward pass recomputes the logits chunk by chunk.
+    fn fast_linear_token_logps(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f64,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        Self::fast_token_logps_forward(hidden, weight, targets, temperature, chunk).0
+    }
+
+    /// [`token_logps::forward`]: the log-probabilities and each row's log-sum-exp (both f32).
+    fn fast_token_logps_forward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f64,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (logps, lse) = token_logps::forward::<Self>(
+            Tensor::from_primitive(TensorPrimitive::Float(hidden)),
+            Tensor::from_primitive(TensorPrimitive::Float(weight)),
+            Tensor::from_primitive(targets),
+            temperature,
+            chunk,
+        );
+        (
+            logps.into_primitive().tensor(),
+            lse.into_primitive().tensor(),
+        )
+    }
+
+    /// [`token_logps::backward`]: the gradients of `sum(upstream * logp)` for the hidden states
+    /// and the weight that `want` asks for.
+    #[allow(clippy::too_many_arguments)]
+    fn fast_token_logps_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+        temperature: f64,
+        chunk: usize,
+        want: (bool, bool),
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let (dh, dw) = token_logps::backward::<Self>(
+            Tensor::from_primitive(TensorPrimitive::Float(hidden)),
+            Tensor::from_primitive(TensorPrimitive::Float(weight)),
+            Tensor::from_primitive(targets),
+            Tensor::from_primitive(TensorPrimitive::Float(lse)),
+            Tensor::from_primitive(TensorPrimitive::Float(upstream)),
+            temperature,
+            chunk,
+            want,
+        );
+        (
+            dh.map(|g| g.into_primitive().tensor()),
+            dw.map(|g| g.into_primitive().tensor()),
+        )
+    }
 }
 
 /// The optimizer step (counted from 1) whose kernels a profiler should see: `RUNNER_PROFILE_STEP`
@@ -416,8 +481,8 @@ pub fn set_profiler(on: bool) {
 pub use dispatch::{
     accelerator_memory_mb, accelerator_peak_mb, adamw_update_many, copy_to_device_memory,
     cross_entropy_rows, fused_attention, fused_attention_supported, linear, linear_cross_entropy,
-    lora_linear, masked_softmax, matmul, matmul_2d, matmul_tn, narrow, nf4_dequantize,
-    reset_accelerator_peak, rms_norm, rope, sum_squares, swiglu, swiglu_linear,
+    linear_token_logps, lora_linear, masked_softmax, matmul, matmul_2d, matmul_tn, narrow,
+    nf4_dequantize, reset_accelerator_peak, rms_norm, rope, sum_squares, swiglu, swiglu_linear,
 };
 
 #[cfg(test)]

@@ -5,7 +5,9 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{activation, Bool, Distribution, Int, Tensor, TensorData, Tolerance};
 
 use crate::backend::attention::{attention, AttentionOptions};
-use crate::backend::{linear, linear_cross_entropy, masked_softmax, matmul, matmul_2d, matmul_tn};
+use crate::backend::{
+    linear, linear_cross_entropy, linear_token_logps, masked_softmax, matmul, matmul_2d, matmul_tn,
+};
 
 type Cpu = NdArray;
 type Ad = Autodiff<NdArray>;
@@ -292,6 +294,129 @@ fn cross_entropy_with_every_label_ignored_is_zero_not_nan() {
     let labels = Tensor::<Cpu, 1, Int>::from_data(TensorData::from([-100i64; 3]), &h.device());
     let loss = linear_cross_entropy(h, w, labels, 2).into_scalar();
     assert_eq!(loss, 0.0);
+}
+
+/// `log softmax(h W^T / t)[i, target_i]` by loops in f64 (0 for a negative target).
+fn naive_token_logps(
+    h: &[f32],
+    w: &[f32],
+    targets: &[i64],
+    d: usize,
+    v: usize,
+    t: f64,
+) -> Vec<f32> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, &target)| {
+            if target < 0 {
+                return 0.0;
+            }
+            let z: Vec<f64> = (0..v)
+                .map(|j| {
+                    let dot: f64 = (0..d)
+                        .map(|k| f64::from(h[i * d + k]) * f64::from(w[j * d + k]))
+                        .sum();
+                    dot / t
+                })
+                .collect();
+            let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = z.iter().map(|x| (x - max).exp()).sum::<f64>().ln() + max;
+            (z[target as usize] - lse) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn chunked_token_logps_match_loops_and_the_full_logits_gradients() {
+    let (n, d, v) = (7, 5, 11);
+    let h0 = rand([n, d], 12);
+    let w0 = rand([v, d], 13);
+    let targets_vec: Vec<i64> = vec![3, -100, 10, 0, 5, 2, 7];
+    let targets = || {
+        Tensor::<Ad, 1, Int>::from_data(
+            TensorData::from(targets_vec.as_slice()),
+            &Default::default(),
+        )
+    };
+    // Per-token upstream weights, as GRPO's advantages and mask give them.
+    let upstream = [0.5f32, 2.0, -1.0, 0.25, 1.5, -0.75, 1.0];
+    for temperature in [1.0, 0.7] {
+        let want = naive_token_logps(
+            &values(h0.clone()),
+            &values(w0.clone()),
+            &targets_vec,
+            d,
+            v,
+            temperature,
+        );
+        // Reference gradients: burn's autodiff through the full logits.
+        let h = Tensor::<Ad, 2>::from_data(h0.to_data(), &Default::default()).require_grad();
+        let w = Tensor::<Ad, 2>::from_data(w0.to_data(), &Default::default()).require_grad();
+        let z = h
+            .clone()
+            .matmul(w.clone().transpose())
+            .div_scalar(temperature);
+        let keep = targets().greater_equal_elem(0);
+        let safe = targets().mask_fill(keep.clone().bool_not(), 0);
+        let picked = activation::log_softmax(z, 1)
+            .gather(1, safe.unsqueeze_dim(1))
+            .squeeze_dim::<1>(1)
+            * keep.float();
+        let weights = Tensor::<Ad, 1>::from_floats(upstream, &Default::default());
+        let grads = (picked * weights.clone()).sum().backward();
+        let (rh, rw) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap());
+
+        for chunk in [1, 3, 7, 100] {
+            let h = Tensor::<Ad, 2>::from_data(h0.to_data(), &Default::default()).require_grad();
+            let w = Tensor::<Ad, 2>::from_data(w0.to_data(), &Default::default()).require_grad();
+            let logps = linear_token_logps(h.clone(), w.clone(), targets(), temperature, chunk);
+            let got: Vec<f32> = logps.clone().into_data().convert::<f32>().to_vec().unwrap();
+            assert_close(
+                got,
+                want.clone(),
+                1e-5,
+                &format!("t {temperature} chunk {chunk}"),
+            );
+            let grads = (logps * weights.clone()).sum().backward();
+            h.grad(&grads)
+                .unwrap()
+                .into_data()
+                .assert_approx_eq::<f32>(&rh.to_data(), Tolerance::absolute(1e-5));
+            w.grad(&grads)
+                .unwrap()
+                .into_data()
+                .assert_approx_eq::<f32>(&rw.to_data(), Tolerance::absolute(1e-5));
+        }
+        // Without autodiff: the same values.
+        let plain = linear_token_logps(h0.clone(), w0.clone(), targets().inner(), temperature, 3);
+        assert_close(values(plain), want.clone(), 1e-5, "inner backend");
+        // The generic formulation in burn's ops (what CUDA runs; the CPU has its own kernel).
+        let (logps, lse) = crate::backend::token_logps::forward::<Cpu>(
+            h0.clone(),
+            w0.clone(),
+            targets().inner(),
+            temperature,
+            3,
+        );
+        assert_close(values(logps), want, 1e-5, "generic forward");
+        let (dh, dw) = crate::backend::token_logps::backward::<Cpu>(
+            h0.clone(),
+            w0.clone(),
+            targets().inner(),
+            lse,
+            weights.clone().inner(),
+            temperature,
+            3,
+            (true, true),
+        );
+        dh.unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&rh.to_data(), Tolerance::absolute(1e-5));
+        dw.unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&rw.to_data(), Tolerance::absolute(1e-5));
+    }
 }
 
 /// Attention by nested loops, one query head at a time.

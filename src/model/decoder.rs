@@ -849,6 +849,20 @@ impl<B: Backend> CausalLm<B> {
         self.model.norm.forward(x)
     }
 
+    /// The weight `W [vocab, hidden]` when the logits are exactly `hidden @ W^T` (tied or
+    /// plain head); `None` for a head with an adapter or a bias, or soft-capped logits (Gemma 2),
+    /// which the chunked head losses do not reproduce.
+    pub fn plain_head_weight(&self) -> Option<Tensor<B, 2>> {
+        if self.config.variant.final_logit_softcapping.is_some() {
+            return None;
+        }
+        match &self.lm_head {
+            None => Some(self.model.embed_tokens.weight.val()),
+            Some(head) if head.lora_a.is_none() && head.bias.is_none() => Some(head.weight.val()),
+            Some(_) => None,
+        }
+    }
+
     /// Projects hidden states to vocabulary logits (tied: through the embedding table).
     ///
     /// # Shapes

@@ -217,7 +217,36 @@ pub fn completion_logps<B: Backend>(
     // The hidden state at position t predicts token t + 1.
     let start = batch.prompt_len - 1;
     let hidden = hidden.slice([0..rows, start..start + batch.completion_len, 0..width]);
-    token_logps(model.lm_head(hidden), batch.targets.clone(), temperature)
+    head_logps(model, hidden, batch.targets.clone(), temperature)
+}
+
+/// Logits the chunked head computes at once: 16 M (64 MB in f32), so a chunk's temporaries stay
+/// small next to the model on either device.
+const HEAD_CHUNK_LOGITS: usize = 1 << 24;
+
+/// Log-probabilities of `targets [rows, len]` from the final hidden states `[rows, len, width]`:
+/// through the chunked LM head ([`crate::backend::linear_token_logps`]: no `[rows, len, vocab]`
+/// logits held, in the forward or the backward pass) when the head is a plain product, else
+/// through the full logits.
+fn head_logps<B: Backend>(
+    model: &CausalLm<B>,
+    hidden: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    temperature: f64,
+) -> Tensor<B, 2> {
+    let Some(weight) = model.plain_head_weight() else {
+        return token_logps(model.lm_head(hidden), targets, temperature);
+    };
+    let [rows, len, width] = hidden.dims();
+    let chunk = (HEAD_CHUNK_LOGITS / weight.dims()[0].max(1)).max(1);
+    crate::backend::linear_token_logps(
+        hidden.reshape([rows * len, width]),
+        weight,
+        targets.reshape([rows * len]),
+        temperature,
+        chunk,
+    )
+    .reshape([rows, len])
 }
 
 /// [`completion_logps`] with each distinct prompt run once: its keys and values are cached,
@@ -259,7 +288,7 @@ fn shared_prompt_logps<B: Backend>(
     }
     let hidden = Tensor::cat(hidden, 1);
     debug_assert_eq!(hidden.dims()[1], batch.completion_len);
-    token_logps(model.lm_head(hidden), batch.targets.clone(), temperature)
+    head_logps(model, hidden, batch.targets.clone(), temperature)
 }
 
 /// Clip range, KL weight and normalisation of [`grpo_loss`].

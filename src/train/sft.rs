@@ -142,14 +142,7 @@ impl<B: Backend> CausalLm<B> {
         &self,
         batch: &Batch<B>,
     ) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>, usize)> {
-        if self.config.variant.final_logit_softcapping.is_some() {
-            return None;
-        }
-        let weight = match &self.lm_head {
-            None => self.model.embed_tokens.weight.val(),
-            Some(head) if head.lora_a.is_none() && head.bias.is_none() => head.weight.val(),
-            Some(_) => return None,
-        };
+        let weight = self.plain_head_weight()?;
         let (rows, len) = (batch.rows, batch.len);
         let device = batch.input_ids.device();
         let hidden = self.hidden_states(
