@@ -113,19 +113,13 @@ impl FastOps for NdArray {
                 let (logps, lse) = token_logps_forward(h, w, &targets, temperature as f32, chunk);
                 (vector(logps), vector(lse))
             }
-            (h, w) => {
-                let (logps, lse) = crate::backend::token_logps::forward::<Self>(
-                    Tensor::from_primitive(TensorPrimitive::Float(h)),
-                    Tensor::from_primitive(TensorPrimitive::Float(w)),
-                    Tensor::from_primitive(targets),
-                    temperature,
-                    chunk,
-                );
-                (
-                    logps.into_primitive().tensor(),
-                    lse.into_primitive().tensor(),
-                )
-            }
+            (h, w) => crate::backend::token_logps::forward_primitive::<Self>(
+                h,
+                w,
+                targets,
+                temperature,
+                chunk,
+            ),
         }
     }
 
@@ -163,22 +157,16 @@ impl FastOps for NdArray {
                 let wrap = |a: Array2<f32>| NdArrayTensor::from(a.into_dyn().into_shared());
                 (dh.map(wrap), dw.map(wrap))
             }
-            (h, w, lse, upstream) => {
-                let (dh, dw) = crate::backend::token_logps::backward::<Self>(
-                    Tensor::from_primitive(TensorPrimitive::Float(h)),
-                    Tensor::from_primitive(TensorPrimitive::Float(w)),
-                    Tensor::from_primitive(targets),
-                    Tensor::from_primitive(TensorPrimitive::Float(lse)),
-                    Tensor::from_primitive(TensorPrimitive::Float(upstream)),
-                    temperature,
-                    chunk,
-                    want,
-                );
-                (
-                    dh.map(|g| g.into_primitive().tensor()),
-                    dw.map(|g| g.into_primitive().tensor()),
-                )
-            }
+            (h, w, lse, upstream) => crate::backend::token_logps::backward_primitive::<Self>(
+                h,
+                w,
+                targets,
+                lse,
+                upstream,
+                temperature,
+                chunk,
+                want,
+            ),
         }
     }
 }

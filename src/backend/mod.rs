@@ -412,17 +412,7 @@ pub trait FastOps: Backend {
         temperature: f64,
         chunk: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (logps, lse) = token_logps::forward::<Self>(
-            Tensor::from_primitive(TensorPrimitive::Float(hidden)),
-            Tensor::from_primitive(TensorPrimitive::Float(weight)),
-            Tensor::from_primitive(targets),
-            temperature,
-            chunk,
-        );
-        (
-            logps.into_primitive().tensor(),
-            lse.into_primitive().tensor(),
-        )
+        token_logps::forward_primitive::<Self>(hidden, weight, targets, temperature, chunk)
     }
 
     /// [`token_logps::backward`]: the gradients of `sum(upstream * logp)` for the hidden states
@@ -438,19 +428,15 @@ pub trait FastOps: Backend {
         chunk: usize,
         want: (bool, bool),
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
-        let (dh, dw) = token_logps::backward::<Self>(
-            Tensor::from_primitive(TensorPrimitive::Float(hidden)),
-            Tensor::from_primitive(TensorPrimitive::Float(weight)),
-            Tensor::from_primitive(targets),
-            Tensor::from_primitive(TensorPrimitive::Float(lse)),
-            Tensor::from_primitive(TensorPrimitive::Float(upstream)),
+        token_logps::backward_primitive::<Self>(
+            hidden,
+            weight,
+            targets,
+            lse,
+            upstream,
             temperature,
             chunk,
             want,
-        );
-        (
-            dh.map(|g| g.into_primitive().tensor()),
-            dw.map(|g| g.into_primitive().tensor()),
         )
     }
 }

@@ -12,7 +12,10 @@
 // burn's `slice` takes one range per dimension: a one-element array is a 1-D slice.
 #![allow(clippy::single_range_in_vec_init)]
 
-use burn::tensor::{backend::Backend, DType, FloatDType, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{
+    backend::Backend, DType, FloatDType, IndexingUpdateOp, Int, Tensor, TensorPrimitive,
+};
 
 use crate::backend::{linear, matmul_2d, matmul_tn};
 
@@ -149,4 +152,55 @@ pub fn reference<B: Backend>(
     let logp = burn::tensor::activation::log_softmax(z, 1);
     let (index, keep) = split_targets(targets);
     logp.gather(1, index).squeeze_dim::<1>(1) * keep
+}
+
+/// [`forward`] on primitives (the default of [`crate::backend::FastOps::fast_token_logps_forward`]
+/// and the CPU's fallback for non-f32 tensors).
+pub(crate) fn forward_primitive<B: Backend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    temperature: f64,
+    chunk: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (logps, lse) = forward::<B>(
+        Tensor::from_primitive(TensorPrimitive::Float(hidden)),
+        Tensor::from_primitive(TensorPrimitive::Float(weight)),
+        Tensor::from_primitive(targets),
+        temperature,
+        chunk,
+    );
+    (
+        logps.into_primitive().tensor(),
+        lse.into_primitive().tensor(),
+    )
+}
+
+/// [`backward`] on primitives (as [`forward_primitive`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_primitive<B: Backend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    upstream: FloatTensor<B>,
+    temperature: f64,
+    chunk: usize,
+    want: (bool, bool),
+) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>) {
+    let float = |t: FloatTensor<B>| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t));
+    let (dh, dw) = backward::<B>(
+        float(hidden),
+        float(weight),
+        Tensor::from_primitive(targets),
+        Tensor::from_primitive(TensorPrimitive::Float(lse)),
+        Tensor::from_primitive(TensorPrimitive::Float(upstream)),
+        temperature,
+        chunk,
+        want,
+    );
+    (
+        dh.map(|g| g.into_primitive().tensor()),
+        dw.map(|g| g.into_primitive().tensor()),
+    )
 }
