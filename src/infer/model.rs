@@ -614,10 +614,10 @@ pub struct TokenIn {
 /// Keys and values of every layer for `rows` sequences of up to `capacity` slots, allocated
 /// once: `[layer][row][kv_head][slot][head_dim]`, so the keys one query group attends to are one
 /// contiguous stream (the hardware prefetcher keeps up with it; slot-major rows were read in
-/// 256-byte pieces 768 bytes apart, and attention waited on memory). A row that shares its first slots with
-/// another (a GRPO group's prompt) reads them from that row: the group's attention then reads
-/// one copy of the prompt, which stays in the CPU's caches across the group, instead of one
-/// copy per row from memory.
+/// 256-byte pieces 768 bytes apart, and attention waited on memory). A row that shares its
+/// first slots with another (a GRPO group's prompt) reads them from that row: the group's
+/// attention then reads one copy of the prompt, which stays in the CPU's caches across the
+/// group, instead of one copy per row from memory.
 #[derive(Debug)]
 pub struct KvCache {
     rows: usize,
@@ -862,7 +862,7 @@ fn attention(
             })
         });
         SCORES.with(|cell| {
-            quant::attend_group(qs, spans, d, d, a.scale, &mut cell.borrow_mut(), o, simd);
+            quant::attend_group(qs, spans, d, a.scale, &mut cell.borrow_mut(), o, simd);
         });
     };
     let span: usize = tokens.iter().map(|t| t.slot + 1).sum::<usize>() * nh;

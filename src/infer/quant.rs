@@ -458,8 +458,8 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32], simd: bool) {
     }
 }
 
-/// Cached keys and values of consecutive positions, `stride` floats apart (see
-/// [`attend_group`]): keys, values, position count.
+/// Cached keys and values of consecutive positions, one head's `d` floats each, back to back
+/// (see [`attend_group`]): keys, values, position count.
 pub type CacheSpan<'a> = (&'a [f32], &'a [f32], usize);
 
 /// Attention of `g` query heads (`q`: `g * d` floats, head after head) that share one key/value
@@ -470,7 +470,6 @@ pub type CacheSpan<'a> = (&'a [f32], &'a [f32], usize);
 pub fn attend_group(
     q: &[f32],
     spans: [Option<CacheSpan<'_>>; 2],
-    stride: usize,
     d: usize,
     scale: f32,
     scores: &mut Vec<f32>,
@@ -483,10 +482,7 @@ pub fn attend_group(
         "attention group shapes"
     );
     for (k, v, n) in spans.iter().flatten() {
-        assert!(
-            *n == 0 || (n - 1) * stride + d <= k.len().min(v.len()),
-            "cache span"
-        );
+        assert!(n * d <= k.len().min(v.len()), "cache span");
     }
     let n: usize = spans.iter().flatten().map(|s| s.2).sum();
     scores.clear();
@@ -495,11 +491,63 @@ pub fn attend_group(
     if simd {
         // SAFETY: `simd` is true only when `simd_available()` found AVX2, FMA and F16C; the
         // spans were checked above.
-        unsafe { avx2::attend_group(q, &spans, stride, d, n, scale, scores, out) };
+        unsafe { avx2::attend_group(q, &spans, d, n, scale, scores, out) };
         return;
     }
     let _ = simd;
-    scalar::attend_group(q, &spans, stride, d, n, scale, scores, out);
+    attend_group_with(
+        q,
+        &spans,
+        d,
+        n,
+        scale,
+        scores,
+        out,
+        scalar::dot_f32,
+        |y, a, x| {
+            for (yi, xi) in y.iter_mut().zip(x) {
+                *yi += a * xi;
+            }
+        },
+    );
+}
+
+/// The body of [`attend_group`] with its dot product and `y += a x`; inlined into each caller, so
+/// the AVX2 one compiles it, and the kernels it is given, with its target features.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_group_with(
+    q: &[f32],
+    spans: &[Option<CacheSpan<'_>>; 2],
+    d: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    axpy: impl Fn(&mut [f32], f32, &[f32]),
+) {
+    let g = q.len() / d;
+    let mut at = 0;
+    for (k, _, m) in spans.iter().flatten() {
+        for (j, kj) in k.chunks_exact(d).take(*m).enumerate() {
+            for h in 0..g {
+                scores[h * n + at + j] = dot(&q[h * d..(h + 1) * d], kj) * scale;
+            }
+        }
+        at += m;
+    }
+    scalar::softmax_rows(scores, n);
+    out.fill(0.0);
+    let mut at = 0;
+    for (_, v, m) in spans.iter().flatten() {
+        for (j, vj) in v.chunks_exact(d).take(*m).enumerate() {
+            for h in 0..g {
+                axpy(&mut out[h * d..(h + 1) * d], scores[h * n + at + j], vj);
+            }
+        }
+        at += m;
+    }
 }
 
 /// Portable kernels: the reference for the SIMD ones.
@@ -520,46 +568,6 @@ pub(crate) mod scalar {
             for s in row.iter_mut() {
                 *s *= inv;
             }
-        }
-    }
-
-    /// [`super::attend_group`] without SIMD.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend_group(
-        q: &[f32],
-        spans: &[Option<super::CacheSpan<'_>>; 2],
-        stride: usize,
-        d: usize,
-        n: usize,
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        let g = q.len() / d;
-        let mut at = 0;
-        for (k, _, m) in spans.iter().flatten() {
-            for j in 0..*m {
-                let kj = &k[j * stride..j * stride + d];
-                for h in 0..g {
-                    scores[h * n + at + j] = dot_f32(&q[h * d..(h + 1) * d], kj) * scale;
-                }
-            }
-            at += m;
-        }
-        softmax_rows(scores, n);
-        out.fill(0.0);
-        let mut at = 0;
-        for (_, v, m) in spans.iter().flatten() {
-            for j in 0..*m {
-                let vj = &v[j * stride..j * stride + d];
-                for h in 0..g {
-                    let p = scores[h * n + at + j];
-                    for (o, x) in out[h * d..(h + 1) * d].iter_mut().zip(vj) {
-                        *o += p * x;
-                    }
-                }
-            }
-            at += m;
         }
     }
 
@@ -862,44 +870,28 @@ mod avx2 {
     }
 
     /// [`super::attend_group`] with the dot products and the weighted sums inlined.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn attend_group(
         q: &[f32],
         spans: &[Option<super::CacheSpan<'_>>; 2],
-        stride: usize,
         d: usize,
         n: usize,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let g = q.len() / d;
-        let mut at = 0;
-        for (k, _, m) in spans.iter().flatten() {
-            for j in 0..*m {
-                let kj = &k[j * stride..j * stride + d];
-                for h in 0..g {
-                    // SAFETY: this function's target features are the callee's.
-                    let dot = unsafe { dot_f32(&q[h * d..(h + 1) * d], kj) };
-                    scores[h * n + at + j] = dot * scale;
-                }
-            }
-            at += m;
-        }
-        super::scalar::softmax_rows(scores, n);
-        out.fill(0.0);
-        let mut at = 0;
-        for (_, v, m) in spans.iter().flatten() {
-            for j in 0..*m {
-                let vj = &v[j * stride..j * stride + d];
-                for h in 0..g {
-                    // SAFETY: as above.
-                    unsafe { axpy(&mut out[h * d..(h + 1) * d], scores[h * n + at + j], vj) };
-                }
-            }
-            at += m;
-        }
+        super::attend_group_with(
+            q,
+            spans,
+            d,
+            n,
+            scale,
+            scores,
+            out,
+            // SAFETY: this function's target features are the callees'.
+            |a, b| unsafe { dot_f32(a, b) },
+            |y, a, x| unsafe { axpy(y, a, x) },
+        );
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

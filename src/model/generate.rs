@@ -548,7 +548,8 @@ fn choose<B: Backend>(logits: Tensor<B, 2>, rows: &mut [Row], s: &SamplingParams
     }
     let logits = logits.div_scalar(s.temperature);
     // Candidates per row: (token, logit); top-k's best first.
-    let candidates: Vec<Vec<(u32, f32)>> = if s.top_k > 0 && s.top_k < vocab {
+    let in_token_order = !(s.top_k > 0 && s.top_k < vocab);
+    let candidates: Vec<Vec<(u32, f32)>> = if !in_token_order {
         let (vals, idx) = logits.topk_with_indices(s.top_k, 1);
         let vals = to_f32(vals.into_data());
         let idx = to_u32(idx.into_data());
@@ -577,7 +578,7 @@ fn choose<B: Backend>(logits: Tensor<B, 2>, rows: &mut [Row], s: &SamplingParams
     };
     rows.iter_mut()
         .zip(candidates)
-        .map(|(row, c)| sample_row(c, s.top_p, &mut row.rng))
+        .map(|(row, c)| sample_row(c, in_token_order, s.top_p, &mut row.rng))
         .collect()
 }
 
@@ -622,14 +623,19 @@ const SORTED_FIRST: usize = 1024;
 
 /// Top-p filter (HF: drop tokens whose ascending cumulative probability is <= 1 - p, always
 /// keeping the best) and a draw from the rest, walking the candidates best first (ties in their
-/// given order). `c` need not be sorted; a long `c` in token order has only its best
-/// [`SORTED_FIRST`] sorted unless the cut or the draw reaches past them.
-fn sample_row(mut c: Vec<(u32, f32)>, top_p: f32, rng: &mut ChaCha20Rng) -> u32 {
+/// given order). `c` need not be sorted; a long `c` listed in token order (`in_token_order`) has
+/// only its best [`SORTED_FIRST`] sorted unless the cut or the draw reaches past them.
+fn sample_row(
+    mut c: Vec<(u32, f32)>,
+    in_token_order: bool,
+    top_p: f32,
+    rng: &mut ChaCha20Rng,
+) -> u32 {
     let u = rng.random::<f64>();
     let weights_sum = |c: &[(u32, f32)], max: f64| -> f64 {
         c.iter().map(|&(_, v)| (f64::from(v) - max).exp()).sum()
     };
-    if c.len() > SORTED_FIRST && c.windows(2).all(|w| w[0].0 < w[1].0) {
+    if in_token_order && c.len() > SORTED_FIRST {
         // In token order, "ties in given order" is "ties by token id": a total order, so the
         // selected best are exactly the first of the stable sort.
         let order = |x: &(u32, f32), y: &(u32, f32)| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0));
@@ -837,7 +843,7 @@ mod tests {
                 let mut a = ChaCha20Rng::seed_from_u64(seed);
                 let mut b = ChaCha20Rng::seed_from_u64(seed);
                 assert_eq!(
-                    sample_row(row.clone(), top_p, &mut a),
+                    sample_row(row.clone(), true, top_p, &mut a),
                     draw_over_full_sort(&row, top_p, &mut b),
                     "case {case}, seed {seed}"
                 );
@@ -855,7 +861,7 @@ mod tests {
         let draw = |top_p: f32| -> BTreeSet<u32> {
             let mut rng = ChaCha20Rng::seed_from_u64(1);
             (0..400)
-                .map(|_| sample_row(c.clone(), top_p, &mut rng))
+                .map(|_| sample_row(c.clone(), false, top_p, &mut rng))
                 .collect()
         };
         // HF: ascending cumsum [0.2, 0.5, 1.0]; remove entries <= 1 - p.
