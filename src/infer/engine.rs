@@ -9,7 +9,8 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::infer::model::{KvCache, QuantModel, Scratch, TokenIn};
 use crate::model::generate::{
-    decode_loop, distinct_prompts, validate, DecodeFn, GenerateError, GenerateOptions, Generation,
+    decode_loop, distinct_prompts, validate, DecodeFn, FinishedRows, GenerateError,
+    GenerateOptions, Generation,
 };
 
 /// Tokens per prefill pass: bounds the activation buffers of long prompts.
@@ -80,8 +81,15 @@ impl<'m> Session<'m> {
 
     /// One token for each row at `pos[row]`; logits `[rows, vocab]`.
     pub fn step(&mut self, ids: &[u32], pos: &[i64], logits: &mut Vec<f32>) {
+        let rows: Vec<usize> = (0..ids.len()).collect();
+        self.step_rows(&rows, ids, pos, logits);
+    }
+
+    /// Token `ids[i]` at position `pos[i]` for row `rows[i]` (rows that have finished are left
+    /// out); logits `[rows.len(), vocab]` in that order.
+    pub fn step_rows(&mut self, rows: &[usize], ids: &[u32], pos: &[i64], logits: &mut Vec<f32>) {
         self.tokens.clear();
-        for (row, (&id, &p)) in ids.iter().zip(pos).enumerate() {
+        for (&row, (&id, &p)) in rows.iter().zip(ids.iter().zip(pos)) {
             self.tokens.push(TokenIn {
                 id,
                 row,
@@ -179,8 +187,17 @@ pub fn generate<B: Backend>(
         let n = data.len() / vocab;
         Tensor::<B, 2>::from_data(TensorData::new(data, [n, vocab]), device)
     };
-    decode_loop(prompts, opts, decode, 0, to_tensor(first), |next, pos| {
-        session.step(next, pos, &mut logits);
-        Ok(to_tensor(logits.clone()))
-    })
+    // Rows that finish leave the batch: each step computes only the rows still decoding.
+    decode_loop(
+        prompts,
+        opts,
+        decode,
+        0,
+        FinishedRows::Dropped,
+        to_tensor(first),
+        |rows, next, pos| {
+            session.step_rows(rows, next, pos, &mut logits);
+            Ok(to_tensor(logits.clone()))
+        },
+    )
 }

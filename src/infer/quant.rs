@@ -292,25 +292,33 @@ pub fn matmul_into(ws: &[WeightView<'_>], acts: &Activations, out: &mut [f32], s
                 let local = r - starts[wi];
                 let rb = w.row_bytes();
                 let f = fns[wi].unwrap_or(scalar::dot_f32_row);
+                // Every (weight row, token) pair a tile computes gets the same arithmetic
+                // whatever the tile's shape, so a row's logits do not depend on which rows
+                // share its batch (rows leave a decoding batch as they finish).
                 if let Some(tile) = &tiles[wi] {
-                    // One token: four rows share each activation block.
-                    if t == 1 && (w.rows - local).min(n - i) >= 4 {
+                    // Fewer than four tokens: four weight rows share each activation block.
+                    if t < 4 && (w.rows - local).min(n - i) >= 4 {
                         let bytes = &w.bytes[local * rb..(local + 4) * rb];
-                        (tile.rows4)(bytes, rb, acts, 0, &mut chunk[i..i + 4]);
+                        let mut four = [0f32; 4];
+                        for j in 0..t {
+                            (tile.rows4)(bytes, rb, acts, j, &mut four);
+                            for (r, v) in four.iter().enumerate() {
+                                chunk[(i + r) * t + j] = *v;
+                            }
+                        }
                         i += 4;
                         continue;
                     }
-                    // Several tokens: each weight block is unpacked once for four of them.
+                    // Several tokens: each weight block is unpacked once for four of them; the
+                    // last four overlap the ones before when `t` is not a multiple of four.
                     if t >= 4 {
                         let bytes = w.row(local);
                         let row_out = &mut chunk[i * t..(i + 1) * t];
                         let mut j = 0;
-                        while j + 4 <= t {
-                            (tile.cols4)(bytes, rb, acts, j, &mut row_out[j..j + 4]);
-                            j += 4;
-                        }
-                        for (jj, o) in row_out.iter_mut().enumerate().skip(j) {
-                            *o = f(bytes, acts, jj);
+                        while j < t {
+                            let j0 = j.min(t - 4);
+                            (tile.cols4)(bytes, rb, acts, j0, &mut row_out[j0..j0 + 4]);
+                            j = j0 + 4;
                         }
                         i += 1;
                         continue;
@@ -326,7 +334,7 @@ pub fn matmul_into(ws: &[WeightView<'_>], acts: &Activations, out: &mut [f32], s
 }
 
 /// A tile kernel: `rows4` computes four consecutive weight rows (their bytes, `row_bytes`
-/// apart) against activation row 0; `cols4` one weight row against activation rows
+/// apart) against activation row `j0`; `cols4` one weight row against activation rows
 /// `j0..j0 + 4`. Both write four outputs.
 type TileFn = fn(&[u8], usize, &Activations, usize, &mut [f32]);
 

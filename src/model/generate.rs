@@ -243,8 +243,9 @@ pub fn generate_prompted<B: Backend>(
         opts,
         decode,
         virtual_len as i64,
+        FinishedRows::Padded,
         logits,
-        |next, pos| {
+        |_, next, pos| {
             let ids: Vec<i64> = next.iter().map(|&t| t as i64).collect();
             Ok(model.forward_last(int2(ids, 1), int2(pos.to_vec(), 1), None, Some(&mut cache)))
         },
@@ -262,18 +263,31 @@ pub(crate) fn pad_id(vocab: usize, opts: &GenerateOptions) -> u32 {
     }
 }
 
+/// What a decoding step does with rows that have finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FinishedRows {
+    /// They stay in the batch, fed the pad id (a cache of fixed rows, as burn's).
+    Padded,
+    /// They leave it: each step runs only the rows still decoding (engines whose passes name
+    /// each token's row).
+    Dropped,
+}
+
 /// The decoding steps every model shares: from the logits after the prompts (`[batch, vocab]`,
 /// one row per prompt), pick a token per row (repetition penalty, temperature, top-k/top-p,
 /// per-row seeded RNG), apply budget forcing, stop rows on stop tokens or strings, and ask
-/// `step` for the next logits given each row's next token and its position (finished rows
-/// get the pad id). Prompt positions start at `offset` (virtual tokens before them).
+/// `step(rows, next, pos)` for the next logits given each row's next token and its position:
+/// every row, finished ones fed the pad id ([`FinishedRows::Padded`]), or only the rows still
+/// decoding, which `rows` names (prompt indices) and the logits then follow
+/// ([`FinishedRows::Dropped`]). Prompt positions start at `offset` (virtual tokens before them).
 pub(crate) fn decode_loop<L: StepLogits>(
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     decode: Option<DecodeFn<'_>>,
     offset: i64,
+    finished: FinishedRows,
     first_logits: L,
-    mut step: impl FnMut(&[u32], &[i64]) -> Result<L, GenerateError>,
+    mut step: impl FnMut(&[usize], &[u32], &[i64]) -> Result<L, GenerateError>,
 ) -> Result<Vec<Generation>, GenerateError> {
     let vocab = first_logits.vocab();
     let pad_id = pad_id(vocab, opts);
@@ -294,13 +308,16 @@ pub(crate) fn decode_loop<L: StepLogits>(
             next_pos: p.len() as i64 + offset,
         })
         .collect();
+    // `rows[..live]` are in the batch, `origin[i]` the prompt of `rows[i]`.
+    let mut origin: Vec<usize> = (0..b).collect();
+    let mut live = b;
     let mut logits = first_logits;
     let mut next = Vec::with_capacity(b);
     let mut pos = Vec::with_capacity(b);
     for step_index in 0..opts.max_new_tokens {
-        let choice = logits.choose(&mut rows, &opts.sampling)?;
+        let choice = logits.choose(&mut rows[..live], &opts.sampling)?;
         next.clear();
-        for (row, sampled) in rows.iter_mut().zip(choice) {
+        for (row, sampled) in rows[..live].iter_mut().zip(choice) {
             if row.finish.is_some() {
                 next.push(pad_id);
                 continue;
@@ -321,16 +338,34 @@ pub(crate) fn decode_loop<L: StepLogits>(
         if rows.iter().all(|r| r.finish.is_some()) || step_index + 1 == opts.max_new_tokens {
             break;
         }
+        if finished == FinishedRows::Dropped && rows[..live].iter().any(|r| r.finish.is_some()) {
+            // Finished rows move behind the live ones (both keep their order), with their
+            // tokens.
+            let mut order: Vec<usize> = (0..live).filter(|&i| rows[i].finish.is_none()).collect();
+            let kept = order.len();
+            order.extend((0..live).filter(|&i| rows[i].finish.is_some()));
+            order.extend(live..b);
+            let mut slots: Vec<Option<Row>> = rows.drain(..).map(Some).collect();
+            rows = order
+                .iter()
+                .map(|&i| slots[i].take().expect("a permutation"))
+                .collect();
+            origin = order.iter().map(|&i| origin[i]).collect();
+            next = order[..kept].iter().map(|&i| next[i]).collect();
+            live = kept;
+        }
         pos.clear();
-        pos.extend(rows.iter_mut().map(|r| {
+        pos.extend(rows[..live].iter_mut().map(|r| {
             r.next_pos += 1;
             r.next_pos - 1
         }));
-        logits = step(&next, &pos)?;
+        logits = step(&origin[..live], &next, &pos)?;
     }
-    Ok(rows
+    let mut done: Vec<(usize, Row)> = origin.into_iter().zip(rows).collect();
+    done.sort_by_key(|(i, _)| *i);
+    Ok(done
         .into_iter()
-        .map(|r| Generation {
+        .map(|(_, r)| Generation {
             token_ids: r.out,
             finish: r.finish.unwrap_or(FinishReason::Length),
         })
@@ -701,6 +736,66 @@ fn draw(
     (complete || keep.is_some()).then(|| sorted[n - 1].0)
 }
 
+/// The probability of every token a draw can pick from one row of logits under `s`, best first:
+/// the rule [`choose`] samples by (penalty over `seen`, temperature, top-k, then top-p; ties in
+/// token order), as exact probabilities, to check other samplers (the GPU engine's) against.
+pub fn next_token_distribution(
+    logits: &[f32],
+    seen: &BTreeSet<u32>,
+    s: &SamplingParams,
+) -> Vec<(u32, f64)> {
+    let greedy = s.greedy || s.temperature == 0.0;
+    let penalised = |i: usize, v: f32| {
+        if s.repetition_penalty != 1.0 && seen.contains(&(i as u32)) {
+            if v < 0.0 {
+                v * s.repetition_penalty
+            } else {
+                v / s.repetition_penalty
+            }
+        } else {
+            v
+        }
+    };
+    let temperature = if greedy { 1.0 } else { s.temperature };
+    let mut c: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, penalised(i, v) / temperature))
+        .collect();
+    // Stable: ties stay in token order.
+    c.sort_by(|x, y| y.1.total_cmp(&x.1));
+    if greedy {
+        c.truncate(1);
+    } else if s.top_k > 0 {
+        c.truncate(s.top_k);
+    }
+    let Some(&(_, best)) = c.first() else {
+        return Vec::new();
+    };
+    let weights: Vec<f64> = c
+        .iter()
+        .map(|&(_, v)| (f64::from(v) - f64::from(best)).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut keep = c.len();
+    if s.top_p < 1.0 && !greedy {
+        let mut above = 0.0;
+        for (i, w) in weights.iter().enumerate() {
+            if i > 0 && 1.0 - above / total <= 1.0 - f64::from(s.top_p) {
+                keep = i;
+                break;
+            }
+            above += w;
+        }
+    }
+    let kept: f64 = weights[..keep].iter().sum();
+    c[..keep]
+        .iter()
+        .zip(&weights)
+        .map(|(&(token, _), w)| (token, w / kept))
+        .collect()
+}
+
 fn to_u32(d: TensorData) -> Vec<u32> {
     d.convert::<i64>()
         .into_vec::<i64>()
@@ -748,10 +843,18 @@ mod tests {
             max_new_tokens: 3,
             ..Default::default()
         };
-        let out = decode_loop(&prompts, &opts, None, 0, logits(4), |next, pos| {
-            calls.push((next.to_vec(), pos.to_vec()));
-            Ok(logits(calls.len()))
-        })
+        let out = decode_loop(
+            &prompts,
+            &opts,
+            None,
+            0,
+            FinishedRows::Padded,
+            logits(4),
+            |_, next, pos| {
+                calls.push((next.to_vec(), pos.to_vec()));
+                Ok(logits(calls.len()))
+            },
+        )
         .unwrap();
         // Three tokens need the first logits and two steps; positions follow each prompt.
         assert_eq!(
@@ -760,6 +863,53 @@ mod tests {
         );
         assert_eq!(out[0].token_ids, vec![4, 1, 2]);
         assert_eq!(out[1].finish, FinishReason::Length);
+    }
+
+    #[test]
+    fn dropped_rows_leave_the_steps_and_outputs_keep_the_prompt_order() {
+        let prompts = vec![vec![1u32, 2], vec![3u32], vec![4u32, 4, 4]];
+        // One row of 6 logits per best token.
+        let logits = |best: &[usize]| {
+            let mut v = vec![0.0f32; best.len() * 6];
+            for (r, &t) in best.iter().enumerate() {
+                v[r * 6 + t] = 1.0;
+            }
+            Tensor::<TB, 2>::from_data(TensorData::new(v, [best.len(), 6]), &Default::default())
+        };
+        let opts = GenerateOptions {
+            max_new_tokens: 4,
+            stop_token_ids: vec![5],
+            ..Default::default()
+        };
+        let mut calls = Vec::new();
+        // Row 1 stops at once, row 0 one step later; row 2 runs to the length limit.
+        let replies = [vec![5, 4], vec![1], vec![1]];
+        let out = decode_loop(
+            &prompts,
+            &opts,
+            None,
+            0,
+            FinishedRows::Dropped,
+            logits(&[2, 5, 3]),
+            |rows, next, pos| {
+                calls.push((rows.to_vec(), next.to_vec(), pos.to_vec()));
+                Ok(logits(&replies[calls.len() - 1]))
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            calls,
+            vec![
+                (vec![0, 2], vec![2, 3], vec![2, 3]),
+                (vec![2], vec![4], vec![4]),
+                (vec![2], vec![1], vec![5]),
+            ]
+        );
+        assert_eq!(out[0].token_ids, vec![2, 5]);
+        assert_eq!(out[0].finish, FinishReason::StopToken(5));
+        assert_eq!(out[1].token_ids, vec![5]);
+        assert_eq!(out[2].token_ids, vec![3, 4, 1, 1]);
+        assert_eq!(out[2].finish, FinishReason::Length);
     }
 
     #[test]
@@ -786,6 +936,89 @@ mod tests {
         let rows = [row(&[0, 1]), row(&[2])];
         let got = to_f32(penalize(t, &rows, 2.0, &Default::default()).into_data());
         assert_eq!(got, vec![1.0, -2.0, 0.5, -3.0, 4.0, 0.5]);
+    }
+
+    #[test]
+    fn the_next_token_distribution_is_what_choose_draws_from() {
+        // 40 tokens, each value twice (ties split by top-k 9), three of them seen.
+        let logits: Vec<f32> = (0..40u32)
+            .map(|i| ((i * 7) % 20) as f32 * 0.25 - 5.0)
+            .collect();
+        let seen: BTreeSet<u32> = [3, 17, 20].into_iter().collect();
+        let n = 6000;
+        for s in [
+            SamplingParams {
+                temperature: 0.8,
+                top_k: 9,
+                top_p: 0.8,
+                repetition_penalty: 1.3,
+                greedy: false,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.5,
+                top_p: 0.5,
+                greedy: false,
+                ..Default::default()
+            },
+            // The 9th best ties with the 10th: top-k keeps the lower token.
+            SamplingParams {
+                temperature: 0.8,
+                top_k: 9,
+                repetition_penalty: 1.3,
+                greedy: false,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..Default::default()
+            },
+        ] {
+            let dist = next_token_distribution(&logits, &seen, &s);
+            if s.top_k == 9 && s.top_p == 1.0 {
+                assert!(dist.iter().any(|d| d.0 == 5) && !dist.iter().any(|d| d.0 == 25));
+            }
+            let sum: f64 = dist.iter().map(|d| d.1).sum();
+            assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+            let t = Tensor::<TB, 2>::from_data(
+                TensorData::new(logits.repeat(n), [n, 40]),
+                &Default::default(),
+            );
+            let seen_list: Vec<u32> = seen.iter().copied().collect();
+            let mut rows: Vec<Row> = (0..n)
+                .map(|i| {
+                    let mut r = row(&seen_list);
+                    r.rng = ChaCha20Rng::seed_from_u64(i as u64);
+                    r
+                })
+                .collect();
+            let mut counts = std::collections::BTreeMap::<u32, usize>::new();
+            for token in choose(t, &mut rows, &s) {
+                *counts.entry(token).or_default() += 1;
+            }
+            let p: std::collections::BTreeMap<u32, f64> = dist.iter().copied().collect();
+            for token in counts.keys() {
+                assert!(
+                    p.contains_key(token),
+                    "{s:?}: drew {token}, outside {dist:?}"
+                );
+            }
+            let tv: f64 = p
+                .iter()
+                .map(|(t, &q)| (counts.get(t).copied().unwrap_or(0) as f64 / n as f64 - q).abs())
+                .sum::<f64>()
+                / 2.0;
+            assert!(tv < 0.03, "{s:?}: total variation {tv} against {dist:?}");
+        }
+        // Greedy: the penalised argmax alone.
+        let greedy = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            next_token_distribution(&[1.0, 3.0, 2.0], &[1].into(), &greedy),
+            vec![(2, 1.0)]
+        );
     }
 
     /// The draw over a fully sorted row: what `sample_row` did before it sorted only the best.

@@ -32,7 +32,8 @@ pub use weights::{unsupported, GpuModel};
 use crate::infer::model::TokenIn;
 use crate::model::decoder::CausalLm;
 use crate::model::generate::{
-    decode_loop, distinct_prompts, validate, DecodeFn, GenerateError, GenerateOptions, Generation,
+    decode_loop, distinct_prompts, validate, DecodeFn, FinishedRows, GenerateError,
+    GenerateOptions, Generation,
     Row, SamplingParams, StepLogits,
 };
 use session::PassLogits;
@@ -196,13 +197,21 @@ pub fn generate(
             rows: b,
         },
     };
-    let out = decode_loop(prompts, opts, decode, 0, first_logits, |next, pos| {
-        let pass = session.borrow_mut().step(next, pos).map_err(device_error)?;
-        Ok(GpuLogits {
-            session: &session,
-            pass,
-        })
-    });
+    let out = decode_loop(
+        prompts,
+        opts,
+        decode,
+        0,
+        FinishedRows::Padded,
+        first_logits,
+        |_, next, pos| {
+            let pass = session.borrow_mut().step(next, pos).map_err(device_error)?;
+            Ok(GpuLogits {
+                session: &session,
+                pass,
+            })
+        },
+    );
     drop(session);
     drop(first);
     out
