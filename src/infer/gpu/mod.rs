@@ -33,8 +33,7 @@ use crate::infer::model::TokenIn;
 use crate::model::decoder::CausalLm;
 use crate::model::generate::{
     decode_loop, distinct_prompts, validate, DecodeFn, FinishedRows, GenerateError,
-    GenerateOptions, Generation,
-    Row, SamplingParams, StepLogits,
+    GenerateOptions, Generation, Row, SamplingParams, StepLogits,
 };
 use session::PassLogits;
 
