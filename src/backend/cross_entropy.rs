@@ -89,6 +89,65 @@ pub(crate) fn rows_reference_primitive<B: Backend>(
     )
 }
 
+/// The LM head's gradients for its input rows and its weight, gathered chunk by chunk from each
+/// chunk's logit gradient (the chunked loss here and the chunked log-probs of
+/// [`crate::backend::token_logps`]): `dh = dlogits W` per chunk, `dW` summed in f32.
+pub(crate) struct HeadGrads<B: Backend> {
+    want_hidden: bool,
+    want_weight: bool,
+    hidden: Vec<Tensor<B, 2>>,
+    weight: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> HeadGrads<B> {
+    pub(crate) fn new(want_hidden: bool, want_weight: bool) -> Self {
+        Self {
+            want_hidden,
+            want_weight,
+            hidden: Vec::new(),
+            weight: None,
+        }
+    }
+
+    /// Adds the chunk of input rows `h` whose logits have the gradient `dlogits`.
+    pub(crate) fn add(&mut self, dlogits: Tensor<B, 2>, h: Tensor<B, 2>, weight: &Tensor<B, 2>) {
+        if self.want_hidden {
+            self.hidden.push(matmul_2d(dlogits.clone(), weight.clone()));
+        }
+        if self.want_weight {
+            let part = matmul_tn(dlogits, h).cast(FloatDType::F32);
+            self.weight = Some(match self.weight.take() {
+                Some(acc) => acc + part,
+                None => part,
+            });
+        }
+    }
+
+    /// The gradients asked for, shaped and typed as `hidden` and `weight` (zeros where no chunk
+    /// added any).
+    pub(crate) fn finish(
+        self,
+        hidden: &Tensor<B, 2>,
+        weight: &Tensor<B, 2>,
+    ) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>) {
+        let dtype: DType = hidden.dtype();
+        let device = hidden.device();
+        let grad_hidden = self.want_hidden.then(|| {
+            if self.hidden.is_empty() {
+                Tensor::zeros(hidden.dims(), (&device, dtype))
+            } else {
+                Tensor::cat(self.hidden, 0)
+            }
+        });
+        let grad_weight = self.want_weight.then(|| {
+            self.weight
+                .map(|g| g.cast(dtype))
+                .unwrap_or_else(|| Tensor::zeros(weight.dims(), (&device, dtype)))
+        });
+        (grad_hidden, grad_weight)
+    }
+}
+
 /// The mean loss of `hidden [n, d] @ weight^T` against `labels [n]`, `chunk` rows at a time,
 /// with the gradients for an upstream gradient of 1 where `want_hidden` / `want_weight` ask.
 pub fn forward<B: Backend>(
@@ -99,9 +158,7 @@ pub fn forward<B: Backend>(
     want_hidden: bool,
     want_weight: bool,
 ) -> Forward<B> {
-    let [n, d] = hidden.dims();
-    let vocab = weight.dims()[0];
-    let dtype: DType = hidden.dtype();
+    let n = hidden.dims()[0];
     let device = hidden.device();
     let count = labels
         .clone()
@@ -113,8 +170,7 @@ pub fn forward<B: Backend>(
     let inv_count = count.recip();
     let want_grad = want_hidden || want_weight;
     let mut losses = Vec::new();
-    let mut grad_hidden = Vec::new();
-    let mut grad_weight: Option<Tensor<B, 2>> = None;
+    let mut grads = HeadGrads::new(want_hidden, want_weight);
     for (start, end) in chunks(n, chunk) {
         let h = hidden.clone().slice([start..end]);
         let logits = linear(h.clone(), weight.clone());
@@ -125,16 +181,8 @@ pub fn forward<B: Backend>(
             want_grad,
         );
         losses.push(loss);
-        let Some(dlogits) = dlogits else { continue };
-        if want_hidden {
-            grad_hidden.push(matmul_2d(dlogits.clone(), weight.clone()));
-        }
-        if want_weight {
-            let part = matmul_tn(dlogits, h).cast(FloatDType::F32);
-            grad_weight = Some(match grad_weight {
-                Some(acc) => acc + part,
-                None => part,
-            });
+        if let Some(dlogits) = dlogits {
+            grads.add(dlogits, h, &weight);
         }
     }
     let loss = if losses.is_empty() {
@@ -142,18 +190,7 @@ pub fn forward<B: Backend>(
     } else {
         Tensor::cat(losses, 0).sum() * inv_count
     };
-    let grad_hidden = want_hidden.then(|| {
-        if grad_hidden.is_empty() {
-            Tensor::zeros([n, d], (&device, dtype))
-        } else {
-            Tensor::cat(grad_hidden, 0)
-        }
-    });
-    let grad_weight = want_weight.then(|| {
-        grad_weight
-            .map(|g| g.cast(dtype))
-            .unwrap_or_else(|| Tensor::zeros([vocab, d], (&device, dtype)))
-    });
+    let (grad_hidden, grad_weight) = grads.finish(&hidden, &weight);
     Forward {
         loss,
         grad_hidden,

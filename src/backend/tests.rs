@@ -21,6 +21,20 @@ fn values<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()
 }
 
+/// Each parameter's gradient in `grads` equals its reference gradient within 1e-5.
+fn assert_grads_eq(
+    grads: &<Ad as burn::tensor::backend::AutodiffBackend>::Gradients,
+    params: [&Tensor<Ad, 2>; 2],
+    want: [&Tensor<Cpu, 2>; 2],
+) {
+    for (p, w) in params.into_iter().zip(want) {
+        p.grad(grads)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&w.to_data(), Tolerance::absolute(1e-5));
+    }
+}
+
 fn assert_close(got: Vec<f32>, want: Vec<f32>, tol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -275,15 +289,7 @@ fn chunked_cross_entropy_matches_naive_loss_and_full_logits_gradients() {
             (got - want).abs() < 1e-4,
             "chunk {chunk}: loss {got} vs {want}"
         );
-        let grads = loss.backward();
-        h.grad(&grads)
-            .unwrap()
-            .into_data()
-            .assert_approx_eq::<f32>(&rh.to_data(), Tolerance::absolute(1e-5));
-        w.grad(&grads)
-            .unwrap()
-            .into_data()
-            .assert_approx_eq::<f32>(&rw.to_data(), Tolerance::absolute(1e-5));
+        assert_grads_eq(&loss.backward(), [&h, &w], [&rh, &rw]);
     }
 }
 
@@ -379,14 +385,7 @@ fn chunked_token_logps_match_loops_and_the_full_logits_gradients() {
                 &format!("t {temperature} chunk {chunk}"),
             );
             let grads = (logps * weights.clone()).sum().backward();
-            h.grad(&grads)
-                .unwrap()
-                .into_data()
-                .assert_approx_eq::<f32>(&rh.to_data(), Tolerance::absolute(1e-5));
-            w.grad(&grads)
-                .unwrap()
-                .into_data()
-                .assert_approx_eq::<f32>(&rw.to_data(), Tolerance::absolute(1e-5));
+            assert_grads_eq(&grads, [&h, &w], [&rh, &rw]);
         }
         // Without autodiff: the same values.
         let plain = linear_token_logps(h0.clone(), w0.clone(), targets().inner(), temperature, 3);

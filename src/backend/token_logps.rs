@@ -17,7 +17,8 @@ use burn::tensor::{
     backend::Backend, DType, FloatDType, IndexingUpdateOp, Int, Tensor, TensorPrimitive,
 };
 
-use crate::backend::{linear, matmul_2d, matmul_tn};
+use crate::backend::cross_entropy::HeadGrads;
+use crate::backend::linear;
 
 /// `[start, end)` row ranges of at most `chunk` rows.
 fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -94,13 +95,10 @@ pub fn backward<B: Backend>(
     want: (bool, bool),
 ) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>) {
     let (want_hidden, want_weight) = want;
-    let [n, d] = hidden.dims();
-    let vocab = weight.dims()[0];
+    let n = hidden.dims()[0];
     let dtype: DType = hidden.dtype();
-    let device = hidden.device();
     let upstream = upstream.cast(FloatDType::F32);
-    let mut grad_hidden = Vec::new();
-    let mut grad_weight: Option<Tensor<B, 2>> = None;
+    let mut grads = HeadGrads::new(want_hidden, want_weight);
     for (start, end) in chunks(n, chunk) {
         let h = hidden.clone().slice([start..end]);
         let z = scaled_logits(h.clone(), weight.clone(), temperature);
@@ -114,30 +112,9 @@ pub fn backward<B: Backend>(
             dz.div_scalar(temperature)
         }
         .cast(dtype);
-        if want_hidden {
-            grad_hidden.push(matmul_2d(dlogits.clone(), weight.clone()));
-        }
-        if want_weight {
-            let part = matmul_tn(dlogits, h).cast(FloatDType::F32);
-            grad_weight = Some(match grad_weight {
-                Some(acc) => acc + part,
-                None => part,
-            });
-        }
+        grads.add(dlogits, h, &weight);
     }
-    let grad_hidden = want_hidden.then(|| {
-        if grad_hidden.is_empty() {
-            Tensor::zeros([n, d], (&device, dtype))
-        } else {
-            Tensor::cat(grad_hidden, 0)
-        }
-    });
-    let grad_weight = want_weight.then(|| {
-        grad_weight
-            .map(|g| g.cast(dtype))
-            .unwrap_or_else(|| Tensor::zeros([vocab, d], (&device, dtype)))
-    });
-    (grad_hidden, grad_weight)
+    grads.finish(&hidden, &weight)
 }
 
 /// The same log-probabilities through burn's own differentiable ops on the full logits (for
