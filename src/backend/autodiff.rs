@@ -640,6 +640,10 @@ impl<B: FastOps, C: CheckpointStrategy> FastOps for Autodiff<B, C> {
         B::fast_copy_to_device(x.primitive, dst)
     }
 
+    fn fast_host_f32(x: FloatTensor<Self>) -> Option<Vec<f32>> {
+        B::fast_host_f32(x.primitive)
+    }
+
     fn reset_accelerator_memory_peak() {
         B::reset_accelerator_memory_peak()
     }

@@ -29,6 +29,21 @@ impl FastOps for NdArray {
         }
     }
 
+    fn fast_host_f32(x: FloatTensor<Self>) -> Option<Vec<f32>> {
+        match x {
+            NdArrayTensor::F32(x) => {
+                let x = x.view();
+                Some(match (x.as_slice(), x.ndim()) {
+                    (Some(values), _) => values.to_vec(),
+                    // A transposed or sliced matrix: ndarray's fixed-rank walk, not IxDyn's.
+                    (None, 2) => matrix(x).iter().copied().collect(),
+                    (None, _) => x.iter().copied().collect(),
+                })
+            }
+            _ => None,
+        }
+    }
+
     fn fast_narrow(x: FloatTensor<Self>, len: usize) -> FloatTensor<Self> {
         match x {
             NdArrayTensor::F32(x) => {

@@ -690,6 +690,27 @@ pub fn copy_to_device_memory<B: Backend, const D: usize>(x: Tensor<B, D>, dst: u
     false
 }
 
+fn host_f32_of<F: FastOps>(x: FloatTensor<F>) -> Option<Vec<f32>> {
+    F::fast_host_f32(x)
+}
+
+/// `x`'s values as f32, row-major: on the CPU backend a copy of its memory (burn-ndarray's
+/// `into_data` walks a tensor the model still shares, such as a weight, element by element
+/// through dynamic indices, seconds for a 135M model), elsewhere through `into_data`.
+pub fn host_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
+    let values: Option<Vec<f32>> = (|| {
+        let x = x.clone().into_primitive().tensor();
+        route!(B, host_f32_of, (x));
+        None
+    })();
+    values.unwrap_or_else(|| {
+        x.into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 values after convert")
+    })
+}
+
 fn fast_checkpointed<F: FastOps>(
     inputs: Vec<Tensor<F, 3>>,
     layer: Box<dyn LayerReplay<F>>,

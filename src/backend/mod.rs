@@ -330,6 +330,12 @@ pub trait FastOps: Backend {
         false
     }
 
+    /// `x`'s values as f32 in row-major order, read where they lie, when this backend keeps
+    /// f32 tensors in host memory; `None` elsewhere (the caller goes through `into_data`).
+    fn fast_host_f32(_x: FloatTensor<Self>) -> Option<Vec<f32>> {
+        None
+    }
+
     /// A layer run as an activation checkpoint (see [`checkpoint`]). Backends that record no
     /// graph run it plainly; `Autodiff` keeps only the inputs and recomputes the layer in its
     /// backward step.
@@ -466,9 +472,10 @@ pub fn set_profiler(on: bool) {
 
 pub use dispatch::{
     accelerator_memory_mb, accelerator_peak_mb, adamw_update_many, copy_to_device_memory,
-    cross_entropy_rows, fused_attention, fused_attention_supported, linear, linear_cross_entropy,
-    linear_token_logps, lora_linear, masked_softmax, matmul, matmul_2d, matmul_tn, narrow,
-    nf4_dequantize, reset_accelerator_peak, rms_norm, rope, sum_squares, swiglu, swiglu_linear,
+    cross_entropy_rows, fused_attention, fused_attention_supported, host_f32, linear,
+    linear_cross_entropy, linear_token_logps, lora_linear, masked_softmax, matmul, matmul_2d,
+    matmul_tn, narrow, nf4_dequantize, reset_accelerator_peak, rms_norm, rope, sum_squares, swiglu,
+    swiglu_linear,
 };
 
 #[cfg(test)]

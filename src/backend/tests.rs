@@ -6,7 +6,7 @@ use burn::tensor::{activation, Bool, Distribution, Int, Tensor, TensorData, Tole
 
 use crate::backend::attention::{attention, AttentionOptions};
 use crate::backend::{
-    linear, linear_cross_entropy, linear_token_logps, masked_softmax, matmul, matmul_2d, matmul_tn,
+    host_f32, linear, linear_cross_entropy, linear_token_logps, masked_softmax, matmul, matmul_2d, matmul_tn,
 };
 
 type Cpu = NdArray;
@@ -78,6 +78,26 @@ fn matmul_matches_naive_loops_with_broadcast_and_transposed_views() {
     let a2 = Tensor::<Cpu, 3>::from_data(at, &Default::default()).swap_dims(1, 2);
     let b2 = Tensor::<Cpu, 3>::from_data(bt, &Default::default()).swap_dims(1, 2);
     assert_close(values(matmul(a2, b2)), want, 1e-5, "transposed views");
+}
+
+#[test]
+fn host_copies_equal_into_data_for_shared_transposed_and_sliced_tensors() {
+    let w = rand([6, 5], 3);
+    let kept = w.clone(); // shared, as a model's weight is
+    let cases: Vec<(&str, Tensor<Cpu, 2>)> = vec![
+        ("shared", w.clone()),
+        ("transposed", w.clone().transpose()),
+        ("sliced", w.clone().slice([1..4, 2..5])),
+    ];
+    for (what, t) in cases {
+        let want = values(t.clone());
+        assert_eq!(host_f32(t.clone()), want, "{what}");
+        let tracked = Tensor::<Ad, 2>::from_inner(t).require_grad();
+        assert_eq!(host_f32(tracked), want, "{what} under autodiff");
+    }
+    let cube = rand([2, 3, 4], 4).swap_dims(0, 2);
+    assert_eq!(host_f32(cube.clone()), values(cube), "rank 3, permuted");
+    assert_eq!(host_f32(kept.clone()), values(kept), "the original is untouched");
 }
 
 #[test]

@@ -1131,32 +1131,34 @@ impl<B: Backend> CausalLm<B> {
     /// export a fine-tuned model).
     pub fn to_hf_tensors(&self) -> BTreeMap<String, HostTensor> {
         let mut out = BTreeMap::new();
-        let mut put = |name: String, t: TensorData| {
-            let shape = t.shape.to_vec();
-            let data = t.convert::<f32>().into_vec::<f32>().unwrap_or_default();
+        let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| {
             out.insert(name, HostTensor::new(shape, data));
         };
-        let linear = |put: &mut dyn FnMut(String, TensorData), p: String, l: &LoraLinear<B>| {
-            put(format!("{p}.weight"), l.weight.val().into_data());
-            if let Some(b) = &l.bias {
-                put(format!("{p}.bias"), b.val().into_data());
-            }
-        };
-        put(
-            "model.embed_tokens.weight".into(),
-            self.model.embed_tokens.weight.val().into_data(),
-        );
-        put(
-            "model.norm.weight".into(),
-            self.model.norm.weight.val().into_data(),
-        );
+        let host2 = |t: Tensor<B, 2>| (t.dims().to_vec(), crate::backend::host_f32(t));
+        let host1 = |t: Tensor<B, 1>| (t.dims().to_vec(), crate::backend::host_f32(t));
+        let linear =
+            |put: &mut dyn FnMut(String, Vec<usize>, Vec<f32>), p: String, l: &LoraLinear<B>| {
+                let (shape, data) = host2(l.weight.val());
+                put(format!("{p}.weight"), shape, data);
+                if let Some(b) = &l.bias {
+                    let (shape, data) = host1(b.val());
+                    put(format!("{p}.bias"), shape, data);
+                }
+            };
+        let (shape, data) = host2(self.model.embed_tokens.weight.val());
+        put("model.embed_tokens.weight".into(), shape, data);
+        let (shape, data) = host1(self.model.norm.weight.val());
+        put("model.norm.weight".into(), shape, data);
         if let Some(h) = &self.lm_head {
             linear(&mut put, "lm_head".into(), h);
         }
         let names = HfLayerNames::of(&self.config);
         for (i, l) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let mut norm = |name: String, n: &RmsNorm<B>| put(name, n.weight.val().into_data());
+            let mut norm = |name: String, n: &RmsNorm<B>| {
+                let (shape, data) = host1(n.weight.val());
+                put(name, shape, data)
+            };
             norm(format!("{p}.input_layernorm.weight"), &l.input_layernorm);
             norm(
                 format!("{p}.{}.weight", names.pre_mlp),
@@ -1187,7 +1189,8 @@ impl<B: Backend> CausalLm<B> {
             let m = &l.mlp;
             if self.config.fused_gate_up() {
                 let fused = Tensor::cat(vec![m.gate_proj.weight.val(), m.up_proj.weight.val()], 0);
-                put(format!("{p}.mlp.gate_up_proj.weight"), fused.into_data());
+                let (shape, data) = host2(fused);
+                put(format!("{p}.mlp.gate_up_proj.weight"), shape, data);
                 linear(&mut put, format!("{p}.mlp.down_proj"), &m.down_proj);
                 continue;
             }
