@@ -6,7 +6,8 @@ use burn::tensor::{activation, Bool, Distribution, Int, Tensor, TensorData, Tole
 
 use crate::backend::attention::{attention, AttentionOptions};
 use crate::backend::{
-    host_f32, linear, linear_cross_entropy, linear_token_logps, masked_softmax, matmul, matmul_2d, matmul_tn,
+    host_f32, linear, linear_cross_entropy, linear_token_logps, masked_softmax, matmul, matmul_2d,
+    matmul_tn,
 };
 
 type Cpu = NdArray;
@@ -97,7 +98,11 @@ fn host_copies_equal_into_data_for_shared_transposed_and_sliced_tensors() {
     }
     let cube = rand([2, 3, 4], 4).swap_dims(0, 2);
     assert_eq!(host_f32(cube.clone()), values(cube), "rank 3, permuted");
-    assert_eq!(host_f32(kept.clone()), values(kept), "the original is untouched");
+    assert_eq!(
+        host_f32(kept.clone()),
+        values(kept),
+        "the original is untouched"
+    );
 }
 
 #[test]
