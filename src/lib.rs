@@ -9,6 +9,7 @@ pub mod charts;
 pub mod cluster;
 pub mod console;
 pub mod data;
+pub mod dist;
 pub mod export;
 pub mod gguf;
 pub mod infer;

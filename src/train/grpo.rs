@@ -216,11 +216,14 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
             let (model, mut report) =
                 train_policy::<B>(&ctx, model, Reference::AdaptersOff, device, &save_adapter)?;
             let adapter_dir = out_dir.join("adapter");
-            save_adapter(&model, &adapter_dir)?;
-            let model_dir =
-                save_merged(out_dir, &config, model.valid(), dtype).map_err(GrpoError::train)?;
+            // Data parallel: the ranks hold the same weights; the leader writes them.
+            if crate::dist::is_leader() {
+                save_adapter(&model, &adapter_dir)?;
+                let model_dir = save_merged(out_dir, &config, model.valid(), dtype)
+                    .map_err(GrpoError::train)?;
+                report.model_dir = Some(model_dir);
+            }
             report.adapter_dir = Some(adapter_dir);
-            report.model_dir = Some(model_dir);
             Ok(report)
         }
         Method::Full => {
@@ -236,8 +239,10 @@ pub(crate) fn run_grpo<B: AutodiffBackend>(
             let (model, mut report) =
                 train_policy::<B>(&ctx, model, reference, device, &|_, _| Ok(()))?;
             let model_dir = out_dir.join("model");
-            save_hf_folder(&model_dir, &config, &model.valid().to_hf_tensors(), dtype)
-                .map_err(GrpoError::train)?;
+            if crate::dist::is_leader() {
+                save_hf_folder(&model_dir, &config, &model.valid().to_hf_tensors(), dtype)
+                    .map_err(GrpoError::train)?;
+            }
             report.model_dir = Some(model_dir);
             Ok(report)
         }

@@ -74,6 +74,8 @@ pub enum Error {
     Checkpoint { path: PathBuf, message: String },
     #[error(transparent)]
     ModelConfig(#[from] crate::model::config::ConfigError),
+    #[error("data parallel: {0}")]
+    Distributed(#[from] crate::dist::DistError),
     #[error(transparent)]
     Hf(#[from] crate::model::hf::HfError),
     #[error(transparent)]

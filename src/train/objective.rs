@@ -145,13 +145,18 @@ impl<B: Backend> StatWindow<B> {
     /// The mean of each statistic over its units (statistics with no units are left out), and
     /// a fresh window.
     pub fn take(&mut self) -> Vec<(&'static str, f64)> {
-        std::mem::take(&mut self.sums)
+        self.take_sums()
             .into_iter()
             .filter(|(_, _, count)| *count > 0.0)
-            .map(|(name, sum, count)| {
-                let total: f64 = sum.into_scalar().elem();
-                (name, total / count)
-            })
+            .map(|(name, total, count)| (name, total / count))
+            .collect()
+    }
+
+    /// Each statistic's sum and unit count, in the order first seen, and a fresh window.
+    pub fn take_sums(&mut self) -> Vec<(&'static str, f64, f64)> {
+        std::mem::take(&mut self.sums)
+            .into_iter()
+            .map(|(name, sum, count)| (name, sum.into_scalar().elem(), count))
             .collect()
     }
 }

@@ -270,7 +270,7 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
                 Ok(write_model_adapter(dir, &adapter, &m.valid())?)
             };
             let (model, mut report) = train_adapter::<B, _, O>(&ctx, model, device, &save_adapter)?;
-            if cfg.write_merged {
+            if cfg.write_merged && crate::dist::is_leader() {
                 report.model_dir = Some(save_merged(out_dir, &config, model.valid(), dtype)?);
             }
             Ok(report)
@@ -281,7 +281,9 @@ pub(crate) fn run_sft<B: AutodiffBackend, O: Objective + ?Sized>(
             let (model, mut report) =
                 train_objective::<B, _, O>(&ctx, model, device, &|_, _| Ok(()), &mut ())?;
             let model_dir = out_dir.join("model");
-            save_hf_folder(&model_dir, &config, &model.valid().to_hf_tensors(), dtype)?;
+            if crate::dist::is_leader() {
+                save_hf_folder(&model_dir, &config, &model.valid().to_hf_tensors(), dtype)?;
+            }
             report.model_dir = Some(model_dir);
             Ok(report)
         }
@@ -388,7 +390,10 @@ where
 {
     let (model, mut report) = train_objective::<B, M, O>(ctx, model, device, save, &mut ())?;
     let adapter_dir = ctx.out_dir.join("adapter");
-    save(&model, &adapter_dir)?;
+    // Data parallel: the ranks hold the same weights; the leader writes them.
+    if crate::dist::is_leader() {
+        save(&model, &adapter_dir)?;
+    }
     report.adapter_dir = Some(adapter_dir);
     Ok((model, report))
 }

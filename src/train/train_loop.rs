@@ -19,6 +19,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use crate::dist::{step_share, MicroBatchShare, World};
 use crate::train::checkpoint::{
     latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState, FORMAT_VERSION,
 };
@@ -265,6 +266,17 @@ where
     S: StepSource<B, M>,
 {
     let cfg = &run.settings;
+    // Data parallel: this rank's share of each step, gradients summed across the ranks; the
+    // leader alone evaluates and writes (see `crate::dist`).
+    let group = crate::dist::group();
+    let world = group.as_ref().map_or(World::SOLO, |g| g.world());
+    let leader = world.rank == 0;
+    let sum_across = |values: &mut [f32]| -> Result<(), Error> {
+        match &group {
+            Some(g) => Ok(g.all_reduce_sum(values)?),
+            None => Ok(()),
+        }
+    };
     // `gpu_peak_mb` in the metrics counts from here (the model's weights included).
     crate::backend::reset_accelerator_peak::<B>();
     let total = source.total_steps();
@@ -275,6 +287,8 @@ where
         .build(cfg.optimizer.learning_rate, total)
         .map_err(Error::from)?;
     let (trainable, total_params) = trainable_params::<B, M>(&model);
+    // What the ranks sum each step, in the same order on each.
+    let grad_layout: Vec<_> = trainable.iter().map(|p| (p.id, p.shape.clone())).collect();
     let trainable_count: usize = trainable
         .iter()
         .map(|p| p.shape.iter().product::<usize>())
@@ -324,12 +338,14 @@ where
             );
         }
     }
-    let mut metrics = if start > 0 {
-        MetricsLog::resume(&metrics_path, start).map_err(Error::from)?
-    } else {
-        MetricsLog::create(&metrics_path).map_err(Error::from)?
+    let mut metrics = match (leader, start) {
+        (false, _) => None,
+        (true, 0) => Some(MetricsLog::create(&metrics_path).map_err(Error::from)?),
+        (true, _) => Some(MetricsLog::resume(&metrics_path, start).map_err(Error::from)?),
     };
-    source.open(run.out_dir, start)?;
+    if leader {
+        source.open(run.out_dir, start)?;
+    }
     let bar = match run.progress {
         Some(mp) => mp.add(ProgressBar::new(total)),
         None => ProgressBar::hidden(),
@@ -347,26 +363,22 @@ where
 
     let mut loss_acc: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut last_loss = None;
-    if start == 0 && source.evaluates() && source.evaluates_on_start() {
-        bar.set_message("evaluating");
-        let row = source.evaluate(&model, MetricsRow::new(0), device)?;
-        metrics.append(&row).map_err(Error::from)?;
-        source.logged(&row);
+    if let Some(log) = metrics.as_mut().filter(|_| start == 0) {
+        if source.evaluates() && source.evaluates_on_start() {
+            bar.set_message("evaluating");
+            let row = source.evaluate(&model, MetricsRow::new(0), device)?;
+            log.append(&row).map_err(Error::from)?;
+            source.logged(&row);
+        }
     }
-    let mut window_tokens = 0u64;
+    // Tokens of the steps since the last log line, over all ranks; this rank's since the last sum.
+    let (mut window_tokens, mut local_tokens) = (0u64, 0u64);
     let mut window_start = Instant::now();
     let mut phases = PhaseClock::default();
     let mut stat_window = StatWindow::<B::InnerBackend>::default();
     let mut value_window = ValueWindow::default();
     for index in start..total {
         let shape = source.begin_step(&model, index, device)?;
-        // Dropout masks depend on (seed, step) only, so a resumed run draws the same ones.
-        B::seed(
-            device,
-            cfg.seed
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .wrapping_add(index + 1),
-        );
         let profiled = crate::backend::profiled_step() == Some(index + 1);
         if profiled {
             let _ = B::sync(device);
@@ -374,23 +386,40 @@ where
         }
         let mut accumulator = GradientsAccumulator::<M>::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
-        for micro_batch in 0..shape.micro_batches {
+        let share = match (&group, shape.micro_batches) {
+            (None, n) | (Some(_), n @ 0) => MicroBatchShare::Owned((0..n).collect()),
+            (Some(_), n) => step_share(n, world),
+        };
+        let (micro_batches, weight) = match share {
+            MicroBatchShare::Owned(owned) => (owned, 1.0),
+            MicroBatchShare::Idle => (vec![0], 0.0),
+        };
+        for micro_batch in micro_batches {
+            // Dropout masks depend on (seed, step, micro-batch) only, so a resumed run, or the
+            // same step shared among ranks, draws the same ones.
+            B::seed(
+                device,
+                cfg.seed
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(index + 1)
+                    .wrapping_add((micro_batch as u64) << 40),
+            );
             let forward_start = Instant::now();
             let micro = source.micro_loss(&model, micro_batch, device);
-            window_tokens += micro.tokens as u64;
+            local_tokens += (micro.tokens as f64 * weight) as u64;
             stat_window.add(
                 micro
                     .stats
                     .into_iter()
                     .map(|s| Stat {
                         name: s.name,
-                        sum: s.sum.inner(),
-                        count: s.count,
+                        sum: s.sum.inner().mul_scalar(weight),
+                        count: s.count * weight,
                     })
                     .collect(),
             );
-            let mut loss = micro.loss;
-            if let Some(reg) = model.regularizer() {
+            let mut loss = micro.loss.mul_scalar(weight);
+            if let Some(reg) = model.regularizer().filter(|_| weight > 0.0) {
                 // Once per optimizer step in total, spread over its micro-batches.
                 loss = loss.add(reg.div_scalar(shape.micro_batches as f64));
             }
@@ -410,6 +439,16 @@ where
         value_window.add(source.step_values());
         let update_start = Instant::now();
         let mut grads = accumulator.grads();
+        if let Some(g) = &group {
+            crate::dist::all_reduce_grads::<B::InnerBackend>(
+                &grad_layout,
+                &mut grads,
+                g.as_ref(),
+                crate::dist::DEFAULT_BUCKET_VALUES,
+                device,
+            )
+            .map_err(Error::from)?;
+        }
         let norm = global_grad_norm::<B, M>(&model, &grads, device);
         let scale = cfg
             .max_grad_norm
@@ -446,6 +485,19 @@ where
         let mut norm_value = None;
         if logging || saving {
             let window: f64 = loss_acc.take().map_or(0.0, |t| t.into_scalar().elem());
+            let mut summed = [window as f32, local_tokens as f32];
+            sum_across(&mut summed)?;
+            let window = if group.is_some() {
+                f64::from(summed[0])
+            } else {
+                window
+            };
+            window_tokens += if group.is_some() {
+                summed[1] as u64
+            } else {
+                local_tokens
+            };
+            local_tokens = 0;
             pending_sum += window;
             let grad_norm: f64 = norm.clone().into_scalar().elem();
             for (what, value) in [("loss", pending_sum), ("gradient norm", grad_norm)] {
@@ -475,8 +527,41 @@ where
             r.grad_norm = norm_value;
             r.tokens_per_s = tokens_per_s;
             r = phases.take_into(r, secs);
-            for (name, value) in stat_window.take() {
-                r = r.with(name, value);
+            let mut stats = stat_window.take_sums();
+            if group.is_some() {
+                // Every rank logs the same statistics (an idle rank's weighted by zero); the
+                // name check guards the layout of the sum.
+                let mut flat: Vec<f32> = stats
+                    .iter()
+                    .flat_map(|s| [s.1 as f32, s.2 as f32])
+                    .collect();
+                flat.push(stats.len() as f32);
+                flat.push(names_check(&stats) as f32);
+                sum_across(&mut flat)?;
+                let (n, check) = (flat[flat.len() - 2] as usize, flat[flat.len() - 1] as usize);
+                for (what, mine, sum) in [
+                    ("the statistics logged", stats.len(), n),
+                    ("the statistics' names", names_check(&stats), check),
+                ] {
+                    if sum != mine * world.size {
+                        return Err(Error::from(crate::dist::DistError::Mismatch {
+                            rank: world.rank,
+                            world: world.size,
+                            what,
+                            mine,
+                            sum,
+                        })
+                        .into());
+                    }
+                }
+                for (s, pair) in stats.iter_mut().zip(flat.chunks(2)) {
+                    (s.1, s.2) = (f64::from(pair[0]), f64::from(pair[1]));
+                }
+            }
+            for (name, sum, count) in stats {
+                if count > 0.0 {
+                    r = r.with(name, sum / count);
+                }
             }
             r = value_window.take_into(r);
             r.memory_mb = resident_memory_mb();
@@ -495,19 +580,20 @@ where
             window_start = Instant::now();
             row = Some(r);
         }
-        if source.evaluates()
+        if leader
+            && source.evaluates()
             && ((cfg.eval_steps > 0 && step % cfg.eval_steps == 0) || step == total)
         {
             bar.set_message("evaluating");
             let r = row.take().unwrap_or_else(|| MetricsRow::new(step));
             row = Some(source.evaluate(&model, r, device)?);
         }
-        if let Some(r) = row {
-            metrics.append(&r).map_err(Error::from)?;
+        if let (Some(r), Some(log)) = (row, metrics.as_mut()) {
+            log.append(&r).map_err(Error::from)?;
             source.logged(&r);
         }
         source.end_step(step)?;
-        if saving {
+        if saving && leader {
             let (optimizer, adam_steps) = opt.to_host();
             let state = TrainerState {
                 format_version: FORMAT_VERSION,
@@ -517,7 +603,7 @@ where
                 total_steps: total,
                 seed: cfg.seed,
                 num_train_examples: units,
-                tokens_seen: tokens_seen + window_tokens,
+                tokens_seen: tokens_seen + window_tokens + local_tokens,
                 pending_loss_sum: pending_sum,
                 pending_steps,
                 adam_steps,
@@ -547,8 +633,20 @@ where
             last_loss,
             trainable_params: trainable_count,
             total_params,
-            tokens_seen: tokens_seen + window_tokens,
+            tokens_seen: tokens_seen + window_tokens + local_tokens,
             metrics_path,
         },
     ))
+}
+
+/// A small number that differs, with high probability, between two lists of statistic names
+/// (their FNV-1a hash, 16 bits so that its sum over the ranks stays exact in f32).
+fn names_check(stats: &[(&'static str, f64, f64)]) -> usize {
+    let mut h: u32 = 0x811c_9dc5;
+    for (name, _, _) in stats {
+        for b in name.bytes().chain([0]) {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    }
+    (h >> 16) as usize
 }

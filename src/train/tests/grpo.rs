@@ -3,6 +3,7 @@
 //! loop on a tiny random Qwen2: a toy task rewarded for a fixed token pattern, and resume.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use burn::module::Param;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -823,4 +824,75 @@ fn shared_prompt_rows_give_the_log_probs_and_gradients_of_whole_rows() {
     assert!(row_batch::<AD>(&[p1, p2], &[&[1], &[2]], 0, &dev)
         .shared
         .is_none());
+}
+
+#[test]
+fn two_ranks_train_grpo_exactly_as_one() {
+    use crate::dist::{with_group, Collective, LocalGroup};
+    let _guard = rng_lock();
+    let (config, tensors) = tiny();
+    let tokens = GrpoTokens {
+        eos_ids: vec![EOS],
+        pad_id: 0,
+    };
+    // Two micro-batches a step, one per rank; every rank samples the step's completions.
+    let cfg = toy_config(3);
+    let run = |dir: &std::path::Path| {
+        run_grpo::<AD>(
+            &cfg,
+            BaseModel::Loaded {
+                config: &config,
+                tensors: &tensors,
+            },
+            &toy_prompts(),
+            &[],
+            &decode,
+            &tokens,
+            dir,
+            &Default::default(),
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    let one = tempfile::tempdir().unwrap();
+    let single = run(one.path());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let members = LocalGroup::new(2);
+    let mut reports: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = members
+            .into_iter()
+            .zip(&dirs)
+            .map(|(member, dir)| {
+                let run = &run;
+                s.spawn(move || {
+                    let member: Arc<dyn Collective> = member;
+                    with_group(member, || run(dir.path()))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let lead = reports.swap_remove(0);
+    let rows = |path: &std::path::Path| {
+        let mut rows = read_metrics(path).unwrap();
+        for row in &mut rows {
+            row.memory_mb = None;
+            row.tokens_per_s = None;
+            for key in crate::train::train_loop::TIMING_KEYS {
+                row.extra.remove(*key);
+            }
+        }
+        rows
+    };
+    let want = rows(&single.metrics_path);
+    assert!(want.iter().all(|r| r.extra.contains_key("kl")), "{want:?}");
+    assert_eq!(rows(&lead.metrics_path), want);
+    let adapter = |r: &crate::train::grpo::GrpoReport| {
+        read_lora_adapter(r.adapter_dir.as_ref().unwrap())
+            .unwrap()
+            .pairs
+    };
+    assert_eq!(adapter(&lead), adapter(&single));
+    assert!(!dirs[1].path().join("completions.jsonl").exists());
 }

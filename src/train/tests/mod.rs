@@ -2,6 +2,7 @@
 //! of the LoRA loss and gradients with peft (fixture from `scripts/make_sft_fixtures.py`).
 
 mod checkpointing;
+mod data_parallel;
 mod dora;
 mod grpo;
 mod learning;

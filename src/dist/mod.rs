@@ -1,0 +1,112 @@
+//! Data-parallel training: one process (or, in tests, one thread) per rank, each with its share
+//! of every optimizer step, the trainable parameters' gradients summed across the ranks before
+//! the identical update on each.
+//!
+//! How a step is shared ([`shard`]): its micro-batches are dealt round-robin, micro-batch `m` to
+//! rank `m % world`. A micro-batch's loss is already normalised by its step's totals (see
+//! `train::objective`), so the sum of the ranks' gradients is the gradient the same step has on
+//! one device: the global batch is the recipe's `batch_size x gradient_accumulation_steps`
+//! whatever the world size, the loss curve is the single-device one, and a checkpoint resumes
+//! under any world size. A rank dealt no micro-batch (a step with fewer micro-batches than
+//! ranks) runs micro-batch 0 weighted by zero, so every rank brings the same gradients and
+//! statistics to the sums.
+//!
+//! The sums go through a [`Collective`]: [`LocalGroup`] joins threads of one process (the tests
+//! run several ranks this way); NCCL joins processes. Rank 0 (the leader) writes metrics and
+//! checkpoints and evaluates.
+
+mod bucket;
+mod local;
+mod shard;
+mod world;
+
+use std::sync::Arc;
+
+pub use bucket::{all_reduce_grads, bucket_ranges, DEFAULT_BUCKET_VALUES};
+pub use local::LocalGroup;
+pub use shard::{step_share, MicroBatchShare};
+pub use world::{first_host, World};
+
+/// Why a collective operation or the set-up of a group failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error("environment variable {var}={value:?}: {expected}")]
+    Env {
+        var: &'static str,
+        value: String,
+        expected: String,
+    },
+    #[error(
+        "rank {rank}: the ranks disagree on {what} (this rank {mine}, the sum over {world} ranks \
+         {sum}); every rank must run the same recipe"
+    )]
+    Mismatch {
+        rank: usize,
+        world: usize,
+        what: &'static str,
+        mine: usize,
+        sum: usize,
+    },
+    #[error(
+        "rank {rank}: waited {waited_s} s for the other ranks of {world} at a collective \
+         operation; a rank failed or stopped (RUNNER_DIST_TIMEOUT_S sets the wait)"
+    )]
+    Timeout {
+        rank: usize,
+        world: usize,
+        waited_s: u64,
+    },
+    #[error("rank {rank}: a collective operation failed on another rank: {message}")]
+    Failed { rank: usize, message: String },
+}
+
+/// The ranks a training process or thread belongs to, and the sums across them.
+pub trait Collective: Send + Sync {
+    /// This member's rank and the group's size.
+    fn world(&self) -> World;
+
+    /// Replaces `values` on every rank by their element-wise sum over the ranks, added in rank
+    /// order, so every rank holds the same bits. Every rank calls it with the same length.
+    fn all_reduce_sum(&self, values: &mut [f32]) -> Result<(), DistError>;
+}
+
+thread_local! {
+    static THREAD_GROUP: std::cell::RefCell<Option<Arc<dyn Collective>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The group the calling thread trains in: the one [`with_group`] set, else none (one rank).
+pub fn group() -> Option<Arc<dyn Collective>> {
+    THREAD_GROUP.with(|g| g.borrow().clone())
+}
+
+/// Runs `f` with `member` as the calling thread's group (see [`group`]), restoring the one
+/// before afterwards.
+pub fn with_group<T>(member: Arc<dyn Collective>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Arc<dyn Collective>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            THREAD_GROUP.with(|g| *g.borrow_mut() = previous);
+        }
+    }
+    let _restore = Restore(THREAD_GROUP.with(|g| g.borrow_mut().replace(member)));
+    f()
+}
+
+/// Whether the calling thread writes the training's files: rank 0, or no group.
+pub fn is_leader() -> bool {
+    group().is_none_or(|g| g.world().rank == 0)
+}
+
+/// How long a rank waits for the others at one collective operation.
+fn timeout() -> std::time::Duration {
+    let secs = std::env::var("RUNNER_DIST_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1800);
+    std::time::Duration::from_secs(secs)
+}
+
+#[cfg(test)]
+mod tests;

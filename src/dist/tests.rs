@@ -1,0 +1,155 @@
+//! CPU tests of the rank arithmetic, the buckets and the thread group's sums.
+
+use std::sync::Arc;
+
+use super::*;
+
+fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |name| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+#[test]
+fn the_world_comes_from_the_first_launcher_convention_present() {
+    assert_eq!(World::from_vars(vars(&[])).unwrap(), None);
+    let slurm = [
+        ("SLURM_PROCID", "5"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_LOCALID", "1"),
+    ];
+    let w = World::from_vars(vars(&slurm)).unwrap().unwrap();
+    assert_eq!((w.rank, w.size, w.local_rank), (5, 8, 1));
+    // torchrun's names win over Slurm's, runner's over both.
+    let mut both = slurm.to_vec();
+    both.extend([("RANK", "1"), ("WORLD_SIZE", "2")]);
+    let w = World::from_vars(vars(&both)).unwrap().unwrap();
+    assert_eq!((w.rank, w.size, w.local_rank), (1, 2, 0));
+    both.extend([("RUNNER_RANK", "0"), ("RUNNER_WORLD_SIZE", "1")]);
+    assert_eq!(World::from_vars(vars(&both)).unwrap(), Some(World::SOLO));
+}
+
+#[test]
+fn a_bad_rank_names_the_variable_and_what_was_expected() {
+    let err = World::from_vars(vars(&[("RANK", "two"), ("WORLD_SIZE", "4")])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "environment variable RANK=\"two\": a whole number"
+    );
+    let err = World::from_vars(vars(&[("RANK", "4"), ("WORLD_SIZE", "4")])).unwrap_err();
+    assert!(
+        err.to_string().contains("a rank below WORLD_SIZE=4"),
+        "{err}"
+    );
+    let err = World::from_vars(vars(&[("RANK", "0"), ("WORLD_SIZE", "0")])).unwrap_err();
+    assert!(err.to_string().contains("WORLD_SIZE"), "{err}");
+}
+
+#[test]
+fn the_first_host_of_a_slurm_host_list() {
+    assert_eq!(first_host("gpu[07-09,12],cpu1").as_deref(), Some("gpu07"));
+    assert_eq!(first_host("node3").as_deref(), Some("node3"));
+    assert_eq!(first_host("a1,b2").as_deref(), Some("a1"));
+    assert_eq!(first_host("n[2,5]").as_deref(), Some("n2"));
+    assert_eq!(first_host(""), None);
+    assert_eq!(first_host("n[x-y]"), None);
+}
+
+#[test]
+fn micro_batches_are_dealt_round_robin_and_an_empty_hand_is_idle() {
+    let world = |rank, size| World {
+        rank,
+        size,
+        local_rank: rank,
+    };
+    let owned = |v: &[usize]| MicroBatchShare::Owned(v.to_vec());
+    assert_eq!(step_share(5, world(0, 2)), owned(&[0, 2, 4]));
+    assert_eq!(step_share(5, world(1, 2)), owned(&[1, 3]));
+    assert_eq!(step_share(3, world(2, 4)), owned(&[2]));
+    assert_eq!(step_share(3, world(3, 4)), MicroBatchShare::Idle);
+    // Every micro-batch goes to exactly one rank.
+    for size in 1..6 {
+        for n in 0..12 {
+            let mut seen = vec![0; n];
+            for rank in 0..size {
+                if let MicroBatchShare::Owned(v) = step_share(n, world(rank, size)) {
+                    v.iter().for_each(|&m| seen[m] += 1);
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "n {n} size {size}");
+        }
+    }
+}
+
+#[test]
+fn buckets_cover_every_parameter_once_in_order_under_the_cap() {
+    assert_eq!(bucket_ranges(&[], 10), Vec::<std::ops::Range<usize>>::new());
+    assert_eq!(bucket_ranges(&[4, 4, 4], 8), vec![0..2, 2..3]);
+    // A parameter over the cap is a bucket of its own.
+    assert_eq!(bucket_ranges(&[3, 20, 3, 3], 8), vec![0..1, 1..2, 2..4]);
+    assert_eq!(bucket_ranges(&[1; 5], 100), vec![0..5]);
+}
+
+#[test]
+fn a_thread_group_sums_in_rank_order_and_every_rank_gets_the_same_bits() {
+    let members = LocalGroup::new(3);
+    let handles: Vec<_> = members
+        .into_iter()
+        .map(|m| {
+            std::thread::spawn(move || {
+                let rank = m.world().rank;
+                let mut out = Vec::new();
+                for round in 0..50 {
+                    let mut v = vec![rank as f32 + round as f32, 1e8, 1.0 / (rank + 1) as f32];
+                    m.all_reduce_sum(&mut v).unwrap();
+                    out.push(v);
+                }
+                out
+            })
+        })
+        .collect();
+    let results: Vec<Vec<Vec<f32>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for round in 0..50 {
+        let want = vec![(3 * round + 3) as f32, 3e8, 1.0f32 + 1.0 / 2.0 + 1.0 / 3.0];
+        for r in &results {
+            assert_eq!(r[round], want, "round {round}");
+        }
+    }
+}
+
+#[test]
+fn ranks_that_sum_different_lengths_all_get_an_error() {
+    let members = LocalGroup::new(2);
+    let handles: Vec<_> = members
+        .into_iter()
+        .map(|m| {
+            std::thread::spawn(move || {
+                let mut v = vec![0.0; 2 + m.world().rank];
+                m.all_reduce_sum(&mut v).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for h in handles {
+        let err = h.join().unwrap().unwrap_err();
+        assert!(err.contains("different lengths [2, 3]"), "{err}");
+    }
+}
+
+#[test]
+fn the_group_is_per_thread_and_restored_after_use() {
+    assert!(group().is_none() && is_leader());
+    let members = LocalGroup::new(2);
+    let follower: Arc<dyn Collective> = members[1].clone();
+    with_group(follower, || {
+        assert_eq!(group().unwrap().world().rank, 1);
+        assert!(!is_leader());
+    });
+    assert!(group().is_none());
+}
