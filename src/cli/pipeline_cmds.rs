@@ -127,6 +127,15 @@ fn finish(record: &RunRecord, runs_dir: &Path) -> Result<(), Failure> {
 pub fn run(args: RunArgs) -> Result<(), Failure> {
     let store = args.store.open()?;
     let plan = args.recipe.plan(Some(&store))?;
+    // One rank of several (RUNNER_RANK/RANK/SLURM_PROCID ...): the training stages run data
+    // parallel with the other ranks (see `runner::dist`).
+    let joined = runner::dist::join_from_env().map_err(|e| Failure {
+        code: 1,
+        error: anyhow!("data parallel: {e}"),
+    })?;
+    if let Some(world) = joined {
+        tracing::info!(rank = world.rank, world = world.size, "joined the ranks");
+    }
     let runs_dir = args.store.runs_dir();
     let opts = RunOptions {
         runs_dir: runs_dir.clone(),

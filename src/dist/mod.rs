@@ -12,12 +12,13 @@
 //! statistics to the sums.
 //!
 //! The sums go through a [`Collective`]: [`LocalGroup`] joins threads of one process (the tests
-//! run several ranks this way); NCCL joins processes. Rank 0 (the leader) writes metrics and
+//! run several ranks this way); [`TcpGroup`] joins processes through rank 0 over TCP. Rank 0 (the leader) writes metrics and
 //! checkpoints and evaluates.
 
 mod bucket;
 mod local;
 mod shard;
+mod tcp;
 mod world;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 pub use bucket::{all_reduce_grads, bucket_ranges, DEFAULT_BUCKET_VALUES};
 pub use local::LocalGroup;
 pub use shard::{step_share, MicroBatchShare};
+pub use tcp::{rendezvous_from_env, TcpGroup};
 pub use world::{first_host, World};
 
 /// Why a collective operation or the set-up of a group failed.
@@ -75,9 +77,36 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// The group the calling thread trains in: the one [`with_group`] set, else none (one rank).
+/// The group of this process, once [`join_from_env`] joined one.
+static PROCESS_GROUP: std::sync::OnceLock<Arc<dyn Collective>> = std::sync::OnceLock::new();
+
+/// The group the calling thread trains in: the one [`with_group`] set, else this process's
+/// (see [`join_from_env`]), else none (one rank).
 pub fn group() -> Option<Arc<dyn Collective>> {
-    THREAD_GROUP.with(|g| g.borrow().clone())
+    THREAD_GROUP
+        .with(|g| g.borrow().clone())
+        .or_else(|| PROCESS_GROUP.get().cloned())
+}
+
+/// Joins this process's group when the environment names one of more than one rank (see
+/// [`World::from_env`]): over TCP through rank 0 at [`rendezvous_from_env`]. Returns the
+/// world joined, `None` for a single process. Call once, before training.
+pub fn join_from_env() -> Result<Option<World>, DistError> {
+    let Some(world) = World::from_env()?.filter(|w| w.size > 1) else {
+        return Ok(None);
+    };
+    if let Some(g) = PROCESS_GROUP.get() {
+        return Ok(Some(g.world()));
+    }
+    let (host, port) = rendezvous_from_env()?;
+    let group = TcpGroup::join(world, &host, port)?;
+    let _ = PROCESS_GROUP.set(Arc::new(group));
+    Ok(Some(world))
+}
+
+/// The process's own group when it trains as one of several ranks (not a thread's test group).
+pub fn process_group() -> Option<Arc<dyn Collective>> {
+    PROCESS_GROUP.get().cloned()
 }
 
 /// Runs `f` with `member` as the calling thread's group (see [`group`]), restoring the one

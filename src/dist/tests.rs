@@ -153,3 +153,71 @@ fn the_group_is_per_thread_and_restored_after_use() {
     });
     assert!(group().is_none());
 }
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tcp_world(rank: usize, size: usize) -> World {
+    World {
+        rank,
+        size,
+        local_rank: rank,
+    }
+}
+
+#[test]
+fn a_tcp_group_sums_like_the_thread_group_and_broadcasts_rank_0s_bytes() {
+    let port = free_port();
+    let handles: Vec<_> = (0..3)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let g = TcpGroup::join(tcp_world(rank, 3), "127.0.0.1", port).unwrap();
+                let mut id = vec![rank as u8; 4 + rank];
+                g.broadcast(&mut id).unwrap();
+                let mut out = vec![id.iter().map(|&b| f32::from(b)).sum::<f32>()];
+                for round in 0..20 {
+                    let mut v = vec![rank as f32 * 0.1 + round as f32, 1.0 / (rank + 1) as f32];
+                    g.all_reduce_sum(&mut v).unwrap();
+                    out.extend(v);
+                }
+                out
+            })
+        })
+        .collect();
+    let results: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    // Rank 0's four zero bytes everywhere.
+    assert!(results.iter().all(|r| r[0] == 0.0));
+    for round in 0..20 {
+        let want = [
+            (0.0f32 + round as f32) + (0.1 + round as f32) + (0.2 + round as f32),
+            1.0f32 + 0.5 + 1.0 / 3.0,
+        ];
+        for r in &results {
+            assert_eq!(r[1 + 2 * round..3 + 2 * round], want, "round {round}");
+        }
+    }
+}
+
+#[test]
+fn a_tcp_group_reports_different_lengths_on_every_rank() {
+    let port = free_port();
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let g = TcpGroup::join(tcp_world(rank, 2), "127.0.0.1", port).unwrap();
+                let mut v = vec![1.0; 3 - rank];
+                g.all_reduce_sum(&mut v).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for h in handles {
+        let err = h.join().unwrap().unwrap_err();
+        assert!(err.contains("different lengths [3, 2]"), "{err}");
+    }
+}

@@ -347,27 +347,49 @@ fn build_stage(
     progress: indicatif::MultiProgress,
 ) -> Outcome {
     let stage = &plan.stages[index];
-    let lock = match store.lock(&stage.fingerprint, |owner| {
-        say(
-            Some(&progress),
-            &format!(
-                "  waiting  {:<12} another run is building it ({} pid {})",
-                stage.name, owner.host, owner.pid
-            ),
-        )
-    }) {
-        Ok(l) => l,
-        Err(e) => return Outcome::Failed(e.to_string()),
+    // A data-parallel stage in a process of several ranks runs in all of them at once (see
+    // `crate::dist`): rank 0 holds the lock, decides whether to build, and commits; the others
+    // follow its decision, train beside it, and wait for its commit.
+    let group = if stage.stage.data_parallel() {
+        crate::dist::process_group()
+    } else {
+        None
     };
-    if !force && store.contains(&stage.fingerprint) {
-        return Outcome::FoundCached;
-    }
+    let leader = group.as_ref().is_none_or(|g| g.world().rank == 0);
+    let lock = if leader {
+        match store.lock(&stage.fingerprint, |owner| {
+            say(
+                Some(&progress),
+                &format!(
+                    "  waiting  {:<12} another run is building it ({} pid {})",
+                    stage.name, owner.host, owner.pid
+                ),
+            )
+        }) {
+            Ok(l) => Some(l),
+            Err(e) => return Outcome::Failed(e.to_string()),
+        }
+    } else {
+        None
+    };
+    let mut build = force || !store.contains(&stage.fingerprint);
     let work_dir = store.work_dir(&stage.fingerprint);
-    if force && work_dir.exists() {
+    if leader && build && force && work_dir.exists() {
         // --force means from scratch: not a resume from an earlier run's checkpoints.
         if let Err(e) = std::fs::remove_dir_all(&work_dir) {
             return Outcome::Failed(format!("{}: {e}", work_dir.display()));
         }
+    }
+    if let Some(g) = &group {
+        // Rank 0's decision, reached after it cleared the work folder.
+        let mut decision = [if leader && build { 1.0 } else { 0.0 }];
+        if let Err(e) = g.all_reduce_sum(&mut decision) {
+            return Outcome::Failed(e.to_string());
+        }
+        build = decision[0] > 0.0;
+    }
+    if !build {
+        return Outcome::FoundCached;
     }
     let temp = match store.new_temp(&stage.fingerprint) {
         Ok(t) => t,
@@ -418,8 +440,23 @@ fn build_stage(
     };
     if let Some(message) = failure {
         let _ = std::fs::remove_dir_all(&temp);
+        if let (Some(g), true) = (&group, leader) {
+            // Releases ranks waiting for the commit (a rank still training fails on the
+            // mismatched sum).
+            let _ = g.all_reduce_sum(&mut [0.0]);
+        }
         drop(lock);
         return Outcome::Failed(message);
+    }
+    if let (Some(g), false) = (&group, leader) {
+        // A follower's outputs were scratch; the artifact is rank 0's.
+        let _ = std::fs::remove_dir_all(&temp);
+        let mut committed = [0.0];
+        return match g.all_reduce_sum(&mut committed) {
+            Ok(()) if committed[0] > 0.0 => Outcome::Built { seconds },
+            Ok(()) => Outcome::Failed("rank 0 could not build or commit the artifact".into()),
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
     }
     let manifest = Manifest {
         fingerprint: stage.fingerprint.clone(),
@@ -454,6 +491,15 @@ fn build_stage(
             Outcome::Failed(e.to_string())
         }
     };
+    if let Some(g) = &group {
+        let mut committed = [f32::from(u8::from(matches!(
+            outcome,
+            Outcome::Built { .. }
+        )))];
+        if let Err(e) = g.all_reduce_sum(&mut committed) {
+            tracing::warn!("the other ranks did not hear of the commit: {e}");
+        }
+    }
     drop(lock);
     outcome
 }

@@ -153,6 +153,13 @@ pub trait Stage: Send + Sync + 'static {
         false
     }
 
+    /// Whether every rank of a data-parallel process group runs the stage together (training:
+    /// see `crate::dist`); rank 0 alone commits its artifact. Other stages run once, in
+    /// whichever rank takes the store's lock first.
+    fn data_parallel() -> bool {
+        false
+    }
+
     /// Parameters that change how a run is watched or saved, not what it computes (logging and
     /// checkpoint intervals): left out of the fingerprint, so turning checkpoints on after a
     /// crash resumes the same work instead of starting a new artifact.
@@ -178,6 +185,7 @@ pub trait DynStage: Send + Sync {
     fn summary(&self) -> &'static str;
     fn input_slots(&self) -> &'static [InputSlot];
     fn heavy(&self) -> bool;
+    fn data_parallel(&self) -> bool;
     fn operational_keys(&self) -> &'static [&'static str];
     /// Parses and canonicalizes parameters (defaults filled in).
     fn parse(&self, params: &toml::Table) -> Result<serde_json::Value, ParamError>;
@@ -222,6 +230,9 @@ impl<S: Stage> DynStage for Erased<S> {
     }
     fn heavy(&self) -> bool {
         S::heavy()
+    }
+    fn data_parallel(&self) -> bool {
+        S::data_parallel()
     }
     fn operational_keys(&self) -> &'static [&'static str] {
         S::operational_keys()

@@ -114,6 +114,10 @@ impl Stage for Grpo {
         true
     }
 
+    fn data_parallel() -> bool {
+        true
+    }
+
     fn run(params: &GrpoConfig, ctx: &StageContext) -> Result<(), StageError> {
         let data = ctx.input("input")?;
         let model = ctx.input("model")?;

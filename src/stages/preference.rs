@@ -186,6 +186,10 @@ impl<K: KindMarker> Stage for Preference<K> {
         true
     }
 
+    fn data_parallel() -> bool {
+        true
+    }
+
     fn run(params: &PreferenceConfig, ctx: &StageContext) -> Result<(), StageError> {
         let data = ctx.input("input")?;
         let model = ctx.input("model")?;

@@ -89,6 +89,10 @@ impl Stage for Sft {
         true
     }
 
+    fn data_parallel() -> bool {
+        true
+    }
+
     fn run(params: &SftConfig, ctx: &StageContext) -> Result<(), StageError> {
         let data = ctx.input("input")?;
         let model = ctx.input("model")?;

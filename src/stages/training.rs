@@ -37,6 +37,10 @@ pub(crate) fn train_in_work_folder(
     } else {
         let interrupted = work.join("metrics.jsonl").exists();
         let summary = train(&work, interrupted)?;
+        // Data parallel: the other ranks trained beside rank 0, which writes the artifact.
+        if !crate::dist::is_leader() {
+            return Ok(());
+        }
         // Through a temporary file, so a summary is either whole or absent.
         let partial = work.join(format!("{summary_file}.partial"));
         crate::stages::artifact::write_json(&partial, &summary)?;

@@ -3,6 +3,7 @@
 //! `tests/preference_losses.rs` stays a binary of its own (it needs burn's f64 CPU backend for
 //! the whole process).
 
+mod data_parallel;
 mod pipeline;
 mod recipes;
 mod slurm;
