@@ -127,12 +127,31 @@ fn finish(record: &RunRecord, runs_dir: &Path) -> Result<(), Failure> {
 pub fn run(args: RunArgs) -> Result<(), Failure> {
     let store = args.store.open()?;
     let plan = args.recipe.plan(Some(&store))?;
-    // One rank of several (RUNNER_RANK/RANK/SLURM_PROCID ...): the training stages run data
-    // parallel with the other ranks (see `runner::dist`).
-    let joined = runner::dist::join_from_env().map_err(|e| Failure {
+    let dist_error = |e: runner::dist::DistError| Failure {
         code: 1,
         error: anyhow!("data parallel: {e}"),
-    })?;
+    };
+    if runner::dist::World::from_env()
+        .map_err(dist_error)?
+        .is_none()
+    {
+        let (gpus, nodes) = plan.data_parallel_width(&args.only);
+        if nodes > 1 {
+            return Err(Failure {
+                code: 2,
+                error: anyhow!(
+                    "a training stage asks for resources.nodes = {nodes}: ranks on several nodes \
+                     start through Slurm (`runner submit`)"
+                ),
+            });
+        }
+        if gpus > 1 {
+            return launch_local_ranks(gpus as usize);
+        }
+    }
+    // One rank of several (RUNNER_RANK/RANK/SLURM_PROCID ...): the training stages run data
+    // parallel with the other ranks (see `runner::dist`).
+    let joined = runner::dist::join_from_env().map_err(dist_error)?;
     if let Some(world) = joined {
         tracing::info!(rank = world.rank, world = world.size, "joined the ranks");
     }
@@ -147,6 +166,48 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let record = execute(&plan, &store, &opts)?;
     finish(&record, &runs_dir)
+}
+
+/// Runs this same command as `ranks` processes, rank i on GPU i (a training stage asked for
+/// `resources.gpus = ranks`), joined through a free local port; fails with the first rank that
+/// fails.
+fn launch_local_ranks(ranks: usize) -> Result<(), Failure> {
+    let exe = std::env::current_exe().context("locating the runner binary to start its ranks")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .context("finding a free port for the ranks to meet")?
+        .port();
+    eprintln!("starting {ranks} ranks (data parallel training, one GPU each)");
+    let mut children = Vec::with_capacity(ranks);
+    for rank in 0..ranks {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .env("RUNNER_RANK", rank.to_string())
+            .env("RUNNER_WORLD_SIZE", ranks.to_string())
+            .env("RUNNER_LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        children.push(child);
+    }
+    let mut failure = None;
+    for (rank, mut child) in children.into_iter().enumerate() {
+        let status = child
+            .wait()
+            .with_context(|| format!("waiting for rank {rank}"))?;
+        if !status.success() && failure.is_none() {
+            failure = Some(Failure {
+                code: status
+                    .code()
+                    .and_then(|c| u8::try_from(c).ok())
+                    .unwrap_or(1),
+                error: anyhow!("rank {rank} of {ranks} failed ({status})"),
+            });
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 #[derive(Args)]

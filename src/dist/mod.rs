@@ -98,10 +98,44 @@ pub fn join_from_env() -> Result<Option<World>, DistError> {
     if let Some(g) = PROCESS_GROUP.get() {
         return Ok(Some(g.world()));
     }
+    pin_gpu(world.local_rank)?;
     let (host, port) = rendezvous_from_env()?;
     let group = TcpGroup::join(world, &host, port)?;
     let _ = PROCESS_GROUP.set(Arc::new(group));
     Ok(Some(world))
+}
+
+/// Makes the local rank's GPU the only one this process sees (its device 0, which the engine
+/// and the kernels address), unless the launcher already left it one.
+fn pin_gpu(local_rank: usize) -> Result<(), DistError> {
+    const VAR: &str = "CUDA_VISIBLE_DEVICES";
+    let visible = std::env::var(VAR).ok();
+    if let Some(pinned) = pinned_gpu(visible.as_deref(), local_rank)? {
+        // Before any CUDA library is loaded: the process has joined no device yet.
+        std::env::set_var(VAR, pinned);
+    }
+    Ok(())
+}
+
+/// What `CUDA_VISIBLE_DEVICES` becomes for `local_rank` when it was `visible`: the rank's entry
+/// of a list, the rank's index when unset, unchanged (`None`) when it names one GPU.
+fn pinned_gpu(visible: Option<&str>, local_rank: usize) -> Result<Option<String>, DistError> {
+    let list = match visible.map(str::trim) {
+        None | Some("") => return Ok(Some(local_rank.to_string())),
+        Some(list) => list,
+    };
+    let ids: Vec<&str> = list.split(',').map(str::trim).collect();
+    if ids.len() == 1 {
+        return Ok(None);
+    }
+    match ids.get(local_rank) {
+        Some(id) => Ok(Some(id.to_string())),
+        None => Err(DistError::Env {
+            var: "CUDA_VISIBLE_DEVICES",
+            value: list.to_string(),
+            expected: format!("a GPU for local rank {local_rank}"),
+        }),
+    }
 }
 
 /// The process's own group when it trains as one of several ranks (not a thread's test group).

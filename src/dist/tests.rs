@@ -221,3 +221,16 @@ fn a_tcp_group_reports_different_lengths_on_every_rank() {
         assert!(err.contains("different lengths [3, 2]"), "{err}");
     }
 }
+
+#[test]
+fn each_local_rank_sees_its_own_gpu() {
+    assert_eq!(pinned_gpu(None, 3).unwrap().as_deref(), Some("3"));
+    assert_eq!(pinned_gpu(Some("4,5,6"), 1).unwrap().as_deref(), Some("5"));
+    // Slurm's --gpus-per-task already left one.
+    assert_eq!(pinned_gpu(Some("7"), 2).unwrap(), None);
+    let err = pinned_gpu(Some("0,1"), 2).unwrap_err().to_string();
+    assert!(
+        err.contains("CUDA_VISIBLE_DEVICES=\"0,1\": a GPU for local rank 2"),
+        "{err}"
+    );
+}

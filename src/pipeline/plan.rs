@@ -57,6 +57,25 @@ impl Plan {
         self.stages.iter().find(|s| s.name == name)
     }
 
+    /// The most GPUs and nodes any data-parallel stage (training) asks for in its `resources`
+    /// (1 where none asks), among the stages of `only` when it names any: how many ranks a run
+    /// needs.
+    pub fn data_parallel_width(&self, only: &[String]) -> (u64, u64) {
+        let ask = |s: &PlannedStage, key: &str| {
+            s.resources
+                .as_ref()
+                .and_then(|r| r.get(key))
+                .and_then(|v| v.as_integer())
+                .map_or(1, |n| n.max(1) as u64)
+        };
+        self.stages
+            .iter()
+            .filter(|s| s.stage.data_parallel() && (only.is_empty() || only.contains(&s.name)))
+            .fold((1, 1), |(g, n), s| {
+                (g.max(ask(s, "gpus")), n.max(ask(s, "nodes")))
+            })
+    }
+
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.name == name)
     }

@@ -1,6 +1,7 @@
-//! `runner run` as two ranks (two processes joined over TCP, as a launcher starts them): the
-//! medical recipe's SFT stage trains data parallel and gives rank 0's artifact the losses and
-//! weights of a single-process run; the other stages run once.
+//! `runner run` as two ranks (two processes joined over TCP, started as a launcher starts them,
+//! or by `runner run` itself for a stage with `resources.gpus = 2`): the medical recipe's SFT
+//! stage trains data parallel and gives rank 0's artifact the losses and weights of a
+//! single-process run; the other stages run once.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -102,4 +103,24 @@ fn two_ranks_train_the_sft_stage_as_one_process_does() {
     assert_eq!(losses(&b), want);
     let weights = |dir: &Path| std::fs::read(dir.join("model/model.safetensors")).unwrap();
     assert!(weights(&a) == weights(&b), "the trained weights differ");
+
+    // `resources.gpus = 2` on the stage: `runner run` starts the two ranks itself.
+    let three = root.path().join("three");
+    let out = runner(&three)
+        .args(ARGS)
+        .args(["--set", "stages.sft.resources.gpus=2"])
+        .output()
+        .unwrap();
+    check(&out, "runner run starting its ranks");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("starting 2 ranks"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = sft_dir(&three);
+    assert_eq!(losses(&c), want);
+    assert!(
+        weights(&a) == weights(&c),
+        "the launched ranks' weights differ"
+    );
 }
