@@ -68,6 +68,8 @@ struct UniqueStage {
     overrides: Vec<String>,
     upstream: Vec<String>,
     resources: Option<toml::Value>,
+    /// Trains with one rank per GPU when it asks for several (see `runner::dist`).
+    data_parallel: bool,
     points: Vec<usize>,
 }
 
@@ -109,6 +111,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), Failure> {
                         .map(|&d| plan.stages[d].fingerprint.clone())
                         .collect(),
                     resources: s.resources.clone(),
+                    data_parallel: s.stage.data_parallel(),
                     points: Vec::new(),
                 }
             });
@@ -153,7 +156,7 @@ pub fn submit(args: SubmitArgs) -> Result<(), Failure> {
             argv.push("--set".into());
             argv.push(o.clone());
         }
-        jobs.push(JobSpec {
+        let mut job = JobSpec {
             key: key(fp),
             name: s.name.clone(),
             argv,
@@ -170,7 +173,11 @@ pub fn submit(args: SubmitArgs) -> Result<(), Failure> {
                 .map(|u| key(u))
                 .collect(),
             log_dir: log_dir.clone(),
-        });
+        };
+        if s.data_parallel {
+            cluster::spread_ranks(&mut job);
+        }
+        jobs.push(job);
     }
 
     let submitted = if jobs.is_empty() {

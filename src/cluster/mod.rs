@@ -24,7 +24,8 @@ pub use parse::JobRef;
 pub use resources::Resources;
 pub use status::{cancel, status, JobState, JobStatus};
 pub use submit::{
-    read_manifest, submit, ClusterInfo, GpuPolicy, JobSpec, PartitionInfo, SubmitOptions, Submitted,
+    read_manifest, spread_ranks, submit, ClusterInfo, GpuPolicy, JobSpec, PartitionInfo,
+    SubmitOptions, Submitted,
 };
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -11,9 +11,17 @@ use crate::cluster::{Error, Result};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
-    /// GPUs (`--gpus`); 0 asks for none.
+    /// GPUs (`--gpus`); 0 asks for none. For a data-parallel (training) stage, GPUs per node,
+    /// one rank each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<u32>,
+    /// Nodes (`--nodes`); a data-parallel stage runs `gpus` ranks on each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    /// Tasks per node (`--ntasks-per-node`; its GPUs then go per node, `--gpus-per-node`): set
+    /// by the submitter for a data-parallel stage's ranks ([`crate::cluster::spread_ranks`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks_per_node: Option<u32>,
     /// CPUs for the one task (`--cpus-per-task`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
@@ -59,6 +67,8 @@ impl Resources {
         };
         Resources {
             gpus: Some(gpus),
+            nodes: None,
+            ranks_per_node: None,
             cpus: Some(cpus),
             mem: Some(mem.to_string()),
             time: Some(time.to_string()),
@@ -72,6 +82,8 @@ impl Resources {
     pub fn merged_over(&self, defaults: &Resources) -> Resources {
         Resources {
             gpus: self.gpus.or(defaults.gpus),
+            nodes: self.nodes.or(defaults.nodes),
+            ranks_per_node: self.ranks_per_node.or(defaults.ranks_per_node),
             cpus: self.cpus.or(defaults.cpus),
             mem: self.mem.clone().or_else(|| defaults.mem.clone()),
             time: self.time.clone().or_else(|| defaults.time.clone()),
@@ -98,6 +110,9 @@ impl Resources {
     pub fn validate(&self) -> Result<()> {
         if self.cpus == Some(0) {
             return Err(invalid("cpus", "0", "at least 1"));
+        }
+        if self.nodes == Some(0) {
+            return Err(invalid("nodes", "0", "at least 1"));
         }
         if let Some(mem) = &self.mem {
             parse_mem_mb(mem)?;
@@ -163,8 +178,19 @@ impl Resources {
         if let Some(t) = &self.time {
             args.push(format!("--time={t}"));
         }
-        if let Some(g) = self.gpus.filter(|g| *g > 0) {
-            args.push(format!("--gpus={g}"));
+        if let Some(n) = self.nodes.filter(|n| *n > 1) {
+            args.push(format!("--nodes={n}"));
+        }
+        let gpus = self.gpus.filter(|g| *g > 0);
+        match (self.ranks_per_node, gpus) {
+            (Some(r), g) => {
+                args.push(format!("--ntasks-per-node={r}"));
+                if let Some(g) = g {
+                    args.push(format!("--gpus-per-node={g}"));
+                }
+            }
+            (None, Some(g)) => args.push(format!("--gpus={g}")),
+            (None, None) => {}
         }
         args.extend(self.extra.iter().cloned());
         args

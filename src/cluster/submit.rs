@@ -33,6 +33,34 @@ pub struct JobSpec {
     pub log_dir: PathBuf,
 }
 
+/// Makes `job`, a data-parallel (training) stage asking for several GPUs or nodes, run one rank
+/// per GPU: `gpus` tasks on each of `nodes` nodes started by srun (which gives each its
+/// SLURM_PROCID/SLURM_LOCALID; rank 0's host comes from SLURM_JOB_NODELIST), a rendezvous port
+/// of its own, and NVLink multicast off for NCCL. Other jobs are left as they are.
+pub fn spread_ranks(job: &mut JobSpec) {
+    let (gpus, nodes) = (
+        job.resources.gpus.unwrap_or(0),
+        job.resources.nodes.unwrap_or(1),
+    );
+    if gpus <= 1 && nodes <= 1 {
+        return;
+    }
+    job.resources.ranks_per_node = Some(gpus.max(1));
+    job.argv.splice(
+        0..0,
+        ["srun".to_string(), "--kill-on-bad-exit=1".to_string()],
+    );
+    // 20000-39999 from the job's key (stage and fingerprint): two jobs on one node rarely meet.
+    let port = 20000
+        + job
+            .key
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+            % 20000;
+    job.env.push(("MASTER_PORT".into(), port.to_string()));
+    job.env.push(("NCCL_NVLS_ENABLE".into(), "0".into()));
+}
+
 /// What to do with a job asking for GPUs when the target partition has no GPU gres.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

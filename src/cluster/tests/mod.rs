@@ -44,6 +44,53 @@ pub(crate) fn job(key: &str, name: &str, argv: &[&str], deps: &[&str]) -> JobSpe
 // ---------------------------------------------------------------- resources
 
 #[test]
+fn a_data_parallel_job_runs_a_rank_per_gpu_on_every_node_through_srun() {
+    let mut j = job("sft@abc", "sft", &["/bin/runner", "run", "r.toml"], &[]);
+    j.resources.gpus = Some(4);
+    j.resources.nodes = Some(2);
+    crate::cluster::spread_ranks(&mut j);
+    assert_eq!(
+        j.resources.sbatch_args(),
+        [
+            "--cpus-per-task=1",
+            "--mem=100M",
+            "--nodes=2",
+            "--ntasks-per-node=4",
+            "--gpus-per-node=4"
+        ]
+    );
+    assert_eq!(j.argv[..3], ["srun", "--kill-on-bad-exit=1", "/bin/runner"]);
+    let port: u32 = j
+        .env
+        .iter()
+        .find(|(k, _)| k == "MASTER_PORT")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    assert!((20000..40000).contains(&port));
+    assert!(j.env.contains(&("NCCL_NVLS_ENABLE".into(), "0".into())));
+    let script = crate::cluster::script::render(&[&j], "sbatch ...").unwrap();
+    assert!(
+        script.contains("exec srun --kill-on-bad-exit=1 /bin/runner run r.toml"),
+        "{script}"
+    );
+    // One GPU on one node stays a plain job.
+    let mut one = job("sft@abd", "sft", &["/bin/runner"], &[]);
+    one.resources.gpus = Some(1);
+    let before = one.clone();
+    crate::cluster::spread_ranks(&mut one);
+    assert_eq!(one, before);
+    assert_eq!(one.resources.sbatch_args()[2], "--gpus=1");
+    // nodes = 0 is refused by name.
+    let zero = Resources {
+        nodes: Some(0),
+        ..Default::default()
+    };
+    assert!(zero.validate().unwrap_err().to_string().contains("nodes"));
+}
+
+#[test]
 fn resources_parse_from_recipe_toml_and_reject_unknown_keys() {
     #[derive(serde::Deserialize)]
     struct Stage {
@@ -62,6 +109,7 @@ fn resources_parse_from_recipe_toml_and_reject_unknown_keys() {
             time: Some("4:00:00".into()),
             partition: Some("gpu".into()),
             extra: vec!["--qos=normal".into()],
+            ..Default::default()
         }
     );
     let err = toml::from_str::<Stage>("[resources]\ngpu = 1\n")
