@@ -12,11 +12,16 @@
 //! statistics to the sums.
 //!
 //! The sums go through a [`Collective`]: [`LocalGroup`] joins threads of one process (the tests
-//! run several ranks this way); [`TcpGroup`] joins processes through rank 0 over TCP. Rank 0 (the leader) writes metrics and
+//! run several ranks this way); [`TcpGroup`] joins processes through rank 0 over TCP; with the
+//! `cuda` feature on a machine with GPUs, processes sum through NCCL (`NcclGroup`), the TCP
+//! group only carrying NCCL's id (`RUNNER_DIST_BACKEND=tcp` keeps the sums on TCP). Every rank
+//! sets `NCCL_NVLS_ENABLE=0` (NVLink multicast off). Rank 0 (the leader) writes metrics and
 //! checkpoints and evaluates.
 
 mod bucket;
 mod local;
+#[cfg(feature = "cuda")]
+mod nccl;
 mod shard;
 mod tcp;
 mod world;
@@ -25,6 +30,8 @@ use std::sync::Arc;
 
 pub use bucket::{all_reduce_grads, bucket_ranges, DEFAULT_BUCKET_VALUES};
 pub use local::LocalGroup;
+#[cfg(feature = "cuda")]
+pub use nccl::NcclGroup;
 pub use shard::{step_share, MicroBatchShare};
 pub use tcp::{rendezvous_from_env, TcpGroup};
 pub use world::{first_host, World};
@@ -67,8 +74,9 @@ pub trait Collective: Send + Sync {
     /// This member's rank and the group's size.
     fn world(&self) -> World;
 
-    /// Replaces `values` on every rank by their element-wise sum over the ranks, added in rank
-    /// order, so every rank holds the same bits. Every rank calls it with the same length.
+    /// Replaces `values` on every rank by their element-wise sum over the ranks; every rank
+    /// holds the same bits (the thread and TCP groups add in rank order). Every rank calls it
+    /// with the same length.
     fn all_reduce_sum(&self, values: &mut [f32]) -> Result<(), DistError>;
 }
 
@@ -99,9 +107,30 @@ pub fn join_from_env() -> Result<Option<World>, DistError> {
         return Ok(Some(g.world()));
     }
     pin_gpu(world.local_rank)?;
+    // NVLink multicast off in every rank's NCCL (see KINDS.md of the GPU machines).
+    std::env::set_var("NCCL_NVLS_ENABLE", "0");
     let (host, port) = rendezvous_from_env()?;
-    let group = TcpGroup::join(world, &host, port)?;
-    let _ = PROCESS_GROUP.set(Arc::new(group));
+    let tcp = TcpGroup::join(world, &host, port)?;
+    let group: Arc<dyn Collective> = match std::env::var("RUNNER_DIST_BACKEND").as_deref() {
+        Ok("tcp") => Arc::new(tcp),
+        #[cfg(feature = "cuda")]
+        Ok("nccl") => Arc::new(NcclGroup::join(&tcp)?),
+        #[cfg(feature = "cuda")]
+        Err(_) if crate::model::device::cuda_driver_present() => Arc::new(NcclGroup::join(&tcp)?),
+        Err(_) => Arc::new(tcp),
+        Ok(other) => {
+            return Err(DistError::Env {
+                var: "RUNNER_DIST_BACKEND",
+                value: other.to_string(),
+                expected: if cfg!(feature = "cuda") {
+                    "nccl or tcp".into()
+                } else {
+                    "tcp (this build has no CUDA, so no NCCL)".into()
+                },
+            })
+        }
+    };
+    let _ = PROCESS_GROUP.set(group);
     Ok(Some(world))
 }
 
