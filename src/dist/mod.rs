@@ -97,10 +97,13 @@ pub fn group() -> Option<Arc<dyn Collective>> {
 }
 
 /// Joins this process's group when the environment names one of more than one rank (see
-/// [`World::from_env`]): over TCP through rank 0 at [`rendezvous_from_env`]. Returns the
-/// world joined, `None` for a single process. Call once, before training.
+/// [`World::from_env`]), or of one rank with `RUNNER_DIST_BACKEND` set (the collective code
+/// path on one GPU): over TCP through rank 0 at [`rendezvous_from_env`], summing over NCCL
+/// where there are GPUs. Returns the world joined, `None` for a single process. Call once,
+/// before training.
 pub fn join_from_env() -> Result<Option<World>, DistError> {
-    let Some(world) = World::from_env()?.filter(|w| w.size > 1) else {
+    let forced = std::env::var_os("RUNNER_DIST_BACKEND").is_some();
+    let Some(world) = World::from_env()?.filter(|w| w.size > 1 || forced) else {
         return Ok(None);
     };
     if let Some(g) = PROCESS_GROUP.get() {
