@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use crate::dist::{step_share, Collective, DistError, MicroBatchShare, World};
 use crate::model::decoder::CausalLm;
 use crate::model::generate::{GenerateOptions, SamplingParams};
 use crate::peft::lora::{merged_for_sampling, projections_mut};
@@ -101,12 +102,25 @@ pub(crate) fn rollout<B: Backend>(
         .seed
         .wrapping_mul(0x2545_F491_4F6C_DD1D)
         .wrapping_add(generation.wrapping_mul(1 << 20));
+    // Data parallel: each rank samples its run of the rows (row i still draws from seed + i,
+    // and the CPU engine's rows do not depend on their batch) and the ranks gather them.
+    let group = crate::dist::group();
+    let world = group.as_ref().map_or(World::SOLO, |g| g.world());
+    let (lo, hi) = (
+        rows.len() * world.rank / world.size,
+        rows.len() * (world.rank + 1) / world.size,
+    );
     let sample_start = std::time::Instant::now();
     let merged = merged_sampler(ctx, policy);
     let sampler = Sampler::new(merged.as_ref().unwrap_or(policy))?;
-    let completions = sample_completions(ctx, &sampler, &rows, seed)?;
+    let mine = sample_completions(ctx, &sampler, &rows[lo..hi], seed.wrapping_add(lo as u64))?;
     drop(sampler);
     drop(merged);
+    let completions = match &group {
+        Some(g) => gather_rows(g.as_ref(), &mine, lo, rows.len(), cfg.max_completion_length)
+            .map_err(|e| GrpoError::Train(e.into()))?,
+        None => mine,
+    };
     let sample_s = sample_start.elapsed().as_secs_f64();
     let references: Vec<&str> = prompt_index
         .iter()
@@ -128,7 +142,23 @@ pub(crate) fn rollout<B: Backend>(
     let device = policy.model.embed_tokens.weight.device();
     let temperature = f64::from(cfg.temperature);
     let (mut old, mut refs) = (Vec::new(), Vec::new());
-    for chunk in (0..rows.len()).collect::<Vec<_>>().chunks(cfg.batch_size) {
+    let chunks: Vec<Vec<usize>> = (0..rows.len())
+        .collect::<Vec<_>>()
+        .chunks(cfg.batch_size)
+        .map(<[usize]>::to_vec)
+        .collect();
+    // A rank needs the log-probs of the micro-batches the training loop deals it.
+    let needed: Vec<usize> = match (&group, step_share(chunks.len(), world)) {
+        (None, _) => (0..chunks.len()).collect(),
+        (Some(_), MicroBatchShare::Owned(owned)) => owned,
+        (Some(_), MicroBatchShare::Idle) => vec![0],
+    };
+    for (m, chunk) in chunks.iter().enumerate() {
+        if !needed.contains(&m) {
+            old.push(None);
+            refs.push(None);
+            continue;
+        }
         let p: Vec<&[u32]> = chunk.iter().map(|&r| rows[r].as_slice()).collect();
         let c: Vec<&[u32]> = chunk.iter().map(|&r| completions[r].as_slice()).collect();
         let batch = row_batch::<B>(&p, &c, ctx.tokens.pad_id, &device);
@@ -171,6 +201,35 @@ pub(crate) fn rollout<B: Backend>(
         reference: refs,
         stats,
     })
+}
+
+/// Every rank's sampled rows, from each rank's run `lo..lo + mine.len()` of the `rows` rows
+/// (completions of at most `max_len` tokens): a sum over the ranks of buffers that hold only
+/// the rank's own rows (ids below 2^24 are exact in f32).
+fn gather_rows(
+    group: &dyn Collective,
+    mine: &[Vec<u32>],
+    lo: usize,
+    rows: usize,
+    max_len: usize,
+) -> Result<Vec<Vec<u32>>, DistError> {
+    let width = max_len + 1;
+    let mut flat = vec![0f32; rows * width];
+    for (i, ids) in mine.iter().enumerate() {
+        let row = &mut flat[(lo + i) * width..(lo + i + 1) * width];
+        row[0] = ids.len() as f32;
+        for (slot, &id) in row[1..].iter_mut().zip(ids) {
+            *slot = id as f32;
+        }
+    }
+    group.all_reduce_sum(&mut flat)?;
+    Ok(flat
+        .chunks(width)
+        .map(|row| {
+            let n = (row[0] as usize).min(max_len);
+            row[1..=n].iter().map(|&v| v as u32).collect()
+        })
+        .collect())
 }
 
 /// The policy with its adapters folded in, to sample from (`merge_adapters_for_sampling`). It
@@ -339,4 +398,32 @@ pub(crate) fn evaluate_rewards<B: Backend>(
         &completions,
         "eval_",
     ))
+}
+
+#[cfg(test)]
+mod gather_tests {
+    use std::sync::Arc;
+
+    use crate::dist::{Collective, LocalGroup};
+
+    #[test]
+    fn each_rank_gets_every_ranks_rows_in_order() {
+        let rows: Vec<Vec<u32>> = vec![vec![5, 6], vec![], vec![49151, 1, 2], vec![7]];
+        let members = LocalGroup::new(2);
+        let got: Vec<Vec<Vec<u32>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = members
+                .into_iter()
+                .map(|m| {
+                    let rows = &rows;
+                    s.spawn(move || {
+                        let m: Arc<dyn Collective> = m;
+                        let lo = 2 * m.world().rank;
+                        super::gather_rows(m.as_ref(), &rows[lo..lo + 2], lo, 4, 3).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got, vec![rows.clone(), rows]);
+    }
 }
