@@ -497,36 +497,60 @@ fn response_prefix_starts_every_scored_completion() {
     assert!(params.get("response_prefix").is_none());
 }
 
-#[test]
-fn resumed_run_matches_uninterrupted_run() {
-    let _guard = rng_lock();
+/// GRPO of the tiny model on the toy prompts with `cfg`, written into `dir`, stopping after
+/// `stop` steps if given.
+fn run_toy(
+    cfg: &GrpoConfig,
+    dir: &std::path::Path,
+    stop: Option<u64>,
+) -> crate::train::grpo::GrpoReport {
     let (config, tensors) = tiny();
     let tokens = GrpoTokens {
         eos_ids: vec![EOS],
         pad_id: 0,
     };
+    let base = BaseModel::Loaded {
+        config: &config,
+        tensors: &tensors,
+    };
+    let device = Default::default();
+    run_grpo::<AD>(
+        cfg,
+        base,
+        &toy_prompts(),
+        &[],
+        &decode,
+        &tokens,
+        dir,
+        &device,
+        None,
+        stop,
+    )
+    .unwrap()
+}
+
+/// A run's metrics rows without wall times and memory, which differ between any two runs.
+fn comparable_rows(path: &std::path::Path) -> Vec<crate::train::metrics_log::MetricsRow> {
+    let mut rows = read_metrics(path).unwrap();
+    for row in &mut rows {
+        assert!(row.extra.contains_key("step_s"), "no step time in {row:?}");
+        row.memory_mb = None;
+        row.tokens_per_s = None;
+        for key in crate::train::train_loop::TIMING_KEYS {
+            row.extra.remove(*key);
+        }
+    }
+    rows
+}
+
+#[test]
+fn resumed_run_matches_uninterrupted_run() {
+    let _guard = rng_lock();
     let cfg = GrpoConfig {
         save_steps: 2,
         ..toy_config(4)
     };
-    let run = |dir: &std::path::Path, cfg: &GrpoConfig, stop: Option<u64>| {
-        run_grpo::<AD>(
-            cfg,
-            BaseModel::Loaded {
-                config: &config,
-                tensors: &tensors,
-            },
-            &toy_prompts(),
-            &[],
-            &decode,
-            &tokens,
-            dir,
-            &Default::default(),
-            None,
-            stop,
-        )
-        .unwrap()
-    };
+    let run = |dir: &std::path::Path, cfg: &GrpoConfig, stop: Option<u64>| run_toy(cfg, dir, stop);
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let full = run(a.path(), &cfg, None);
     run(b.path(), &cfg, Some(2));
@@ -548,19 +572,7 @@ fn resumed_run_matches_uninterrupted_run() {
             .collect::<Vec<f32>>()
     };
     assert_eq!(weights(&full), weights(&resumed));
-    // Everything but wall times and memory, which differ between any two runs.
-    let metrics = |r: &crate::train::grpo::GrpoReport| {
-        let mut rows = read_metrics(&r.metrics_path).unwrap();
-        for row in &mut rows {
-            assert!(row.extra.contains_key("step_s"), "no step time in {row:?}");
-            row.memory_mb = None;
-            row.tokens_per_s = None;
-            for key in crate::train::train_loop::TIMING_KEYS {
-                row.extra.remove(*key);
-            }
-        }
-        rows
-    };
+    let metrics = |r: &crate::train::grpo::GrpoReport| comparable_rows(&r.metrics_path);
     let (full_rows, resumed_rows) = (metrics(&full), metrics(&resumed));
     assert!(full_rows
         .iter()
@@ -834,31 +846,9 @@ fn shared_prompt_rows_give_the_log_probs_and_gradients_of_whole_rows() {
 fn two_ranks_train_grpo_exactly_as_one() {
     use crate::dist::{with_group, Collective, LocalGroup};
     let _guard = rng_lock();
-    let (config, tensors) = tiny();
-    let tokens = GrpoTokens {
-        eos_ids: vec![EOS],
-        pad_id: 0,
-    };
-    // Two micro-batches a step, one per rank; every rank samples the step's completions.
+    // Two micro-batches a step, one per rank; each rank samples half the step's completions.
     let cfg = toy_config(3);
-    let run = |dir: &std::path::Path| {
-        run_grpo::<AD>(
-            &cfg,
-            BaseModel::Loaded {
-                config: &config,
-                tensors: &tensors,
-            },
-            &toy_prompts(),
-            &[],
-            &decode,
-            &tokens,
-            dir,
-            &Default::default(),
-            None,
-            None,
-        )
-        .unwrap()
-    };
+    let run = |dir: &std::path::Path| run_toy(&cfg, dir, None);
     let one = tempfile::tempdir().unwrap();
     let single = run(one.path());
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
@@ -878,17 +868,7 @@ fn two_ranks_train_grpo_exactly_as_one() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let lead = reports.swap_remove(0);
-    let rows = |path: &std::path::Path| {
-        let mut rows = read_metrics(path).unwrap();
-        for row in &mut rows {
-            row.memory_mb = None;
-            row.tokens_per_s = None;
-            for key in crate::train::train_loop::TIMING_KEYS {
-                row.extra.remove(*key);
-            }
-        }
-        rows
-    };
+    let rows = comparable_rows;
     let want = rows(&single.metrics_path);
     assert!(want.iter().all(|r| r.extra.contains_key("kl")), "{want:?}");
     assert_eq!(rows(&lead.metrics_path), want);
