@@ -146,6 +146,26 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             });
         }
         if gpus > 1 {
+            // One GPU per rank; on the CPU (`device = "cpu"`, or no NVIDIA driver) the ranks
+            // share the cores.
+            let device = args.device.clone().unwrap_or_else(|| plan.device.clone());
+            let on_cpu = device
+                .parse::<runner::model::device::DeviceChoice>()
+                .is_ok_and(runner::model::device::resolves_to_cpu);
+            match runner::dist::visible_gpus().filter(|_| !on_cpu) {
+                Some(have) if have < gpus as usize => {
+                    return Err(Failure {
+                        code: 2,
+                        error: anyhow!(
+                            "a training stage asks for resources.gpus = {gpus}, one rank per GPU, \
+                             but this machine shows {have} (CUDA_VISIBLE_DEVICES or the driver): \
+                             lower resources.gpus or run where there are more"
+                        ),
+                    });
+                }
+                Some(_) => {}
+                None => eprintln!("on the CPU: the {gpus} ranks share its cores"),
+            }
             return launch_local_ranks(gpus as usize);
         }
     }

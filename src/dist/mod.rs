@@ -137,6 +137,24 @@ pub fn join_from_env() -> Result<Option<World>, DistError> {
     Ok(Some(world))
 }
 
+/// How many GPUs this process may use: the entries of `CUDA_VISIBLE_DEVICES` when set, else
+/// the NVIDIA driver's GPUs (`/proc/driver/nvidia/gpus`); `None` without a driver.
+pub fn visible_gpus() -> Option<usize> {
+    let driver = std::fs::read_dir("/proc/driver/nvidia/gpus")
+        .ok()
+        .map(|entries| entries.count());
+    driver.map(|n| gpus_visible(std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(), n))
+}
+
+/// [`visible_gpus`] from `CUDA_VISIBLE_DEVICES` (`visible`) and the driver's count.
+fn gpus_visible(visible: Option<&str>, driver: usize) -> usize {
+    match visible.map(str::trim) {
+        None => driver,
+        Some("") => 0,
+        Some(list) => list.split(',').filter(|id| !id.trim().is_empty()).count(),
+    }
+}
+
 /// Makes the local rank's GPU the only one this process sees (its device 0, which the engine
 /// and the kernels address), unless the launcher already left it one.
 fn pin_gpu(local_rank: usize) -> Result<(), DistError> {

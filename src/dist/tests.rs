@@ -223,6 +223,13 @@ fn a_tcp_group_reports_different_lengths_on_every_rank() {
 }
 
 #[test]
+fn the_visible_gpus_are_the_listed_ones_else_the_drivers() {
+    assert_eq!(gpus_visible(None, 8), 8);
+    assert_eq!(gpus_visible(Some("2,3"), 8), 2);
+    assert_eq!(gpus_visible(Some(""), 8), 0);
+}
+
+#[test]
 fn each_local_rank_sees_its_own_gpu() {
     assert_eq!(pinned_gpu(None, 3).unwrap().as_deref(), Some("3"));
     assert_eq!(pinned_gpu(Some("4,5,6"), 1).unwrap().as_deref(), Some("5"));
