@@ -39,14 +39,13 @@ pub fn all_reduce_grads<B: Backend>(
     params: &[(ParamId, Vec<usize>)],
     grads: &mut GradientsParams,
     group: &dyn Collective,
-    bucket_values: usize,
     device: &B::Device,
 ) -> Result<(), DistError> {
     let sizes: Vec<usize> = params
         .iter()
         .map(|(_, shape)| shape.iter().product())
         .collect();
-    for range in bucket_ranges(&sizes, bucket_values) {
+    for range in bucket_ranges(&sizes, DEFAULT_BUCKET_VALUES) {
         let total: usize = sizes[range.clone()].iter().sum();
         let mut flat = Vec::with_capacity(total);
         for (id, shape) in &params[range.clone()] {

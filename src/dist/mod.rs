@@ -23,6 +23,7 @@ mod local;
 #[cfg(feature = "cuda")]
 mod nccl;
 mod shard;
+mod sums;
 mod tcp;
 mod world;
 
@@ -33,6 +34,7 @@ pub use local::LocalGroup;
 #[cfg(feature = "cuda")]
 pub use nccl::NcclGroup;
 pub use shard::{step_share, MicroBatchShare};
+pub use sums::{leader_says, sum_logged_window, sum_statistics};
 pub use tcp::{rendezvous_from_env, TcpGroup};
 pub use world::{first_host, World};
 

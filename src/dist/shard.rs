@@ -12,11 +12,22 @@ pub enum MicroBatchShare {
     Idle,
 }
 
+impl MicroBatchShare {
+    /// The micro-batches the rank runs: its own, or micro-batch 0 when idle.
+    pub fn indices(&self) -> Vec<usize> {
+        match self {
+            MicroBatchShare::Owned(owned) => owned.clone(),
+            MicroBatchShare::Idle => vec![0],
+        }
+    }
+}
+
 /// Micro-batch `m` of a step goes to rank `m % world.size`, so the ranks' loads differ by at most
-/// one micro-batch and the leader always has the first.
+/// one micro-batch and the leader always has the first. One rank ([`World::SOLO`]) owns them all;
+/// a step without micro-batches leaves every rank owning none.
 pub fn step_share(micro_batches: usize, world: World) -> MicroBatchShare {
     let owned: Vec<usize> = (world.rank..micro_batches).step_by(world.size).collect();
-    if owned.is_empty() {
+    if owned.is_empty() && micro_batches > 0 {
         MicroBatchShare::Idle
     } else {
         MicroBatchShare::Owned(owned)

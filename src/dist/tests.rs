@@ -99,23 +99,16 @@ fn buckets_cover_every_parameter_once_in_order_under_the_cap() {
 
 #[test]
 fn a_thread_group_sums_in_rank_order_and_every_rank_gets_the_same_bits() {
-    let members = LocalGroup::new(3);
-    let handles: Vec<_> = members
-        .into_iter()
-        .map(|m| {
-            std::thread::spawn(move || {
-                let rank = m.world().rank;
-                let mut out = Vec::new();
-                for round in 0..50 {
-                    let mut v = vec![rank as f32 + round as f32, 1e8, 1.0 / (rank + 1) as f32];
-                    m.all_reduce_sum(&mut v).unwrap();
-                    out.push(v);
-                }
-                out
-            })
-        })
-        .collect();
-    let results: Vec<Vec<Vec<f32>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = on_ranks(3, |m| {
+        let rank = m.world().rank;
+        let mut out = Vec::new();
+        for round in 0..50 {
+            let mut v = vec![rank as f32 + round as f32, 1e8, 1.0 / (rank + 1) as f32];
+            m.all_reduce_sum(&mut v).unwrap();
+            out.push(v);
+        }
+        out
+    });
     for round in 0..50 {
         let want = vec![(3 * round + 3) as f32, 3e8, 1.0f32 + 1.0 / 2.0 + 1.0 / 3.0];
         for r in &results {
@@ -126,18 +119,11 @@ fn a_thread_group_sums_in_rank_order_and_every_rank_gets_the_same_bits() {
 
 #[test]
 fn ranks_that_sum_different_lengths_all_get_an_error() {
-    let members = LocalGroup::new(2);
-    let handles: Vec<_> = members
-        .into_iter()
-        .map(|m| {
-            std::thread::spawn(move || {
-                let mut v = vec![0.0; 2 + m.world().rank];
-                m.all_reduce_sum(&mut v).map_err(|e| e.to_string())
-            })
-        })
-        .collect();
-    for h in handles {
-        let err = h.join().unwrap().unwrap_err();
+    let errors = on_ranks(2, |m| {
+        let mut v = vec![0.0; 2 + m.world().rank];
+        m.all_reduce_sum(&mut v).unwrap_err().to_string()
+    });
+    for err in errors {
         assert!(err.contains("different lengths [2, 3]"), "{err}");
     }
 }
@@ -240,4 +226,47 @@ fn each_local_rank_sees_its_own_gpu() {
         err.contains("CUDA_VISIBLE_DEVICES=\"0,1\": a GPU for local rank 2"),
         "{err}"
     );
+}
+
+/// Runs `f` on each member of a fresh thread group of `size` and returns the results by rank.
+fn on_ranks<T: Send>(size: usize, f: impl Fn(&dyn Collective) -> T + Sync) -> Vec<T> {
+    let members = LocalGroup::new(size);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = members
+            .iter()
+            .map(|m| {
+                let f = &f;
+                s.spawn(move || f(m.as_ref()))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn only_rank_0s_word_counts() {
+    let said = on_ranks(3, |g| leader_says(g, g.world().rank != 0).unwrap());
+    assert_eq!(said, [false; 3]);
+    let said = on_ranks(3, |g| leader_says(g, true).unwrap());
+    assert_eq!(said, [true; 3]);
+}
+
+#[test]
+fn statistics_are_summed_and_ranks_logging_other_names_fail() {
+    let summed = on_ranks(2, |g| {
+        let r = g.world().rank as f64;
+        let mut stats = vec![("kl", 1.0 + r, 2.0), ("clip_ratio", r, 1.0)];
+        sum_statistics(g, &mut stats).unwrap();
+        stats
+    });
+    assert_eq!(summed[0], [("kl", 3.0, 4.0), ("clip_ratio", 1.0, 2.0)]);
+    assert_eq!(summed[0], summed[1]);
+    let errors = on_ranks(2, |g| {
+        let name = if g.world().rank == 0 { "kl" } else { "lk" };
+        let mut stats = vec![(name, 1.0, 1.0)];
+        sum_statistics(g, &mut stats).unwrap_err().to_string()
+    });
+    assert!(errors[0].contains("the statistics' names"), "{errors:?}");
+    // Without a group the window is this rank's.
+    assert_eq!(sum_logged_window(None, 2.5, 7).unwrap(), (2.5, 7));
 }

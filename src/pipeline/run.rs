@@ -382,11 +382,10 @@ fn build_stage(
     }
     if let Some(g) = &group {
         // Rank 0's decision, reached after it cleared the work folder.
-        let mut decision = [if leader && build { 1.0 } else { 0.0 }];
-        if let Err(e) = g.all_reduce_sum(&mut decision) {
-            return Outcome::Failed(e.to_string());
+        match crate::dist::leader_says(g.as_ref(), build) {
+            Ok(decided) => build = decided,
+            Err(e) => return Outcome::Failed(e.to_string()),
         }
-        build = decision[0] > 0.0;
     }
     if !build {
         return Outcome::FoundCached;
@@ -443,7 +442,7 @@ fn build_stage(
         if let (Some(g), true) = (&group, leader) {
             // Releases ranks waiting for the commit (a rank still training fails on the
             // mismatched sum).
-            let _ = g.all_reduce_sum(&mut [0.0]);
+            let _ = crate::dist::leader_says(g.as_ref(), false);
         }
         drop(lock);
         return Outcome::Failed(message);
@@ -451,10 +450,9 @@ fn build_stage(
     if let (Some(g), false) = (&group, leader) {
         // A follower's outputs were scratch; the artifact is rank 0's.
         let _ = std::fs::remove_dir_all(&temp);
-        let mut committed = [0.0];
-        return match g.all_reduce_sum(&mut committed) {
-            Ok(()) if committed[0] > 0.0 => Outcome::Built { seconds },
-            Ok(()) => Outcome::Failed("rank 0 could not build or commit the artifact".into()),
+        return match crate::dist::leader_says(g.as_ref(), false) {
+            Ok(true) => Outcome::Built { seconds },
+            Ok(false) => Outcome::Failed("rank 0 could not build or commit the artifact".into()),
             Err(e) => Outcome::Failed(e.to_string()),
         };
     }
@@ -492,11 +490,8 @@ fn build_stage(
         }
     };
     if let Some(g) = &group {
-        let mut committed = [f32::from(u8::from(matches!(
-            outcome,
-            Outcome::Built { .. }
-        )))];
-        if let Err(e) = g.all_reduce_sum(&mut committed) {
+        let built = matches!(outcome, Outcome::Built { .. });
+        if let Err(e) = crate::dist::leader_says(g.as_ref(), built) {
             tracing::warn!("the other ranks did not hear of the commit: {e}");
         }
     }

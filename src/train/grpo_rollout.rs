@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::dist::{step_share, Collective, DistError, MicroBatchShare, World};
+use crate::dist::{step_share, Collective, DistError, World};
 use crate::model::decoder::CausalLm;
 use crate::model::generate::{GenerateOptions, SamplingParams};
 use crate::peft::lora::{merged_for_sampling, projections_mut};
@@ -142,18 +142,10 @@ pub(crate) fn rollout<B: Backend>(
     let device = policy.model.embed_tokens.weight.device();
     let temperature = f64::from(cfg.temperature);
     let (mut old, mut refs) = (Vec::new(), Vec::new());
-    let chunks: Vec<Vec<usize>> = (0..rows.len())
-        .collect::<Vec<_>>()
-        .chunks(cfg.batch_size)
-        .map(<[usize]>::to_vec)
-        .collect();
+    let indices: Vec<usize> = (0..rows.len()).collect();
     // A rank needs the log-probs of the micro-batches the training loop deals it.
-    let needed: Vec<usize> = match (&group, step_share(chunks.len(), world)) {
-        (None, _) => (0..chunks.len()).collect(),
-        (Some(_), MicroBatchShare::Owned(owned)) => owned,
-        (Some(_), MicroBatchShare::Idle) => vec![0],
-    };
-    for (m, chunk) in chunks.iter().enumerate() {
+    let needed = step_share(rows.len().div_ceil(cfg.batch_size), world).indices();
+    for (m, chunk) in indices.chunks(cfg.batch_size).enumerate() {
         if !needed.contains(&m) {
             old.push(None);
             refs.push(None);

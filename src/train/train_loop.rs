@@ -271,12 +271,6 @@ where
     let group = crate::dist::group();
     let world = group.as_ref().map_or(World::SOLO, |g| g.world());
     let leader = world.rank == 0;
-    let sum_across = |values: &mut [f32]| -> Result<(), Error> {
-        match &group {
-            Some(g) => Ok(g.all_reduce_sum(values)?),
-            None => Ok(()),
-        }
-    };
     // `gpu_peak_mb` in the metrics counts from here (the model's weights included).
     crate::backend::reset_accelerator_peak::<B>();
     let total = source.total_steps();
@@ -386,15 +380,10 @@ where
         }
         let mut accumulator = GradientsAccumulator::<M>::new();
         let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
-        let share = match (&group, shape.micro_batches) {
-            (None, n) | (Some(_), n @ 0) => MicroBatchShare::Owned((0..n).collect()),
-            (Some(_), n) => step_share(n, world),
-        };
-        let (micro_batches, weight) = match share {
-            MicroBatchShare::Owned(owned) => (owned, 1.0),
-            MicroBatchShare::Idle => (vec![0], 0.0),
-        };
-        for micro_batch in micro_batches {
+        let share = step_share(shape.micro_batches, world);
+        // An idle rank's micro-batch counts zero in every sum.
+        let idle = share == MicroBatchShare::Idle;
+        for micro_batch in share.indices() {
             // Dropout masks depend on (seed, step, micro-batch) only, so a resumed run, or the
             // same step shared among ranks, draws the same ones.
             B::seed(
@@ -405,21 +394,28 @@ where
                     .wrapping_add((micro_batch as u64) << 40),
             );
             let forward_start = Instant::now();
-            let micro = source.micro_loss(&model, micro_batch, device);
-            local_tokens += (micro.tokens as f64 * weight) as u64;
+            let mut micro = source.micro_loss(&model, micro_batch, device);
+            if idle {
+                micro.loss = micro.loss.mul_scalar(0.0);
+                micro.tokens = 0;
+                for s in &mut micro.stats {
+                    (s.sum, s.count) = (s.sum.clone().mul_scalar(0.0), 0.0);
+                }
+            }
+            local_tokens += micro.tokens as u64;
             stat_window.add(
                 micro
                     .stats
                     .into_iter()
                     .map(|s| Stat {
                         name: s.name,
-                        sum: s.sum.inner().mul_scalar(weight),
-                        count: s.count * weight,
+                        sum: s.sum.inner(),
+                        count: s.count,
                     })
                     .collect(),
             );
-            let mut loss = micro.loss.mul_scalar(weight);
-            if let Some(reg) = model.regularizer().filter(|_| weight > 0.0) {
+            let mut loss = micro.loss;
+            if let Some(reg) = model.regularizer().filter(|_| !idle) {
                 // Once per optimizer step in total, spread over its micro-batches.
                 loss = loss.add(reg.div_scalar(shape.micro_batches as f64));
             }
@@ -444,7 +440,6 @@ where
                 &grad_layout,
                 &mut grads,
                 g.as_ref(),
-                crate::dist::DEFAULT_BUCKET_VALUES,
                 device,
             )
             .map_err(Error::from)?;
@@ -485,18 +480,10 @@ where
         let mut norm_value = None;
         if logging || saving {
             let window: f64 = loss_acc.take().map_or(0.0, |t| t.into_scalar().elem());
-            let mut summed = [window as f32, local_tokens as f32];
-            sum_across(&mut summed)?;
-            let window = if group.is_some() {
-                f64::from(summed[0])
-            } else {
-                window
-            };
-            window_tokens += if group.is_some() {
-                summed[1] as u64
-            } else {
-                local_tokens
-            };
+            let (window, tokens) =
+                crate::dist::sum_logged_window(group.as_deref(), window, local_tokens)
+                    .map_err(Error::from)?;
+            window_tokens += tokens;
             local_tokens = 0;
             pending_sum += window;
             let grad_norm: f64 = norm.clone().into_scalar().elem();
@@ -528,35 +515,8 @@ where
             r.tokens_per_s = tokens_per_s;
             r = phases.take_into(r, secs);
             let mut stats = stat_window.take_sums();
-            if group.is_some() {
-                // Every rank logs the same statistics (an idle rank's weighted by zero); the
-                // name check guards the layout of the sum.
-                let mut flat: Vec<f32> = stats
-                    .iter()
-                    .flat_map(|s| [s.1 as f32, s.2 as f32])
-                    .collect();
-                flat.push(stats.len() as f32);
-                flat.push(names_check(&stats) as f32);
-                sum_across(&mut flat)?;
-                let (n, check) = (flat[flat.len() - 2] as usize, flat[flat.len() - 1] as usize);
-                for (what, mine, sum) in [
-                    ("the statistics logged", stats.len(), n),
-                    ("the statistics' names", names_check(&stats), check),
-                ] {
-                    if sum != mine * world.size {
-                        return Err(Error::from(crate::dist::DistError::Mismatch {
-                            rank: world.rank,
-                            world: world.size,
-                            what,
-                            mine,
-                            sum,
-                        })
-                        .into());
-                    }
-                }
-                for (s, pair) in stats.iter_mut().zip(flat.chunks(2)) {
-                    (s.1, s.2) = (f64::from(pair[0]), f64::from(pair[1]));
-                }
+            if let Some(g) = &group {
+                crate::dist::sum_statistics(g.as_ref(), &mut stats).map_err(Error::from)?;
             }
             for (name, sum, count) in stats {
                 if count > 0.0 {
@@ -637,16 +597,4 @@ where
             metrics_path,
         },
     ))
-}
-
-/// A small number that differs, with high probability, between two lists of statistic names
-/// (their FNV-1a hash, 16 bits so that its sum over the ranks stays exact in f32).
-fn names_check(stats: &[(&'static str, f64, f64)]) -> usize {
-    let mut h: u32 = 0x811c_9dc5;
-    for (name, _, _) in stats {
-        for b in name.bytes().chain([0]) {
-            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-        }
-    }
-    (h >> 16) as usize
 }
